@@ -1,0 +1,140 @@
+//! QUIC endpoints with the socket and transport settings every Stagehand connection uses:
+//! explicit UDP buffers (the defaults drop packets at speed) and large flow-control windows.
+
+use quinn::{
+    ClientConfig, Connection, Endpoint, EndpointConfig, ServerConfig, TransportConfig, VarInt,
+};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// UDP send and receive buffer size: the ceiling on this class of machine without sysctl.
+pub const UDP_BUFFER: usize = 4 << 20;
+
+/// What can go wrong reaching a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The address does not resolve.
+    #[error("cannot resolve {addr:?}: {why}")]
+    Resolve { addr: String, why: String },
+    /// The UDP socket could not be made.
+    #[error("socket: {0}")]
+    Socket(#[from] std::io::Error),
+    /// The QUIC handshake could not start.
+    #[error("connect to {addr}: {why}")]
+    Connect { addr: String, why: String },
+    /// The TLS configuration is not usable with QUIC.
+    #[error("tls for quic: {0}")]
+    Crypto(String),
+}
+
+/// A UDP socket with explicit buffers, bound to `addr`.
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = sock.set_recv_buffer_size(UDP_BUFFER) {
+        tracing::warn!(error = %e, "Could not set the UDP receive buffer.");
+    }
+    if let Err(e) = sock.set_send_buffer_size(UDP_BUFFER) {
+        tracing::warn!(error = %e, "Could not set the UDP send buffer.");
+    }
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// The transport settings of every Stagehand connection.
+pub fn transport() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.stream_receive_window(VarInt::from_u32(16 << 20));
+    t.receive_window(VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(256));
+    Arc::new(t)
+}
+
+/// A QUIC server endpoint.
+pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoint, NetError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| NetError::Crypto(e.to_string()))?;
+    let mut config = ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(Endpoint::new(
+        EndpointConfig::default(),
+        Some(config),
+        udp_socket(addr)?,
+        Arc::new(quinn::TokioRuntime),
+    )?)
+}
+
+/// A client endpoint for peers of `family_of`'s address family.
+pub fn client_endpoint(family_of: SocketAddr) -> Result<Endpoint, NetError> {
+    let bind: SocketAddr = if family_of.is_ipv6() {
+        "[::]:0".parse().expect("literal address")
+    } else {
+        "0.0.0.0:0".parse().expect("literal address")
+    };
+    Ok(Endpoint::new(
+        EndpointConfig::default(),
+        None,
+        udp_socket(bind)?,
+        Arc::new(quinn::TokioRuntime),
+    )?)
+}
+
+/// A quinn client configuration from a rustls one.
+pub fn client_config(tls: rustls::ClientConfig) -> Result<ClientConfig, NetError> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| NetError::Crypto(e.to_string()))?;
+    let mut config = ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// Resolves `host:port`.
+pub async fn resolve(addr: &str) -> Result<SocketAddr, NetError> {
+    let err = |why: String| NetError::Resolve {
+        addr: addr.to_string(),
+        why,
+    };
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address".into()))
+}
+
+/// Dials the controller at `addr`.
+pub async fn connect(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    config: ClientConfig,
+) -> Result<Connection, NetError> {
+    let err = |why: String| NetError::Connect {
+        addr: addr.to_string(),
+        why,
+    };
+    endpoint
+        .connect_with(config, addr, crate::protocol::CONTROLLER_SERVER_NAME)
+        .map_err(|e| err(e.to_string()))?
+        .await
+        .map_err(|e| err(e.to_string()))
+}
+
+/// The fingerprint of the certificate the peer presented, if any.
+pub fn peer_fingerprint(conn: &Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| crate::tls::fingerprint(c))
+}
+
+/// The ALPN protocol the connection agreed on.
+pub fn alpn(conn: &Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}

@@ -1,0 +1,364 @@
+//! Certificates and TLS configurations. The controller runs its own CA; every certificate
+//! it issues names one role (controller, agent with its id, admin), and every connection is
+//! mutual TLS except enrolment, where the agent checks the controller against the CA
+//! fingerprint its join token carries.
+
+use crate::protocol::CONTROLLER_SERVER_NAME;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, ServerName, UnixTime,
+};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::path::Path;
+use std::sync::Arc;
+
+/// What can go wrong building certificates or TLS configurations.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be parsed.
+    #[error("cannot parse {what}: {why}")]
+    Pem { what: String, why: String },
+    /// Certificate generation or signing failed.
+    #[error("certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A credentials file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The ring crypto provider, the only one Stagehand uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The role a certificate grants, written into its common name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    Controller,
+    Agent(String),
+    Admin(String),
+}
+
+impl Role {
+    fn common_name(&self) -> String {
+        match self {
+            Role::Controller => "stagehand-controller".into(),
+            Role::Agent(id) => format!("stagehand-agent:{id}"),
+            Role::Admin(name) => format!("stagehand-admin:{name}"),
+        }
+    }
+}
+
+/// The BLAKE3 fingerprint (hex) of a DER certificate.
+pub fn fingerprint(der: &[u8]) -> String {
+    blake3::hash(der).to_hex().to_string()
+}
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Clone)]
+pub struct Pair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Makes a new self-signed CA.
+pub fn new_ca() -> Result<Pair, TlsError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name = dn("Stagehand CA");
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key)?;
+    Ok(Pair {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn leaf_params(role: &Role) -> Result<CertificateParams, TlsError> {
+    let names = match role {
+        Role::Controller => vec![CONTROLLER_SERVER_NAME.to_string()],
+        _ => Vec::new(),
+    };
+    let mut params = CertificateParams::new(names)?;
+    params.distinguished_name = dn(&role.common_name());
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![match role {
+        Role::Controller => ExtendedKeyUsagePurpose::ServerAuth,
+        _ => ExtendedKeyUsagePurpose::ClientAuth,
+    }];
+    Ok(params)
+}
+
+fn issue(ca: &Pair, role: &Role, public: &impl PublicKeyData) -> Result<String, TlsError> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
+    let ca_cert = CertificateParams::from_ca_cert_pem(&ca.cert_pem)?.self_signed(&ca_key)?;
+    Ok(leaf_params(role)?
+        .signed_by(public, &ca_cert, &ca_key)?
+        .pem())
+}
+
+/// Issues a certificate and a fresh key for `role` (controller and admin credentials).
+pub fn issue_with_key(ca: &Pair, role: &Role) -> Result<Pair, TlsError> {
+    let key = KeyPair::generate()?;
+    Ok(Pair {
+        cert_pem: issue(ca, role, &key)?,
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Issues a certificate for the key in a CSR. The CSR's own names are ignored: the role
+/// (and so the agent id) is chosen by the caller.
+pub fn issue_for_csr(ca: &Pair, role: &Role, csr_der: &[u8]) -> Result<String, TlsError> {
+    let csr =
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))?;
+    issue(ca, role, &csr.public_key)
+}
+
+/// A new key and a CSR for it, as an agent makes at join.
+pub fn new_csr() -> Result<(String, Vec<u8>), TlsError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = dn("stagehand-agent");
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+/// Parses the first certificate of a PEM text.
+pub fn cert_der(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
+        what: "certificate".into(),
+        why: e.to_string(),
+    })
+}
+
+fn key_der(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
+        what: "private key".into(),
+        why: e.to_string(),
+    })
+}
+
+fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(cert_der(ca_pem)?)?;
+    Ok(Arc::new(roots))
+}
+
+/// The controller's TLS configuration: its certificate chain, client certificates
+/// verified against the CA when presented (enrolment presents none; the controller
+/// checks per channel who may connect).
+pub fn server_config(
+    ca_pem: &str,
+    server: &Pair,
+    alpns: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![cert_der(&server.cert_pem)?, cert_der(ca_pem)?],
+            key_der(&server.key_pem)?,
+        )?;
+    cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// A client configuration with a client certificate, trusting only our CA.
+pub fn client_config(
+    ca_pem: &str,
+    me: &Pair,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_auth_cert(vec![cert_der(&me.cert_pem)?], key_der(&me.key_pem)?)?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
+}
+
+/// The enrolment client configuration: no client certificate; the server must present a
+/// chain whose CA has the given fingerprint and a certificate that CA issued.
+pub fn join_client_config(
+    ca_fingerprint: &str,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let verifier = Arc::new(PinnedCaVerifier {
+        fingerprint: ca_fingerprint.to_ascii_lowercase(),
+        provider: provider(),
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
+}
+
+/// Trusts a server whose chain carries the CA with a pinned fingerprint, then verifies the
+/// server certificate against that CA as usual.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    fingerprint: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| fingerprint(c) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the controller's CA does not match the fingerprint in the join token".into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A credentials directory: `cert.pem`, `key.pem` (mode 0600) and `ca.pem`.
+#[derive(Clone)]
+pub struct Credentials {
+    pub me: Pair,
+    pub ca_pem: String,
+}
+
+impl Credentials {
+    pub fn load(dir: &Path) -> Result<Self, TlsError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| TlsError::Io {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        Ok(Credentials {
+            me: Pair {
+                cert_pem: read("cert.pem")?,
+                key_pem: read("key.pem")?,
+            },
+            ca_pem: read("ca.pem")?,
+        })
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), TlsError> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| TlsError::Io { path, source }
+        };
+        crate::fsx::create_private_dir(dir).map_err(io(dir))?;
+        crate::fsx::write_atomic(&dir.join("ca.pem"), self.ca_pem.as_bytes(), 0o644)
+            .map_err(io(dir))?;
+        crate::fsx::write_atomic(&dir.join("cert.pem"), self.me.cert_pem.as_bytes(), 0o644)
+            .map_err(io(dir))?;
+        crate::fsx::write_atomic(&dir.join("key.pem"), self.me.key_pem.as_bytes(), 0o600)
+            .map_err(io(dir))?;
+        Ok(())
+    }
+
+    pub fn client_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+        client_config(&self.ca_pem, &self.me, alpn)
+    }
+
+    /// The fingerprint of the CA these credentials trust.
+    pub fn ca_fingerprint(&self) -> Result<String, TlsError> {
+        Ok(fingerprint(&cert_der(&self.ca_pem)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_names_are_ignored() {
+        let ca = new_ca().unwrap();
+        let (_key, csr) = new_csr().unwrap();
+        let pem = issue_for_csr(&ca, &Role::Agent("a-1".into()), &csr).unwrap();
+        let der = cert_der(&pem).unwrap();
+        // The common name we chose is in the certificate; the CSR asked for another.
+        let needle = b"stagehand-agent:a-1";
+        assert!(der.windows(needle.len()).any(|w| w == needle));
+        assert!(issue_for_csr(&ca, &Role::Agent("a-1".into()), b"garbage").is_err());
+    }
+}
