@@ -240,6 +240,20 @@ pub enum AdminRequest {
     RevokeAgent {
         agent: String,
     },
+    /// Answers when every agent of `env` reports `version` staged (or failed), or at the timeout.
+    WaitStaged {
+        app: String,
+        version: String,
+        env: String,
+        timeout_secs: u64,
+    },
+    /// Answers when every target of the release with `seq` has a receipt, or at the timeout.
+    WaitRelease {
+        app: String,
+        env: String,
+        seq: u64,
+        timeout_secs: u64,
+    },
 }
 
 /// Controller → operator CLI.
@@ -286,6 +300,11 @@ pub enum AdminResponse {
     Error {
         message: String,
         hint: String,
+    },
+    Waited {
+        done: Vec<AgentId>,
+        failed: Vec<(AgentId, String)>,
+        pending: Vec<AgentId>,
     },
 }
 

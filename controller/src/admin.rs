@@ -1,0 +1,531 @@
+//! The admin channel: one request per stream from the operator CLI.
+
+use crate::release::Refused;
+use crate::server::Controller;
+use crate::store::{ArtifactRecord, DeployRecord, StageRecord, StageState, TokenRecord};
+use anyhow::{bail, Result};
+use stagehand_common::frame::{self, read_blob, read_msg, write_msg};
+use stagehand_common::ids::{check_name, now_secs};
+use stagehand_common::manifest::Manifest;
+use stagehand_common::protocol::{
+    AdminRequest, AdminResponse, AgentAppInfo, AgentAppStatus, AgentInfo, AppStatus, DeployDown,
+    ReceiptOutcome, PROTOCOL_VERSION,
+};
+use stagehand_common::token::JoinToken;
+use stagehand_common::{AgentId, Digest};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{debug, info};
+
+pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, admin: String) -> Result<()> {
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    match read_msg::<_, AdminRequest, { frame::CONTROL_LIMIT }>(&mut recv).await? {
+        Some(AdminRequest::Hello {
+            protocol_version: PROTOCOL_VERSION,
+        }) => {}
+        other => bail!("expected hello, got {other:?}"),
+    }
+    write_msg(
+        &mut send,
+        &AdminResponse::Hello {
+            protocol_version: PROTOCOL_VERSION,
+        },
+    )
+    .await?;
+    send.finish()?;
+    debug!(%admin, "Admin connected.");
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return Ok(()),
+        };
+        let ctl = ctl.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            if let Err(e) = request(&ctl, send, recv).await {
+                debug!(error = %format!("{e:#}"), "Admin request failed; dropping the connection.");
+                conn.close(crate::server::CLOSE_PROTOCOL.into(), b"bad request");
+            }
+        });
+    }
+}
+
+fn error(message: impl Into<String>, hint: impl Into<String>) -> AdminResponse {
+    AdminResponse::Error {
+        message: message.into(),
+        hint: hint.into(),
+    }
+}
+
+impl From<Refused> for AdminResponse {
+    fn from(r: Refused) -> Self {
+        error(r.message, r.hint)
+    }
+}
+
+async fn request(
+    ctl: &Controller,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<()> {
+    let Some(req) = read_msg::<_, AdminRequest, { frame::ADMIN_LIMIT }>(&mut recv).await? else {
+        return Ok(());
+    };
+    let resp = match req {
+        AdminRequest::PushChunks { digests } => push_chunks(ctl, &digests, &mut recv).await?,
+        AdminRequest::WaitStaged {
+            app,
+            version,
+            env,
+            timeout_secs,
+        } => {
+            wait(ctl, timeout_secs, || {
+                staged_progress(ctl, &app, &version, &env)
+            })
+            .await?
+        }
+        AdminRequest::WaitRelease {
+            app,
+            env,
+            seq,
+            timeout_secs,
+        } => wait(ctl, timeout_secs, || release_progress(ctl, &app, &env, seq)).await?,
+        other => match handle(ctl, other) {
+            Ok(r) => r,
+            Err(e) => error(format!("{e:#}"), "see the controller's log for details"),
+        },
+    };
+    write_msg(&mut send, &resp).await?;
+    send.finish()?;
+    Ok(())
+}
+
+fn names(pairs: &[(&str, &str)]) -> Option<AdminResponse> {
+    pairs
+        .iter()
+        .find_map(|(kind, v)| check_name(kind, v).err())
+        .map(|e| error(e, "fix the name and run the command again"))
+}
+
+fn handle(ctl: &Controller, req: AdminRequest) -> Result<AdminResponse> {
+    Ok(match req {
+        AdminRequest::CreateToken {
+            env,
+            ttl_secs,
+            labels,
+            uses,
+        } => {
+            if let Some(e) = names(&[("environment", &env)]) {
+                return Ok(e);
+            }
+            let token = JoinToken::generate(&ctl.ca_fingerprint);
+            let expires_at = now_secs() + ttl_secs.max(1);
+            ctl.store.put_token(
+                &token.id,
+                &TokenRecord {
+                    v: 1,
+                    secret_hash: JoinToken::secret_hash(&token.secret),
+                    env: env.clone(),
+                    labels,
+                    expires_at,
+                    uses_left: uses.max(1),
+                },
+            )?;
+            ctl.store.flush()?;
+            info!(%env, token = %token.id, "Join token created.");
+            AdminResponse::Token {
+                token: token.to_string(),
+                expires_at,
+            }
+        }
+        AdminRequest::ListAgents => AdminResponse::Agents {
+            agents: list_agents(ctl)?,
+        },
+        AdminRequest::PushBegin {
+            app,
+            version,
+            manifest,
+        } => push_begin(ctl, &app, &version, &manifest)?,
+        AdminRequest::PushCommit {
+            app,
+            version,
+            digest,
+        } => push_commit(ctl, &app, &version, digest)?,
+        AdminRequest::Deploy { app, version, env } => deploy(ctl, &app, &version, &env)?,
+        AdminRequest::Status { app, env } => AdminResponse::Status {
+            status: status(ctl, &app, &env)?,
+        },
+        AdminRequest::Release {
+            app,
+            version,
+            env,
+            export,
+            ttl_secs,
+        } => {
+            if let Some(e) = names(&[("app", &app), ("version", &version), ("environment", &env)]) {
+                return Ok(e);
+            }
+            match crate::release::release(ctl, &app, &version, &env, export, ttl_secs, false)? {
+                Ok((message, seq, targets)) => AdminResponse::Released {
+                    message,
+                    version,
+                    seq,
+                    targets,
+                },
+                Err(r) => r.into(),
+            }
+        }
+        AdminRequest::Rollback {
+            app,
+            env,
+            to,
+            export,
+            ttl_secs,
+        } => {
+            if let Some(e) = names(&[("app", &app), ("environment", &env)]) {
+                return Ok(e);
+            }
+            let version = match crate::release::rollback_target(ctl, &app, &env, to)? {
+                Ok(v) => v,
+                Err(r) => return Ok(r.into()),
+            };
+            match crate::release::release(ctl, &app, &version, &env, export, ttl_secs, true)? {
+                Ok((message, seq, targets)) => AdminResponse::Released {
+                    message,
+                    version,
+                    seq,
+                    targets,
+                },
+                Err(r) => r.into(),
+            }
+        }
+        AdminRequest::RevokeAgent { agent } => {
+            let id = AgentId(agent);
+            let Some(mut rec) = ctl.store.agent(&id)? else {
+                return Ok(error(format!("no agent {id}"), "stagehand agents list"));
+            };
+            rec.revoked = true;
+            ctl.store.put_agent(&rec)?;
+            ctl.store.flush()?;
+            ctl.fleet.kick(&id);
+            info!(agent = %id, "Agent revoked.");
+            AdminResponse::Revoked { agent: id }
+        }
+        AdminRequest::Hello { .. }
+        | AdminRequest::PushChunks { .. }
+        | AdminRequest::WaitStaged { .. }
+        | AdminRequest::WaitRelease { .. } => bail!("unexpected request"),
+    })
+}
+
+fn push_begin(ctl: &Controller, app: &str, version: &str, bytes: &[u8]) -> Result<AdminResponse> {
+    if let Some(e) = names(&[("app", app), ("version", version)]) {
+        return Ok(e);
+    }
+    let manifest = match Manifest::decode(bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            return Ok(error(
+                format!("the artifact is not acceptable: {e}"),
+                "fix the tree and push again",
+            ))
+        }
+    };
+    let digest = Digest::of(bytes);
+    if let Some(existing) = ctl.store.artifact(app, version)? {
+        if existing.digest == digest {
+            return Ok(AdminResponse::PushNeed {
+                digest,
+                missing: vec![],
+                already_present: true,
+            });
+        }
+        return Ok(conflict(app, version, &existing.digest));
+    }
+    ctl.chunks.put_manifest(&digest, bytes)?;
+    let mut seen = HashSet::new();
+    let missing = manifest
+        .files()
+        .flat_map(|(_, _, _, chunks)| chunks.iter().map(|c| c.digest))
+        .filter(|d| seen.insert(*d) && !ctl.chunks.has(d))
+        .collect();
+    Ok(AdminResponse::PushNeed {
+        digest,
+        missing,
+        already_present: false,
+    })
+}
+
+fn conflict(app: &str, version: &str, existing: &Digest) -> AdminResponse {
+    error(
+        format!("{app} {version} already exists with other content ({existing}); versions are immutable"),
+        format!("push the new content under a new version: stagehand push {app} NEW-VERSION PATH"),
+    )
+}
+
+async fn push_chunks(
+    ctl: &Controller,
+    digests: &[Digest],
+    recv: &mut quinn::RecvStream,
+) -> Result<AdminResponse> {
+    let mut stored = 0u64;
+    for d in digests {
+        let Some(Some(bytes)) = read_blob::<_, { frame::CHUNK_LIMIT }>(recv).await? else {
+            bail!("push stream ended before chunk {}", d.short());
+        };
+        let store = ctl.chunks.clone();
+        let d = *d;
+        let result = tokio::task::spawn_blocking(move || store.put(&d, &bytes)).await?;
+        if let Err(e) = result {
+            return Ok(error(
+                format!("chunk {} was refused: {e}", d.short()),
+                "push again; if it repeats, the source changed while it was read",
+            ));
+        }
+        stored += 1;
+    }
+    Ok(AdminResponse::PushChunksDone { stored })
+}
+
+fn push_commit(
+    ctl: &Controller,
+    app: &str,
+    version: &str,
+    digest: Digest,
+) -> Result<AdminResponse> {
+    let bytes = ctl.chunks.manifest(&digest)?;
+    let manifest = Manifest::decode(&bytes)?;
+    let chunks: Vec<Digest> = manifest
+        .files()
+        .flat_map(|(_, _, _, c)| c.iter().map(|c| c.digest))
+        .collect();
+    if let Some(d) = chunks.iter().find(|d| !ctl.chunks.has(d)) {
+        return Ok(error(
+            format!("chunk {} of the artifact was never uploaded", d.short()),
+            format!("stagehand push {app} {version} PATH"),
+        ));
+    }
+    ctl.chunks.sync_dirs(chunks.iter())?;
+    if let Some(existing) = ctl.store.artifact(app, version)? {
+        if existing.digest != digest {
+            return Ok(conflict(app, version, &existing.digest));
+        }
+    }
+    let size = manifest.total_size();
+    ctl.store.put_artifact(
+        app,
+        version,
+        &ArtifactRecord {
+            v: 1,
+            digest,
+            size,
+            pushed_at: now_secs(),
+        },
+    )?;
+    ctl.store.flush()?;
+    info!(%app, %version, %digest, size, "Artifact pushed.");
+    Ok(AdminResponse::Pushed { digest, size })
+}
+
+fn deploy(ctl: &Controller, app: &str, version: &str, env: &str) -> Result<AdminResponse> {
+    if let Some(e) = names(&[("app", app), ("version", version), ("environment", env)]) {
+        return Ok(e);
+    }
+    let Some(artifact) = ctl.store.artifact(app, version)? else {
+        return Ok(error(
+            format!("{app} {version} has not been pushed"),
+            format!("stagehand push {app} {version} PATH"),
+        ));
+    };
+    let now = now_secs();
+    ctl.store.put_deploy(
+        env,
+        app,
+        version,
+        &DeployRecord {
+            v: 1,
+            digest: artifact.digest,
+            size: artifact.size,
+            at: now,
+        },
+    )?;
+    let agents = ctl.store.agents_in(env)?;
+    let mut send_to = Vec::new();
+    for a in &agents {
+        let current = ctl.store.stage(&a.id, app, version)?;
+        if current.is_some_and(|s| s.state == StageState::Staged && s.digest == artifact.digest) {
+            continue;
+        }
+        ctl.store.put_stage(
+            &a.id,
+            app,
+            version,
+            &StageRecord {
+                v: 1,
+                digest: artifact.digest,
+                state: StageState::Pending,
+                at: now,
+            },
+        )?;
+        send_to.push(a.id.clone());
+    }
+    ctl.store.flush()?;
+    for id in &send_to {
+        ctl.fleet.send_deploy(
+            id,
+            DeployDown::Stage {
+                app: app.into(),
+                version: version.into(),
+                digest: artifact.digest,
+                size: artifact.size,
+            },
+        );
+    }
+    ctl.fleet.bump();
+    info!(%app, %version, %env, agents = agents.len(), "Deploy ordered.");
+    Ok(AdminResponse::Deployed {
+        digest: artifact.digest,
+        targets: agents.into_iter().map(|a| a.id).collect(),
+    })
+}
+
+type Progress = (Vec<AgentId>, Vec<(AgentId, String)>, Vec<AgentId>);
+
+fn staged_progress(ctl: &Controller, app: &str, version: &str, env: &str) -> Result<Progress> {
+    let (mut done, mut failed, mut pending) = (vec![], vec![], vec![]);
+    let digest = ctl.store.artifact(app, version)?.map(|a| a.digest);
+    for a in ctl.store.agents_in(env)? {
+        match ctl.store.stage(&a.id, app, version)? {
+            Some(s) if s.state == StageState::Staged && Some(s.digest) == digest => done.push(a.id),
+            Some(StageRecord {
+                state: StageState::Failed(why),
+                ..
+            }) => failed.push((a.id, why)),
+            _ => pending.push(a.id),
+        }
+    }
+    Ok((done, failed, pending))
+}
+
+fn release_progress(ctl: &Controller, app: &str, env: &str, seq: u64) -> Result<Progress> {
+    let (mut done, mut failed, mut pending) = (vec![], vec![], vec![]);
+    let Some(desired) = ctl.store.desired(env, app)? else {
+        return Ok((done, failed, pending));
+    };
+    for id in desired.targets {
+        match ctl.store.receipt(&id, app)? {
+            Some(r)
+                if r.seq >= seq
+                    && r.outcome == ReceiptOutcome::Committed
+                    && r.version == desired.version =>
+            {
+                done.push(id)
+            }
+            Some(r) if r.seq >= seq && matches!(r.outcome, ReceiptOutcome::Refused(_)) => {
+                let why = match &r.outcome {
+                    ReceiptOutcome::Refused(x) => x.code().to_string(),
+                    _ => unreachable!(),
+                };
+                failed.push((id, why))
+            }
+            _ => pending.push(id),
+        }
+    }
+    Ok((done, failed, pending))
+}
+
+/// Answers when nothing is pending any more, or at the timeout, re-checking on every change.
+async fn wait(
+    ctl: &Controller,
+    timeout_secs: u64,
+    progress: impl Fn() -> Result<Progress>,
+) -> Result<AdminResponse> {
+    let mut changes = ctl.fleet.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
+    loop {
+        changes.borrow_and_update();
+        let (done, failed, pending) = progress()?;
+        if pending.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(AdminResponse::Waited {
+                done,
+                failed,
+                pending,
+            });
+        }
+        let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+    }
+}
+
+fn list_agents(ctl: &Controller) -> Result<Vec<AgentInfo>> {
+    let mut out = Vec::new();
+    for a in ctl.store.agents()? {
+        let mut apps: BTreeMap<String, AgentAppInfo> = BTreeMap::new();
+        fn entry<'m>(
+            apps: &'m mut BTreeMap<String, AgentAppInfo>,
+            app: &str,
+        ) -> &'m mut AgentAppInfo {
+            apps.entry(app.to_string()).or_insert_with(|| AgentAppInfo {
+                app: app.to_string(),
+                active: None,
+                staged: vec![],
+                failed: vec![],
+            })
+        }
+        for (app, version, s) in ctl.store.stages_of(&a.id, None)? {
+            let info = entry(&mut apps, &app);
+            match s.state {
+                StageState::Staged => info.staged.push(version),
+                StageState::Failed(why) => info.failed.push((version, why)),
+                StageState::Pending => {}
+            }
+        }
+        for (app, st) in ctl.store.appstates_of(&a.id)? {
+            entry(&mut apps, &app).active = st.active;
+        }
+        out.push(AgentInfo {
+            connected: ctl.fleet.is_connected(&a.id),
+            id: a.id,
+            name: a.name,
+            env: a.env,
+            labels: a.labels,
+            revoked: a.revoked,
+            apps: apps.into_values().collect(),
+        });
+    }
+    out.sort_by(|x, y| (&x.env, &x.name).cmp(&(&y.env, &y.name)));
+    Ok(out)
+}
+
+fn status(ctl: &Controller, app: &str, env: &str) -> Result<AppStatus> {
+    let desired = ctl.store.desired(env, app)?.map(|d| (d.version, d.seq));
+    let mut agents = Vec::new();
+    for a in ctl.store.agents_in(env)? {
+        let (mut staged, mut staging_failed) = (vec![], vec![]);
+        for (_, version, s) in ctl.store.stages_of(&a.id, Some(app))? {
+            match s.state {
+                StageState::Staged => staged.push(version),
+                StageState::Failed(why) => staging_failed.push((version, why)),
+                StageState::Pending => {}
+            }
+        }
+        let st = ctl.store.appstate(&a.id, app)?;
+        agents.push(AgentAppStatus {
+            connected: ctl.fleet.is_connected(&a.id),
+            last_receipt: ctl.store.receipt(&a.id, app)?,
+            id: a.id,
+            name: a.name,
+            staged,
+            staging_failed,
+            active: st.active,
+            last_seq: st.last_seq,
+        });
+    }
+    agents.sort_by(|x, y| x.name.cmp(&y.name));
+    Ok(AppStatus {
+        app: app.to_string(),
+        env: env.to_string(),
+        desired,
+        agents,
+    })
+}

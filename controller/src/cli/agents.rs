@@ -1,0 +1,96 @@
+//! `stagehand agents list|revoke`.
+
+use super::Ctx;
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use stagehand_common::protocol::{AdminRequest, AdminResponse};
+
+#[derive(Subcommand, Debug)]
+pub enum AgentsCommand {
+    /// Every agent: id, name, environment, labels, connected, versions per app.
+    List,
+    /// Refuse an agent everywhere from now on and close its connections.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RevokeArgs {
+    /// The agent id (see `stagehand agents list`).
+    pub agent: String,
+}
+
+pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
+    let client = ctx.client().await?;
+    match cmd {
+        AgentsCommand::List => {
+            let resp = client.call(&AdminRequest::ListAgents).await?;
+            client.close().await;
+            let AdminResponse::Agents { agents } = resp else {
+                bail!("unexpected answer: {resp:?}")
+            };
+            if ctx.json() {
+                super::print_json(&serde_json::to_value(&agents)?);
+                return Ok(0);
+            }
+            if agents.is_empty() {
+                println!("No agents yet. Enrol one: stagehand token create --env ENV, then stagehand-agent join on the host.");
+                return Ok(0);
+            }
+            println!(
+                "{:<20} {:<16} {:<10} {:<10} {:<20} APPS",
+                "ID", "NAME", "ENV", "CONNECTED", "LABELS"
+            );
+            for a in agents {
+                let labels: Vec<String> =
+                    a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let apps: Vec<String> = a
+                    .apps
+                    .iter()
+                    .map(|x| {
+                        format!(
+                            "{}: active={} staged=[{}]",
+                            x.app,
+                            x.active.as_deref().unwrap_or("-"),
+                            x.staged.join(",")
+                        )
+                    })
+                    .collect();
+                let connected = if a.revoked {
+                    "revoked"
+                } else if a.connected {
+                    "yes"
+                } else {
+                    "no"
+                };
+                println!(
+                    "{:<20} {:<16} {:<10} {:<10} {:<20} {}",
+                    a.id,
+                    a.name,
+                    a.env,
+                    connected,
+                    if labels.is_empty() {
+                        "-".into()
+                    } else {
+                        labels.join(",")
+                    },
+                    apps.join("; ")
+                );
+            }
+        }
+        AgentsCommand::Revoke(a) => {
+            let resp = client
+                .call(&AdminRequest::RevokeAgent { agent: a.agent })
+                .await?;
+            client.close().await;
+            let AdminResponse::Revoked { agent } = resp else {
+                bail!("unexpected answer: {resp:?}")
+            };
+            if ctx.json() {
+                super::print_json(&serde_json::json!({ "revoked": agent }));
+            } else {
+                println!("Revoked {agent}.");
+            }
+        }
+    }
+    Ok(0)
+}

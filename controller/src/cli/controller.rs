@@ -1,0 +1,77 @@
+//! `stagehand controller init|serve`.
+
+use super::Ctx;
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Subcommand, Debug)]
+pub enum ControllerCommand {
+    /// Create the CA, the release key, the controller certificate and admin credentials.
+    Init(InitArgs),
+    /// Run the controller until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Directory for the controller's keys and state.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// UDP address to listen on.
+    #[arg(long, default_value = crate::config::DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Directory made by `stagehand controller init`.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// UDP address to listen on (overrides controller.toml).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+}
+
+pub async fn run(cmd: ControllerCommand, ctx: &Ctx) -> Result<i32> {
+    match cmd {
+        ControllerCommand::Init(a) => {
+            let done = crate::init::init(&a.data_dir, a.listen)?;
+            if ctx.json() {
+                super::print_json(&serde_json::json!({
+                    "config": done.config, "admin_credentials": done.admin_dir,
+                    "ca_fingerprint": done.ca_fingerprint, "release_key_id": done.release_key_id,
+                }));
+            } else {
+                println!("Initialised controller in {}", a.data_dir.display());
+                println!("  config:            {}", done.config.display());
+                println!("  admin credentials: {}", done.admin_dir.display());
+                println!("  CA fingerprint:    {}", done.ca_fingerprint);
+                println!("  release key:       {}", done.release_key_id);
+                println!(
+                    "Next: stagehand controller serve --data-dir {}",
+                    a.data_dir.display()
+                );
+            }
+            Ok(0)
+        }
+        ControllerCommand::Serve(a) => {
+            crate::server::serve(&a.data_dir, a.listen, shutdown_signal()).await?;
+            Ok(0)
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,166 @@
+//! The `stagehand` command line: the controller daemon and the operator's client commands.
+
+mod agents;
+mod controller;
+mod deploy;
+mod dev;
+mod push;
+mod release;
+mod status;
+mod token;
+
+use crate::client::{Client, OpError};
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Stagehand: ship software to fleets; stage everywhere first, release with one signed
+/// message per host.
+#[derive(Parser, Debug)]
+#[command(name = "stagehand", version, propagate_version = true)]
+pub struct Cli {
+    /// Controller address (HOST:PORT) for client commands.
+    #[arg(long, global = true, env = "STAGEHAND_CONTROLLER")]
+    pub controller: Option<String>,
+    /// Admin credentials directory (cert.pem, key.pem, ca.pem).
+    #[arg(long, global = true, env = "STAGEHAND_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+    /// Output format for commands that print data.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Set up or run the controller daemon.
+    #[command(subcommand)]
+    Controller(controller::ControllerCommand),
+    /// A local fleet on loopback, no set-up: a controller and one agent per environment.
+    Dev(dev::DevArgs),
+    /// Join tokens for new agents.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// The fleet's agents.
+    #[command(subcommand)]
+    Agents(agents::AgentsCommand),
+    /// Upload a file or directory as an artifact (app, version).
+    Push(push::PushArgs),
+    /// Stage a version on every agent of an environment.
+    Deploy(deploy::DeployArgs),
+    /// Make a staged version live on every agent of an environment.
+    Release(release::ReleaseArgs),
+    /// Release the previous (or a named) staged version again.
+    Rollback(release::RollbackArgs),
+    /// Per agent: staged versions, active version, last receipt.
+    Status(status::StatusArgs),
+}
+
+/// Global options client commands need.
+pub struct Ctx {
+    pub controller: Option<String>,
+    pub credentials: Option<PathBuf>,
+    pub output: Output,
+}
+
+impl Ctx {
+    pub async fn client(&self) -> Result<Client> {
+        Client::connect(self.controller.as_deref(), self.credentials.as_deref()).await
+    }
+
+    pub fn json(&self) -> bool {
+        self.output == Output::Json
+    }
+}
+
+/// Prints a JSON value on stdout.
+pub fn print_json(v: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values serialise")
+    );
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let daemon = matches!(
+        cli.command,
+        Command::Controller(controller::ControllerCommand::Serve(_)) | Command::Dev(_)
+    );
+    init_logging(if daemon { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let ctx = Ctx {
+        controller: cli.controller,
+        credentials: cli.credentials,
+        output: cli.output,
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Controller(c) => controller::run(c, &ctx).await,
+            Command::Dev(a) => dev::run(a, &ctx).await,
+            Command::Token(c) => token::run(c, &ctx).await,
+            Command::Agents(c) => agents::run(c, &ctx).await,
+            Command::Push(a) => push::run(a, &ctx).await,
+            Command::Deploy(a) => deploy::run(a, &ctx).await,
+            Command::Release(a) => release::run_release(a, &ctx).await,
+            Command::Rollback(a) => release::run_rollback(a, &ctx).await,
+            Command::Status(a) => status::run(a, &ctx).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            report(&e);
+            1
+        }
+    }
+}
+
+/// Prints an error: what failed, why, and what to run next.
+pub fn report(e: &anyhow::Error) {
+    eprintln!("error: {e:#}");
+    if let Some(op) = e.chain().find_map(|c| c.downcast_ref::<OpError>()) {
+        eprintln!("  next: {}", op.hint);
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STAGEHAND_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Parses `K=V`.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}

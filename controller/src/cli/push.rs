@@ -1,0 +1,153 @@
+//! `stagehand push APP VERSION PATH`.
+
+use super::Ctx;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use stagehand_common::manifest::{self, ChunkSource};
+use stagehand_common::protocol::{AdminRequest, AdminResponse};
+use stagehand_common::Digest;
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+
+/// Bytes per upload batch, and batches in flight.
+const BATCH_BYTES: usize = 16 << 20;
+const PARALLEL: usize = 4;
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    pub app: String,
+    pub version: String,
+    /// A file or a directory.
+    pub path: PathBuf,
+}
+
+pub async fn run(a: PushArgs, ctx: &Ctx) -> Result<i32> {
+    let path = a.path.clone();
+    let (manifest, sources) = tokio::task::spawn_blocking(move || manifest::build(&path))
+        .await?
+        .with_context(|| format!("reading {}", a.path.display()))?;
+    let bytes = manifest.encode();
+    let client = ctx.client().await?;
+    let resp = client
+        .call(&AdminRequest::PushBegin {
+            app: a.app.clone(),
+            version: a.version.clone(),
+            manifest: bytes,
+        })
+        .await?;
+    let AdminResponse::PushNeed {
+        digest,
+        missing,
+        already_present,
+    } = resp
+    else {
+        bail!("unexpected answer: {resp:?}")
+    };
+    let size = manifest.total_size();
+    if already_present {
+        client.close().await;
+        print(ctx, &a, &digest, size, 0, true);
+        return Ok(0);
+    }
+    let by_digest: HashMap<Digest, ChunkSource> =
+        sources.into_iter().map(|s| (s.digest, s)).collect();
+    let total: u64 = missing
+        .iter()
+        .filter_map(|d| by_digest.get(d))
+        .map(|s| u64::from(s.len))
+        .sum();
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut batches: Vec<Vec<ChunkSource>> = vec![vec![]];
+    let mut batch_bytes = 0usize;
+    for d in &missing {
+        let s = by_digest
+            .get(d)
+            .with_context(|| format!("the controller asked for unknown chunk {}", d.short()))?;
+        if batch_bytes >= BATCH_BYTES {
+            batches.push(vec![]);
+            batch_bytes = 0;
+        }
+        batch_bytes += s.len as usize;
+        batches.last_mut().expect("never empty").push(s.clone());
+    }
+    let client = std::sync::Arc::new(client);
+    let mut inflight = tokio::task::JoinSet::new();
+    for batch in batches.into_iter().filter(|b| !b.is_empty()) {
+        while inflight.len() >= PARALLEL {
+            inflight.join_next().await.expect("not empty")??;
+        }
+        let client = client.clone();
+        let bar = bar.clone();
+        inflight.spawn(async move {
+            let n: u64 = batch.iter().map(|s| u64::from(s.len)).sum();
+            let chunks = tokio::task::spawn_blocking(move || read_chunks(&batch)).await??;
+            client.push_chunks(chunks).await?;
+            bar.inc(n);
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = inflight.join_next().await {
+        r??;
+    }
+    bar.finish_and_clear();
+    let resp = client
+        .call(&AdminRequest::PushCommit {
+            app: a.app.clone(),
+            version: a.version.clone(),
+            digest,
+        })
+        .await?;
+    let AdminResponse::Pushed { digest, size } = resp else {
+        bail!("unexpected answer: {resp:?}")
+    };
+    if let Ok(c) = std::sync::Arc::try_unwrap(client) {
+        c.close().await;
+    }
+    print(ctx, &a, &digest, size, missing.len(), false);
+    Ok(0)
+}
+
+/// Reads chunks back from the source, checking they did not change since they were hashed.
+fn read_chunks(batch: &[ChunkSource]) -> Result<Vec<(Digest, Vec<u8>)>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for s in batch {
+        let mut f = std::fs::File::open(&s.path)
+            .with_context(|| format!("opening {}", s.path.display()))?;
+        f.seek(SeekFrom::Start(s.offset))?;
+        let mut buf = vec![0u8; s.len as usize];
+        f.read_exact(&mut buf)
+            .with_context(|| format!("reading {}", s.path.display()))?;
+        if Digest::of(&buf) != s.digest {
+            bail!(
+                "{} changed while it was being pushed; push again once it is stable",
+                s.path.display()
+            );
+        }
+        out.push((s.digest, buf));
+    }
+    Ok(out)
+}
+
+fn print(ctx: &Ctx, a: &PushArgs, digest: &Digest, size: u64, uploaded: usize, already: bool) {
+    if ctx.json() {
+        super::print_json(&serde_json::json!({
+            "app": a.app, "version": a.version, "digest": digest.to_string(), "size": size,
+            "uploaded_chunks": uploaded, "already_present": already,
+        }));
+    } else if already {
+        println!("{digest}");
+        eprintln!(
+            "{} {} is already present with this content; nothing uploaded.",
+            a.app, a.version
+        );
+    } else {
+        println!("{digest}");
+        eprintln!("Pushed {} {} ({size} bytes, {uploaded} new chunks). Next: stagehand deploy {} {} --env ENV --wait", a.app, a.version, a.app, a.version);
+    }
+}

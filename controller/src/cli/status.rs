@@ -1,0 +1,76 @@
+//! `stagehand status APP --env ENV`.
+
+use super::Ctx;
+use anyhow::{bail, Result};
+use clap::Args;
+use stagehand_common::protocol::{AdminRequest, AdminResponse, ReceiptOutcome};
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    pub app: String,
+    #[arg(long)]
+    pub env: String,
+}
+
+pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
+    let client = ctx.client().await?;
+    let resp = client
+        .call(&AdminRequest::Status {
+            app: a.app.clone(),
+            env: a.env.clone(),
+        })
+        .await?;
+    client.close().await;
+    let AdminResponse::Status { status } = resp else {
+        bail!("unexpected answer: {resp:?}")
+    };
+    if ctx.json() {
+        super::print_json(&serde_json::to_value(&status)?);
+        return Ok(0);
+    }
+    match &status.desired {
+        Some((v, seq)) => println!("{} in {}: desired {v} (seq {seq})", status.app, status.env),
+        None => println!("{} in {}: never released", status.app, status.env),
+    }
+    if status.agents.is_empty() {
+        println!("No agents in {}.", status.env);
+    }
+    println!(
+        "{:<16} {:<20} {:<10} {:<12} {:<24} LAST RECEIPT",
+        "NAME", "ID", "CONNECTED", "ACTIVE", "STAGED"
+    );
+    for ag in &status.agents {
+        let receipt = match &ag.last_receipt {
+            None => "-".to_string(),
+            Some(r) => match &r.outcome {
+                ReceiptOutcome::Committed => {
+                    format!("seq {} {} committed in {}us", r.seq, r.version, r.total_us)
+                }
+                ReceiptOutcome::Refused(why) => {
+                    format!("seq {} {} refused: {}", r.seq, r.version, why.code())
+                }
+                ReceiptOutcome::Scheduled { until } => {
+                    format!("seq {} {} scheduled for {until}", r.seq, r.version)
+                }
+            },
+        };
+        let mut staged = ag.staged.join(",");
+        for (v, why) in &ag.staging_failed {
+            staged.push_str(&format!(" {v}:FAILED({why})"));
+        }
+        println!(
+            "{:<16} {:<20} {:<10} {:<12} {:<24} {}",
+            ag.name,
+            ag.id,
+            if ag.connected { "yes" } else { "no" },
+            ag.active.as_deref().unwrap_or("-"),
+            if staged.is_empty() {
+                "-".into()
+            } else {
+                staged
+            },
+            receipt
+        );
+    }
+    Ok(0)
+}

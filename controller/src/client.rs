@@ -1,0 +1,110 @@
+//! The operator CLI's connection to the controller on the admin channel.
+
+use anyhow::{bail, Context, Result};
+use stagehand_common::frame::{self, read_msg, write_blob, write_msg};
+use stagehand_common::protocol::{AdminRequest, AdminResponse, ALPN_ADMIN, PROTOCOL_VERSION};
+use stagehand_common::tls::Credentials;
+use stagehand_common::{net, Digest};
+use std::path::Path;
+
+/// An operator error: what failed and the next command to run.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct OpError {
+    pub message: String,
+    pub hint: String,
+}
+
+impl OpError {
+    pub fn new(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        OpError {
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
+pub struct Client {
+    conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Client {
+    pub async fn connect(addr: Option<&str>, credentials: Option<&Path>) -> Result<Client> {
+        let addr = addr.ok_or_else(|| {
+            OpError::new(
+                "no controller address",
+                "pass --controller HOST:PORT or set STAGEHAND_CONTROLLER (`stagehand dev` prints it)",
+            )
+        })?;
+        let dir = credentials.ok_or_else(|| {
+            OpError::new(
+                "no admin credentials",
+                "pass --credentials DIR or set STAGEHAND_CREDENTIALS (`stagehand controller init` made DATA/admin)",
+            )
+        })?;
+        let creds = Credentials::load(dir)
+            .with_context(|| format!("loading admin credentials from {}", dir.display()))?;
+        let sock = net::resolve(addr).await?;
+        let endpoint = net::client_endpoint(sock)?;
+        let config = net::client_config(creds.client_config(ALPN_ADMIN)?)?;
+        let conn = net::connect(&endpoint, sock, config).await.map_err(|e| {
+            OpError::new(
+                format!("cannot reach the controller at {addr}: {e}"),
+                "check that `stagehand controller serve` runs there and that the address and credentials are right",
+            )
+        })?;
+        let client = Client {
+            conn,
+            _endpoint: endpoint,
+        };
+        match client
+            .call(&AdminRequest::Hello {
+                protocol_version: PROTOCOL_VERSION,
+            })
+            .await
+        {
+            Ok(AdminResponse::Hello { .. }) => Ok(client),
+            Ok(other) => bail!("unexpected answer to hello: {other:?}"),
+            Err(e) => {
+                Err(e.context("the controller refused these credentials on the admin channel"))
+            }
+        }
+    }
+
+    /// One request, one answer, on a stream of its own.
+    pub async fn call(&self, req: &AdminRequest) -> Result<AdminResponse> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_msg(&mut send, req).await?;
+        send.finish()?;
+        self.answer(&mut recv).await
+    }
+
+    async fn answer(&self, recv: &mut quinn::RecvStream) -> Result<AdminResponse> {
+        match read_msg::<_, AdminResponse, { frame::ADMIN_LIMIT }>(recv).await? {
+            Some(AdminResponse::Error { message, hint }) => Err(OpError::new(message, hint).into()),
+            Some(r) => Ok(r),
+            None => bail!("the controller closed the stream without answering"),
+        }
+    }
+
+    /// Uploads chunks: `chunks` yields each digest with its bytes.
+    pub async fn push_chunks(&self, chunks: Vec<(Digest, Vec<u8>)>) -> Result<u64> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        let digests = chunks.iter().map(|(d, _)| *d).collect();
+        write_msg(&mut send, &AdminRequest::PushChunks { digests }).await?;
+        for (_, bytes) in &chunks {
+            write_blob(&mut send, Some(bytes)).await?;
+        }
+        send.finish()?;
+        match self.answer(&mut recv).await? {
+            AdminResponse::PushChunksDone { stored } => Ok(stored),
+            other => bail!("unexpected answer to a chunk upload: {other:?}"),
+        }
+    }
+
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        self._endpoint.wait_idle().await;
+    }
+}

@@ -1,0 +1,279 @@
+//! The deploy channel on the controller: tells agents what to stage, serves manifests and
+//! chunks, records stage reports. Nothing here can change what is live on a host.
+
+use crate::fleet::Channel;
+use crate::server::Controller;
+use crate::store::{StageRecord, StageState};
+use anyhow::{bail, Result};
+use stagehand_common::frame::{self, read_msg, write_blob, write_msg};
+use stagehand_common::ids::now_secs;
+use stagehand_common::protocol::{
+    DeployDown, DeployUp, StageOutcome, StagedArtifact, PROTOCOL_VERSION,
+};
+use stagehand_common::{AgentId, Digest};
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+/// Largest number of chunks one fetch request may name.
+pub const MAX_FETCH_BATCH: usize = 8192;
+
+pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -> Result<()> {
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    match read_msg::<_, DeployUp, { frame::CONTROL_LIMIT }>(&mut recv).await? {
+        Some(DeployUp::Hello {
+            protocol_version: PROTOCOL_VERSION,
+        }) => {}
+        Some(DeployUp::Hello { protocol_version }) => {
+            let reason = format!("protocol version {protocol_version} is not supported (controller speaks {PROTOCOL_VERSION})");
+            write_msg(&mut send, &DeployDown::Goodbye { reason }).await?;
+            return Ok(());
+        }
+        other => bail!("expected hello, got {other:?}"),
+    }
+    write_msg(
+        &mut send,
+        &DeployDown::Hello {
+            protocol_version: PROTOCOL_VERSION,
+        },
+    )
+    .await?;
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let token = ctl.fleet.attach_deploy(&id, tx, conn.clone());
+    info!(agent = %id, "Deploy channel up.");
+    let writer = async {
+        while let Some(msg) = rx.recv().await {
+            write_msg(&mut send, &msg).await?;
+        }
+        anyhow::Ok(())
+    };
+    let fetches = async {
+        loop {
+            let (send, recv) = conn.accept_bi().await?;
+            let ctl = ctl.clone();
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_fetch(&ctl, send, recv).await {
+                    debug!(error = %e, "Fetch stream failed; dropping the peer.");
+                    conn.close(crate::server::CLOSE_PROTOCOL.into(), b"bad fetch request");
+                }
+            });
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    };
+    let reader = async {
+        while let Some(msg) = read_msg::<_, DeployUp, { frame::CONTROL_LIMIT }>(&mut recv).await? {
+            handle(&ctl, &id, msg)?;
+        }
+        anyhow::Ok(())
+    };
+    let result = tokio::select! {
+        r = writer => r,
+        r = fetches => r,
+        r = reader => r,
+    };
+    ctl.fleet.detach(&id, Channel::Deploy, token);
+    info!(agent = %id, "Deploy channel down.");
+    match result {
+        Err(e) if is_disconnect(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// A peer going away is not an error worth reporting.
+pub fn is_disconnect(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<quinn::ConnectionError>().is_some()
+            || matches!(
+                c.downcast_ref::<quinn::ReadError>(),
+                Some(quinn::ReadError::ConnectionLost(_))
+            )
+            || matches!(
+                c.downcast_ref::<quinn::WriteError>(),
+                Some(quinn::WriteError::ConnectionLost(_))
+            )
+    })
+}
+
+fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
+    match msg {
+        DeployUp::Inventory { staged } => {
+            reconcile(ctl, id, &staged)?;
+        }
+        DeployUp::StageReport {
+            app,
+            version,
+            digest,
+            outcome,
+        } => {
+            let state = match &outcome {
+                StageOutcome::Staged {
+                    fetched_bytes,
+                    reused_bytes,
+                    millis,
+                } => {
+                    info!(agent = %id, %app, %version, fetched_bytes, reused_bytes, millis, "Staged.");
+                    StageState::Staged
+                }
+                StageOutcome::Failed { reason } => {
+                    warn!(agent = %id, %app, %version, %reason, "Staging failed.");
+                    StageState::Failed(reason.clone())
+                }
+            };
+            ctl.store.put_stage(
+                id,
+                &app,
+                &version,
+                &StageRecord {
+                    v: 1,
+                    digest,
+                    state: state.clone(),
+                    at: now_secs(),
+                },
+            )?;
+            ctl.store.flush()?;
+            ctl.fleet.bump();
+            if state == StageState::Staged {
+                crate::release::catch_up(ctl, id, true)?;
+            }
+        }
+        other => bail!("unexpected message on the control stream: {other:?}"),
+    }
+    Ok(())
+}
+
+/// What an agent of `env` should hold: per app, the newest `catch_up_versions` deploys and
+/// the released version.
+pub fn wanted(ctl: &Controller, env: &str) -> Result<Vec<(String, String, Digest, u64)>> {
+    let mut deploys = ctl.store.deploys_in(env)?;
+    deploys.sort_by(|a, b| (&a.0, b.2.at).cmp(&(&b.0, a.2.at)));
+    let desired: HashSet<(String, String)> = ctl
+        .store
+        .desired_in(env)?
+        .into_iter()
+        .map(|(app, d)| (app, d.version))
+        .collect();
+    let mut per_app: std::collections::HashMap<String, usize> = Default::default();
+    let mut out = Vec::new();
+    for (app, version, d) in deploys {
+        let n = per_app.entry(app.clone()).or_default();
+        *n += 1;
+        if *n <= ctl.config.catch_up_versions || desired.contains(&(app.clone(), version.clone())) {
+            out.push((app, version, d.digest, d.size));
+        }
+    }
+    Ok(out)
+}
+
+/// Brings the controller's records in line with what an agent holds, then sends it the
+/// stage orders it is missing.
+fn reconcile(ctl: &Controller, id: &AgentId, staged: &[StagedArtifact]) -> Result<()> {
+    let Some(agent) = ctl.store.agent(id)? else {
+        return Ok(());
+    };
+    let held: HashSet<(&str, &str, Digest)> = staged
+        .iter()
+        .map(|s| (s.app.as_str(), s.version.as_str(), s.digest))
+        .collect();
+    let now = now_secs();
+    for (app, version, rec) in ctl.store.stages_of(id, None)? {
+        if rec.state == StageState::Staged
+            && !held.contains(&(app.as_str(), version.as_str(), rec.digest))
+        {
+            ctl.store.put_stage(
+                id,
+                &app,
+                &version,
+                &StageRecord {
+                    state: StageState::Pending,
+                    at: now,
+                    ..rec
+                },
+            )?;
+        }
+    }
+    for s in staged {
+        ctl.store.put_stage(
+            id,
+            &s.app,
+            &s.version,
+            &StageRecord {
+                v: 1,
+                digest: s.digest,
+                state: StageState::Staged,
+                at: now,
+            },
+        )?;
+    }
+    let mut orders = Vec::new();
+    for (app, version, digest, size) in wanted(ctl, &agent.env)? {
+        if !held.contains(&(app.as_str(), version.as_str(), digest)) {
+            ctl.store.put_stage(
+                id,
+                &app,
+                &version,
+                &StageRecord {
+                    v: 1,
+                    digest,
+                    state: StageState::Pending,
+                    at: now,
+                },
+            )?;
+            orders.push(DeployDown::Stage {
+                app,
+                version,
+                digest,
+                size,
+            });
+        }
+    }
+    ctl.store.flush()?;
+    for o in orders {
+        ctl.fleet.send_deploy(id, o);
+    }
+    ctl.fleet.bump();
+    crate::release::catch_up(ctl, id, false)
+}
+
+/// Answers one fetch stream: a manifest, or chunks in the order asked.
+async fn serve_fetch(
+    ctl: &Controller,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<()> {
+    let req = read_msg::<_, DeployUp, { frame::CONTROL_LIMIT }>(&mut recv).await?;
+    match req {
+        Some(DeployUp::FetchManifest { digest }) => {
+            let bytes = ctl.chunks.manifest(&digest).ok();
+            write_blob(&mut send, bytes.as_deref()).await?;
+        }
+        Some(DeployUp::FetchChunks { digests }) => {
+            if digests.len() > MAX_FETCH_BATCH {
+                bail!(
+                    "fetch of {} chunks exceeds the batch limit of {MAX_FETCH_BATCH}",
+                    digests.len()
+                );
+            }
+            // Read ahead on a blocking thread while the previous chunk is on the wire.
+            let (tx, mut rx) = mpsc::channel::<Option<Vec<u8>>>(8);
+            let store = ctl.chunks.clone();
+            let reader = tokio::task::spawn_blocking(move || {
+                for d in digests {
+                    if tx.blocking_send(store.get(&d).ok()).is_err() {
+                        break;
+                    }
+                }
+            });
+            while let Some(chunk) = rx.recv().await {
+                write_blob(&mut send, chunk.as_deref()).await?;
+            }
+            reader.await?;
+        }
+        other => bail!("unexpected fetch request {other:?}"),
+    }
+    send.finish()?;
+    Ok(())
+}

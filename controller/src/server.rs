@@ -1,0 +1,161 @@
+//! The controller daemon: one QUIC endpoint, four ALPNs. Each connection is checked for the
+//! role its certificate was registered with before any of its messages are read.
+
+use crate::chunks::ChunkStore;
+use crate::config::{ControllerConfig, Layout};
+use crate::fleet::Fleet;
+use crate::store::{CertRole, Store};
+use crate::{admin, deploy, enrol, init, release};
+use anyhow::{Context, Result};
+use ed25519_dalek::SigningKey;
+use stagehand_common::activate::ReleaseKey;
+use stagehand_common::protocol::{ALPN_ADMIN, ALPN_DEPLOY, ALPN_JOIN, ALPN_RELEASE};
+use stagehand_common::tls::{self, Credentials, Pair};
+use stagehand_common::{net, AgentId};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use tracing::{debug, info, warn};
+
+/// Close codes the controller uses.
+pub const CLOSE_UNAUTHORISED: u32 = 1;
+pub const CLOSE_PROTOCOL: u32 = 2;
+
+/// Everything a connection handler needs.
+pub struct Controller {
+    pub store: Store,
+    pub chunks: ChunkStore,
+    pub fleet: Fleet,
+    pub ca: Pair,
+    pub release_key: SigningKey,
+    pub release_keys: Vec<ReleaseKey>,
+    pub config: ControllerConfig,
+    pub ca_fingerprint: String,
+}
+
+/// A controller serving in this process.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub controller: Arc<Controller>,
+    endpoint: quinn::Endpoint,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, closes every connection and waits for the state to be flushed.
+    pub async fn stop(self) {
+        self.endpoint
+            .close(0u32.into(), b"controller shutting down");
+        self.task.abort();
+        let _ = self.task.await;
+        self.endpoint.wait_idle().await;
+        if let Err(e) = self.controller.store.flush() {
+            warn!(error = %e, "Could not flush state at shutdown.");
+        }
+    }
+}
+
+/// Opens the data directory and starts serving; `listen` overrides the configured address.
+pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Running> {
+    let layout = Layout::new(data_dir);
+    let config = ControllerConfig::load(&layout.config())?;
+    let listen = listen.unwrap_or(config.listen);
+    let ca = init::load_ca(&layout)?;
+    let release_key = init::load_release_key(&layout)?;
+    let server = Credentials::load(&layout.tls_dir())?;
+    let store = Store::open(&layout.state()).context("opening the state database")?;
+    let chunks = ChunkStore::open(&layout.store()).context("opening the chunk store")?;
+    let ca_fingerprint = tls::fingerprint(&tls::cert_der(&ca.cert_pem)?);
+    let tls = tls::server_config(
+        &ca.cert_pem,
+        &server.me,
+        &[ALPN_ADMIN, ALPN_DEPLOY, ALPN_RELEASE, ALPN_JOIN],
+    )?;
+    let endpoint =
+        net::server_endpoint(listen, tls).with_context(|| format!("listening on {listen}"))?;
+    let addr = endpoint.local_addr()?;
+    stagehand_common::fsx::write_atomic(&layout.addr_file(), addr.to_string().as_bytes(), 0o644)?;
+    let controller = Arc::new(Controller {
+        release_keys: vec![ReleaseKey::from_signing(&release_key)],
+        store,
+        chunks,
+        fleet: Fleet::default(),
+        ca,
+        release_key,
+        config,
+        ca_fingerprint,
+    });
+    info!(%addr, "Controller listening.");
+    let task = tokio::spawn(accept_loop(controller.clone(), endpoint.clone()));
+    Ok(Running {
+        addr,
+        controller,
+        endpoint,
+        task,
+    })
+}
+
+async fn accept_loop(ctl: Arc<Controller>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(%remote, error = %e, "Handshake failed.");
+                    return;
+                }
+            };
+            if let Err(e) = dispatch(ctl, conn.clone()).await {
+                debug!(%remote, error = %format!("{e:#}"), "Connection ended with an error.");
+                conn.close(CLOSE_PROTOCOL.into(), b"protocol error");
+            }
+        });
+    }
+}
+
+async fn dispatch(ctl: Arc<Controller>, conn: quinn::Connection) -> Result<()> {
+    let alpn = net::alpn(&conn).unwrap_or_default();
+    if alpn == ALPN_JOIN {
+        return enrol::serve(ctl, conn).await;
+    }
+    let role = match net::peer_fingerprint(&conn) {
+        Some(fp) => ctl.store.cert_role(&fp)?,
+        None => None,
+    };
+    match (alpn.as_slice(), role) {
+        (ALPN_ADMIN, Some(CertRole::Admin(name))) => admin::serve(ctl, conn, name).await,
+        (ALPN_DEPLOY, Some(CertRole::Agent(id))) if active_agent(&ctl, &id)? => {
+            deploy::serve(ctl, conn, id).await
+        }
+        (ALPN_RELEASE, Some(CertRole::Agent(id))) if active_agent(&ctl, &id)? => {
+            release::serve(ctl, conn, id).await
+        }
+        (alpn, role) => {
+            warn!(remote = %conn.remote_address(), alpn = %String::from_utf8_lossy(alpn), ?role, "Refused a connection: its certificate does not grant this channel.");
+            conn.close(
+                CLOSE_UNAUTHORISED.into(),
+                b"certificate not allowed on this channel",
+            );
+            Ok(())
+        }
+    }
+}
+
+fn active_agent(ctl: &Controller, id: &AgentId) -> Result<bool> {
+    Ok(ctl.store.agent(id)?.is_some_and(|a| !a.revoked))
+}
+
+/// Runs until `shutdown` completes.
+pub async fn serve(
+    data_dir: &Path,
+    listen: Option<SocketAddr>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let running = start(data_dir, listen).await?;
+    shutdown.await;
+    info!("Shutting down.");
+    running.stop().await;
+    Ok(())
+}

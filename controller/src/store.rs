@@ -1,0 +1,396 @@
+//! The controller's state in sled. Only this module touches sled; records are versioned
+//! types of their own, encoded by `common::frame`. Anything acknowledged to an operator or
+//! an agent is flushed first.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use stagehand_common::activate::SignedActivate;
+use stagehand_common::frame;
+use stagehand_common::protocol::{Labels, Receipt};
+use stagehand_common::{AgentId, Digest};
+use std::path::Path;
+
+const RECORD_LIMIT: usize = 4 << 20;
+
+/// What can go wrong with the state database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed.
+    #[error("state database: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record could not be decoded (written by an incompatible version, or corrupted).
+    #[error("state database record {key:?} is unreadable: {why}")]
+    Corrupt { key: String, why: String },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub v: u8,
+    pub id: AgentId,
+    pub name: String,
+    pub env: String,
+    pub labels: Labels,
+    pub cert_fingerprint: String,
+    pub revoked: bool,
+    pub joined_at: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CertRole {
+    Agent(AgentId),
+    Admin(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub v: u8,
+    pub secret_hash: String,
+    pub env: String,
+    pub labels: Labels,
+    pub expires_at: u64,
+    pub uses_left: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    pub v: u8,
+    pub digest: Digest,
+    pub size: u64,
+    pub pushed_at: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeployRecord {
+    pub v: u8,
+    pub digest: Digest,
+    pub size: u64,
+    pub at: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StageState {
+    Pending,
+    Staged,
+    Failed(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub v: u8,
+    pub digest: Digest,
+    pub state: StageState,
+    pub at: u64,
+}
+
+/// What an environment should run for one app.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DesiredRecord {
+    pub v: u8,
+    pub version: String,
+    pub digest: Digest,
+    /// The seq of the environment-wide message.
+    pub seq: u64,
+    pub message: SignedActivate,
+    pub targets: Vec<AgentId>,
+    /// Versions released before this one, oldest first (for rollback).
+    pub history: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AppStateRecord {
+    pub v: u8,
+    pub active: Option<String>,
+    pub last_seq: Option<u64>,
+}
+
+/// The controller's database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    agents: sled::Tree,
+    certs: sled::Tree,
+    tokens: sled::Tree,
+    artifacts: sled::Tree,
+    deploys: sled::Tree,
+    stage: sled::Tree,
+    desired: sled::Tree,
+    receipts: sled::Tree,
+    appstate: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn key(parts: &[&str]) -> Vec<u8> {
+    parts.join("\0").into_bytes()
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    frame::encode(v)
+}
+
+fn dec<T: DeserializeOwned>(k: &[u8], bytes: &[u8]) -> Result<T> {
+    frame::decode::<T, RECORD_LIMIT>(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(k).replace('\0', "/"),
+        why: e.to_string(),
+    })
+}
+
+fn get<T: DeserializeOwned>(tree: &sled::Tree, k: &[u8]) -> Result<Option<T>> {
+    tree.get(k)?.map(|v| dec(k, &v)).transpose()
+}
+
+fn scan<T: DeserializeOwned>(tree: &sled::Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>> {
+    tree.scan_prefix(prefix)
+        .map(|kv| {
+            let (k, v) = kv?;
+            let value = dec(&k, &v)?;
+            Ok((k.to_vec(), value))
+        })
+        .collect()
+}
+
+fn last_part(k: &[u8]) -> String {
+    let s = String::from_utf8_lossy(k);
+    s.rsplit('\0').next().unwrap_or_default().to_string()
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 << 20)
+            .open()?;
+        Ok(Store {
+            agents: db.open_tree("agents")?,
+            certs: db.open_tree("certs")?,
+            tokens: db.open_tree("tokens")?,
+            artifacts: db.open_tree("artifacts")?,
+            deploys: db.open_tree("deploys")?,
+            stage: db.open_tree("stage")?,
+            desired: db.open_tree("desired")?,
+            receipts: db.open_tree("receipts")?,
+            appstate: db.open_tree("appstate")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    // ---- identities ----
+
+    pub fn put_agent(&self, a: &AgentRecord) -> Result<()> {
+        self.agents.insert(a.id.0.as_bytes(), enc(a))?;
+        self.certs.insert(
+            a.cert_fingerprint.as_bytes(),
+            enc(&CertRole::Agent(a.id.clone())),
+        )?;
+        Ok(())
+    }
+
+    pub fn agent(&self, id: &AgentId) -> Result<Option<AgentRecord>> {
+        get(&self.agents, id.0.as_bytes())
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentRecord>> {
+        Ok(scan(&self.agents, b"")?
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect())
+    }
+
+    /// Agents of an environment that are not revoked.
+    pub fn agents_in(&self, env: &str) -> Result<Vec<AgentRecord>> {
+        Ok(self
+            .agents()?
+            .into_iter()
+            .filter(|a| a.env == env && !a.revoked)
+            .collect())
+    }
+
+    pub fn put_admin_cert(&self, fingerprint: &str, name: &str) -> Result<()> {
+        self.certs.insert(
+            fingerprint.as_bytes(),
+            enc(&CertRole::Admin(name.to_string())),
+        )?;
+        Ok(())
+    }
+
+    pub fn cert_role(&self, fingerprint: &str) -> Result<Option<CertRole>> {
+        get(&self.certs, fingerprint.as_bytes())
+    }
+
+    // ---- tokens ----
+
+    pub fn put_token(&self, id: &str, t: &TokenRecord) -> Result<()> {
+        self.tokens.insert(id.as_bytes(), enc(t))?;
+        Ok(())
+    }
+
+    pub fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
+        get(&self.tokens, id.as_bytes())
+    }
+
+    /// Uses a token once, atomically: `f` decides from the record whether it may be used.
+    pub fn consume_token<E>(
+        &self,
+        id: &str,
+        f: impl Fn(&TokenRecord) -> std::result::Result<(), E>,
+    ) -> Result<std::result::Result<TokenRecord, Option<E>>> {
+        loop {
+            let Some(old) = self.tokens.get(id.as_bytes())? else {
+                return Ok(Err(None));
+            };
+            let rec: TokenRecord = dec(id.as_bytes(), &old)?;
+            if let Err(e) = f(&rec) {
+                return Ok(Err(Some(e)));
+            }
+            let mut next = rec.clone();
+            next.uses_left -= 1;
+            let new = if next.uses_left == 0 {
+                None
+            } else {
+                Some(enc(&next))
+            };
+            if self
+                .tokens
+                .compare_and_swap(id.as_bytes(), Some(old), new)?
+                .is_ok()
+            {
+                return Ok(Ok(rec));
+            }
+        }
+    }
+
+    // ---- artifacts and deploys ----
+
+    pub fn put_artifact(&self, app: &str, version: &str, a: &ArtifactRecord) -> Result<()> {
+        self.artifacts.insert(key(&[app, version]), enc(a))?;
+        Ok(())
+    }
+
+    pub fn artifact(&self, app: &str, version: &str) -> Result<Option<ArtifactRecord>> {
+        get(&self.artifacts, &key(&[app, version]))
+    }
+
+    pub fn put_deploy(&self, env: &str, app: &str, version: &str, d: &DeployRecord) -> Result<()> {
+        self.deploys.insert(key(&[env, app, version]), enc(d))?;
+        Ok(())
+    }
+
+    /// Deploys of an environment: (app, version, record).
+    pub fn deploys_in(&self, env: &str) -> Result<Vec<(String, String, DeployRecord)>> {
+        let prefix = key(&[env, ""]);
+        Ok(scan::<DeployRecord>(&self.deploys, &prefix)?
+            .into_iter()
+            .filter_map(|(k, d)| {
+                let s = String::from_utf8_lossy(&k).into_owned();
+                let mut parts = s.split('\0').skip(1);
+                Some((parts.next()?.to_string(), parts.next()?.to_string(), d))
+            })
+            .collect())
+    }
+
+    pub fn put_stage(
+        &self,
+        agent: &AgentId,
+        app: &str,
+        version: &str,
+        r: &StageRecord,
+    ) -> Result<()> {
+        self.stage.insert(key(&[&agent.0, app, version]), enc(r))?;
+        Ok(())
+    }
+
+    pub fn stage(&self, agent: &AgentId, app: &str, version: &str) -> Result<Option<StageRecord>> {
+        get(&self.stage, &key(&[&agent.0, app, version]))
+    }
+
+    /// Stage records of an agent for one app (or all apps with `app = None`):
+    /// (app, version, record).
+    pub fn stages_of(
+        &self,
+        agent: &AgentId,
+        app: Option<&str>,
+    ) -> Result<Vec<(String, String, StageRecord)>> {
+        let prefix = match app {
+            Some(app) => key(&[&agent.0, app, ""]),
+            None => key(&[&agent.0, ""]),
+        };
+        Ok(scan::<StageRecord>(&self.stage, &prefix)?
+            .into_iter()
+            .filter_map(|(k, r)| {
+                let s = String::from_utf8_lossy(&k).into_owned();
+                let mut parts = s.split('\0').skip(1);
+                Some((parts.next()?.to_string(), parts.next()?.to_string(), r))
+            })
+            .collect())
+    }
+
+    // ---- releases ----
+
+    /// The next seq for an app; durable before it is returned.
+    pub fn next_seq(&self, app: &str) -> Result<u64> {
+        let k = key(&["seq", app]);
+        let v = self.meta.update_and_fetch(&k, |old| {
+            let n = old
+                .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+                .unwrap_or(0);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        self.flush()?;
+        let bytes: [u8; 8] = v
+            .as_deref()
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or([0; 8]);
+        Ok(u64::from_be_bytes(bytes))
+    }
+
+    pub fn put_desired(&self, env: &str, app: &str, d: &DesiredRecord) -> Result<()> {
+        self.desired.insert(key(&[env, app]), enc(d))?;
+        Ok(())
+    }
+
+    pub fn desired(&self, env: &str, app: &str) -> Result<Option<DesiredRecord>> {
+        get(&self.desired, &key(&[env, app]))
+    }
+
+    /// Desired records of an environment: (app, record).
+    pub fn desired_in(&self, env: &str) -> Result<Vec<(String, DesiredRecord)>> {
+        Ok(scan(&self.desired, &key(&[env, ""]))?
+            .into_iter()
+            .map(|(k, d)| (last_part(&k), d))
+            .collect())
+    }
+
+    pub fn put_receipt(&self, r: &Receipt) -> Result<()> {
+        self.receipts
+            .insert(key(&[&r.agent_id.0, &r.app]), enc(r))?;
+        Ok(())
+    }
+
+    pub fn receipt(&self, agent: &AgentId, app: &str) -> Result<Option<Receipt>> {
+        get(&self.receipts, &key(&[&agent.0, app]))
+    }
+
+    pub fn put_appstate(&self, agent: &AgentId, app: &str, s: &AppStateRecord) -> Result<()> {
+        self.appstate.insert(key(&[&agent.0, app]), enc(s))?;
+        Ok(())
+    }
+
+    pub fn appstate(&self, agent: &AgentId, app: &str) -> Result<AppStateRecord> {
+        Ok(get(&self.appstate, &key(&[&agent.0, app]))?.unwrap_or_default())
+    }
+
+    /// All app states of an agent: (app, record).
+    pub fn appstates_of(&self, agent: &AgentId) -> Result<Vec<(String, AppStateRecord)>> {
+        Ok(scan(&self.appstate, &key(&[&agent.0, ""]))?
+            .into_iter()
+            .map(|(k, s)| (last_part(&k), s))
+            .collect())
+    }
+}
