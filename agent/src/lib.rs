@@ -1,1 +1,15 @@
-//! placeholder
+//! The Stagehand agent: stages artifacts from the deploy channel and changes `current` only
+//! on a signed activate message that passes every rule of SPEC §4.
+
+pub mod activate;
+pub mod cli;
+pub mod config;
+pub mod failpoint;
+pub mod hooks;
+pub mod host;
+pub mod join;
+pub mod journal;
+pub mod run;
+pub mod stage;
+pub mod store;
+pub mod tree;

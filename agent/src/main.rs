@@ -1,1 +1,5 @@
-fn main() {}
+//! `stagehand-agent`: the daemon on every host.
+
+fn main() {
+    std::process::exit(stagehand_agent::cli::main());
+}

@@ -24,9 +24,10 @@ impl OpError {
     }
 }
 
+#[derive(Clone)]
 pub struct Client {
     conn: quinn::Connection,
-    _endpoint: quinn::Endpoint,
+    endpoint: quinn::Endpoint,
 }
 
 impl Client {
@@ -54,10 +55,7 @@ impl Client {
                 "check that `stagehand controller serve` runs there and that the address and credentials are right",
             )
         })?;
-        let client = Client {
-            conn,
-            _endpoint: endpoint,
-        };
+        let client = Client { conn, endpoint };
         match client
             .call(&AdminRequest::Hello {
                 protocol_version: PROTOCOL_VERSION,
@@ -105,6 +103,6 @@ impl Client {
 
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");
-        self._endpoint.wait_idle().await;
+        self.endpoint.wait_idle().await;
     }
 }

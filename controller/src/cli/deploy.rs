@@ -11,6 +11,7 @@ use std::time::Duration;
 #[derive(Args, Debug)]
 pub struct DeployArgs {
     pub app: String,
+    #[arg(id = "artifact_version", value_name = "VERSION")]
     pub version: String,
     /// Environment whose agents stage it.
     #[arg(long)]

@@ -1,12 +1,177 @@
-//! `stagehand dev`: a local fleet on loopback with no set-up.
+//! `stagehand dev`: a controller and one agent per environment on loopback in a temporary
+//! directory, a sample app pushed, staged everywhere and released to dev.
 
-use super::Ctx;
-use anyhow::Result;
+use super::{push, Ctx, Output};
+use crate::client::Client;
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use stagehand_common::protocol::{AdminRequest, AdminResponse};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+const ENVS: [&str; 3] = ["dev", "staging", "prod"];
 
 #[derive(Args, Debug)]
-pub struct DevArgs {}
+pub struct DevArgs {
+    /// Keep everything in this directory instead of a temporary one (kept on exit).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
 
-pub async fn run(_a: DevArgs, _ctx: &Ctx) -> Result<i32> {
-    anyhow::bail!("not yet")
+pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
+    let temp;
+    let root = match a.data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            d
+        }
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("stagehand-dev-")
+                .tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let ctl_dir = root.join("controller");
+    if !ctl_dir.join("controller.toml").exists() {
+        crate::init::init(&ctl_dir, "127.0.0.1:0".parse().expect("literal address"))?;
+    }
+    let controller = crate::server::start(&ctl_dir, None).await?;
+    let addr = controller.addr.to_string();
+    let admin = ctl_dir.join("admin");
+    let client = Client::connect(Some(&addr), Some(&admin)).await?;
+
+    let mut agents = Vec::new();
+    for env in ENVS {
+        let dir = root.join("agents").join(format!("{env}-1"));
+        if !dir.join("agent.toml").exists() {
+            let resp = client
+                .call(&AdminRequest::CreateToken {
+                    env: env.into(),
+                    ttl_secs: 600,
+                    labels: Default::default(),
+                    uses: 1,
+                })
+                .await?;
+            let AdminResponse::Token { token, .. } = resp else {
+                bail!("unexpected answer: {resp:?}")
+            };
+            stagehand_agent::join::join(
+                &addr,
+                &token,
+                &dir,
+                Some(format!("{env}-1")),
+                Default::default(),
+            )
+            .await?;
+        }
+        agents.push(stagehand_agent::run::start(&dir).await?);
+    }
+    client.close().await;
+
+    let sample = root.join("sample-app");
+    write_sample(&sample)?;
+    let client = Client::connect(Some(&addr), Some(&admin)).await?;
+    push::upload(&client, "hello", "1.0.0", &sample)
+        .await
+        .context("pushing the sample app")?;
+    for env in ENVS {
+        client
+            .call(&AdminRequest::Deploy {
+                app: "hello".into(),
+                version: "1.0.0".into(),
+                env: env.into(),
+            })
+            .await?;
+        expect_all(
+            &client,
+            AdminRequest::WaitStaged {
+                app: "hello".into(),
+                version: "1.0.0".into(),
+                env: env.into(),
+                timeout_secs: 60,
+            },
+            "staging the sample app",
+        )
+        .await?;
+    }
+    let resp = client
+        .call(&AdminRequest::Release {
+            app: "hello".into(),
+            version: "1.0.0".into(),
+            env: "dev".into(),
+            export: false,
+            ttl_secs: 0,
+        })
+        .await?;
+    let AdminResponse::Released { seq, .. } = resp else {
+        bail!("unexpected answer: {resp:?}")
+    };
+    expect_all(
+        &client,
+        AdminRequest::WaitRelease {
+            app: "hello".into(),
+            env: "dev".into(),
+            seq,
+            timeout_secs: 60,
+        },
+        "releasing the sample app to dev",
+    )
+    .await?;
+    client.close().await;
+
+    let exports = format!(
+        "export STAGEHAND_CONTROLLER={addr} STAGEHAND_CREDENTIALS={}",
+        admin.display()
+    );
+    if ctx.output == Output::Json {
+        super::print_json(
+            &serde_json::json!({ "controller": addr, "credentials": admin, "data_dir": root }),
+        );
+    } else {
+        println!("Stagehand dev fleet is up in {}", root.display());
+        println!("  controller {addr}; agents dev-1, staging-1, prod-1 (one per environment)");
+        println!("  sample app hello 1.0.0: staged in every environment, live in dev\n");
+        println!("In another terminal:\n");
+        println!("  {exports}");
+        println!("  stagehand agents list");
+        println!("  stagehand status hello --env prod");
+        println!("  stagehand release hello 1.0.0 --env staging --wait");
+        println!("\nCtrl-C stops everything.");
+    }
+    super::controller::shutdown_signal().await;
+    eprintln!("Stopping.");
+    for a in agents {
+        a.stop().await;
+    }
+    controller.stop().await;
+    Ok(0)
+}
+
+async fn expect_all(client: &Client, req: AdminRequest, what: &str) -> Result<()> {
+    match client.call(&req).await? {
+        AdminResponse::Waited {
+            failed, pending, ..
+        } if failed.is_empty() && pending.is_empty() => Ok(()),
+        other => bail!("{what} did not finish: {other:?}"),
+    }
+}
+
+fn write_sample(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir.join("bin"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("index.html"), "<h1>Hello from Stagehand</h1>\n")?;
+    std::fs::write(
+        dir.join("stagehand.toml"),
+        "[hooks]\npost_activate = \"bin/restart\"\n\n[health]\ncommand = \"bin/healthcheck\"\ntimeout = \"5s\"\nretries = 3\ninterval = \"1s\"\n",
+    )?;
+    for (name, body) in [
+        ("restart", "#!/bin/sh\necho \"restarted $STAGEHAND_APP $STAGEHAND_VERSION (was ${STAGEHAND_PREVIOUS_VERSION:-nothing})\"\n"),
+        ("healthcheck", "#!/bin/sh\ntest -f \"$STAGEHAND_RELEASE_DIR/index.html\"\n"),
+    ] {
+        let p = dir.join("bin").join(name);
+        std::fs::write(&p, body)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
 }

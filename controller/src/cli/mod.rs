@@ -164,3 +164,12 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -18,22 +18,44 @@ const PARALLEL: usize = 4;
 #[derive(Args, Debug)]
 pub struct PushArgs {
     pub app: String,
+    #[arg(id = "artifact_version", value_name = "VERSION")]
     pub version: String,
     /// A file or a directory.
     pub path: PathBuf,
 }
 
 pub async fn run(a: PushArgs, ctx: &Ctx) -> Result<i32> {
-    let path = a.path.clone();
-    let (manifest, sources) = tokio::task::spawn_blocking(move || manifest::build(&path))
-        .await?
-        .with_context(|| format!("reading {}", a.path.display()))?;
-    let bytes = manifest.encode();
     let client = ctx.client().await?;
+    let pushed = upload(&client, &a.app, &a.version, &a.path).await?;
+    client.close().await;
+    print(ctx, &a, &pushed);
+    Ok(0)
+}
+
+/// What a push did.
+pub struct Pushed {
+    pub digest: Digest,
+    pub size: u64,
+    pub uploaded_chunks: usize,
+    pub already_present: bool,
+}
+
+/// Chunks a tree, offers its manifest and uploads only the chunks the controller lacks.
+pub async fn upload(
+    client: &crate::client::Client,
+    app: &str,
+    version: &str,
+    path: &std::path::Path,
+) -> Result<Pushed> {
+    let owned = path.to_path_buf();
+    let (manifest, sources) = tokio::task::spawn_blocking(move || manifest::build(&owned))
+        .await?
+        .with_context(|| format!("reading {}", path.display()))?;
+    let bytes = manifest.encode();
     let resp = client
         .call(&AdminRequest::PushBegin {
-            app: a.app.clone(),
-            version: a.version.clone(),
+            app: app.to_string(),
+            version: version.to_string(),
             manifest: bytes,
         })
         .await?;
@@ -45,11 +67,13 @@ pub async fn run(a: PushArgs, ctx: &Ctx) -> Result<i32> {
     else {
         bail!("unexpected answer: {resp:?}")
     };
-    let size = manifest.total_size();
     if already_present {
-        client.close().await;
-        print(ctx, &a, &digest, size, 0, true);
-        return Ok(0);
+        return Ok(Pushed {
+            digest,
+            size: manifest.total_size(),
+            uploaded_chunks: 0,
+            already_present: true,
+        });
     }
     let by_digest: HashMap<Digest, ChunkSource> =
         sources.into_iter().map(|s| (s.digest, s)).collect();
@@ -76,14 +100,12 @@ pub async fn run(a: PushArgs, ctx: &Ctx) -> Result<i32> {
         batch_bytes += s.len as usize;
         batches.last_mut().expect("never empty").push(s.clone());
     }
-    let client = std::sync::Arc::new(client);
     let mut inflight = tokio::task::JoinSet::new();
     for batch in batches.into_iter().filter(|b| !b.is_empty()) {
         while inflight.len() >= PARALLEL {
             inflight.join_next().await.expect("not empty")??;
         }
-        let client = client.clone();
-        let bar = bar.clone();
+        let (client, bar) = (client.clone(), bar.clone());
         inflight.spawn(async move {
             let n: u64 = batch.iter().map(|s| u64::from(s.len)).sum();
             let chunks = tokio::task::spawn_blocking(move || read_chunks(&batch)).await??;
@@ -98,19 +120,20 @@ pub async fn run(a: PushArgs, ctx: &Ctx) -> Result<i32> {
     bar.finish_and_clear();
     let resp = client
         .call(&AdminRequest::PushCommit {
-            app: a.app.clone(),
-            version: a.version.clone(),
+            app: app.to_string(),
+            version: version.to_string(),
             digest,
         })
         .await?;
     let AdminResponse::Pushed { digest, size } = resp else {
         bail!("unexpected answer: {resp:?}")
     };
-    if let Ok(c) = std::sync::Arc::try_unwrap(client) {
-        c.close().await;
-    }
-    print(ctx, &a, &digest, size, missing.len(), false);
-    Ok(0)
+    Ok(Pushed {
+        digest,
+        size,
+        uploaded_chunks: missing.len(),
+        already_present: false,
+    })
 }
 
 /// Reads chunks back from the source, checking they did not change since they were hashed.
@@ -134,20 +157,24 @@ fn read_chunks(batch: &[ChunkSource]) -> Result<Vec<(Digest, Vec<u8>)>> {
     Ok(out)
 }
 
-fn print(ctx: &Ctx, a: &PushArgs, digest: &Digest, size: u64, uploaded: usize, already: bool) {
+fn print(ctx: &Ctx, a: &PushArgs, p: &Pushed) {
     if ctx.json() {
         super::print_json(&serde_json::json!({
-            "app": a.app, "version": a.version, "digest": digest.to_string(), "size": size,
-            "uploaded_chunks": uploaded, "already_present": already,
+            "app": a.app, "version": a.version, "digest": p.digest.to_string(), "size": p.size,
+            "uploaded_chunks": p.uploaded_chunks, "already_present": p.already_present,
         }));
-    } else if already {
-        println!("{digest}");
+        return;
+    }
+    println!("{}", p.digest);
+    if p.already_present {
         eprintln!(
             "{} {} is already present with this content; nothing uploaded.",
             a.app, a.version
         );
     } else {
-        println!("{digest}");
-        eprintln!("Pushed {} {} ({size} bytes, {uploaded} new chunks). Next: stagehand deploy {} {} --env ENV --wait", a.app, a.version, a.app, a.version);
+        eprintln!(
+            "Pushed {} {} ({} bytes, {} new chunks). Next: stagehand deploy {} {} --env ENV --wait",
+            a.app, a.version, p.size, p.uploaded_chunks, a.app, a.version
+        );
     }
 }

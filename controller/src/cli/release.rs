@@ -12,6 +12,7 @@ use std::time::Duration;
 #[derive(Args, Debug)]
 pub struct ReleaseArgs {
     pub app: String,
+    #[arg(id = "artifact_version", value_name = "VERSION")]
     pub version: String,
     #[arg(long)]
     pub env: String,

@@ -1,0 +1,291 @@
+//! The `stagehand-agent` command line.
+
+use crate::host::{Host, Layout};
+use crate::journal::Journal;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use stagehand_common::activate::{SignedActivate, EXPORT_LIMIT};
+use stagehand_common::frame::{read_msg, write_blob};
+use stagehand_common::fsx;
+use stagehand_common::protocol::{Receipt, ReceiptOutcome};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The Stagehand agent: stages artifacts and applies signed activate messages on this host.
+#[derive(Parser, Debug)]
+#[command(name = "stagehand-agent", version)]
+pub struct Cli {
+    /// Output format for commands that print data.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Enrol with a controller using a join token.
+    Join(JoinArgs),
+    /// Run the agent until SIGINT or SIGTERM.
+    Run(DataDir),
+    /// The local view: apps, staged versions, active version, last seq.
+    Status(DataDir),
+    /// Apply a signed activate message from a file (offline or air-gapped release).
+    Activate(ActivateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct JoinArgs {
+    /// The controller, HOST:PORT.
+    #[arg(long)]
+    pub controller: String,
+    /// A token from `stagehand token create`.
+    #[arg(long)]
+    pub token: String,
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// This agent's name (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Labels (repeatable): --label zone=eu1
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Args, Debug)]
+pub struct DataDir {
+    #[arg(long)]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ActivateArgs {
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// A file written by `stagehand release --export`.
+    #[arg(long)]
+    pub file: PathBuf,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Runs the CLI; returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let daemon = matches!(cli.command, Command::Run(_));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("STAGEHAND_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(if daemon { "info" } else { "warn" })
+        });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let json = cli.output == Output::Json;
+    match runtime.block_on(run(cli.command, json)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+async fn run(cmd: Command, json: bool) -> Result<i32> {
+    match cmd {
+        Command::Join(a) => {
+            let id = crate::join::join(
+                &a.controller,
+                &a.token,
+                &a.data_dir,
+                a.name,
+                a.labels.into_iter().collect(),
+            )
+            .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "id": id.id, "name": id.name, "env": id.env, "labels": id.labels })
+                );
+            } else {
+                println!(
+                    "Joined as {} ({}) in environment {}.",
+                    id.id, id.name, id.env
+                );
+                println!(
+                    "Next: stagehand-agent run --data-dir {}",
+                    a.data_dir.display()
+                );
+            }
+            Ok(0)
+        }
+        Command::Run(a) => {
+            crate::run::run(&a.data_dir, shutdown_signal()).await?;
+            Ok(0)
+        }
+        Command::Status(a) => status(&a.data_dir, json),
+        Command::Activate(a) => activate(&a.data_dir, &a.file, json).await,
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Reads the filesystem and the journals only, so it works while the agent runs.
+fn status(data_dir: &Path, json: bool) -> Result<i32> {
+    let layout = Layout::load(data_dir)?;
+    let identity = crate::config::Identity::load(data_dir)?;
+    let mut apps = Vec::new();
+    for app in layout.apps() {
+        let journal = Journal::load(&layout.journal(&app))?;
+        apps.push(serde_json::json!({
+            "app": app,
+            "root": layout.app_root(&app),
+            "active": layout.active(&app),
+            "staged": layout.release_versions(&app),
+            "last_seq": journal.last_seq,
+            "activation_in_progress": journal.intent.as_ref().map(|i| &i.version),
+            "last_receipt": journal.last_receipt,
+        }));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "id": identity.id, "name": identity.name, "env": identity.env,
+                "controller": layout.config.controller, "apps": apps,
+            }))?
+        );
+        return Ok(0);
+    }
+    println!(
+        "agent {} ({}) in {}, controller {}",
+        identity.id, identity.name, identity.env, layout.config.controller
+    );
+    if apps.is_empty() {
+        println!("No apps staged yet.");
+    }
+    for a in &apps {
+        println!(
+            "{:<16} active={:<12} last_seq={:<6} staged=[{}]",
+            a["app"].as_str().unwrap_or("?"),
+            a["active"].as_str().unwrap_or("-"),
+            a["last_seq"]
+                .as_u64()
+                .map_or("-".to_string(), |s| s.to_string()),
+            a["staged"]
+                .as_array()
+                .map(|v| v
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","))
+                .unwrap_or_default()
+        );
+    }
+    Ok(0)
+}
+
+/// Applies a message from a file: through the running agent if there is one, else here.
+async fn activate(data_dir: &Path, file: &Path, json: bool) -> Result<i32> {
+    let bytes = fsx::read_limited(file, EXPORT_LIMIT)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("{} is not a text file", file.display()))?;
+    let msg = SignedActivate::from_export(&text).map_err(anyhow::Error::msg)?;
+    let layout = Layout::load(data_dir)?;
+    let receipt = match tokio::net::UnixStream::connect(layout.socket()).await {
+        Ok(mut stream) => {
+            write_blob(&mut stream, Some(text.as_bytes())).await?;
+            let reply: Option<Result<Receipt, String>> =
+                read_msg::<_, _, { 1 << 20 }>(&mut stream).await?;
+            match reply {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => bail!("the running agent refused the file: {e}"),
+                None => bail!("the running agent closed the socket without answering"),
+            }
+        }
+        Err(_) => {
+            let host = Arc::new(Host::open(data_dir)?);
+            crate::activate::recover(&host).await;
+            let r = crate::activate::handle(&host, msg).await;
+            host.store.flush()?;
+            r
+        }
+    };
+    let ok = receipt.outcome == ReceiptOutcome::Committed
+        || matches!(receipt.outcome, ReceiptOutcome::Scheduled { .. });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&receipt)?);
+    } else {
+        match &receipt.outcome {
+            ReceiptOutcome::Committed => println!(
+                "{} {} is live (seq {}).",
+                receipt.app, receipt.version, receipt.seq
+            ),
+            ReceiptOutcome::Scheduled { until } => println!(
+                "{} {} will be activated at {until} (seq {}).",
+                receipt.app, receipt.version, receipt.seq
+            ),
+            ReceiptOutcome::Refused(why) => {
+                eprintln!(
+                    "error: refused ({}): {} {} seq {}",
+                    why.code(),
+                    receipt.app,
+                    receipt.version,
+                    receipt.seq
+                );
+                if !receipt.log.is_empty() {
+                    eprintln!("{}", receipt.log);
+                }
+            }
+        }
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,118 @@
+//! The agent's config file (`DATA/agent.toml`, written by `join`) and its identity.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use stagehand_common::activate::ReleaseKey;
+use stagehand_common::fsx;
+use stagehand_common::protocol::Labels;
+use stagehand_common::tls::Credentials;
+use stagehand_common::AgentId;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// `agent.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The controller's address, HOST:PORT.
+    pub controller: String,
+    /// Per-app settings of this host.
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppConfig>,
+}
+
+/// What a host says about one app.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// Where `releases/` and `current` live (default `DATA/apps/<app>`).
+    pub root: Option<PathBuf>,
+    /// Extra environment for hooks and health checks.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+impl AgentConfig {
+    pub fn load(data_dir: &Path) -> Result<Self> {
+        let path = data_dir.join("agent.toml");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("reading {}; has this agent joined? run `stagehand-agent join --controller ADDR --token TOKEN --data-dir {}`", path.display(), data_dir.display())
+        })?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn save(&self, data_dir: &Path) -> Result<()> {
+        let text = format!(
+            "# Stagehand agent configuration, written by `stagehand-agent join`.\n\
+             # Per-app settings go under [apps.<name>]: root = \"/srv/web\", env = {{ KEY = \"value\" }}\n{}",
+            toml::to_string(self)?
+        );
+        fsx::write_atomic(&data_dir.join("agent.toml"), text.as_bytes(), 0o644)?;
+        Ok(())
+    }
+}
+
+/// Who this agent is: id, environment, labels, certificate, pinned CA and release keys.
+#[derive(Clone)]
+pub struct Identity {
+    pub id: AgentId,
+    pub name: String,
+    pub env: String,
+    pub labels: Labels,
+    pub credentials: Credentials,
+    pub release_keys: Vec<ReleaseKey>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdentityFile {
+    id: AgentId,
+    name: String,
+    env: String,
+    labels: Labels,
+    release_keys: Vec<ReleaseKey>,
+}
+
+impl Identity {
+    pub fn dir(data_dir: &Path) -> PathBuf {
+        data_dir.join("identity")
+    }
+
+    pub fn load(data_dir: &Path) -> Result<Self> {
+        let dir = Self::dir(data_dir);
+        let path = dir.join("agent.json");
+        let bytes = fsx::read_limited(&path, 1 << 20).with_context(|| {
+            format!(
+                "reading {}; has this agent joined? run `stagehand-agent join`",
+                path.display()
+            )
+        })?;
+        let f: IdentityFile = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Identity {
+            id: f.id,
+            name: f.name,
+            env: f.env,
+            labels: f.labels,
+            credentials: Credentials::load(&dir)?,
+            release_keys: f.release_keys,
+        })
+    }
+
+    pub fn save(&self, data_dir: &Path) -> Result<()> {
+        let dir = Self::dir(data_dir);
+        self.credentials.save(&dir)?;
+        let f = IdentityFile {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            env: self.env.clone(),
+            labels: self.labels.clone(),
+            release_keys: self.release_keys.clone(),
+        };
+        fsx::write_atomic(
+            &dir.join("agent.json"),
+            &serde_json::to_vec_pretty(&f)?,
+            0o600,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,204 @@
+//! What an artifact says about itself (`stagehand.toml`, SPEC §5b) and running it: hooks and
+//! health checks with timeouts, their output bounded for the receipt.
+
+use serde::Deserialize;
+use stagehand_common::fsx;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Most output kept from one hook or check.
+pub const OUTPUT_LIMIT: usize = 4096;
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactConfig {
+    #[serde(default)]
+    pub hooks: Hooks,
+    pub health: Option<Health>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    pub pre_activate: Option<String>,
+    pub post_activate: Option<String>,
+    /// Per hook (default 60s).
+    pub timeout: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub command: Option<String>,
+    pub url: Option<String>,
+    /// Per try (default 10s).
+    pub timeout: Option<String>,
+    /// Tries before the release counts as unhealthy (default 3).
+    pub retries: Option<u32>,
+    /// Between tries (default 1s).
+    pub interval: Option<String>,
+}
+
+fn duration(s: &Option<String>, default: Duration) -> Result<Duration, String> {
+    match s {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?}: {e}")),
+    }
+}
+
+impl ArtifactConfig {
+    /// Reads `stagehand.toml` from a release directory; none means no hooks and no checks.
+    pub fn load(release_dir: &Path) -> Result<Self, String> {
+        let path = release_dir.join("stagehand.toml");
+        match fsx::read_limited(&path, 64 << 10) {
+            Ok(bytes) => {
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| "stagehand.toml is not UTF-8".to_string())?;
+                toml::from_str(&text).map_err(|e| format!("stagehand.toml: {e}"))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ArtifactConfig::default()),
+            Err(e) => Err(format!("stagehand.toml: {e}")),
+        }
+    }
+
+    pub fn hook_timeout(&self) -> Result<Duration, String> {
+        duration(&self.hooks.timeout, Duration::from_secs(60))
+    }
+}
+
+/// Runs `sh -c cmd` in `dir` with `env`; Ok(output) on exit 0, Err(why and output) otherwise.
+pub async fn run(
+    cmd: &str,
+    dir: &Path,
+    env: &BTreeMap<String, String>,
+    timeout: Duration,
+) -> Result<String, String> {
+    let mut child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let collect = async {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let _ = tokio::join!(stdout.read_to_end(&mut a), stderr.read_to_end(&mut b));
+        a.extend_from_slice(&b);
+        a
+    };
+    let result = tokio::time::timeout(timeout, async {
+        let out = collect.await;
+        (child.wait().await, out)
+    })
+    .await;
+    match result {
+        Ok((Ok(status), out)) => {
+            let out = tail(&out);
+            if status.success() {
+                Ok(out)
+            } else {
+                Err(format!("{cmd:?} failed ({status}): {out}"))
+            }
+        }
+        Ok((Err(e), _)) => Err(format!("{cmd:?}: {e}")),
+        Err(_) => {
+            let _ = child.kill().await;
+            Err(format!(
+                "{cmd:?} timed out after {}",
+                humantime::format_duration(timeout)
+            ))
+        }
+    }
+}
+
+/// The last `OUTPUT_LIMIT` bytes, as text.
+fn tail(out: &[u8]) -> String {
+    let start = out.len().saturating_sub(OUTPUT_LIMIT);
+    String::from_utf8_lossy(&out[start..])
+        .trim_end()
+        .to_string()
+}
+
+/// Runs the health check until it passes or its tries run out.
+pub async fn check_health(
+    h: &Health,
+    dir: &Path,
+    env: &BTreeMap<String, String>,
+) -> Result<String, String> {
+    let timeout = duration(&h.timeout, Duration::from_secs(10))?;
+    let interval = duration(&h.interval, Duration::from_secs(1))?;
+    let tries = h.retries.unwrap_or(3).max(1);
+    let mut last = String::new();
+    for attempt in 1..=tries {
+        let result = match (&h.command, &h.url) {
+            (Some(cmd), _) => run(cmd, dir, env, timeout).await,
+            (None, Some(url)) => http_get(url, timeout).await,
+            (None, None) => return Err("[health] needs `command` or `url`".into()),
+        };
+        match result {
+            Ok(out) => return Ok(out),
+            Err(e) => last = format!("try {attempt}/{tries}: {e}"),
+        }
+        if attempt < tries {
+            tokio::time::sleep(interval).await;
+        }
+    }
+    Err(last)
+}
+
+/// A minimal HTTP/1.0 GET of `http://host:port/path`: healthy on a 2xx status.
+async fn http_get(url: &str, timeout: Duration) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: stagehand-agent\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let mut buf = Vec::new();
+        (&mut s)
+            .take(OUTPUT_LIMIT as u64)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .unwrap_or(0);
+        if (200..300).contains(&status) {
+            Ok(format!("{url}: {status}"))
+        } else {
+            Err(format!("{url}: status {status}"))
+        }
+    };
+    tokio::time::timeout(timeout, fut).await.map_err(|_| {
+        format!(
+            "{url}: no answer within {}",
+            humantime::format_duration(timeout)
+        )
+    })?
+}

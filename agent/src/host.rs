@@ -1,0 +1,313 @@
+//! This machine as the agent sees it: where each app's `releases/` and `current` live, the
+//! identity, the index of staged versions, and the recovery done at start-up.
+
+use crate::config::{AgentConfig, AppConfig, Identity};
+use crate::store::{StagedRecord, Store};
+use crate::tree;
+use anyhow::{Context, Result};
+use stagehand_common::activate::SignedActivate;
+use stagehand_common::ids::check_name;
+use stagehand_common::manifest::Manifest;
+use stagehand_common::protocol::{ReleaseUp, StagedArtifact};
+use stagehand_common::{frame, fsx, Digest};
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// Paths only: usable without opening (and locking) the state database.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub data_dir: PathBuf,
+    pub config: AgentConfig,
+}
+
+impl Layout {
+    pub fn load(data_dir: &Path) -> Result<Self> {
+        Ok(Layout {
+            data_dir: data_dir.to_path_buf(),
+            config: AgentConfig::load(data_dir)?,
+        })
+    }
+
+    pub fn app_config(&self, app: &str) -> AppConfig {
+        self.config.apps.get(app).cloned().unwrap_or_default()
+    }
+
+    /// Where an app's `releases/` and `current` live.
+    pub fn app_root(&self, app: &str) -> PathBuf {
+        self.config
+            .apps
+            .get(app)
+            .and_then(|a| a.root.clone())
+            .unwrap_or_else(|| self.data_dir.join("apps").join(app))
+    }
+
+    pub fn releases(&self, app: &str) -> PathBuf {
+        self.app_root(app).join("releases")
+    }
+
+    pub fn release_dir(&self, app: &str, version: &str) -> PathBuf {
+        self.releases(app).join(version)
+    }
+
+    pub fn current(&self, app: &str) -> PathBuf {
+        self.app_root(app).join("current")
+    }
+
+    /// Temporary trees being staged, beside `releases/`.
+    pub fn staging(&self, app: &str) -> PathBuf {
+        self.app_root(app).join(".staging")
+    }
+
+    /// The manifest of each staged version, written before the version appears.
+    pub fn manifest_file(&self, app: &str, version: &str) -> PathBuf {
+        self.app_root(app).join(".manifests").join(version)
+    }
+
+    pub fn journal(&self, app: &str) -> PathBuf {
+        self.data_dir.join("journal").join(format!("{app}.json"))
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir.join("agent.sock")
+    }
+
+    /// Every app this host knows: under `DATA/apps`, in the config, or with a journal.
+    pub fn apps(&self) -> Vec<String> {
+        let mut apps: BTreeSet<String> = self.config.apps.keys().cloned().collect();
+        for dir in [self.data_dir.join("apps"), self.data_dir.join("journal")] {
+            if let Ok(rd) = std::fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    let name = e
+                        .file_name()
+                        .to_string_lossy()
+                        .trim_end_matches(".json")
+                        .to_string();
+                    if check_name("app", &name).is_ok() {
+                        apps.insert(name);
+                    }
+                }
+            }
+        }
+        apps.into_iter().collect()
+    }
+
+    /// The version `current` points at.
+    pub fn active(&self, app: &str) -> Option<String> {
+        let target = std::fs::read_link(self.current(app)).ok()?;
+        let version = target.file_name()?.to_str()?.to_string();
+        self.release_dir(app, &version).is_dir().then_some(version)
+    }
+
+    /// Versions present under `releases/`.
+    pub fn release_versions(&self, app: &str) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.releases(app))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.retain(|v| check_name("version", v).is_ok());
+        out.sort();
+        out
+    }
+
+    pub fn read_manifest(&self, app: &str, version: &str) -> Result<Manifest> {
+        let bytes = fsx::read_limited(
+            &self.manifest_file(app, version),
+            frame::MANIFEST_LIMIT as u64,
+        )?;
+        Ok(Manifest::decode(&bytes)?)
+    }
+}
+
+/// The running agent's shared state.
+pub struct Host {
+    pub layout: Layout,
+    pub identity: Identity,
+    pub store: Store,
+    /// One activation at a time on this host.
+    pub activation: tokio::sync::Mutex<()>,
+    staging: Mutex<HashSet<(String, String)>>,
+    release_tx: Mutex<Option<mpsc::UnboundedSender<ReleaseUp>>>,
+    scheduler: Mutex<Option<mpsc::UnboundedSender<(u64, SignedActivate)>>>,
+}
+
+impl Host {
+    /// Opens the data directory (taking the state database's lock) and brings the index and
+    /// any interrupted activation in line with the filesystem.
+    pub fn open(data_dir: &Path) -> Result<Host> {
+        let layout = Layout::load(data_dir)?;
+        let identity = Identity::load(data_dir)?;
+        let store = Store::open(&data_dir.join("state")).with_context(|| {
+            format!(
+                "opening the state database in {}; is another stagehand-agent running on this data dir?",
+                data_dir.display()
+            )
+        })?;
+        let host = Host {
+            layout,
+            identity,
+            store,
+            activation: tokio::sync::Mutex::new(()),
+            staging: Mutex::default(),
+            release_tx: Mutex::default(),
+            scheduler: Mutex::default(),
+        };
+        host.rebuild_index()?;
+        Ok(host)
+    }
+
+    fn rebuild_index(&self) -> Result<()> {
+        let l = &self.layout;
+        for app in l.apps() {
+            // A temporary link left by a crash mid-switch is never `current`: remove it.
+            if let Ok(rd) = std::fs::read_dir(l.app_root(&app)) {
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(".current.tmp-") {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+            for version in l.release_versions(&app) {
+                if self.store.staged(&app, &version)?.is_some() {
+                    continue;
+                }
+                let dir = l.release_dir(&app, &version);
+                let checked = l
+                    .read_manifest(&app, &version)
+                    .map_err(|e| format!("{e:#}"))
+                    .and_then(|m| {
+                        tree::verify(&dir, &m)?;
+                        let seal = tree::seal(&dir, &m).map_err(|e| e.to_string())?;
+                        Ok((m.digest(), seal))
+                    });
+                match checked {
+                    Ok((digest, seal)) => {
+                        info!(%app, %version, "Re-indexed a staged version.");
+                        self.store.put_staged(
+                            &app,
+                            &version,
+                            &StagedRecord {
+                                v: 1,
+                                digest,
+                                seal,
+                                staged_at: 0,
+                            },
+                        )?;
+                    }
+                    Err(why) => {
+                        warn!(%app, %version, %why, "A version under releases/ does not match its manifest; it will not be activated.")
+                    }
+                }
+            }
+        }
+        for (app, version, _) in self.store.all_staged()? {
+            if !l.release_dir(&app, &version).is_dir() {
+                self.store.remove_staged(&app, &version)?;
+            }
+        }
+        self.store.flush()?;
+        Ok(())
+    }
+
+    /// What this host holds staged.
+    pub fn inventory(&self) -> Vec<StagedArtifact> {
+        self.store
+            .all_staged()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(app, version, r)| StagedArtifact {
+                app,
+                version,
+                digest: r.digest,
+            })
+            .collect()
+    }
+
+    /// Rule 5's input: the digest a version was staged with, if it is staged and intact.
+    /// The seal makes the common case a few `stat`s; if it is broken the tree is re-read.
+    pub fn intact(&self, app: &str, version: &str) -> Option<Result<Digest, ()>> {
+        let rec = self.store.staged(app, version).ok().flatten()?;
+        let dir = self.layout.release_dir(app, version);
+        if !dir.is_dir() {
+            return None;
+        }
+        if tree::seal_holds(&dir, &rec.seal) {
+            return Some(Ok(rec.digest));
+        }
+        let verified = self
+            .layout
+            .read_manifest(app, version)
+            .ok()
+            .filter(|m| m.digest() == rec.digest)
+            .and_then(|m| tree::verify(&dir, &m).ok().map(|_| m));
+        match verified {
+            Some(m) => {
+                if let Ok(seal) = tree::seal(&dir, &m) {
+                    let _ = self.store.put_staged(
+                        app,
+                        version,
+                        &StagedRecord {
+                            seal,
+                            ..rec.clone()
+                        },
+                    );
+                }
+                Some(Ok(rec.digest))
+            }
+            None => {
+                warn!(%app, %version, "The staged tree no longer matches its digest.");
+                Some(Err(()))
+            }
+        }
+    }
+
+    /// Marks (app, version) as being staged; false if it already is.
+    pub fn begin_staging(&self, app: &str, version: &str) -> bool {
+        self.staging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((app.into(), version.into()))
+    }
+
+    pub fn end_staging(&self, app: &str, version: &str) {
+        self.staging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(app.to_string(), version.to_string()));
+    }
+
+    /// Where receipts go while the release channel is up.
+    pub fn set_release_tx(&self, tx: Option<mpsc::UnboundedSender<ReleaseUp>>) {
+        *self.release_tx.lock().unwrap_or_else(|p| p.into_inner()) = tx;
+    }
+
+    /// Where messages valid only later wait (the daemon's scheduler).
+    pub fn set_scheduler(&self, tx: mpsc::UnboundedSender<(u64, SignedActivate)>) {
+        *self.scheduler.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    /// Hands a message to the scheduler; false when there is none.
+    pub fn schedule(&self, until: u64, msg: SignedActivate) -> bool {
+        self.scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|tx| tx.send((until, msg)).is_ok())
+    }
+
+    pub fn send_release(&self, msg: ReleaseUp) {
+        if let Some(tx) = self
+            .release_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(msg);
+        }
+    }
+}

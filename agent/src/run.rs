@@ -1,0 +1,321 @@
+//! The agent daemon: dials the controller on the deploy and release channels (separate QUIC
+//! connections, reconnecting with backoff and jitter), and listens on a local socket for
+//! `stagehand-agent activate`.
+
+use crate::activate;
+use crate::host::Host;
+use crate::journal::Journal;
+use crate::stage::{self, Order};
+use anyhow::{bail, Context, Result};
+use rand::Rng;
+use stagehand_common::activate::{SignedActivate, EXPORT_LIMIT};
+use stagehand_common::frame::{self, read_blob, read_msg, write_msg};
+use stagehand_common::net;
+use stagehand_common::protocol::{
+    AppState, DeployDown, DeployUp, ReleaseDown, ReleaseUp, ALPN_DEPLOY, ALPN_RELEASE,
+    PROTOCOL_VERSION,
+};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// An agent running in this process.
+pub struct RunningAgent {
+    pub host: Arc<Host>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningAgent {
+    pub async fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let _ = std::fs::remove_file(self.host.layout.socket());
+        if let Err(e) = self.host.store.flush() {
+            warn!(error = %e, "Could not flush state at shutdown.");
+        }
+    }
+}
+
+/// Opens the data directory, recovers, and starts the channels and the local socket.
+pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
+    let host = Arc::new(Host::open(data_dir)?);
+    activate::recover(&host).await;
+    let socket = bind_socket(&host)?;
+    let (sched_tx, mut sched_rx) = mpsc::unbounded_channel::<(u64, SignedActivate)>();
+    host.set_scheduler(sched_tx);
+    let scheduler = {
+        let host = host.clone();
+        tokio::spawn(async move {
+            while let Some((until, msg)) = sched_rx.recv().await {
+                let host = host.clone();
+                tokio::spawn(async move {
+                    let wait = until.saturating_sub(stagehand_common::ids::now_secs());
+                    tokio::time::sleep(Duration::from_secs(wait)).await;
+                    activate::handle(&host, msg).await;
+                });
+            }
+        })
+    };
+    info!(agent = %host.identity.id, env = %host.identity.env, controller = %host.layout.config.controller, "Agent starting.");
+    let tasks = vec![
+        tokio::spawn(channel_loop(host.clone(), ALPN_DEPLOY, |h, c| {
+            Box::pin(deploy_session(h, c))
+        })),
+        tokio::spawn(channel_loop(host.clone(), ALPN_RELEASE, |h, c| {
+            Box::pin(release_session(h, c))
+        })),
+        tokio::spawn(serve_socket(host.clone(), socket)),
+        scheduler,
+    ];
+    Ok(RunningAgent { host, tasks })
+}
+
+/// Runs until `shutdown` completes.
+pub async fn run(data_dir: &Path, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let agent = start(data_dir).await?;
+    shutdown.await;
+    info!("Shutting down.");
+    agent.stop().await;
+    Ok(())
+}
+
+type Session = std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+async fn channel_loop(
+    host: Arc<Host>,
+    alpn: &'static [u8],
+    session: fn(Arc<Host>, quinn::Connection) -> Session,
+) {
+    let name = String::from_utf8_lossy(alpn).into_owned();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        match connect(&host, alpn).await {
+            Ok((conn, endpoint)) => {
+                backoff = BACKOFF_MIN;
+                let result = session(host.clone(), conn.clone()).await;
+                conn.close(0u32.into(), b"session over");
+                match result {
+                    Ok(()) => info!(channel = %name, "Channel closed."),
+                    Err(e) => warn!(channel = %name, error = %format!("{e:#}"), "Channel lost."),
+                }
+                drop(endpoint);
+            }
+            Err(e) => {
+                debug!(channel = %name, error = %format!("{e:#}"), "Cannot reach the controller.")
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = BACKOFF_MIN;
+        }
+        let jitter = rand::thread_rng().gen_range(0.5..1.5);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn connect(host: &Host, alpn: &[u8]) -> Result<(quinn::Connection, quinn::Endpoint)> {
+    let addr = net::resolve(&host.layout.config.controller).await?;
+    let endpoint = net::client_endpoint(addr)?;
+    let config = net::client_config(host.identity.credentials.client_config(alpn)?)?;
+    let conn = net::connect(&endpoint, addr, config).await?;
+    Ok((conn, endpoint))
+}
+
+async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_msg(
+        &mut send,
+        &DeployUp::Hello {
+            protocol_version: PROTOCOL_VERSION,
+        },
+    )
+    .await?;
+    match read_msg::<_, DeployDown, { frame::CONTROL_LIMIT }>(&mut recv).await? {
+        Some(DeployDown::Hello { .. }) => {}
+        Some(DeployDown::Goodbye { reason }) => {
+            bail!("the controller refused the deploy channel: {reason}")
+        }
+        other => bail!("expected hello, got {other:?}"),
+    }
+    info!("Deploy channel up.");
+    write_msg(
+        &mut send,
+        &DeployUp::Inventory {
+            staged: host.inventory(),
+        },
+    )
+    .await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<DeployUp>();
+    let writer = async {
+        while let Some(msg) = rx.recv().await {
+            write_msg(&mut send, &msg).await?;
+        }
+        anyhow::Ok(())
+    };
+    let reader = async {
+        while let Some(msg) = read_msg::<_, DeployDown, { frame::CONTROL_LIMIT }>(&mut recv).await?
+        {
+            match msg {
+                DeployDown::Stage {
+                    app,
+                    version,
+                    digest,
+                    ..
+                } => {
+                    if !host.begin_staging(&app, &version) {
+                        continue;
+                    }
+                    let (host, conn, tx) = (host.clone(), conn.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let order = Order {
+                            app: app.clone(),
+                            version: version.clone(),
+                            digest,
+                        };
+                        let outcome = stage::stage(host.clone(), conn, order).await;
+                        host.end_staging(&app, &version);
+                        let _ = tx.send(DeployUp::StageReport {
+                            app,
+                            version,
+                            digest,
+                            outcome,
+                        });
+                    });
+                }
+                DeployDown::Goodbye { reason } => {
+                    bail!("the controller closed the deploy channel: {reason}")
+                }
+                DeployDown::Hello { .. } => bail!("second hello"),
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = writer => r,
+        r = reader => r,
+    }
+}
+
+/// Per app: what is live and the last seq applied.
+pub fn app_states(host: &Host) -> Vec<AppState> {
+    host.layout
+        .apps()
+        .into_iter()
+        .map(|app| AppState {
+            active: host.layout.active(&app),
+            last_seq: Journal::load(&host.layout.journal(&app))
+                .ok()
+                .and_then(|j| j.last_seq),
+            app,
+        })
+        .collect()
+}
+
+async fn release_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_msg(
+        &mut send,
+        &ReleaseUp::Hello {
+            protocol_version: PROTOCOL_VERSION,
+        },
+    )
+    .await?;
+    match read_msg::<_, ReleaseDown, { frame::CONTROL_LIMIT }>(&mut recv).await? {
+        Some(ReleaseDown::Hello { .. }) => {}
+        Some(ReleaseDown::Goodbye { reason }) => {
+            bail!("the controller refused the release channel: {reason}")
+        }
+        other => bail!("expected hello, got {other:?}"),
+    }
+    info!("Release channel up.");
+    let (tx, mut rx) = mpsc::unbounded_channel::<ReleaseUp>();
+    // Receipts the controller may have missed while we were apart, then our state.
+    for app in host.layout.apps() {
+        if let Some(r) = Journal::load(&host.layout.journal(&app))
+            .ok()
+            .and_then(|j| j.last_receipt)
+        {
+            let _ = tx.send(ReleaseUp::Receipt(r));
+        }
+    }
+    let _ = tx.send(ReleaseUp::State {
+        apps: app_states(&host),
+    });
+    host.set_release_tx(Some(tx));
+    let writer = async {
+        while let Some(msg) = rx.recv().await {
+            write_msg(&mut send, &msg).await?;
+        }
+        anyhow::Ok(())
+    };
+    let reader = async {
+        while let Some(msg) =
+            read_msg::<_, ReleaseDown, { frame::CONTROL_LIMIT }>(&mut recv).await?
+        {
+            match msg {
+                ReleaseDown::Activate(m) => {
+                    let host = host.clone();
+                    tokio::spawn(async move {
+                        activate::handle(&host, m).await;
+                    });
+                }
+                ReleaseDown::Goodbye { reason } => {
+                    bail!("the controller closed the release channel: {reason}")
+                }
+                ReleaseDown::Hello { .. } => bail!("second hello"),
+            }
+        }
+        anyhow::Ok(())
+    };
+    let result = tokio::select! {
+        r = writer => r,
+        r = reader => r,
+    };
+    host.set_release_tx(None);
+    result
+}
+
+fn bind_socket(host: &Host) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = host.layout.socket();
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// The local socket: an export file's text in, `Result<Receipt, String>` out.
+async fn serve_socket(host: Arc<Host>, listener: tokio::net::UnixListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let host = host.clone();
+        tokio::spawn(async move {
+            let reply = match read_blob::<_, { EXPORT_LIMIT as usize }>(&mut stream).await {
+                Ok(Some(Some(bytes))) => {
+                    match SignedActivate::from_export(&String::from_utf8_lossy(&bytes)) {
+                        Ok(msg) => Ok(activate::handle(&host, msg).await),
+                        Err(e) => Err(e),
+                    }
+                }
+                Ok(_) => Err("empty request".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = write_msg(&mut stream, &reply).await;
+        });
+    }
+}

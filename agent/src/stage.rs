@@ -1,0 +1,413 @@
+//! Staging: fetch a manifest and the chunks this host lacks, verify each, write them into a
+//! temporary tree beside `releases/`, fsync, and rename it into place. A half-written
+//! version is never visible under `releases/`; a restarted stage resumes from what the
+//! temporary tree already holds.
+
+use crate::failpoint;
+use crate::host::Host;
+use crate::store::StagedRecord;
+use crate::tree;
+use anyhow::{bail, Context, Result};
+use stagehand_common::frame::{self, read_blob, write_msg};
+use stagehand_common::ids::{check_name, now_secs};
+use stagehand_common::manifest::{self, EntryKind, Manifest};
+use stagehand_common::protocol::{DeployUp, StageOutcome};
+use stagehand_common::{fsx, Digest};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{info, warn};
+
+/// Streams fetching chunks at once, and chunks per request.
+const LANES: usize = 4;
+const BATCH: usize = 4096;
+
+/// One order from the controller.
+#[derive(Clone, Debug)]
+pub struct Order {
+    pub app: String,
+    pub version: String,
+    pub digest: Digest,
+}
+
+/// Stages an artifact; never panics, always answers with an outcome.
+pub async fn stage(host: Arc<Host>, conn: quinn::Connection, order: Order) -> StageOutcome {
+    let started = Instant::now();
+    match stage_inner(&host, &conn, &order).await {
+        Ok((fetched_bytes, reused_bytes)) => {
+            let millis = started.elapsed().as_millis() as u64;
+            info!(app = %order.app, version = %order.version, fetched_bytes, reused_bytes, millis, "Staged.");
+            StageOutcome::Staged {
+                fetched_bytes,
+                reused_bytes,
+                millis,
+            }
+        }
+        Err(e) => {
+            let reason = format!("{e:#}");
+            warn!(app = %order.app, version = %order.version, %reason, "Staging failed.");
+            StageOutcome::Failed { reason }
+        }
+    }
+}
+
+async fn stage_inner(
+    host: &Arc<Host>,
+    conn: &quinn::Connection,
+    order: &Order,
+) -> Result<(u64, u64)> {
+    let (app, version, digest) = (&order.app, &order.version, order.digest);
+    check_name("app", app).map_err(anyhow::Error::msg)?;
+    check_name("version", version).map_err(anyhow::Error::msg)?;
+    let layout = &host.layout;
+    let release_dir = layout.release_dir(app, version);
+    if let Some(rec) = host.store.staged(app, version)? {
+        if rec.digest != digest {
+            bail!("{app} {version} is already staged here with other content ({}); versions are immutable", rec.digest);
+        }
+        if release_dir.is_dir() {
+            return Ok((0, 0));
+        }
+    }
+    if release_dir.exists() {
+        bail!(
+            "{} exists but does not match any staged artifact; move it away and deploy again",
+            release_dir.display()
+        );
+    }
+
+    let bytes = fetch_manifest(conn, digest).await?;
+    if Digest::of(&bytes) != digest {
+        bail!("the manifest the controller sent does not match digest {digest}");
+    }
+    let manifest =
+        Arc::new(Manifest::decode(&bytes).context("the artifact's manifest is unacceptable")?);
+    let staging = layout
+        .staging(app)
+        .join(format!("{version}-{}", digest.short()));
+    let donors = donors(host, app, version);
+
+    let plan = {
+        let (staging, manifest) = (staging.clone(), manifest.clone());
+        tokio::task::spawn_blocking(move || prepare(&staging, &manifest, &donors)).await??
+    };
+    let reused = plan.reused;
+    let fetched = fetch(conn, plan.need, plan.files.clone()).await?;
+
+    let (host2, app2, version2, manifest_file) = (
+        host.clone(),
+        app.clone(),
+        version.clone(),
+        layout.manifest_file(app, version),
+    );
+    tokio::task::spawn_blocking(move || {
+        let seal = finish(
+            &staging,
+            &release_dir,
+            &manifest_file,
+            &bytes,
+            &manifest,
+            &plan.files,
+        )?;
+        host2.store.put_staged(
+            &app2,
+            &version2,
+            &StagedRecord {
+                v: 1,
+                digest,
+                seal,
+                staged_at: now_secs(),
+            },
+        )?;
+        host2.store.flush()?;
+        anyhow::Ok(())
+    })
+    .await??;
+    Ok((fetched, reused))
+}
+
+async fn fetch_manifest(conn: &quinn::Connection, digest: Digest) -> Result<Vec<u8>> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_msg(&mut send, &DeployUp::FetchManifest { digest }).await?;
+    send.finish()?;
+    match read_blob::<_, { frame::MANIFEST_LIMIT }>(&mut recv).await? {
+        Some(Some(b)) => Ok(b),
+        _ => bail!("the controller does not have the manifest {digest}"),
+    }
+}
+
+/// Chunks available locally, from other staged versions of the same app.
+fn donors(host: &Host, app: &str, version: &str) -> HashMap<Digest, (PathBuf, u64)> {
+    let mut out = HashMap::new();
+    for (a, v, _) in host.store.all_staged().unwrap_or_default() {
+        if a != app || v == version {
+            continue;
+        }
+        let Ok(m) = host.layout.read_manifest(&a, &v) else {
+            continue;
+        };
+        let root = host.layout.release_dir(&a, &v);
+        for (path, _, _, chunks) in m.files() {
+            let mut offset = 0u64;
+            for c in chunks {
+                out.entry(c.digest)
+                    .or_insert_with(|| (manifest::join(&root, path), offset));
+                offset += u64::from(c.len);
+            }
+        }
+    }
+    out
+}
+
+/// A chunk still to fetch and every place it goes.
+struct Need {
+    digest: Digest,
+    len: u32,
+    places: Vec<(usize, u64)>,
+}
+
+struct Plan {
+    files: Arc<Vec<File>>,
+    need: Vec<Need>,
+    reused: u64,
+}
+
+/// Lays out the temporary tree and decides, chunk by chunk, what is already there (from an
+/// interrupted attempt), what can be copied from another staged version, and what to fetch.
+fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)>) -> Result<Plan> {
+    let resumed = staging.exists();
+    std::fs::create_dir_all(staging).with_context(|| format!("creating {}", staging.display()))?;
+    let mut files = Vec::new();
+    let mut need: Vec<Need> = Vec::new();
+    let mut index: HashMap<Digest, usize> = HashMap::new();
+    let mut reused = 0u64;
+    let mut buf = Vec::new();
+    for e in &m.entries {
+        let path = manifest::join(staging, &e.path);
+        match &e.kind {
+            EntryKind::Dir { .. } => match std::fs::create_dir(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
+                Err(err) => {
+                    return Err(err).with_context(|| format!("creating {}", path.display()))
+                }
+            },
+            EntryKind::Symlink { target } => {
+                if std::fs::symlink_metadata(&path).is_ok() {
+                    std::fs::remove_file(&path)?;
+                }
+                std::os::unix::fs::symlink(target, &path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+            }
+            EntryKind::File { size, chunks, .. } => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(&path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                let had = f.metadata()?.len();
+                if had != *size {
+                    f.set_len(*size)?;
+                }
+                let idx = files.len();
+                let mut offset = 0u64;
+                for c in chunks {
+                    let len = c.len as usize;
+                    buf.resize(len, 0);
+                    let present = resumed
+                        && had == *size
+                        && f.read_exact_at(&mut buf, offset).is_ok()
+                        && Digest::of(&buf) == c.digest;
+                    let copied = !present
+                        && donors.get(&c.digest).is_some_and(|(p, off)| {
+                            File::open(p)
+                                .and_then(|d| d.read_exact_at(&mut buf, *off))
+                                .is_ok()
+                                && Digest::of(&buf) == c.digest
+                                && f.write_all_at(&buf, offset).is_ok()
+                        });
+                    if present || copied {
+                        reused += u64::from(c.len);
+                    } else {
+                        match index.get(&c.digest) {
+                            Some(&i) => need[i].places.push((idx, offset)),
+                            None => {
+                                index.insert(c.digest, need.len());
+                                need.push(Need {
+                                    digest: c.digest,
+                                    len: c.len,
+                                    places: vec![(idx, offset)],
+                                });
+                            }
+                        }
+                    }
+                    offset += u64::from(c.len);
+                }
+                files.push(f);
+            }
+        }
+    }
+    Ok(Plan {
+        files: Arc::new(files),
+        need,
+        reused,
+    })
+}
+
+/// Fetches the needed chunks over several streams; each stream's chunks are verified and
+/// written on a blocking thread while the next ones arrive.
+async fn fetch(conn: &quinn::Connection, need: Vec<Need>, files: Arc<Vec<File>>) -> Result<u64> {
+    if need.is_empty() {
+        return Ok(0);
+    }
+    let written = Arc::new(AtomicU64::new(0));
+    let lanes = LANES.min(need.len());
+    let per_lane = need.len().div_ceil(lanes);
+    let mut need = need;
+    let mut tasks = tokio::task::JoinSet::new();
+    while !need.is_empty() {
+        let rest = need.split_off(per_lane.min(need.len()));
+        let lane = std::mem::replace(&mut need, rest);
+        tasks.spawn(fetch_lane(
+            conn.clone(),
+            lane,
+            files.clone(),
+            written.clone(),
+        ));
+    }
+    let mut total = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r? {
+            Ok(n) => total += n,
+            Err(e) => {
+                tasks.abort_all();
+                return Err(e);
+            }
+        }
+    }
+    Ok(total)
+}
+
+async fn fetch_lane(
+    conn: quinn::Connection,
+    lane: Vec<Need>,
+    files: Arc<Vec<File>>,
+    written: Arc<AtomicU64>,
+) -> Result<u64> {
+    let mut total = 0u64;
+    let mut lane = lane;
+    while !lane.is_empty() {
+        let rest = lane.split_off(BATCH.min(lane.len()));
+        let batch = std::mem::replace(&mut lane, rest);
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_msg(
+            &mut send,
+            &DeployUp::FetchChunks {
+                digests: batch.iter().map(|n| n.digest).collect(),
+            },
+        )
+        .await?;
+        send.finish()?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<u8>, Need)>(16);
+        let files = files.clone();
+        let written = written.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            while let Some((bytes, need)) = rx.blocking_recv() {
+                if Digest::of(&bytes) != need.digest {
+                    bail!("chunk {} from the controller does not match its digest; nothing was staged", need.digest.short());
+                }
+                for (idx, offset) in &need.places {
+                    files[*idx]
+                        .write_all_at(&bytes, *offset)
+                        .context("writing a staged file")?;
+                }
+                failpoint::hit_n("stage-chunk", written.fetch_add(1, Ordering::Relaxed) + 1);
+            }
+            anyhow::Ok(())
+        });
+        let reader = async {
+            for need in batch {
+                let bytes = match read_blob::<_, { frame::CHUNK_LIMIT }>(&mut recv).await? {
+                    Some(Some(b)) => b,
+                    Some(None) => {
+                        bail!("the controller does not have chunk {}", need.digest.short())
+                    }
+                    None => bail!("the controller ended the transfer early"),
+                };
+                if bytes.len() != need.len as usize {
+                    bail!("chunk {} has the wrong length", need.digest.short());
+                }
+                total += bytes.len() as u64;
+                if tx.send((bytes, need)).await.is_err() {
+                    break;
+                }
+            }
+            drop(tx);
+            anyhow::Ok(())
+        };
+        let read = reader.await;
+        let wrote = writer.await?;
+        wrote?;
+        read?;
+    }
+    Ok(total)
+}
+
+/// Sets modes, fsyncs every file and directory, records the manifest, renames the tree into
+/// `releases/` and fsyncs both parents. Returns the seal of the staged tree.
+fn finish(
+    staging: &Path,
+    release_dir: &Path,
+    manifest_file: &Path,
+    manifest_bytes: &[u8],
+    m: &Manifest,
+    files: &[File],
+) -> Result<Vec<crate::store::SealEntry>> {
+    let fail = |what: String| {
+        // After a failed fsync the page cache cannot be trusted: start this version over.
+        let _ = std::fs::remove_dir_all(staging);
+        anyhow::anyhow!("{what}; the partial copy was discarded, deploy again to retry")
+    };
+    let modes = m.files().map(|(_, mode, _, _)| mode);
+    for (f, mode) in files.iter().zip(modes) {
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| fail(format!("chmod: {e}")))?;
+        f.sync_all().map_err(|e| fail(format!("fsync: {e}")))?;
+    }
+    let mut dirs: Vec<(PathBuf, u32)> = m
+        .entries
+        .iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::Dir { mode } => Some((manifest::join(staging, &e.path), mode)),
+            _ => None,
+        })
+        .collect();
+    dirs.reverse();
+    dirs.push((staging.to_path_buf(), 0o755));
+    for (d, mode) in &dirs {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(*mode))
+            .map_err(|e| fail(format!("chmod: {e}")))?;
+        fsx::fsync_dir(d).map_err(|e| fail(format!("fsync {}: {e}", d.display())))?;
+    }
+    if let Some(dir) = manifest_file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    fsx::write_atomic(manifest_file, manifest_bytes, 0o644)?;
+    let releases = release_dir.parent().expect("release dirs have a parent");
+    std::fs::create_dir_all(releases)?;
+    failpoint::hit("stage-before-rename");
+    std::fs::rename(staging, release_dir)
+        .with_context(|| format!("renaming into {}", release_dir.display()))?;
+    fsx::fsync_dir(releases)?;
+    if let Some(p) = staging.parent() {
+        fsx::fsync_dir(p)?;
+    }
+    Ok(tree::seal(release_dir, m)?)
+}

@@ -1,0 +1,121 @@
+//! The agent's sled index: which versions are staged, with their digest and a seal of the
+//! staged files. The filesystem (`releases/`, `current`, the journal) is the truth; this
+//! index is rebuilt from it at start-up when it disagrees. Only this module touches sled.
+
+use serde::{Deserialize, Serialize};
+use stagehand_common::frame;
+use stagehand_common::Digest;
+use std::path::Path;
+
+const RECORD_LIMIT: usize = 64 << 20;
+
+/// A staged version.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StagedRecord {
+    pub v: u8,
+    pub digest: Digest,
+    pub seal: Vec<SealEntry>,
+    pub staged_at: u64,
+}
+
+/// What a staged path looked like right after staging. Any write to a file or a directory
+/// changes its ctime, which no one can set back, so a match means untouched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealEntry {
+    pub path: String,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    staged: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn key(app: &str, version: &str) -> Vec<u8> {
+    format!("{app}\0{version}").into_bytes()
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, sled::Error> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(8 << 20)
+            .open()?;
+        Ok(Store {
+            staged: db.open_tree("staged")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    pub fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush().map(|_| ())
+    }
+
+    pub fn put_staged(
+        &self,
+        app: &str,
+        version: &str,
+        r: &StagedRecord,
+    ) -> Result<(), sled::Error> {
+        self.staged.insert(key(app, version), frame::encode(r))?;
+        Ok(())
+    }
+
+    pub fn remove_staged(&self, app: &str, version: &str) -> Result<(), sled::Error> {
+        self.staged.remove(key(app, version))?;
+        Ok(())
+    }
+
+    /// A record that cannot be decoded counts as absent (the index is rebuildable).
+    pub fn staged(&self, app: &str, version: &str) -> Result<Option<StagedRecord>, sled::Error> {
+        Ok(self
+            .staged
+            .get(key(app, version))?
+            .and_then(|v| frame::decode::<StagedRecord, RECORD_LIMIT>(&v).ok()))
+    }
+
+    /// Every (app, version) in the index.
+    pub fn all_staged(&self) -> Result<Vec<(String, String, StagedRecord)>, sled::Error> {
+        let mut out = Vec::new();
+        for kv in self.staged.iter() {
+            let (k, v) = kv?;
+            let k = String::from_utf8_lossy(&k).into_owned();
+            let Some((app, version)) = k.split_once('\0') else {
+                continue;
+            };
+            if let Ok(r) = frame::decode::<StagedRecord, RECORD_LIMIT>(&v) {
+                out.push((app.to_string(), version.to_string(), r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The latest wall-clock second this agent has seen: a clock stepped backwards cannot
+    /// revive an expired message.
+    pub fn latest_time(&self) -> u64 {
+        self.meta
+            .get(b"latest_time")
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0)
+    }
+
+    pub fn set_latest_time(&self, t: u64) -> Result<(), sled::Error> {
+        self.meta.fetch_and_update(b"latest_time", |old| {
+            let old = old
+                .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some(old.max(t).to_be_bytes().to_vec())
+        })?;
+        Ok(())
+    }
+}
