@@ -116,3 +116,26 @@ impl Identity {
         Ok(())
     }
 }
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the private key.
+        f.debug_struct("Identity").field("id", &self.id).field("name", &self.name).field("env", &self.env).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sample in deploy/ must stay a valid config.
+    #[test]
+    fn the_sample_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let c = AgentConfig::load(&dir).unwrap();
+        assert_eq!(c.apps["web"].root.as_deref(), Some(Path::new("/srv/web")));
+        assert_eq!(c.apps["web"].env["PORT"], "8080");
+        let unit = std::fs::read_to_string(dir.join("stagehand-agent.service")).unwrap();
+        assert!(unit.contains("stagehand-agent run --data-dir"));
+    }
+}

@@ -103,3 +103,23 @@ impl Layout {
         self.root.join("controller.addr")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sample in deploy/ must stay a valid config.
+    #[test]
+    fn the_sample_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/controller.toml");
+        let c = ControllerConfig::load(&path).unwrap();
+        assert_eq!(c.listen.port(), 7443);
+        assert_eq!(c.message_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn the_sample_unit_runs_serve() {
+        let unit = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/stagehand-controller.service")).unwrap();
+        assert!(unit.contains("stagehand controller serve --data-dir"));
+    }
+}

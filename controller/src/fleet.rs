@@ -143,6 +143,15 @@ impl Fleet {
         self.bump();
     }
 
+    /// Closes and forgets every session (shutdown).
+    pub fn close_all(&self) {
+        for (_, s) in self.lock().drain() {
+            for conn in [s.deploy.map(|x| x.conn), s.release.map(|x| x.conn)].into_iter().flatten() {
+                conn.close(0u32.into(), b"controller shutting down");
+            }
+        }
+    }
+
     /// Tells waiters that something changed.
     pub fn bump(&self) {
         self.changed.send_modify(|n| *n += 1);

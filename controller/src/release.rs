@@ -232,6 +232,9 @@ fn sign_for(
     Ok((activate::sign(&body, &ctl.release_key), body))
 }
 
+/// A signed release: the message, its seq and its targets.
+pub type Signed = (SignedActivate, u64, Vec<AgentId>);
+
 /// An operator error with the next command to run.
 #[derive(Debug)]
 pub struct Refused {
@@ -250,7 +253,7 @@ pub fn release(
     export: bool,
     ttl_secs: u64,
     rollback: bool,
-) -> Result<std::result::Result<(SignedActivate, u64, Vec<AgentId>), Refused>> {
+) -> Result<std::result::Result<Signed, Refused>> {
     let Some(artifact) = ctl.store.artifact(app, version)? else {
         return Ok(Err(Refused {
             message: format!("{app} {version} has not been pushed"),

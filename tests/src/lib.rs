@@ -1,1 +1,364 @@
-//! placeholder
+//! The test harness: a real controller and real agents on loopback, in temporary
+//! directories, in-process or as processes. Nothing of ours is mocked.
+
+use anyhow::{bail, Context, Result};
+use stagehand_agent::run::RunningAgent;
+use stagehand_common::protocol::{AdminRequest, AdminResponse};
+use stagehand_common::AgentId;
+use stagehand_controller::client::Client;
+use stagehand_controller::server::Running;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Logs to stderr once per test binary, if `STAGEHAND_LOG` is set.
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("STAGEHAND_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes; the error names what was awaited.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A controller in this process with its data directory.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub ctl_dir: PathBuf,
+    pub admin: PathBuf,
+    pub addr: SocketAddr,
+    pub controller: Option<Running>,
+}
+
+/// An agent in this process.
+pub struct TestAgent {
+    pub dir: PathBuf,
+    pub id: AgentId,
+    pub running: Option<RunningAgent>,
+}
+
+impl TestAgent {
+    pub fn app_root(&self, app: &str) -> PathBuf {
+        self.dir.join("apps").join(app)
+    }
+
+    pub fn release_dir(&self, app: &str, version: &str) -> PathBuf {
+        self.app_root(app).join("releases").join(version)
+    }
+
+    pub fn current(&self, app: &str) -> Option<PathBuf> {
+        std::fs::read_link(self.app_root(app).join("current")).ok()
+    }
+
+    pub async fn start(&mut self) -> Result<()> {
+        self.running = Some(stagehand_agent::run::start(&self.dir).await?);
+        Ok(())
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+}
+
+impl Fleet {
+    pub async fn start() -> Result<Fleet> {
+        init_logging();
+        let dir = tempfile::Builder::new().prefix("stagehand-test-").tempdir()?;
+        let ctl_dir = dir.path().join("controller");
+        stagehand_controller::init::init(&ctl_dir, "127.0.0.1:0".parse()?)?;
+        let controller = stagehand_controller::server::start(&ctl_dir, None).await?;
+        Ok(Fleet {
+            admin: ctl_dir.join("admin"),
+            addr: controller.addr,
+            ctl_dir,
+            dir,
+            controller: Some(controller),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub async fn client(&self) -> Result<Client> {
+        Client::connect(Some(&self.addr.to_string()), Some(&self.admin)).await
+    }
+
+    /// Stops the controller and starts it again on the same address.
+    pub async fn restart_controller(&mut self) -> Result<()> {
+        if let Some(c) = self.controller.take() {
+            c.stop().await;
+        }
+        // The old endpoint releases its UDP port asynchronously once its driver winds down.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match stagehand_controller::server::start(&self.ctl_dir, Some(self.addr)).await {
+                Ok(c) => {
+                    self.controller = Some(c);
+                    return Ok(());
+                }
+                Err(e) if Instant::now() < deadline && format!("{e:#}").contains("in use") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub async fn stop_controller(&mut self) {
+        if let Some(c) = self.controller.take() {
+            c.stop().await;
+        }
+    }
+
+    pub async fn token(&self, env: &str, ttl_secs: u64) -> Result<String> {
+        let client = self.client().await?;
+        let resp = client
+            .call(&AdminRequest::CreateToken { env: env.into(), ttl_secs, labels: Default::default(), uses: 1 })
+            .await?;
+        client.close().await;
+        match resp {
+            AdminResponse::Token { token, .. } => Ok(token),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// Enrols an agent (in this process) without starting it.
+    pub async fn enrol(&self, env: &str, name: &str) -> Result<TestAgent> {
+        let token = self.token(env, 600).await?;
+        let dir = self.path().join("agents").join(name);
+        let id = stagehand_agent::join::join(&self.addr.to_string(), &token, &dir, Some(name.into()), Default::default())
+            .await?
+            .id;
+        Ok(TestAgent { dir, id, running: None })
+    }
+
+    /// Enrols and starts an agent in this process.
+    pub async fn agent(&self, env: &str, name: &str) -> Result<TestAgent> {
+        let mut a = self.enrol(env, name).await?;
+        a.start().await?;
+        Ok(a)
+    }
+
+    pub async fn push(&self, app: &str, version: &str, path: &Path) -> Result<stagehand_controller::cli::push::Pushed> {
+        let client = self.client().await?;
+        let r = stagehand_controller::cli::push::upload(&client, app, version, path).await;
+        client.close().await;
+        r
+    }
+
+    /// One admin request.
+    pub async fn call(&self, req: AdminRequest) -> Result<AdminResponse> {
+        let client = self.client().await?;
+        let r = client.call(&req).await;
+        client.close().await;
+        r
+    }
+
+    /// Orders a deploy and waits; returns (done, failed, pending).
+    pub async fn deploy(&self, app: &str, version: &str, env: &str, timeout_secs: u64) -> Result<Progress> {
+        self.call(AdminRequest::Deploy { app: app.into(), version: version.into(), env: env.into() }).await?;
+        self.wait_staged(app, version, env, timeout_secs).await
+    }
+
+    pub async fn wait_staged(&self, app: &str, version: &str, env: &str, timeout_secs: u64) -> Result<Progress> {
+        match self
+            .call(AdminRequest::WaitStaged { app: app.into(), version: version.into(), env: env.into(), timeout_secs })
+            .await?
+        {
+            AdminResponse::Waited { done, failed, pending } => Ok(Progress { done, failed, pending }),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// Releases and waits for every target's receipt.
+    pub async fn release(&self, app: &str, version: &str, env: &str) -> Result<Progress> {
+        let resp = self
+            .call(AdminRequest::Release { app: app.into(), version: version.into(), env: env.into(), export: false, ttl_secs: 0 })
+            .await?;
+        let AdminResponse::Released { seq, .. } = resp else { bail!("unexpected answer {resp:?}") };
+        self.wait_release(app, env, seq).await
+    }
+
+    pub async fn wait_release(&self, app: &str, env: &str, seq: u64) -> Result<Progress> {
+        match self.call(AdminRequest::WaitRelease { app: app.into(), env: env.into(), seq, timeout_secs: 60 }).await? {
+            AdminResponse::Waited { done, failed, pending } => Ok(Progress { done, failed, pending }),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+}
+
+/// Per-agent outcome of a wait.
+#[derive(Debug)]
+pub struct Progress {
+    pub done: Vec<AgentId>,
+    pub failed: Vec<(AgentId, String)>,
+    pub pending: Vec<AgentId>,
+}
+
+impl Progress {
+    pub fn all_done(&self) -> bool {
+        self.failed.is_empty() && self.pending.is_empty()
+    }
+}
+
+/// Runs a binary to completion with the controller's address and admin credentials set.
+pub fn run_cli(bin: &str, fleet: Option<&Fleet>, args: &[&str]) -> Result<std::process::Output> {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null());
+    if let Some(f) = fleet {
+        cmd.env("STAGEHAND_CONTROLLER", f.addr.to_string()).env("STAGEHAND_CREDENTIALS", &f.admin);
+    }
+    cmd.output().with_context(|| format!("running {bin}"))
+}
+
+/// An agent (or controller) running as a child process; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(bin: &str, args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Result<Proc> {
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("spawning {bin}"))?;
+        Ok(Proc { child, log })
+    }
+
+    /// SIGKILL, as `kill -9` would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("process did not exit within {timeout:?}; log:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `size` bytes of pseudo-random (incompressible, chunkable) data.
+pub fn random_file(path: &Path, size: usize, seed: u64) -> Result<()> {
+    use rand::{RngCore, SeedableRng};
+    use std::io::Write;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len());
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        left -= n;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// Compares two trees: same entries, kinds, modes, link targets and bytes.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let list = |root: &Path| {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let md = std::fs::symlink_metadata(e.path()).unwrap();
+                if md.is_dir() {
+                    stack.push(e.path());
+                }
+                out.push(e.path().strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+        out.sort();
+        out
+    };
+    let (la, lb) = (list(a), list(b));
+    assert_eq!(la, lb, "entries differ between {} and {}", a.display(), b.display());
+    for rel in la {
+        let (pa, pb) = (a.join(&rel), b.join(&rel));
+        let (ma, mb) = (std::fs::symlink_metadata(&pa).unwrap(), std::fs::symlink_metadata(&pb).unwrap());
+        assert_eq!(ma.file_type(), mb.file_type(), "{rel:?}");
+        if ma.file_type().is_symlink() {
+            assert_eq!(std::fs::read_link(&pa).unwrap(), std::fs::read_link(&pb).unwrap(), "{rel:?}");
+            continue;
+        }
+        assert_eq!(ma.permissions().mode() & 0o777, mb.permissions().mode() & 0o777, "mode of {rel:?}");
+        if ma.is_file() {
+            assert_eq!(ma.len(), mb.len(), "size of {rel:?}");
+            assert!(same_bytes(&pa, &pb), "bytes of {rel:?} differ");
+        }
+    }
+}
+
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let na = fa.read(&mut ba).unwrap();
+        let mut nb = 0;
+        while nb < na {
+            let n = fb.read(&mut bb[nb..na]).unwrap();
+            if n == 0 {
+                return false;
+            }
+            nb += n;
+        }
+        if na == 0 {
+            return fb.read(&mut bb).unwrap() == 0;
+        }
+        if ba[..na] != bb[..na] {
+            return false;
+        }
+    }
+}

@@ -4,7 +4,7 @@ mod agents;
 mod controller;
 mod deploy;
 mod dev;
-mod push;
+pub mod push;
 mod release;
 mod status;
 mod token;

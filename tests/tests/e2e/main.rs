@@ -1,0 +1,11 @@
+//! End-to-end tests: a real controller and real agents over QUIC on loopback, real files in
+//! temporary directories, real processes where the behaviour is about processes.
+
+mod cli;
+mod enrol;
+mod faults;
+mod release;
+mod stage;
+
+pub const STAGEHAND: &str = env!("CARGO_BIN_EXE_stagehand-under-test");
+pub const AGENT: &str = env!("CARGO_BIN_EXE_stagehand-agent-under-test");
