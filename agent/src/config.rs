@@ -120,7 +120,11 @@ impl Identity {
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the private key.
-        f.debug_struct("Identity").field("id", &self.id).field("name", &self.name).field("env", &self.env).finish()
+        f.debug_struct("Identity")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("env", &self.env)
+            .finish()
     }
 }
 

@@ -119,7 +119,10 @@ mod tests {
 
     #[test]
     fn the_sample_unit_runs_serve() {
-        let unit = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/stagehand-controller.service")).unwrap();
+        let unit = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/stagehand-controller.service"),
+        )
+        .unwrap();
         assert!(unit.contains("stagehand controller serve --data-dir"));
     }
 }

@@ -146,7 +146,10 @@ impl Fleet {
     /// Closes and forgets every session (shutdown).
     pub fn close_all(&self) {
         for (_, s) in self.lock().drain() {
-            for conn in [s.deploy.map(|x| x.conn), s.release.map(|x| x.conn)].into_iter().flatten() {
+            for conn in [s.deploy.map(|x| x.conn), s.release.map(|x| x.conn)]
+                .into_iter()
+                .flatten()
+            {
                 conn.close(0u32.into(), b"controller shutting down");
             }
         }
