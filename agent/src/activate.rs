@@ -22,26 +22,15 @@ pub async fn handle(host: &Arc<Host>, msg: SignedActivate) -> Receipt {
     let started = Instant::now();
     let _one_at_a_time = host.activation.lock().await;
     let receipt = apply(host, &msg, started).await;
-    host.send_release(stagehand_common::protocol::ReleaseUp::Receipt(
-        receipt.clone(),
-    ));
+    host.send_release(stagehand_common::protocol::ReleaseUp::Receipt(receipt.clone()));
     receipt
 }
 
-fn receipt(
-    host: &Host,
-    body: Option<&Activate>,
-    outcome: ReceiptOutcome,
-    started: Instant,
-) -> Receipt {
+fn receipt(host: &Host, body: Option<&Activate>, outcome: ReceiptOutcome, started: Instant) -> Receipt {
     let app = body.map(|b| b.app.clone()).unwrap_or_default();
     Receipt {
         agent_id: host.identity.id.clone(),
-        active: if app.is_empty() {
-            None
-        } else {
-            host.layout.active(&app)
-        },
+        active: if app.is_empty() { None } else { host.layout.active(&app) },
         app,
         version: body.map(|b| b.version.clone()).unwrap_or_default(),
         seq: body.map_or(0, |b| b.seq),
@@ -54,13 +43,21 @@ fn receipt(
     }
 }
 
-async fn apply(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Receipt {
+/// What the checks decided.
+enum Prepared {
+    /// Answer now (refused, replayed, scheduled).
+    Answer(Receipt),
+    /// Go ahead: the intent is durable.
+    Go { body: Activate, journal: Journal, previous: Option<String>, check_us: u64 },
+}
+
+/// The rules, then the durable intent: synchronous file work, run off the async threads.
+fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
     let refuse = |body: Option<&Activate>, r: Refusal| {
-        let body_desc = body
-            .map(|b| format!("{} {} seq {}", b.app, b.version, b.seq))
-            .unwrap_or_else(|| "undecodable message".into());
-        warn!(message = %body_desc, reason = %r, "Refused an activate message.");
-        receipt(host, body, ReceiptOutcome::Refused(r), started)
+        let desc =
+            body.map(|b| format!("{} {} seq {}", b.app, b.version, b.seq)).unwrap_or_else(|| "undecodable".into());
+        warn!(message = %desc, reason = %r, "Refused an activate message.");
+        Prepared::Answer(receipt(host, body, ReceiptOutcome::Refused(r), started))
     };
     // Rule 1, before anything else is read from the message.
     let body = match activate::verify(msg, &host.identity.release_keys) {
@@ -91,11 +88,14 @@ async fn apply(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Rece
     match activate::check(&body, &view, now) {
         Err(r) => return refuse(Some(&body), r),
         Ok(Verdict::AlreadyApplied) => {
-            return journal
-                .last_receipt
-                .clone()
-                .filter(|r| r.seq == body.seq)
-                .unwrap_or_else(|| receipt(host, Some(&body), ReceiptOutcome::Committed, started));
+            let earlier = journal.last_receipt.clone().filter(|r| r.seq == body.seq).unwrap_or_else(|| {
+                // The receipt file did not survive (a power cut): say what is true now.
+                let live = layout.active(&body.app).as_deref() == Some(body.version.as_str());
+                let outcome =
+                    if live { ReceiptOutcome::Committed } else { ReceiptOutcome::Refused(Refusal::Interrupted) };
+                receipt(host, Some(&body), outcome, started)
+            });
+            return Prepared::Answer(earlier);
         }
         Ok(Verdict::Wait { until }) => {
             if !host.schedule(until, msg.clone()) {
@@ -103,12 +103,7 @@ async fn apply(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Rece
                 return refuse(Some(&body), Refusal::NotYetValid);
             }
             info!(app = %body.app, version = %body.version, until, "Activation scheduled.");
-            return receipt(
-                host,
-                Some(&body),
-                ReceiptOutcome::Scheduled { until },
-                started,
-            );
+            return Prepared::Answer(receipt(host, Some(&body), ReceiptOutcome::Scheduled { until }, started));
         }
         Ok(Verdict::Apply) => {}
     }
@@ -117,124 +112,165 @@ async fn apply(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Rece
     // Durable intent: the seq is recorded before the switch can be seen.
     let previous = layout.active(&body.app);
     journal.last_seq = Some(body.seq);
-    journal.intent = Some(Intent {
-        seq: body.seq,
-        version: body.version.clone(),
-        previous: previous.clone(),
-    });
-    if let Err(e) = journal.save(&journal_path) {
+    journal.intent = Some(Intent { seq: body.seq, version: body.version.clone(), previous: previous.clone() });
+    if let Err(e) = journal.save_durable(&journal_path) {
         error!(error = %format!("{e:#}"), "Cannot write the activation journal.");
         return refuse(Some(&body), Refusal::HostError);
     }
     failpoint::hit("activate-after-intent");
+    Prepared::Go { body, journal, previous, check_us }
+}
 
-    let release_dir = layout.release_dir(&body.app, &body.version);
-    let env = hook_env(layout, &body.app, &body.version, previous.as_deref());
-    let mut log = String::new();
-    let config = match ArtifactConfig::load(&release_dir) {
+/// Runs synchronous file work on the blocking pool, off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("activation steps do not panic")
+}
+
+/// One activation in flight, from the durable intent to its receipt.
+struct Activation {
+    host: Arc<Host>,
+    app: String,
+    version: String,
+    seq: u64,
+    previous: Option<String>,
+    journal: Journal,
+    log: String,
+    started: Instant,
+    check_us: u64,
+    switch_us: u64,
+}
+
+async fn apply(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Receipt {
+    let (h, m) = (host.clone(), msg.clone());
+    let (body, journal, previous, check_us) = match blocking(move || prepare(&h, &m, started)).await {
+        Prepared::Answer(r) => return r,
+        Prepared::Go { body, journal, previous, check_us } => (body, journal, previous, check_us),
+    };
+    let mut a = Activation {
+        host: host.clone(),
+        app: body.app,
+        version: body.version,
+        seq: body.seq,
+        previous,
+        journal,
+        log: String::new(),
+        started,
+        check_us,
+        switch_us: 0,
+    };
+    let config = match ArtifactConfig::load(&a.release_dir()) {
         Ok(c) => c,
         Err(e) => {
-            log.push_str(&e);
-            return finish(
-                host,
-                &body,
-                &mut journal,
-                ReceiptOutcome::Refused(Refusal::PreActivateFailed),
-                log,
-                started,
-                check_us,
-                0,
-            );
+            a.note("stagehand.toml", &e);
+            return a.finish(ReceiptOutcome::Refused(Refusal::PreActivateFailed)).await;
         }
     };
-    let hook_timeout = config
-        .hook_timeout()
-        .unwrap_or(std::time::Duration::from_secs(60));
     if let Some(cmd) = &config.hooks.pre_activate {
-        match hooks::run(cmd, &release_dir, &env, hook_timeout).await {
-            Ok(out) => append(&mut log, "pre_activate", &out),
-            Err(e) => {
-                append(&mut log, "pre_activate", &e);
-                return finish(
-                    host,
-                    &body,
-                    &mut journal,
-                    ReceiptOutcome::Refused(Refusal::PreActivateFailed),
-                    log,
-                    started,
-                    check_us,
-                    0,
-                );
-            }
+        if a.hook("pre_activate", cmd, &config).await.is_err() {
+            return a.finish(ReceiptOutcome::Refused(Refusal::PreActivateFailed)).await;
         }
     }
     failpoint::hit("activate-before-switch");
 
-    if let Err(e) = switch(layout, &body.app, Some(&body.version)) {
-        append(&mut log, "switch", &e.to_string());
-        return finish(
-            host,
-            &body,
-            &mut journal,
-            ReceiptOutcome::Refused(Refusal::HostError),
-            log,
-            started,
-            check_us,
-            0,
-        );
+    let (l, app, version) = (host.layout.clone(), a.app.clone(), a.version.clone());
+    if let Err(e) = blocking(move || switch(&l, &app, Some(&version))).await {
+        a.note("switch", &e.to_string());
+        return a.finish(ReceiptOutcome::Refused(Refusal::HostError)).await;
     }
-    let switch_us = started.elapsed().as_micros() as u64;
-    info!(app = %body.app, version = %body.version, seq = body.seq, "Switched current.");
+    a.switch_us = started.elapsed().as_micros() as u64;
+    info!(app = %a.app, version = %a.version, seq = a.seq, "Switched current.");
     failpoint::hit("activate-after-switch");
-
-    let mut healthy = Ok(());
-    if let Some(cmd) = &config.hooks.post_activate {
-        match hooks::run(cmd, &release_dir, &env, hook_timeout).await {
-            Ok(out) => append(&mut log, "post_activate", &out),
-            Err(e) => {
-                append(&mut log, "post_activate", &e);
-                healthy = Err(());
-            }
-        }
-    }
-    if healthy.is_ok() {
-        if let Some(h) = &config.health {
-            match hooks::check_health(h, &release_dir, &env).await {
-                Ok(out) => append(&mut log, "health", &out),
-                Err(e) => {
-                    append(&mut log, "health", &e);
-                    healthy = Err(());
-                }
-            }
-        }
-    }
-    failpoint::hit("activate-before-commit");
-    if healthy.is_err() {
-        warn!(app = %body.app, version = %body.version, "Unhealthy after the switch; switching back.");
-        revert(host, &body.app, previous.as_deref(), &mut log).await;
-        return finish(
-            host,
-            &body,
-            &mut journal,
-            ReceiptOutcome::Refused(Refusal::Unhealthy),
-            log,
-            started,
-            check_us,
-            switch_us,
-        );
-    }
-    let r = finish(
-        host,
-        &body,
-        &mut journal,
-        ReceiptOutcome::Committed,
-        log,
-        started,
-        check_us,
-        switch_us,
-    );
+    let r = a.prove(&config).await;
     failpoint::hit("activate-after-commit");
     r
+}
+
+impl Activation {
+    fn release_dir(&self) -> std::path::PathBuf {
+        self.host.layout.release_dir(&self.app, &self.version)
+    }
+
+    fn note(&mut self, what: &str, out: &str) {
+        append(&mut self.log, what, out);
+    }
+
+    async fn hook(&mut self, what: &str, cmd: &str, config: &ArtifactConfig) -> Result<(), ()> {
+        let env = hook_env(&self.host.layout, &self.app, &self.version, self.previous.as_deref());
+        let timeout = config.hook_timeout().unwrap_or(std::time::Duration::from_secs(60));
+        match hooks::run(cmd, &self.release_dir(), &env, timeout).await {
+            Ok(out) => {
+                self.note(what, &out);
+                Ok(())
+            }
+            Err(e) => {
+                self.note(what, &e);
+                Err(())
+            }
+        }
+    }
+
+    /// After the switch: post-activate hook and health check, then commit, or switch back.
+    async fn prove(mut self, config: &ArtifactConfig) -> Receipt {
+        let mut healthy = match &config.hooks.post_activate {
+            Some(cmd) => self.hook("post_activate", cmd, config).await,
+            None => Ok(()),
+        };
+        if let (Ok(()), Some(h)) = (healthy, &config.health) {
+            let env = hook_env(&self.host.layout, &self.app, &self.version, self.previous.as_deref());
+            healthy = match hooks::check_health(h, &self.release_dir(), &env).await {
+                Ok(out) => {
+                    self.note("health", &out);
+                    Ok(())
+                }
+                Err(e) => {
+                    self.note("health", &e);
+                    Err(())
+                }
+            };
+        }
+        failpoint::hit("activate-before-commit");
+        if healthy.is_err() {
+            warn!(app = %self.app, version = %self.version, "Unhealthy after the switch; switching back.");
+            let mut log = std::mem::take(&mut self.log);
+            revert(&self.host, &self.app, self.previous.as_deref(), &mut log).await;
+            self.log = log;
+            return self.finish(ReceiptOutcome::Refused(Refusal::Unhealthy)).await;
+        }
+        self.finish(ReceiptOutcome::Committed).await
+    }
+
+    /// Records the outcome (clearing the intent) and builds the receipt. The record is
+    /// written without waiting for the disk: it survives `kill -9`, and after a power cut
+    /// an intent found at start-up is proven again (see [`recover`]), never just assumed.
+    async fn finish(mut self, outcome: ReceiptOutcome) -> Receipt {
+        let host = self.host.clone();
+        let r = Receipt {
+            agent_id: host.identity.id.clone(),
+            app: self.app.clone(),
+            version: self.version.clone(),
+            seq: self.seq,
+            outcome,
+            active: host.layout.active(&self.app),
+            log: std::mem::take(&mut self.log),
+            check_us: self.check_us,
+            switch_us: self.switch_us,
+            total_us: self.started.elapsed().as_micros() as u64,
+            at: now_secs(),
+        };
+        self.journal.intent = None;
+        self.journal.last_receipt = Some(r.clone());
+        let (mut j, path) = (self.journal, host.layout.journal(&self.app));
+        if let Err(e) = blocking(move || j.save_outcome(&path)).await {
+            error!(error = %format!("{e:#}"), "Cannot write the activation journal.");
+        }
+        match &r.outcome {
+            ReceiptOutcome::Committed => {
+                info!(app = %r.app, version = %r.version, seq = r.seq, total_us = r.total_us, "Committed.")
+            }
+            other => warn!(app = %r.app, version = %r.version, seq = r.seq, outcome = ?other, "Not committed."),
+        }
+        r
+    }
 }
 
 fn append(log: &mut String, what: &str, out: &str) {
@@ -244,52 +280,9 @@ fn append(log: &mut String, what: &str, out: &str) {
     log.push_str(&format!("[{what}] {out}\n"));
     if log.len() > 2 * hooks::OUTPUT_LIMIT {
         let cut = log.len() - 2 * hooks::OUTPUT_LIMIT;
-        let cut = (cut..log.len())
-            .find(|&i| log.is_char_boundary(i))
-            .unwrap_or(log.len());
+        let cut = (cut..log.len()).find(|&i| log.is_char_boundary(i)).unwrap_or(log.len());
         log.replace_range(..cut, "");
     }
-}
-
-/// Records the outcome durably (clearing the intent) and builds the receipt.
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    host: &Host,
-    body: &Activate,
-    journal: &mut Journal,
-    outcome: ReceiptOutcome,
-    log: String,
-    started: Instant,
-    check_us: u64,
-    switch_us: u64,
-) -> Receipt {
-    let r = Receipt {
-        agent_id: host.identity.id.clone(),
-        app: body.app.clone(),
-        version: body.version.clone(),
-        seq: body.seq,
-        outcome,
-        active: host.layout.active(&body.app),
-        log,
-        check_us,
-        switch_us,
-        total_us: started.elapsed().as_micros() as u64,
-        at: now_secs(),
-    };
-    journal.intent = None;
-    journal.last_receipt = Some(r.clone());
-    if let Err(e) = journal.save(&host.layout.journal(&body.app)) {
-        error!(error = %format!("{e:#}"), "Cannot write the activation journal.");
-    }
-    match &r.outcome {
-        ReceiptOutcome::Committed => {
-            info!(app = %r.app, version = %r.version, seq = r.seq, total_us = r.total_us, "Committed.")
-        }
-        other => {
-            warn!(app = %r.app, version = %r.version, seq = r.seq, outcome = ?other, "Not committed.")
-        }
-    }
-    r
 }
 
 /// Points `current` at a version (or removes it for `None`), atomically and durably.
@@ -306,25 +299,20 @@ fn switch(layout: &Layout, app: &str, version: Option<&str>) -> std::io::Result<
 }
 
 /// Switches back to `previous` and lets it restart (its own post-activate hook).
-async fn revert(host: &Host, app: &str, previous: Option<&str>, log: &mut String) {
-    if let Err(e) = switch(&host.layout, app, previous) {
+async fn revert(host: &Arc<Host>, app: &str, previous: Option<&str>, log: &mut String) {
+    let (l, a, p) = (host.layout.clone(), app.to_string(), previous.map(str::to_string));
+    if let Err(e) = blocking(move || switch(&l, &a, p.as_deref())).await {
         error!(%app, error = %e, "Could not switch back.");
         append(log, "revert", &e.to_string());
         return;
     }
-    append(
-        log,
-        "revert",
-        &format!("switched back to {}", previous.unwrap_or("nothing")),
-    );
+    append(log, "revert", &format!("switched back to {}", previous.unwrap_or("nothing")));
     let Some(prev) = previous else { return };
     let dir = host.layout.release_dir(app, prev);
     if let Ok(config) = ArtifactConfig::load(&dir) {
         if let Some(cmd) = &config.hooks.post_activate {
             let env = hook_env(&host.layout, app, prev, None);
-            let timeout = config
-                .hook_timeout()
-                .unwrap_or(std::time::Duration::from_secs(60));
+            let timeout = config.hook_timeout().unwrap_or(std::time::Duration::from_secs(60));
             if let Err(e) = hooks::run(cmd, &dir, &env, timeout).await {
                 append(log, "revert post_activate", &e);
             }
@@ -332,62 +320,59 @@ async fn revert(host: &Host, app: &str, previous: Option<&str>, log: &mut String
     }
 }
 
-fn hook_env(
-    layout: &Layout,
-    app: &str,
-    version: &str,
-    previous: Option<&str>,
-) -> BTreeMap<String, String> {
+fn hook_env(layout: &Layout, app: &str, version: &str, previous: Option<&str>) -> BTreeMap<String, String> {
     let mut env = layout.app_config(app).env;
     env.insert("STAGEHAND_APP".into(), app.into());
     env.insert("STAGEHAND_VERSION".into(), version.into());
-    env.insert(
-        "STAGEHAND_RELEASE_DIR".into(),
-        layout.release_dir(app, version).display().to_string(),
-    );
-    env.insert(
-        "STAGEHAND_PREVIOUS_VERSION".into(),
-        previous.unwrap_or("").into(),
-    );
+    env.insert("STAGEHAND_RELEASE_DIR".into(), layout.release_dir(app, version).display().to_string());
+    env.insert("STAGEHAND_PREVIOUS_VERSION".into(), previous.unwrap_or("").into());
     env
 }
 
-/// At start-up: an activation that was interrupted (intent without outcome) is switched
-/// back to what was live before it, and recorded as interrupted. The seq stays applied.
+/// At start-up, an activation that was interrupted (an intent with no outcome) is finished:
+/// if `current` already points at the new version it is proven again (post-activate hook,
+/// health check) and committed or switched back; if not, `current` is left on (or put back
+/// to) the previous version and the activation is recorded as interrupted. Either way the
+/// seq stays applied.
 pub async fn recover(host: &Arc<Host>) {
     for app in host.layout.apps() {
         let path = host.layout.journal(&app);
-        let mut journal = match Journal::load(&path) {
+        let journal = match Journal::load(&path) {
             Ok(j) => j,
             Err(e) => {
                 error!(%app, error = %format!("{e:#}"), "Cannot read the activation journal.");
                 continue;
             }
         };
-        let Some(intent) = journal.intent.clone() else {
-            continue;
-        };
-        warn!(%app, version = %intent.version, seq = intent.seq, "An activation was interrupted; switching back.");
-        let mut log = String::new();
-        revert(host, &app, intent.previous.as_deref(), &mut log).await;
-        let r = Receipt {
-            agent_id: host.identity.id.clone(),
+        let Some(intent) = journal.intent.clone() else { continue };
+        let mut a = Activation {
+            host: host.clone(),
             app: app.clone(),
             version: intent.version.clone(),
             seq: intent.seq,
-            outcome: ReceiptOutcome::Refused(Refusal::Interrupted),
-            active: host.layout.active(&app),
-            log,
+            previous: intent.previous.clone(),
+            journal,
+            log: String::new(),
+            started: Instant::now(),
             check_us: 0,
             switch_us: 0,
-            total_us: 0,
-            at: now_secs(),
         };
-        journal.intent = None;
-        journal.last_seq = Some(journal.last_seq.unwrap_or(0).max(intent.seq));
-        journal.last_receipt = Some(r);
-        if let Err(e) = journal.save(&path) {
-            error!(%app, error = %format!("{e:#}"), "Cannot write the activation journal.");
+        if host.layout.active(&app).as_deref() == Some(intent.version.as_str()) {
+            warn!(%app, version = %intent.version, seq = intent.seq, "An activation was interrupted after the switch; proving it again.");
+            a.note(
+                "recover",
+                "the agent stopped after the switch; running the post-activate hook and health check again",
+            );
+            let config = ArtifactConfig::load(&a.release_dir()).unwrap_or_default();
+            a.prove(&config).await;
+        } else {
+            warn!(%app, version = %intent.version, seq = intent.seq, "An activation was interrupted before the switch.");
+            let mut log = String::new();
+            if host.layout.active(&app) != intent.previous {
+                revert(host, &app, intent.previous.as_deref(), &mut log).await;
+            }
+            a.log = log;
+            a.finish(ReceiptOutcome::Refused(Refusal::Interrupted)).await;
         }
     }
 }

@@ -91,18 +91,10 @@ pub fn main() -> i32 {
         }
     };
     let daemon = matches!(cli.command, Command::Run(_));
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("STAGEHAND_LOG").unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(if daemon { "info" } else { "warn" })
-        });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STAGEHAND_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if daemon { "info" } else { "warn" }));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -122,28 +114,13 @@ pub fn main() -> i32 {
 async fn run(cmd: Command, json: bool) -> Result<i32> {
     match cmd {
         Command::Join(a) => {
-            let id = crate::join::join(
-                &a.controller,
-                &a.token,
-                &a.data_dir,
-                a.name,
-                a.labels.into_iter().collect(),
-            )
-            .await?;
+            let id =
+                crate::join::join(&a.controller, &a.token, &a.data_dir, a.name, a.labels.into_iter().collect()).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "id": id.id, "name": id.name, "env": id.env, "labels": id.labels })
-                );
+                println!("{}", serde_json::json!({ "id": id.id, "name": id.name, "env": id.env, "labels": id.labels }));
             } else {
-                println!(
-                    "Joined as {} ({}) in environment {}.",
-                    id.id, id.name, id.env
-                );
-                println!(
-                    "Next: stagehand-agent run --data-dir {}",
-                    a.data_dir.display()
-                );
+                println!("Joined as {} ({}) in environment {}.", id.id, id.name, id.env);
+                println!("Next: stagehand-agent run --data-dir {}", a.data_dir.display());
             }
             Ok(0)
         }
@@ -195,10 +172,7 @@ fn status(data_dir: &Path, json: bool) -> Result<i32> {
         );
         return Ok(0);
     }
-    println!(
-        "agent {} ({}) in {}, controller {}",
-        identity.id, identity.name, identity.env, layout.config.controller
-    );
+    println!("agent {} ({}) in {}, controller {}", identity.id, identity.name, identity.env, layout.config.controller);
     if apps.is_empty() {
         println!("No apps staged yet.");
     }
@@ -207,16 +181,10 @@ fn status(data_dir: &Path, json: bool) -> Result<i32> {
             "{:<16} active={:<12} last_seq={:<6} staged=[{}]",
             a["app"].as_str().unwrap_or("?"),
             a["active"].as_str().unwrap_or("-"),
-            a["last_seq"]
-                .as_u64()
-                .map_or("-".to_string(), |s| s.to_string()),
+            a["last_seq"].as_u64().map_or("-".to_string(), |s| s.to_string()),
             a["staged"]
                 .as_array()
-                .map(|v| v
-                    .iter()
-                    .filter_map(|x| x.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","))
+                .map(|v| v.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
                 .unwrap_or_default()
         );
     }
@@ -225,17 +193,14 @@ fn status(data_dir: &Path, json: bool) -> Result<i32> {
 
 /// Applies a message from a file: through the running agent if there is one, else here.
 async fn activate(data_dir: &Path, file: &Path, json: bool) -> Result<i32> {
-    let bytes = fsx::read_limited(file, EXPORT_LIMIT)
-        .with_context(|| format!("reading {}", file.display()))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| anyhow::anyhow!("{} is not a text file", file.display()))?;
+    let bytes = fsx::read_limited(file, EXPORT_LIMIT).with_context(|| format!("reading {}", file.display()))?;
+    let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{} is not a text file", file.display()))?;
     let msg = SignedActivate::from_export(&text).map_err(anyhow::Error::msg)?;
     let layout = Layout::load(data_dir)?;
     let receipt = match tokio::net::UnixStream::connect(layout.socket()).await {
         Ok(mut stream) => {
             write_blob(&mut stream, Some(text.as_bytes())).await?;
-            let reply: Option<Result<Receipt, String>> =
-                read_msg::<_, _, { 1 << 20 }>(&mut stream).await?;
+            let reply: Option<Result<Receipt, String>> = read_msg::<_, _, { 1 << 20 }>(&mut stream).await?;
             match reply {
                 Some(Ok(r)) => r,
                 Some(Err(e)) => bail!("the running agent refused the file: {e}"),
@@ -250,28 +215,18 @@ async fn activate(data_dir: &Path, file: &Path, json: bool) -> Result<i32> {
             r
         }
     };
-    let ok = receipt.outcome == ReceiptOutcome::Committed
-        || matches!(receipt.outcome, ReceiptOutcome::Scheduled { .. });
+    let ok =
+        receipt.outcome == ReceiptOutcome::Committed || matches!(receipt.outcome, ReceiptOutcome::Scheduled { .. });
     if json {
         println!("{}", serde_json::to_string_pretty(&receipt)?);
     } else {
         match &receipt.outcome {
-            ReceiptOutcome::Committed => println!(
-                "{} {} is live (seq {}).",
-                receipt.app, receipt.version, receipt.seq
-            ),
-            ReceiptOutcome::Scheduled { until } => println!(
-                "{} {} will be activated at {until} (seq {}).",
-                receipt.app, receipt.version, receipt.seq
-            ),
+            ReceiptOutcome::Committed => println!("{} {} is live (seq {}).", receipt.app, receipt.version, receipt.seq),
+            ReceiptOutcome::Scheduled { until } => {
+                println!("{} {} will be activated at {until} (seq {}).", receipt.app, receipt.version, receipt.seq)
+            }
             ReceiptOutcome::Refused(why) => {
-                eprintln!(
-                    "error: refused ({}): {} {} seq {}",
-                    why.code(),
-                    receipt.app,
-                    receipt.version,
-                    receipt.seq
-                );
+                eprintln!("error: refused ({}): {} {} seq {}", why.code(), receipt.app, receipt.version, receipt.seq);
                 if !receipt.log.is_empty() {
                     eprintln!("{}", receipt.log);
                 }

@@ -81,13 +81,9 @@ impl Identity {
         let dir = Self::dir(data_dir);
         let path = dir.join("agent.json");
         let bytes = fsx::read_limited(&path, 1 << 20).with_context(|| {
-            format!(
-                "reading {}; has this agent joined? run `stagehand-agent join`",
-                path.display()
-            )
+            format!("reading {}; has this agent joined? run `stagehand-agent join`", path.display())
         })?;
-        let f: IdentityFile = serde_json::from_slice(&bytes)
-            .with_context(|| format!("parsing {}", path.display()))?;
+        let f: IdentityFile = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
         Ok(Identity {
             id: f.id,
             name: f.name,
@@ -108,11 +104,7 @@ impl Identity {
             labels: self.labels.clone(),
             release_keys: self.release_keys.clone(),
         };
-        fsx::write_atomic(
-            &dir.join("agent.json"),
-            &serde_json::to_vec_pretty(&f)?,
-            0o600,
-        )?;
+        fsx::write_atomic(&dir.join("agent.json"), &serde_json::to_vec_pretty(&f)?, 0o600)?;
         Ok(())
     }
 }
@@ -120,11 +112,7 @@ impl Identity {
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the private key.
-        f.debug_struct("Identity")
-            .field("id", &self.id)
-            .field("name", &self.name)
-            .field("env", &self.env)
-            .finish()
+        f.debug_struct("Identity").field("id", &self.id).field("name", &self.name).field("env", &self.env).finish()
     }
 }
 

@@ -16,9 +16,7 @@ pub fn hit(name: &str) {
 pub fn hit_n(name: &str, count: u64) {
     #[cfg(feature = "failpoints")]
     if let Ok(v) = std::env::var("STAGEHAND_FAILPOINT") {
-        if v.split_once(':')
-            .is_some_and(|(n, c)| n == name && c.parse() == Ok(count))
-        {
+        if v.split_once(':').is_some_and(|(n, c)| n == name && c.parse() == Ok(count)) {
             die(name);
         }
     }
@@ -29,9 +27,7 @@ pub fn hit_n(name: &str, count: u64) {
 #[cfg(feature = "failpoints")]
 fn die(name: &str) -> ! {
     eprintln!("failpoint {name}: killing myself with SIGKILL");
-    let _ = std::process::Command::new("kill")
-        .args(["-9", &std::process::id().to_string()])
-        .status();
+    let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
     // kill(1) is missing or failed: abort is the next best thing to a hard kill.
     std::process::abort()
 }

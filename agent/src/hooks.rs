@@ -55,8 +55,7 @@ impl ArtifactConfig {
         let path = release_dir.join("stagehand.toml");
         match fsx::read_limited(&path, 64 << 10) {
             Ok(bytes) => {
-                let text = String::from_utf8(bytes)
-                    .map_err(|_| "stagehand.toml is not UTF-8".to_string())?;
+                let text = String::from_utf8(bytes).map_err(|_| "stagehand.toml is not UTF-8".to_string())?;
                 toml::from_str(&text).map_err(|e| format!("stagehand.toml: {e}"))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ArtifactConfig::default()),
@@ -70,12 +69,7 @@ impl ArtifactConfig {
 }
 
 /// Runs `sh -c cmd` in `dir` with `env`; Ok(output) on exit 0, Err(why and output) otherwise.
-pub async fn run(
-    cmd: &str,
-    dir: &Path,
-    env: &BTreeMap<String, String>,
-    timeout: Duration,
-) -> Result<String, String> {
+pub async fn run(cmd: &str, dir: &Path, env: &BTreeMap<String, String>, timeout: Duration) -> Result<String, String> {
     let mut child = tokio::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)
@@ -112,10 +106,7 @@ pub async fn run(
         Ok((Err(e), _)) => Err(format!("{cmd:?}: {e}")),
         Err(_) => {
             let _ = child.kill().await;
-            Err(format!(
-                "{cmd:?} timed out after {}",
-                humantime::format_duration(timeout)
-            ))
+            Err(format!("{cmd:?} timed out after {}", humantime::format_duration(timeout)))
         }
     }
 }
@@ -123,17 +114,11 @@ pub async fn run(
 /// The last `OUTPUT_LIMIT` bytes, as text.
 fn tail(out: &[u8]) -> String {
     let start = out.len().saturating_sub(OUTPUT_LIMIT);
-    String::from_utf8_lossy(&out[start..])
-        .trim_end()
-        .to_string()
+    String::from_utf8_lossy(&out[start..]).trim_end().to_string()
 }
 
 /// Runs the health check until it passes or its tries run out.
-pub async fn check_health(
-    h: &Health,
-    dir: &Path,
-    env: &BTreeMap<String, String>,
-) -> Result<String, String> {
+pub async fn check_health(h: &Health, dir: &Path, env: &BTreeMap<String, String>) -> Result<String, String> {
     let timeout = duration(&h.timeout, Duration::from_secs(10))?;
     let interval = duration(&h.interval, Duration::from_secs(1))?;
     let tries = h.retries.unwrap_or(3).max(1);
@@ -157,48 +142,29 @@ pub async fn check_health(
 
 /// A minimal HTTP/1.0 GET of `http://host:port/path`: healthy on a 2xx status.
 async fn http_get(url: &str, timeout: Duration) -> Result<String, String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let addr = if authority.contains(':') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
+    let addr = if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(&addr)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        let req = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: stagehand-agent\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
+        let mut s = tokio::net::TcpStream::connect(&addr).await.map_err(|e| format!("{url}: {e}"))?;
+        let req = format!(
+            "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: stagehand-agent\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.map_err(|e| format!("{url}: {e}"))?;
         let mut buf = Vec::new();
-        (&mut s)
-            .take(OUTPUT_LIMIT as u64)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
+        (&mut s).take(OUTPUT_LIMIT as u64).read_to_end(&mut buf).await.map_err(|e| format!("{url}: {e}"))?;
         let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .unwrap_or(0);
+        let status = text.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).unwrap_or(0);
         if (200..300).contains(&status) {
             Ok(format!("{url}: {status}"))
         } else {
             Err(format!("{url}: status {status}"))
         }
     };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| {
-        format!(
-            "{url}: no answer within {}",
-            humantime::format_duration(timeout)
-        )
-    })?
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| format!("{url}: no answer within {}", humantime::format_duration(timeout)))?
 }

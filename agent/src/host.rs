@@ -25,10 +25,7 @@ pub struct Layout {
 
 impl Layout {
     pub fn load(data_dir: &Path) -> Result<Self> {
-        Ok(Layout {
-            data_dir: data_dir.to_path_buf(),
-            config: AgentConfig::load(data_dir)?,
-        })
+        Ok(Layout { data_dir: data_dir.to_path_buf(), config: AgentConfig::load(data_dir)? })
     }
 
     pub fn app_config(&self, app: &str) -> AppConfig {
@@ -37,11 +34,7 @@ impl Layout {
 
     /// Where an app's `releases/` and `current` live.
     pub fn app_root(&self, app: &str) -> PathBuf {
-        self.config
-            .apps
-            .get(app)
-            .and_then(|a| a.root.clone())
-            .unwrap_or_else(|| self.data_dir.join("apps").join(app))
+        self.config.apps.get(app).and_then(|a| a.root.clone()).unwrap_or_else(|| self.data_dir.join("apps").join(app))
     }
 
     pub fn releases(&self, app: &str) -> PathBuf {
@@ -77,17 +70,16 @@ impl Layout {
     /// Every app this host knows: under `DATA/apps`, in the config, or with a journal.
     pub fn apps(&self) -> Vec<String> {
         let mut apps: BTreeSet<String> = self.config.apps.keys().cloned().collect();
-        for dir in [self.data_dir.join("apps"), self.data_dir.join("journal")] {
-            if let Ok(rd) = std::fs::read_dir(dir) {
-                for e in rd.flatten() {
-                    let name = e
-                        .file_name()
-                        .to_string_lossy()
-                        .trim_end_matches(".json")
-                        .to_string();
-                    if check_name("app", &name).is_ok() {
-                        apps.insert(name);
-                    }
+        let sources =
+            [(self.data_dir.join("apps"), &[""][..]), (self.data_dir.join("journal"), &[".json", ".seq"][..])];
+        for (dir, suffixes) in sources {
+            let Ok(rd) = std::fs::read_dir(dir) else { continue };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let app =
+                    suffixes.iter().find_map(|s| if s.is_empty() { Some(name.as_str()) } else { name.strip_suffix(s) });
+                if let Some(app) = app.filter(|a| check_name("app", a).is_ok()) {
+                    apps.insert(app.to_string());
                 }
             }
         }
@@ -104,11 +96,7 @@ impl Layout {
     /// Versions present under `releases/`.
     pub fn release_versions(&self, app: &str) -> Vec<String> {
         let mut out: Vec<String> = std::fs::read_dir(self.releases(app))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         out.retain(|v| check_name("version", v).is_ok());
         out.sort();
@@ -116,10 +104,7 @@ impl Layout {
     }
 
     pub fn read_manifest(&self, app: &str, version: &str) -> Result<Manifest> {
-        let bytes = fsx::read_limited(
-            &self.manifest_file(app, version),
-            frame::MANIFEST_LIMIT as u64,
-        )?;
+        let bytes = fsx::read_limited(&self.manifest_file(app, version), frame::MANIFEST_LIMIT as u64)?;
         Ok(Manifest::decode(&bytes)?)
     }
 }
@@ -177,27 +162,15 @@ impl Host {
                     continue;
                 }
                 let dir = l.release_dir(&app, &version);
-                let checked = l
-                    .read_manifest(&app, &version)
-                    .map_err(|e| format!("{e:#}"))
-                    .and_then(|m| {
-                        tree::verify(&dir, &m)?;
-                        let seal = tree::seal(&dir, &m).map_err(|e| e.to_string())?;
-                        Ok((m.digest(), seal))
-                    });
+                let checked = l.read_manifest(&app, &version).map_err(|e| format!("{e:#}")).and_then(|m| {
+                    tree::verify(&dir, &m)?;
+                    let seal = tree::seal(&dir, &m).map_err(|e| e.to_string())?;
+                    Ok((m.digest(), seal))
+                });
                 match checked {
                     Ok((digest, seal)) => {
                         info!(%app, %version, "Re-indexed a staged version.");
-                        self.store.put_staged(
-                            &app,
-                            &version,
-                            &StagedRecord {
-                                v: 1,
-                                digest,
-                                seal,
-                                staged_at: 0,
-                            },
-                        )?;
+                        self.store.put_staged(&app, &version, &StagedRecord { v: 1, digest, seal, staged_at: 0 })?;
                     }
                     Err(why) => {
                         warn!(%app, %version, %why, "A version under releases/ does not match its manifest; it will not be activated.")
@@ -220,11 +193,7 @@ impl Host {
             .all_staged()
             .unwrap_or_default()
             .into_iter()
-            .map(|(app, version, r)| StagedArtifact {
-                app,
-                version,
-                digest: r.digest,
-            })
+            .map(|(app, version, r)| StagedArtifact { app, version, digest: r.digest })
             .collect()
     }
 
@@ -248,14 +217,7 @@ impl Host {
         match verified {
             Some(m) => {
                 if let Ok(seal) = tree::seal(&dir, &m) {
-                    let _ = self.store.put_staged(
-                        app,
-                        version,
-                        &StagedRecord {
-                            seal,
-                            ..rec.clone()
-                        },
-                    );
+                    let _ = self.store.put_staged(app, version, &StagedRecord { seal, ..rec.clone() });
                 }
                 Some(Ok(rec.digest))
             }
@@ -268,17 +230,11 @@ impl Host {
 
     /// Marks (app, version) as being staged; false if it already is.
     pub fn begin_staging(&self, app: &str, version: &str) -> bool {
-        self.staging
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((app.into(), version.into()))
+        self.staging.lock().unwrap_or_else(|p| p.into_inner()).insert((app.into(), version.into()))
     }
 
     pub fn end_staging(&self, app: &str, version: &str) {
-        self.staging
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(app.to_string(), version.to_string()));
+        self.staging.lock().unwrap_or_else(|p| p.into_inner()).remove(&(app.to_string(), version.to_string()));
     }
 
     /// Where receipts go while the release channel is up.
@@ -301,12 +257,7 @@ impl Host {
     }
 
     pub fn send_release(&self, msg: ReleaseUp) {
-        if let Some(tx) = self
-            .release_tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(tx) = self.release_tx.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = tx.send(msg);
         }
     }

@@ -32,13 +32,7 @@ pub async fn join(
         format!("cannot enrol with {controller}: is it the controller this token was made for, and is it running?")
     })?;
     let (mut send, mut recv) = conn.open_bi().await?;
-    write_msg(
-        &mut send,
-        &JoinUp::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
+    write_msg(&mut send, &JoinUp::Hello { protocol_version: PROTOCOL_VERSION }).await?;
     match read_msg::<_, JoinDown, { frame::CONTROL_LIMIT }>(&mut recv).await? {
         Some(JoinDown::Hello { .. }) => {}
         other => bail!("unexpected answer from the controller: {other:?}"),
@@ -60,14 +54,9 @@ pub async fn join(
     conn.close(0u32.into(), b"enrolled");
     endpoint.wait_idle().await;
     let (agent_id, env, labels, cert_pem, ca_pem, release_keys) = match reply {
-        Some(JoinDown::Joined {
-            agent_id,
-            env,
-            labels,
-            cert_pem,
-            ca_pem,
-            release_keys,
-        }) => (agent_id, env, labels, cert_pem, ca_pem, release_keys),
+        Some(JoinDown::Joined { agent_id, env, labels, cert_pem, ca_pem, release_keys }) => {
+            (agent_id, env, labels, cert_pem, ca_pem, release_keys)
+        }
         Some(JoinDown::Refused { reason }) => {
             bail!("the controller refused to enrol this agent: {reason}")
         }
@@ -83,18 +72,11 @@ pub async fn join(
         name,
         env,
         labels,
-        credentials: Credentials {
-            me: Pair { cert_pem, key_pem },
-            ca_pem,
-        },
+        credentials: Credentials { me: Pair { cert_pem, key_pem }, ca_pem },
         release_keys,
     };
     identity.save(data_dir)?;
-    AgentConfig {
-        controller: controller.to_string(),
-        apps: Default::default(),
-    }
-    .save(data_dir)?;
+    AgentConfig { controller: controller.to_string(), apps: Default::default() }.save(data_dir)?;
     Ok(identity)
 }
 

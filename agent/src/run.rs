@@ -12,8 +12,7 @@ use stagehand_common::activate::{SignedActivate, EXPORT_LIMIT};
 use stagehand_common::frame::{self, read_blob, read_msg, write_msg};
 use stagehand_common::net;
 use stagehand_common::protocol::{
-    AppState, DeployDown, DeployUp, ReleaseDown, ReleaseUp, ALPN_DEPLOY, ALPN_RELEASE,
-    PROTOCOL_VERSION,
+    AppState, DeployDown, DeployUp, ReleaseDown, ReleaseUp, ALPN_DEPLOY, ALPN_RELEASE, PROTOCOL_VERSION,
 };
 use std::future::Future;
 use std::path::Path;
@@ -69,12 +68,8 @@ pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
     };
     info!(agent = %host.identity.id, env = %host.identity.env, controller = %host.layout.config.controller, "Agent starting.");
     let tasks = vec![
-        tokio::spawn(channel_loop(host.clone(), ALPN_DEPLOY, |h, c| {
-            Box::pin(deploy_session(h, c))
-        })),
-        tokio::spawn(channel_loop(host.clone(), ALPN_RELEASE, |h, c| {
-            Box::pin(release_session(h, c))
-        })),
+        tokio::spawn(channel_loop(host.clone(), ALPN_DEPLOY, |h, c| Box::pin(deploy_session(h, c)))),
+        tokio::spawn(channel_loop(host.clone(), ALPN_RELEASE, |h, c| Box::pin(release_session(h, c)))),
         tokio::spawn(serve_socket(host.clone(), socket)),
         scheduler,
     ];
@@ -92,11 +87,7 @@ pub async fn run(data_dir: &Path, shutdown: impl Future<Output = ()>) -> Result<
 
 type Session = std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
 
-async fn channel_loop(
-    host: Arc<Host>,
-    alpn: &'static [u8],
-    session: fn(Arc<Host>, quinn::Connection) -> Session,
-) {
+async fn channel_loop(host: Arc<Host>, alpn: &'static [u8], session: fn(Arc<Host>, quinn::Connection) -> Session) {
     let name = String::from_utf8_lossy(alpn).into_owned();
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -135,13 +126,7 @@ async fn connect(host: &Host, alpn: &[u8]) -> Result<(quinn::Connection, quinn::
 
 async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> {
     let (mut send, mut recv) = conn.open_bi().await?;
-    write_msg(
-        &mut send,
-        &DeployUp::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
+    write_msg(&mut send, &DeployUp::Hello { protocol_version: PROTOCOL_VERSION }).await?;
     match read_msg::<_, DeployDown, { frame::CONTROL_LIMIT }>(&mut recv).await? {
         Some(DeployDown::Hello { .. }) => {}
         Some(DeployDown::Goodbye { reason }) => {
@@ -150,13 +135,7 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
         other => bail!("expected hello, got {other:?}"),
     }
     info!("Deploy channel up.");
-    write_msg(
-        &mut send,
-        &DeployUp::Inventory {
-            staged: host.inventory(),
-        },
-    )
-    .await?;
+    write_msg(&mut send, &DeployUp::Inventory { staged: host.inventory() }).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<DeployUp>();
     let writer = async {
         while let Some(msg) = rx.recv().await {
@@ -165,33 +144,18 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
         anyhow::Ok(())
     };
     let reader = async {
-        while let Some(msg) = read_msg::<_, DeployDown, { frame::CONTROL_LIMIT }>(&mut recv).await?
-        {
+        while let Some(msg) = read_msg::<_, DeployDown, { frame::CONTROL_LIMIT }>(&mut recv).await? {
             match msg {
-                DeployDown::Stage {
-                    app,
-                    version,
-                    digest,
-                    ..
-                } => {
+                DeployDown::Stage { app, version, digest, .. } => {
                     if !host.begin_staging(&app, &version) {
                         continue;
                     }
                     let (host, conn, tx) = (host.clone(), conn.clone(), tx.clone());
                     tokio::spawn(async move {
-                        let order = Order {
-                            app: app.clone(),
-                            version: version.clone(),
-                            digest,
-                        };
+                        let order = Order { app: app.clone(), version: version.clone(), digest };
                         let outcome = stage::stage(host.clone(), conn, order).await;
                         host.end_staging(&app, &version);
-                        let _ = tx.send(DeployUp::StageReport {
-                            app,
-                            version,
-                            digest,
-                            outcome,
-                        });
+                        let _ = tx.send(DeployUp::StageReport { app, version, digest, outcome });
                     });
                 }
                 DeployDown::Goodbye { reason } => {
@@ -215,9 +179,7 @@ pub fn app_states(host: &Host) -> Vec<AppState> {
         .into_iter()
         .map(|app| AppState {
             active: host.layout.active(&app),
-            last_seq: Journal::load(&host.layout.journal(&app))
-                .ok()
-                .and_then(|j| j.last_seq),
+            last_seq: Journal::load(&host.layout.journal(&app)).ok().and_then(|j| j.last_seq),
             app,
         })
         .collect()
@@ -225,13 +187,7 @@ pub fn app_states(host: &Host) -> Vec<AppState> {
 
 async fn release_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> {
     let (mut send, mut recv) = conn.open_bi().await?;
-    write_msg(
-        &mut send,
-        &ReleaseUp::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
+    write_msg(&mut send, &ReleaseUp::Hello { protocol_version: PROTOCOL_VERSION }).await?;
     match read_msg::<_, ReleaseDown, { frame::CONTROL_LIMIT }>(&mut recv).await? {
         Some(ReleaseDown::Hello { .. }) => {}
         Some(ReleaseDown::Goodbye { reason }) => {
@@ -243,16 +199,11 @@ async fn release_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()>
     let (tx, mut rx) = mpsc::unbounded_channel::<ReleaseUp>();
     // Receipts the controller may have missed while we were apart, then our state.
     for app in host.layout.apps() {
-        if let Some(r) = Journal::load(&host.layout.journal(&app))
-            .ok()
-            .and_then(|j| j.last_receipt)
-        {
+        if let Some(r) = Journal::load(&host.layout.journal(&app)).ok().and_then(|j| j.last_receipt) {
             let _ = tx.send(ReleaseUp::Receipt(r));
         }
     }
-    let _ = tx.send(ReleaseUp::State {
-        apps: app_states(&host),
-    });
+    let _ = tx.send(ReleaseUp::State { apps: app_states(&host) });
     host.set_release_tx(Some(tx));
     let writer = async {
         while let Some(msg) = rx.recv().await {
@@ -261,9 +212,7 @@ async fn release_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()>
         anyhow::Ok(())
     };
     let reader = async {
-        while let Some(msg) =
-            read_msg::<_, ReleaseDown, { frame::CONTROL_LIMIT }>(&mut recv).await?
-        {
+        while let Some(msg) = read_msg::<_, ReleaseDown, { frame::CONTROL_LIMIT }>(&mut recv).await? {
             match msg {
                 ReleaseDown::Activate(m) => {
                     let host = host.clone();
@@ -291,8 +240,7 @@ fn bind_socket(host: &Host) -> Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let path = host.layout.socket();
     let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .with_context(|| format!("binding {}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
@@ -306,12 +254,10 @@ async fn serve_socket(host: Arc<Host>, listener: tokio::net::UnixListener) {
         let host = host.clone();
         tokio::spawn(async move {
             let reply = match read_blob::<_, { EXPORT_LIMIT as usize }>(&mut stream).await {
-                Ok(Some(Some(bytes))) => {
-                    match SignedActivate::from_export(&String::from_utf8_lossy(&bytes)) {
-                        Ok(msg) => Ok(activate::handle(&host, msg).await),
-                        Err(e) => Err(e),
-                    }
-                }
+                Ok(Some(Some(bytes))) => match SignedActivate::from_export(&String::from_utf8_lossy(&bytes)) {
+                    Ok(msg) => Ok(activate::handle(&host, msg).await),
+                    Err(e) => Err(e),
+                },
                 Ok(_) => Err("empty request".to_string()),
                 Err(e) => Err(e.to_string()),
             };

@@ -41,11 +41,7 @@ pub async fn stage(host: Arc<Host>, conn: quinn::Connection, order: Order) -> St
         Ok((fetched_bytes, reused_bytes)) => {
             let millis = started.elapsed().as_millis() as u64;
             info!(app = %order.app, version = %order.version, fetched_bytes, reused_bytes, millis, "Staged.");
-            StageOutcome::Staged {
-                fetched_bytes,
-                reused_bytes,
-                millis,
-            }
+            StageOutcome::Staged { fetched_bytes, reused_bytes, millis }
         }
         Err(e) => {
             let reason = format!("{e:#}");
@@ -55,11 +51,7 @@ pub async fn stage(host: Arc<Host>, conn: quinn::Connection, order: Order) -> St
     }
 }
 
-async fn stage_inner(
-    host: &Arc<Host>,
-    conn: &quinn::Connection,
-    order: &Order,
-) -> Result<(u64, u64)> {
+async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) -> Result<(u64, u64)> {
     let (app, version, digest) = (&order.app, &order.version, order.digest);
     check_name("app", app).map_err(anyhow::Error::msg)?;
     check_name("version", version).map_err(anyhow::Error::msg)?;
@@ -74,59 +66,42 @@ async fn stage_inner(
         }
     }
     if release_dir.exists() {
-        bail!(
-            "{} exists but does not match any staged artifact; move it away and deploy again",
-            release_dir.display()
-        );
+        bail!("{} exists but does not match any staged artifact; move it away and deploy again", release_dir.display());
     }
 
     let bytes = fetch_manifest(conn, digest).await?;
     if Digest::of(&bytes) != digest {
         bail!("the manifest the controller sent does not match digest {digest}");
     }
-    let manifest =
-        Arc::new(Manifest::decode(&bytes).context("the artifact's manifest is unacceptable")?);
-    let staging = layout
-        .staging(app)
-        .join(format!("{version}-{}", digest.short()));
+    let manifest = Arc::new(Manifest::decode(&bytes).context("the artifact's manifest is unacceptable")?);
+    let staging = layout.staging(app).join(format!("{version}-{}", digest.short()));
     let donors = donors(host, app, version);
 
+    let t0 = Instant::now();
     let plan = {
         let (staging, manifest) = (staging.clone(), manifest.clone());
         tokio::task::spawn_blocking(move || prepare(&staging, &manifest, &donors)).await??
     };
     let reused = plan.reused;
+    let t1 = Instant::now();
     let fetched = fetch(conn, plan.need, plan.files.clone()).await?;
+    let t2 = Instant::now();
 
-    let (host2, app2, version2, manifest_file) = (
-        host.clone(),
-        app.clone(),
-        version.clone(),
-        layout.manifest_file(app, version),
-    );
+    let (host2, app2, version2, manifest_file) =
+        (host.clone(), app.clone(), version.clone(), layout.manifest_file(app, version));
     tokio::task::spawn_blocking(move || {
-        let seal = finish(
-            &staging,
-            &release_dir,
-            &manifest_file,
-            &bytes,
-            &manifest,
-            &plan.files,
-        )?;
-        host2.store.put_staged(
-            &app2,
-            &version2,
-            &StagedRecord {
-                v: 1,
-                digest,
-                seal,
-                staged_at: now_secs(),
-            },
-        )?;
+        let seal = finish(&staging, &release_dir, &manifest_file, &bytes, &manifest, &plan.files)?;
+        host2.store.put_staged(&app2, &version2, &StagedRecord { v: 1, digest, seal, staged_at: now_secs() })?;
         host2.store.flush()?;
         anyhow::Ok(())
     })
     .await??;
+    tracing::debug!(
+        prepare_ms = (t1 - t0).as_millis() as u64,
+        fetch_ms = (t2 - t1).as_millis() as u64,
+        finish_ms = t2.elapsed().as_millis() as u64,
+        "Staging phases."
+    );
     Ok((fetched, reused))
 }
 
@@ -154,8 +129,7 @@ fn donors(host: &Host, app: &str, version: &str) -> HashMap<Digest, (PathBuf, u6
         for (path, _, _, chunks) in m.files() {
             let mut offset = 0u64;
             for c in chunks {
-                out.entry(c.digest)
-                    .or_insert_with(|| (manifest::join(&root, path), offset));
+                out.entry(c.digest).or_insert_with(|| (manifest::join(&root, path), offset));
                 offset += u64::from(c.len);
             }
         }
@@ -192,16 +166,13 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
             EntryKind::Dir { .. } => match std::fs::create_dir(&path) {
                 Ok(()) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
-                Err(err) => {
-                    return Err(err).with_context(|| format!("creating {}", path.display()))
-                }
+                Err(err) => return Err(err).with_context(|| format!("creating {}", path.display())),
             },
             EntryKind::Symlink { target } => {
                 if std::fs::symlink_metadata(&path).is_ok() {
                     std::fs::remove_file(&path)?;
                 }
-                std::os::unix::fs::symlink(target, &path)
-                    .with_context(|| format!("creating {}", path.display()))?;
+                std::os::unix::fs::symlink(target, &path).with_context(|| format!("creating {}", path.display()))?;
             }
             EntryKind::File { size, chunks, .. } => {
                 let f = OpenOptions::new()
@@ -227,9 +198,7 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
                         && Digest::of(&buf) == c.digest;
                     let copied = !present
                         && donors.get(&c.digest).is_some_and(|(p, off)| {
-                            File::open(p)
-                                .and_then(|d| d.read_exact_at(&mut buf, *off))
-                                .is_ok()
+                            File::open(p).and_then(|d| d.read_exact_at(&mut buf, *off)).is_ok()
                                 && Digest::of(&buf) == c.digest
                                 && f.write_all_at(&buf, offset).is_ok()
                         });
@@ -240,11 +209,7 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
                             Some(&i) => need[i].places.push((idx, offset)),
                             None => {
                                 index.insert(c.digest, need.len());
-                                need.push(Need {
-                                    digest: c.digest,
-                                    len: c.len,
-                                    places: vec![(idx, offset)],
-                                });
+                                need.push(Need { digest: c.digest, len: c.len, places: vec![(idx, offset)] });
                             }
                         }
                     }
@@ -254,11 +219,7 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
             }
         }
     }
-    Ok(Plan {
-        files: Arc::new(files),
-        need,
-        reused,
-    })
+    Ok(Plan { files: Arc::new(files), need, reused })
 }
 
 /// Fetches the needed chunks over several streams; each stream's chunks are verified and
@@ -268,6 +229,7 @@ async fn fetch(conn: &quinn::Connection, need: Vec<Need>, files: Arc<Vec<File>>)
         return Ok(0);
     }
     let written = Arc::new(AtomicU64::new(0));
+    let (flush_tx, flusher) = flusher(files.clone());
     let lanes = LANES.min(need.len());
     let per_lane = need.len().div_ceil(lanes);
     let mut need = need;
@@ -275,24 +237,55 @@ async fn fetch(conn: &quinn::Connection, need: Vec<Need>, files: Arc<Vec<File>>)
     while !need.is_empty() {
         let rest = need.split_off(per_lane.min(need.len()));
         let lane = std::mem::replace(&mut need, rest);
-        tasks.spawn(fetch_lane(
-            conn.clone(),
-            lane,
-            files.clone(),
-            written.clone(),
-        ));
+        tasks.spawn(fetch_lane(conn.clone(), lane, files.clone(), written.clone(), flush_tx.clone()));
     }
+    drop(flush_tx);
     let mut total = 0;
+    let mut failure = None;
     while let Some(r) = tasks.join_next().await {
-        match r? {
-            Ok(n) => total += n,
-            Err(e) => {
+        match r {
+            Ok(Ok(n)) => total += n,
+            Ok(Err(e)) => {
                 tasks.abort_all();
-                return Err(e);
+                failure.get_or_insert(e);
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                failure.get_or_insert(e.into());
             }
         }
     }
-    Ok(total)
+    // Every sender is gone once the lanes are: the flusher finishes its last round.
+    let _ = tokio::task::spawn_blocking(move || flusher.join()).await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
+}
+
+/// Bytes written before the flusher starts writing them back.
+const FLUSH_EVERY: u64 = 32 << 20;
+
+/// Starts writeback while the transfer is still running, so that the fsync at the end finds
+/// little left to do: a thread that fdatasyncs files once enough bytes went into them.
+fn flusher(files: Arc<Vec<File>>) -> (std::sync::mpsc::Sender<(usize, u64)>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, u64)>();
+    let handle = std::thread::spawn(move || {
+        let mut dirty: HashMap<usize, u64> = HashMap::new();
+        let mut pending = 0u64;
+        while let Ok((idx, n)) = rx.recv() {
+            *dirty.entry(idx).or_default() += n;
+            pending += n;
+            if pending >= FLUSH_EVERY {
+                for (idx, _) in dirty.drain() {
+                    // An error here resurfaces at the final fsync, which is the one that counts.
+                    let _ = files[idx].sync_data();
+                }
+                pending = 0;
+            }
+        }
+    });
+    (tx, handle)
 }
 
 async fn fetch_lane(
@@ -300,6 +293,7 @@ async fn fetch_lane(
     lane: Vec<Need>,
     files: Arc<Vec<File>>,
     written: Arc<AtomicU64>,
+    flush: std::sync::mpsc::Sender<(usize, u64)>,
 ) -> Result<u64> {
     let mut total = 0u64;
     let mut lane = lane;
@@ -307,26 +301,29 @@ async fn fetch_lane(
         let rest = lane.split_off(BATCH.min(lane.len()));
         let batch = std::mem::replace(&mut lane, rest);
         let (mut send, mut recv) = conn.open_bi().await?;
-        write_msg(
-            &mut send,
-            &DeployUp::FetchChunks {
-                digests: batch.iter().map(|n| n.digest).collect(),
-            },
-        )
-        .await?;
+        write_msg(&mut send, &DeployUp::FetchChunks { digests: batch.iter().map(|n| n.digest).collect() }).await?;
         send.finish()?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<u8>, Need)>(16);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<bytes::Bytes>, Need)>(16);
         let files = files.clone();
         let written = written.clone();
+        let flush = flush.clone();
         let writer = tokio::task::spawn_blocking(move || {
-            while let Some((bytes, need)) = rx.blocking_recv() {
-                if Digest::of(&bytes) != need.digest {
-                    bail!("chunk {} from the controller does not match its digest; nothing was staged", need.digest.short());
+            // Received pieces are packet-sized: gather them once, off the network task.
+            let mut buf = Vec::with_capacity(manifest::CHUNK_MAX as usize);
+            while let Some((pieces, need)) = rx.blocking_recv() {
+                buf.clear();
+                for p in &pieces {
+                    buf.extend_from_slice(p);
+                }
+                if Digest::of(&buf) != need.digest {
+                    bail!(
+                        "chunk {} from the controller does not match its digest; nothing was staged",
+                        need.digest.short()
+                    );
                 }
                 for (idx, offset) in &need.places {
-                    files[*idx]
-                        .write_all_at(&bytes, *offset)
-                        .context("writing a staged file")?;
+                    files[*idx].write_all_at(&buf, *offset).context("writing a staged file")?;
+                    let _ = flush.send((*idx, u64::from(need.len)));
                 }
                 failpoint::hit_n("stage-chunk", written.fetch_add(1, Ordering::Relaxed) + 1);
             }
@@ -334,18 +331,17 @@ async fn fetch_lane(
         });
         let reader = async {
             for need in batch {
-                let bytes = match read_blob::<_, { frame::CHUNK_LIMIT }>(&mut recv).await? {
-                    Some(Some(b)) => b,
-                    Some(None) => {
-                        bail!("the controller does not have chunk {}", need.digest.short())
-                    }
+                let pieces = match read_chunk(&mut recv).await? {
+                    Some(Some(p)) => p,
+                    Some(None) => bail!("the controller does not have chunk {}", need.digest.short()),
                     None => bail!("the controller ended the transfer early"),
                 };
-                if bytes.len() != need.len as usize {
+                let len: usize = pieces.iter().map(|p| p.len()).sum();
+                if len != need.len as usize {
                     bail!("chunk {} has the wrong length", need.digest.short());
                 }
-                total += bytes.len() as u64;
-                if tx.send((bytes, need)).await.is_err() {
+                total += len as u64;
+                if tx.send((pieces, need)).await.is_err() {
                     break;
                 }
             }
@@ -358,6 +354,36 @@ async fn fetch_lane(
         read?;
     }
     Ok(total)
+}
+
+/// Reads one blob as `frame::write_blob` framed it, without copying its bytes out of the
+/// QUIC receive buffers: `None` at the end of the stream, `Some(None)` for "absent".
+async fn read_chunk(recv: &mut quinn::RecvStream) -> Result<Option<Option<Vec<bytes::Bytes>>>> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len);
+    if len == u32::MAX {
+        return Ok(Some(None));
+    }
+    let mut left = len as usize;
+    if left > frame::CHUNK_LIMIT {
+        bail!("chunk of {left} bytes exceeds the limit of {}", frame::CHUNK_LIMIT);
+    }
+    let mut pieces = Vec::new();
+    while left > 0 {
+        match recv.read_chunk(left, true).await? {
+            Some(c) => {
+                left -= c.bytes.len();
+                pieces.push(c.bytes);
+            }
+            None => bail!("the stream ended inside a chunk"),
+        }
+    }
+    Ok(Some(Some(pieces)))
 }
 
 /// Sets modes, fsyncs every file and directory, records the manifest, renames the tree into
@@ -377,8 +403,7 @@ fn finish(
     };
     let modes = m.files().map(|(_, mode, _, _)| mode);
     for (f, mode) in files.iter().zip(modes) {
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(|e| fail(format!("chmod: {e}")))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| fail(format!("chmod: {e}")))?;
         f.sync_all().map_err(|e| fail(format!("fsync: {e}")))?;
     }
     let mut dirs: Vec<(PathBuf, u32)> = m
@@ -392,8 +417,7 @@ fn finish(
     dirs.reverse();
     dirs.push((staging.to_path_buf(), 0o755));
     for (d, mode) in &dirs {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(*mode))
-            .map_err(|e| fail(format!("chmod: {e}")))?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(*mode)).map_err(|e| fail(format!("chmod: {e}")))?;
         fsx::fsync_dir(d).map_err(|e| fail(format!("fsync {}: {e}", d.display())))?;
     }
     if let Some(dir) = manifest_file.parent() {
@@ -403,8 +427,7 @@ fn finish(
     let releases = release_dir.parent().expect("release dirs have a parent");
     std::fs::create_dir_all(releases)?;
     failpoint::hit("stage-before-rename");
-    std::fs::rename(staging, release_dir)
-        .with_context(|| format!("renaming into {}", release_dir.display()))?;
+    std::fs::rename(staging, release_dir).with_context(|| format!("renaming into {}", release_dir.display()))?;
     fsx::fsync_dir(releases)?;
     if let Some(p) = staging.parent() {
         fsx::fsync_dir(p)?;

@@ -42,27 +42,15 @@ fn key(app: &str, version: &str) -> Vec<u8> {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, sled::Error> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(8 << 20)
-            .open()?;
-        Ok(Store {
-            staged: db.open_tree("staged")?,
-            meta: db.open_tree("meta")?,
-            db,
-        })
+        let db = sled::Config::new().path(dir).cache_capacity(8 << 20).open()?;
+        Ok(Store { staged: db.open_tree("staged")?, meta: db.open_tree("meta")?, db })
     }
 
     pub fn flush(&self) -> Result<(), sled::Error> {
         self.db.flush().map(|_| ())
     }
 
-    pub fn put_staged(
-        &self,
-        app: &str,
-        version: &str,
-        r: &StagedRecord,
-    ) -> Result<(), sled::Error> {
+    pub fn put_staged(&self, app: &str, version: &str, r: &StagedRecord) -> Result<(), sled::Error> {
         self.staged.insert(key(app, version), frame::encode(r))?;
         Ok(())
     }
@@ -74,10 +62,7 @@ impl Store {
 
     /// A record that cannot be decoded counts as absent (the index is rebuildable).
     pub fn staged(&self, app: &str, version: &str) -> Result<Option<StagedRecord>, sled::Error> {
-        Ok(self
-            .staged
-            .get(key(app, version))?
-            .and_then(|v| frame::decode::<StagedRecord, RECORD_LIMIT>(&v).ok()))
+        Ok(self.staged.get(key(app, version))?.and_then(|v| frame::decode::<StagedRecord, RECORD_LIMIT>(&v).ok()))
     }
 
     /// Every (app, version) in the index.
@@ -110,10 +95,7 @@ impl Store {
 
     pub fn set_latest_time(&self, t: u64) -> Result<(), sled::Error> {
         self.meta.fetch_and_update(b"latest_time", |old| {
-            let old = old
-                .and_then(|v| <[u8; 8]>::try_from(v).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let old = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes).unwrap_or(0);
             Some(old.max(t).to_be_bytes().to_vec())
         })?;
         Ok(())

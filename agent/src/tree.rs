@@ -35,11 +35,7 @@ fn seal_entry(path: &Path, rel: &str) -> std::io::Result<SealEntry> {
 pub fn seal_holds(root: &Path, seal: &[SealEntry]) -> bool {
     !seal.is_empty()
         && seal.iter().all(|s| {
-            let path = if s.path.is_empty() {
-                root.to_path_buf()
-            } else {
-                manifest::join(root, &s.path)
-            };
+            let path = if s.path.is_empty() { root.to_path_buf() } else { manifest::join(root, &s.path) };
             seal_entry(&path, &s.path).is_ok_and(|now| now == *s)
         })
 }
@@ -55,8 +51,7 @@ pub fn verify(root: &Path, m: &Manifest) -> Result<(), String> {
         match &e.kind {
             EntryKind::Dir { .. } if md.is_dir() => {}
             EntryKind::Symlink { target } if md.file_type().is_symlink() => {
-                let actual =
-                    std::fs::read_link(&path).map_err(|err| format!("{}: {err}", e.path))?;
+                let actual = std::fs::read_link(&path).map_err(|err| format!("{}: {err}", e.path))?;
                 if actual != Path::new(target) {
                     return Err(format!("{}: symlink changed", e.path));
                 }
@@ -72,19 +67,13 @@ pub fn verify(root: &Path, m: &Manifest) -> Result<(), String> {
                 let mut buf = Vec::new();
                 for c in chunks.iter() {
                     buf.resize(c.len as usize, 0);
-                    f.read_exact(&mut buf)
-                        .map_err(|err| format!("{}: {err}", e.path))?;
+                    f.read_exact(&mut buf).map_err(|err| format!("{}: {err}", e.path))?;
                     if Digest::of(&buf) != c.digest {
                         return Err(format!("{}: content does not match the manifest", e.path));
                     }
                 }
             }
-            _ => {
-                return Err(format!(
-                    "{}: not the kind of entry the manifest says",
-                    e.path
-                ))
-            }
+            _ => return Err(format!("{}: not the kind of entry the manifest says", e.path)),
         }
     }
     let mut found = Vec::new();
@@ -99,11 +88,7 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> std::io::Result<()> 
     for item in std::fs::read_dir(dir)? {
         let item = item?;
         let name = item.file_name().to_string_lossy().into_owned();
-        let rel = if prefix.is_empty() {
-            name
-        } else {
-            format!("{prefix}/{name}")
-        };
+        let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
         if item.file_type()?.is_dir() {
             walk(&item.path(), &rel, out)?;
         }

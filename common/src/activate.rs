@@ -67,10 +67,7 @@ impl ReleaseKey {
 
     pub fn from_signing(key: &SigningKey) -> Self {
         let public = key.verifying_key().to_bytes();
-        ReleaseKey {
-            key_id: Self::id_of(&public),
-            public,
-        }
+        ReleaseKey { key_id: Self::id_of(&public), public }
     }
 }
 
@@ -153,18 +150,10 @@ pub fn sign(body: &Activate, key: &SigningKey) -> SignedActivate {
 
 /// Rule 1: decodes the body and verifies its signature under a pinned key.
 pub fn verify(msg: &SignedActivate, keys: &[ReleaseKey]) -> Result<Activate, Refusal> {
-    let body: Activate =
-        frame::decode::<_, { frame::CONTROL_LIMIT }>(&msg.body).map_err(|_| Refusal::Malformed)?;
-    let key = keys
-        .iter()
-        .find(|k| k.key_id == body.key_id)
-        .ok_or(Refusal::UnknownKey)?;
+    let body: Activate = frame::decode::<_, { frame::CONTROL_LIMIT }>(&msg.body).map_err(|_| Refusal::Malformed)?;
+    let key = keys.iter().find(|k| k.key_id == body.key_id).ok_or(Refusal::UnknownKey)?;
     let public = VerifyingKey::from_bytes(&key.public).map_err(|_| Refusal::UnknownKey)?;
-    let signature: [u8; 64] = msg
-        .signature
-        .as_slice()
-        .try_into()
-        .map_err(|_| Refusal::BadSignature)?;
+    let signature: [u8; 64] = msg.signature.as_slice().try_into().map_err(|_| Refusal::BadSignature)?;
     public
         .verify_strict(&msg.body, &ed25519_dalek::Signature::from_bytes(&signature))
         .map_err(|_| Refusal::BadSignature)?;
@@ -218,9 +207,7 @@ pub fn check(msg: &Activate, view: &AgentView<'_>, now: u64) -> Result<Verdict, 
         Some(Ok(_)) => {}
     }
     if now < msg.not_before {
-        return Ok(Verdict::Wait {
-            until: msg.not_before,
-        });
+        return Ok(Verdict::Wait { until: msg.not_before });
     }
     Ok(Verdict::Apply)
 }
@@ -259,18 +246,13 @@ impl SignedActivate {
 
     /// Parses an export file's text (the caller bounds its size).
     pub fn from_export(text: &str) -> Result<Self, String> {
-        let file: ExportFile =
-            serde_json::from_str(text).map_err(|e| format!("not an activate message file: {e}"))?;
+        let file: ExportFile = serde_json::from_str(text).map_err(|e| format!("not an activate message file: {e}"))?;
         if file.format != EXPORT_FORMAT {
-            return Err(format!(
-                "unknown format {:?}, expected {EXPORT_FORMAT:?}",
-                file.format
-            ));
+            return Err(format!("unknown format {:?}, expected {EXPORT_FORMAT:?}", file.format));
         }
         Ok(SignedActivate {
             body: hex::decode(file.body.trim()).map_err(|e| format!("body is not hex: {e}"))?,
-            signature: hex::decode(file.signature.trim())
-                .map_err(|e| format!("signature is not hex: {e}"))?,
+            signature: hex::decode(file.signature.trim()).map_err(|e| format!("signature is not hex: {e}"))?,
         })
     }
 }
@@ -303,29 +285,14 @@ mod tests {
             expires_at: 2000,
             key_id: keys[0].key_id.clone(),
         };
-        Fixture {
-            key,
-            keys,
-            me,
-            body,
-        }
+        Fixture { key, keys, me, body }
     }
 
     fn view<'a>(f: &'a Fixture) -> AgentView<'a> {
-        AgentView {
-            agent_id: &f.me,
-            env: "prod",
-            last_seq: Some(4),
-            staged: Some(Ok(Digest::of(b"tree"))),
-        }
+        AgentView { agent_id: &f.me, env: "prod", last_seq: Some(4), staged: Some(Ok(Digest::of(b"tree"))) }
     }
 
-    fn accepts(
-        f: &Fixture,
-        msg: &SignedActivate,
-        view: &AgentView<'_>,
-        now: u64,
-    ) -> Result<Verdict, Refusal> {
+    fn accepts(f: &Fixture, msg: &SignedActivate, view: &AgentView<'_>, now: u64) -> Result<Verdict, Refusal> {
         let body = verify(msg, &f.keys)?;
         check(&body, view, now)
     }
@@ -357,11 +324,7 @@ mod tests {
         for i in 0..512 {
             let mut m = msg.clone();
             m.signature[i / 8] ^= 1 << (i % 8);
-            assert_eq!(
-                accepts(&f, &m, &view(&f), 1000),
-                Err(Refusal::BadSignature),
-                "bit {i}"
-            );
+            assert_eq!(accepts(&f, &m, &view(&f), 1000), Err(Refusal::BadSignature), "bit {i}");
         }
     }
 
@@ -371,17 +334,11 @@ mod tests {
         // Signed by another key that claims the pinned key's id.
         let other = SigningKey::from_bytes(&[9u8; 32]);
         let msg = sign(&f.body, &other);
-        assert_eq!(
-            accepts(&f, &msg, &view(&f), 1000),
-            Err(Refusal::BadSignature)
-        );
+        assert_eq!(accepts(&f, &msg, &view(&f), 1000), Err(Refusal::BadSignature));
         // Signed by another key under its own id.
         let mut body = f.body.clone();
         body.key_id = ReleaseKey::from_signing(&other).key_id;
-        assert_eq!(
-            accepts(&f, &sign(&body, &other), &view(&f), 1000),
-            Err(Refusal::UnknownKey)
-        );
+        assert_eq!(accepts(&f, &sign(&body, &other), &view(&f), 1000), Err(Refusal::UnknownKey));
     }
 
     #[test]
@@ -389,21 +346,12 @@ mod tests {
         let f = fixture();
         let mut body = f.body.clone();
         body.env = "staging".into();
-        assert_eq!(
-            accepts(&f, &sign(&body, &f.key), &view(&f), 1000),
-            Err(Refusal::WrongEnvironment)
-        );
+        assert_eq!(accepts(&f, &sign(&body, &f.key), &view(&f), 1000), Err(Refusal::WrongEnvironment));
         let mut body = f.body.clone();
         body.targets = Targets::Agents(vec![AgentId("a-2".into())]);
-        assert_eq!(
-            accepts(&f, &sign(&body, &f.key), &view(&f), 1000),
-            Err(Refusal::NotTargeted)
-        );
+        assert_eq!(accepts(&f, &sign(&body, &f.key), &view(&f), 1000), Err(Refusal::NotTargeted));
         body.targets = Targets::All;
-        assert_eq!(
-            accepts(&f, &sign(&body, &f.key), &view(&f), 1000),
-            Ok(Verdict::Apply)
-        );
+        assert_eq!(accepts(&f, &sign(&body, &f.key), &view(&f), 1000), Ok(Verdict::Apply));
     }
 
     #[test]
@@ -427,10 +375,7 @@ mod tests {
         let mut body = f.body.clone();
         body.not_before = 1500;
         let msg = sign(&body, &f.key);
-        assert_eq!(
-            accepts(&f, &msg, &view(&f), 1000),
-            Ok(Verdict::Wait { until: 1500 })
-        );
+        assert_eq!(accepts(&f, &msg, &view(&f), 1000), Ok(Verdict::Wait { until: 1500 }));
         assert_eq!(accepts(&f, &msg, &view(&f), 1500), Ok(Verdict::Apply));
     }
 
@@ -472,9 +417,7 @@ mod tests {
                     let n = rng.gen_range(0..m.body.len());
                     m.body.truncate(n);
                 }
-                3 => m
-                    .body
-                    .extend((0..rng.gen_range(1..16)).map(|_| rng.gen::<u8>())),
+                3 => m.body.extend((0..rng.gen_range(1..16)).map(|_| rng.gen::<u8>())),
                 4 => m.signature = other.signature.clone(),
                 _ => {
                     let i = rng.gen_range(0..m.body.len());
@@ -484,10 +427,7 @@ mod tests {
                 }
             }
             assert!(m != msg);
-            assert!(
-                accepts(&f, &m, &view(&f), 1000).is_err(),
-                "round {round} accepted a mutation"
-            );
+            assert!(accepts(&f, &m, &view(&f), 1000).is_err(), "round {round} accepted a mutation");
         }
     }
 

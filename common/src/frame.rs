@@ -34,10 +34,7 @@ pub enum FrameError {
 }
 
 fn config<const LIMIT: usize>() -> impl bincode::config::Config {
-    bincode::config::standard()
-        .with_big_endian()
-        .with_fixed_int_encoding()
-        .with_limit::<LIMIT>()
+    bincode::config::standard().with_big_endian().with_fixed_int_encoding().with_limit::<LIMIT>()
 }
 
 /// Encodes a value with the canonical configuration (no length prefix).
@@ -51,18 +48,12 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// Decodes a value, refusing inputs over `LIMIT` and any trailing bytes.
 pub fn decode<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T, FrameError> {
     if bytes.len() > LIMIT {
-        return Err(FrameError::TooLarge {
-            len: bytes.len(),
-            limit: LIMIT,
-        });
+        return Err(FrameError::TooLarge { len: bytes.len(), limit: LIMIT });
     }
     let (value, used) = bincode::serde::decode_from_slice(bytes, config::<LIMIT>())
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
     if used != bytes.len() {
-        return Err(FrameError::Malformed(format!(
-            "{} trailing bytes",
-            bytes.len() - used
-        )));
+        return Err(FrameError::Malformed(format!("{} trailing bytes", bytes.len() - used)));
     }
     Ok(value)
 }
@@ -84,26 +75,19 @@ where
 {
     match read_blob::<R, LIMIT>(r).await? {
         Some(Some(bytes)) => decode::<T, LIMIT>(&bytes).map(Some),
-        Some(None) => Err(FrameError::Malformed(
-            "absent marker where a message was expected".into(),
-        )),
+        Some(None) => Err(FrameError::Malformed("absent marker where a message was expected".into())),
         None => Ok(None),
     }
 }
 
 /// Writes raw bytes with a length prefix, or the "absent" marker for `None`.
-pub async fn write_blob<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    bytes: Option<&[u8]>,
-) -> Result<(), FrameError> {
+pub async fn write_blob<W: AsyncWrite + Unpin>(w: &mut W, bytes: Option<&[u8]>) -> Result<(), FrameError> {
     match bytes {
         Some(b) => {
-            let len = u32::try_from(b.len()).ok().filter(|&l| l != ABSENT).ok_or(
-                FrameError::TooLarge {
-                    len: b.len(),
-                    limit: (ABSENT - 1) as usize,
-                },
-            )?;
+            let len = u32::try_from(b.len())
+                .ok()
+                .filter(|&l| l != ABSENT)
+                .ok_or(FrameError::TooLarge { len: b.len(), limit: (ABSENT - 1) as usize })?;
             w.write_all(&len.to_be_bytes()).await?;
             w.write_all(b).await?;
         }
@@ -123,9 +107,7 @@ pub async fn read_blob<R: AsyncRead + Unpin, const LIMIT: usize>(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    r.read_exact(&mut len[1..])
-        .await
-        .map_err(eof_is_truncated)?;
+    r.read_exact(&mut len[1..]).await.map_err(eof_is_truncated)?;
     let len = u32::from_be_bytes(len);
     if len == ABSENT {
         return Ok(Some(None));
@@ -154,9 +136,7 @@ mod tests {
     #[tokio::test]
     async fn round_trip_and_limits() {
         let mut buf = Vec::new();
-        write_msg(&mut buf, &("hello".to_string(), 7u64))
-            .await
-            .unwrap();
+        write_msg(&mut buf, &("hello".to_string(), 7u64)).await.unwrap();
         let mut r = &buf[..];
         let v: Option<(String, u64)> = read_msg::<_, _, 64>(&mut r).await.unwrap();
         assert_eq!(v, Some(("hello".to_string(), 7)));
@@ -192,10 +172,7 @@ mod tests {
     async fn truncated_frame_is_an_error_not_eof() {
         let bytes = [0, 0, 0, 9, 1, 2];
         let mut r = &bytes[..];
-        assert!(matches!(
-            read_blob::<_, 64>(&mut r).await,
-            Err(FrameError::Truncated)
-        ));
+        assert!(matches!(read_blob::<_, 64>(&mut r).await, Err(FrameError::Truncated)));
         let mut empty: &[u8] = &[];
         assert!(read_blob::<_, 64>(&mut empty).await.unwrap().is_none());
     }

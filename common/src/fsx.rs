@@ -19,14 +19,8 @@ fn parent(path: &Path) -> &Path {
 }
 
 fn temp_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    parent(path).join(format!(
-        ".{name}.tmp-{}",
-        hex::encode(rand::random::<[u8; 6]>())
-    ))
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    parent(path).join(format!(".{name}.tmp-{}", hex::encode(rand::random::<[u8; 6]>())))
 }
 
 /// Replaces `path` with `bytes` atomically and durably: the file is the old or the new
@@ -34,11 +28,7 @@ fn temp_name(path: &Path) -> PathBuf {
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = temp_name(path);
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -77,19 +67,13 @@ pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     if len > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "{} is {len} bytes, more than the {limit} allowed",
-                path.display()
-            ),
+            format!("{} is {len} bytes, more than the {limit} allowed", path.display()),
         ));
     }
     let mut buf = Vec::with_capacity(len as usize);
     f.take(limit + 1).read_to_end(&mut buf)?;
     if buf.len() as u64 > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} grew past {limit} bytes", path.display()),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} grew past {limit} bytes", path.display())));
     }
     Ok(buf)
 }

@@ -34,17 +34,9 @@ pub struct Entry {
 /// What lives at a path.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryKind {
-    Dir {
-        mode: u32,
-    },
-    File {
-        mode: u32,
-        size: u64,
-        chunks: Vec<ChunkRef>,
-    },
-    Symlink {
-        target: String,
-    },
+    Dir { mode: u32 },
+    File { mode: u32, size: u64, chunks: Vec<ChunkRef> },
+    Symlink { target: String },
 }
 
 /// One chunk of a file, in order.
@@ -77,17 +69,11 @@ pub enum ManifestError {
     Unsupported(PathBuf),
     /// Reading the tree failed.
     #[error("reading {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ManifestError + '_ {
-    move |source| ManifestError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ManifestError::Io { path: path.to_path_buf(), source }
 }
 
 impl Manifest {
@@ -117,9 +103,7 @@ impl Manifest {
     /// Iterates over files: (path, mode, size, chunks).
     pub fn files(&self) -> impl Iterator<Item = (&str, u32, u64, &[ChunkRef])> {
         self.entries.iter().filter_map(|e| match &e.kind {
-            EntryKind::File { mode, size, chunks } => {
-                Some((e.path.as_str(), *mode, *size, &chunks[..]))
-            }
+            EntryKind::File { mode, size, chunks } => Some((e.path.as_str(), *mode, *size, &chunks[..])),
             _ => None,
         })
     }
@@ -143,10 +127,7 @@ impl Manifest {
             prev = Some(&e.path);
             let parent = e.path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
             if !dirs.contains(parent) {
-                return Err(ManifestError::Inconsistent(format!(
-                    "{:?} has no parent directory entry",
-                    e.path
-                )));
+                return Err(ManifestError::Inconsistent(format!("{:?} has no parent directory entry", e.path)));
             }
             match &e.kind {
                 EntryKind::Dir { .. } => {
@@ -170,10 +151,7 @@ impl Manifest {
 
 /// A relative path of normal components only.
 fn check_rel_path(path: &str) -> Result<(), ManifestError> {
-    let bad = |why: &str| ManifestError::UnsafePath {
-        path: path.to_string(),
-        why: why.to_string(),
-    };
+    let bad = |why: &str| ManifestError::UnsafePath { path: path.to_string(), why: why.to_string() };
     if path.is_empty() || path.len() > 4096 {
         return Err(bad("empty or longer than 4096 bytes"));
     }
@@ -194,10 +172,8 @@ fn check_rel_path(path: &str) -> Result<(), ManifestError> {
 /// A symlink target must be relative and, resolved lexically from the link's directory,
 /// stay inside the root.
 fn check_link_target(link: &str, target: &str) -> Result<(), ManifestError> {
-    let bad = |why: &str| ManifestError::UnsafePath {
-        path: link.to_string(),
-        why: format!("symlink to {target:?} {why}"),
-    };
+    let bad =
+        |why: &str| ManifestError::UnsafePath { path: link.to_string(), why: format!("symlink to {target:?} {why}") };
     if target.is_empty() || target.contains('\0') || target.len() > 4096 {
         return Err(bad("is empty or malformed"));
     }
@@ -257,31 +233,19 @@ fn walk(
     let mut names = Vec::new();
     for item in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let item = item.map_err(io_err(dir))?;
-        let name = item
-            .file_name()
-            .into_string()
-            .map_err(|n| ManifestError::UnsafePath {
-                path: n.to_string_lossy().into_owned(),
-                why: "name is not UTF-8".into(),
-            })?;
+        let name = item.file_name().into_string().map_err(|n| ManifestError::UnsafePath {
+            path: n.to_string_lossy().into_owned(),
+            why: "name is not UTF-8".into(),
+        })?;
         names.push(name);
     }
     for name in names {
-        let rel = if prefix.is_empty() {
-            name.clone()
-        } else {
-            format!("{prefix}/{name}")
-        };
+        let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
         let path = dir.join(&name);
         let meta = std::fs::symlink_metadata(&path).map_err(io_err(&path))?;
         let ft = meta.file_type();
         if ft.is_dir() {
-            entries.push(Entry {
-                path: rel.clone(),
-                kind: EntryKind::Dir {
-                    mode: meta.permissions().mode() & 0o777,
-                },
-            });
+            entries.push(Entry { path: rel.clone(), kind: EntryKind::Dir { mode: meta.permissions().mode() & 0o777 } });
             walk(&path, &rel, entries, sources)?;
         } else if ft.is_file() {
             entries.push(file_entry(&path, rel, &meta, sources)?);
@@ -292,12 +256,7 @@ fn walk(
                 why: "symlink target is not UTF-8".into(),
             })?;
             check_link_target(&rel, target)?;
-            entries.push(Entry {
-                path: rel,
-                kind: EntryKind::Symlink {
-                    target: target.to_string(),
-                },
-            });
+            entries.push(Entry { path: rel, kind: EntryKind::Symlink { target: target.to_string() } });
         } else {
             return Err(ManifestError::Unsupported(path));
         }
@@ -321,23 +280,11 @@ fn file_entry(
         })?;
         let digest = Digest::of(&chunk.data);
         let len = chunk.length as u32;
-        sources.push(ChunkSource {
-            digest,
-            path: path.to_path_buf(),
-            offset: chunk.offset,
-            len,
-        });
+        sources.push(ChunkSource { digest, path: path.to_path_buf(), offset: chunk.offset, len });
         chunks.push(ChunkRef { digest, len });
         size += u64::from(len);
     }
-    Ok(Entry {
-        path: rel,
-        kind: EntryKind::File {
-            mode: meta.permissions().mode() & 0o777,
-            size,
-            chunks,
-        },
-    })
+    Ok(Entry { path: rel, kind: EntryKind::File { mode: meta.permissions().mode() & 0o777, size, chunks } })
 }
 
 /// Content-defined chunks of a reader.
@@ -362,10 +309,7 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     fn entry(path: &str, kind: EntryKind) -> Entry {
-        Entry {
-            path: path.into(),
-            kind,
-        }
+        Entry { path: path.into(), kind }
     }
 
     #[test]
@@ -374,24 +318,14 @@ mod tests {
         let root = dir.path();
         std::fs::create_dir_all(root.join("bin")).unwrap();
         std::fs::write(root.join("bin/run"), b"#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(root.join("bin/run"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(root.join("bin/run"), std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(root.join("empty"), b"").unwrap();
         symlink("bin/run", root.join("link")).unwrap();
         let (m, sources) = build(root).unwrap();
         let paths: Vec<_> = m.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["bin", "bin/run", "empty", "link"]);
-        assert!(matches!(
-            m.entries[1].kind,
-            EntryKind::File {
-                mode: 0o755,
-                size: 10,
-                ..
-            }
-        ));
-        assert!(
-            matches!(&m.entries[2].kind, EntryKind::File { size: 0, chunks, .. } if chunks.is_empty())
-        );
+        assert!(matches!(m.entries[1].kind, EntryKind::File { mode: 0o755, size: 10, .. }));
+        assert!(matches!(&m.entries[2].kind, EntryKind::File { size: 0, chunks, .. } if chunks.is_empty()));
         assert_eq!(sources.len(), 1);
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
     }
@@ -400,10 +334,7 @@ mod tests {
     fn escaping_symlink_is_refused_when_building() {
         let dir = tempfile::tempdir().unwrap();
         symlink("../../etc/passwd", dir.path().join("evil")).unwrap();
-        assert!(matches!(
-            build(dir.path()),
-            Err(ManifestError::UnsafePath { .. })
-        ));
+        assert!(matches!(build(dir.path()), Err(ManifestError::UnsafePath { .. })));
     }
 
     #[test]
@@ -414,49 +345,18 @@ mod tests {
             vec![entry("/abs", dir.clone())],
             vec![entry("a//b", dir.clone())],
             vec![entry("a/./b", dir.clone())],
-            vec![entry(
-                "l",
-                EntryKind::Symlink {
-                    target: "/etc".into(),
-                },
-            )],
-            vec![
-                entry("a", dir.clone()),
-                entry(
-                    "a/l",
-                    EntryKind::Symlink {
-                        target: "../../x".into(),
-                    },
-                ),
-            ],
+            vec![entry("l", EntryKind::Symlink { target: "/etc".into() })],
+            vec![entry("a", dir.clone()), entry("a/l", EntryKind::Symlink { target: "../../x".into() })],
             vec![entry("b", dir.clone()), entry("a", dir.clone())],
             vec![entry("a/b", dir.clone())],
-            vec![entry(
-                "f",
-                EntryKind::File {
-                    mode: 0o644,
-                    size: 5,
-                    chunks: vec![],
-                },
-            )],
+            vec![entry("f", EntryKind::File { mode: 0o644, size: 5, chunks: vec![] })],
         ];
         for entries in cases {
-            let m = Manifest {
-                entries: entries.clone(),
-            };
+            let m = Manifest { entries: entries.clone() };
             assert!(m.validate().is_err(), "{entries:?}");
         }
-        let ok = Manifest {
-            entries: vec![
-                entry("a", dir),
-                entry(
-                    "a/l",
-                    EntryKind::Symlink {
-                        target: "../x".into(),
-                    },
-                ),
-            ],
-        };
+        let ok =
+            Manifest { entries: vec![entry("a", dir), entry("a/l", EntryKind::Symlink { target: "../x".into() })] };
         ok.validate().unwrap();
     }
 
@@ -465,18 +365,10 @@ mod tests {
         use rand::{RngCore, SeedableRng};
         let mut data = vec![0u8; 4_000_000];
         rand::rngs::StdRng::seed_from_u64(1).fill_bytes(&mut data);
-        let a: Vec<Digest> = chunk_reader(&data[..])
-            .map(|c| Digest::of(&c.unwrap().data))
-            .collect();
+        let a: Vec<Digest> = chunk_reader(&data[..]).map(|c| Digest::of(&c.unwrap().data)).collect();
         data.splice(100..100, [1, 2, 3]);
-        let b: Vec<Digest> = chunk_reader(&data[..])
-            .map(|c| Digest::of(&c.unwrap().data))
-            .collect();
+        let b: Vec<Digest> = chunk_reader(&data[..]).map(|c| Digest::of(&c.unwrap().data)).collect();
         let shared = b.iter().filter(|d| a.contains(d)).count();
-        assert!(
-            shared + 2 >= b.len(),
-            "only {shared} of {} chunks shared",
-            b.len()
-        );
+        assert!(shared + 2 >= b.len(), "only {shared} of {} chunks shared", b.len());
     }
 }

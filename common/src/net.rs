@@ -1,9 +1,7 @@
 //! QUIC endpoints with the socket and transport settings every Stagehand connection uses:
 //! explicit UDP buffers (the defaults drop packets at speed) and large flow-control windows.
 
-use quinn::{
-    ClientConfig, Connection, Endpoint, EndpointConfig, ServerConfig, TransportConfig, VarInt,
-};
+use quinn::{ClientConfig, Connection, Endpoint, EndpointConfig, ServerConfig, TransportConfig, VarInt};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,16 +54,10 @@ pub fn transport() -> Arc<TransportConfig> {
 
 /// A QUIC server endpoint.
 pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoint, NetError> {
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| NetError::Crypto(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| NetError::Crypto(e.to_string()))?;
     let mut config = ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
-    Ok(Endpoint::new(
-        EndpointConfig::default(),
-        Some(config),
-        udp_socket(addr)?,
-        Arc::new(quinn::TokioRuntime),
-    )?)
+    Ok(Endpoint::new(EndpointConfig::default(), Some(config), udp_socket(addr)?, Arc::new(quinn::TokioRuntime))?)
 }
 
 /// A client endpoint for peers of `family_of`'s address family.
@@ -75,18 +67,12 @@ pub fn client_endpoint(family_of: SocketAddr) -> Result<Endpoint, NetError> {
     } else {
         "0.0.0.0:0".parse().expect("literal address")
     };
-    Ok(Endpoint::new(
-        EndpointConfig::default(),
-        None,
-        udp_socket(bind)?,
-        Arc::new(quinn::TokioRuntime),
-    )?)
+    Ok(Endpoint::new(EndpointConfig::default(), None, udp_socket(bind)?, Arc::new(quinn::TokioRuntime))?)
 }
 
 /// A quinn client configuration from a rustls one.
 pub fn client_config(tls: rustls::ClientConfig) -> Result<ClientConfig, NetError> {
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| NetError::Crypto(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| NetError::Crypto(e.to_string()))?;
     let mut config = ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport());
     Ok(config)
@@ -94,27 +80,13 @@ pub fn client_config(tls: rustls::ClientConfig) -> Result<ClientConfig, NetError
 
 /// Resolves `host:port`.
 pub async fn resolve(addr: &str) -> Result<SocketAddr, NetError> {
-    let err = |why: String| NetError::Resolve {
-        addr: addr.to_string(),
-        why,
-    };
-    tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .next()
-        .ok_or_else(|| err("no address".into()))
+    let err = |why: String| NetError::Resolve { addr: addr.to_string(), why };
+    tokio::net::lookup_host(addr).await.map_err(|e| err(e.to_string()))?.next().ok_or_else(|| err("no address".into()))
 }
 
 /// Dials the controller at `addr`.
-pub async fn connect(
-    endpoint: &Endpoint,
-    addr: SocketAddr,
-    config: ClientConfig,
-) -> Result<Connection, NetError> {
-    let err = |why: String| NetError::Connect {
-        addr: addr.to_string(),
-        why,
-    };
+pub async fn connect(endpoint: &Endpoint, addr: SocketAddr, config: ClientConfig) -> Result<Connection, NetError> {
+    let err = |why: String| NetError::Connect { addr: addr.to_string(), why };
     endpoint
         .connect_with(config, addr, crate::protocol::CONTROLLER_SERVER_NAME)
         .map_err(|e| err(e.to_string()))?
@@ -124,17 +96,11 @@ pub async fn connect(
 
 /// The fingerprint of the certificate the peer presented, if any.
 pub fn peer_fingerprint(conn: &Connection) -> Option<String> {
-    let certs = conn
-        .peer_identity()?
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .ok()?;
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
     certs.first().map(|c| crate::tls::fingerprint(c))
 }
 
 /// The ALPN protocol the connection agreed on.
 pub fn alpn(conn: &Connection) -> Option<Vec<u8>> {
-    conn.handshake_data()?
-        .downcast::<quinn::crypto::rustls::HandshakeData>()
-        .ok()?
-        .protocol
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
 }

@@ -114,14 +114,8 @@ pub struct StagedArtifact {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StageOutcome {
-    Staged {
-        fetched_bytes: u64,
-        reused_bytes: u64,
-        millis: u64,
-    },
-    Failed {
-        reason: String,
-    },
+    Staged { fetched_bytes: u64, reused_bytes: u64, millis: u64 },
+    Failed { reason: String },
 }
 
 // ---- Release channel (ALPN stagehand-release/1): activate messages and receipts only. ----
@@ -259,53 +253,18 @@ pub enum AdminRequest {
 /// Controller → operator CLI.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminResponse {
-    Hello {
-        protocol_version: u32,
-    },
-    Token {
-        token: String,
-        expires_at: u64,
-    },
-    Agents {
-        agents: Vec<AgentInfo>,
-    },
-    PushNeed {
-        digest: Digest,
-        missing: Vec<Digest>,
-        already_present: bool,
-    },
-    PushChunksDone {
-        stored: u64,
-    },
-    Pushed {
-        digest: Digest,
-        size: u64,
-    },
-    Deployed {
-        digest: Digest,
-        targets: Vec<AgentId>,
-    },
-    Status {
-        status: AppStatus,
-    },
-    Released {
-        message: SignedActivate,
-        version: String,
-        seq: u64,
-        targets: Vec<AgentId>,
-    },
-    Revoked {
-        agent: AgentId,
-    },
-    Error {
-        message: String,
-        hint: String,
-    },
-    Waited {
-        done: Vec<AgentId>,
-        failed: Vec<(AgentId, String)>,
-        pending: Vec<AgentId>,
-    },
+    Hello { protocol_version: u32 },
+    Token { token: String, expires_at: u64 },
+    Agents { agents: Vec<AgentInfo> },
+    PushNeed { digest: Digest, missing: Vec<Digest>, already_present: bool },
+    PushChunksDone { stored: u64 },
+    Pushed { digest: Digest, size: u64 },
+    Deployed { digest: Digest, targets: Vec<AgentId> },
+    Status { status: AppStatus },
+    Released { message: SignedActivate, version: String, seq: u64, targets: Vec<AgentId> },
+    Revoked { agent: AgentId },
+    Error { message: String, hint: String },
+    Waited { done: Vec<AgentId>, failed: Vec<(AgentId, String)>, pending: Vec<AgentId> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,16 +315,10 @@ mod tests {
     /// Pins the encoding: reordering variants or fields fails here, not in a fleet.
     #[test]
     fn golden_bytes() {
-        let hello = encode(&DeployUp::Hello {
-            protocol_version: 1,
-        });
+        let hello = encode(&DeployUp::Hello { protocol_version: 1 });
         assert_eq!(hex::encode(hello), "0000000000000001");
-        let stage = encode(&DeployDown::Stage {
-            app: "a".into(),
-            version: "1".into(),
-            digest: Digest([0xAB; 32]),
-            size: 2,
-        });
+        let stage =
+            encode(&DeployDown::Stage { app: "a".into(), version: "1".into(), digest: Digest([0xAB; 32]), size: 2 });
         assert_eq!(
             hex::encode(stage),
             format!(
@@ -376,32 +329,12 @@ mod tests {
                 "0000000000000002"
             )
         );
-        let fetch = encode(&DeployUp::FetchChunks {
-            digests: vec![Digest([1; 32])],
-        });
-        assert_eq!(
-            hex::encode(fetch),
-            format!("000000040000000000000001{}", "01".repeat(32))
-        );
-        assert_eq!(
-            hex::encode(encode(&ReleaseDown::Hello {
-                protocol_version: 1
-            })),
-            "0000000000000001"
-        );
-        assert_eq!(
-            hex::encode(encode(&ReleaseUp::Hello {
-                protocol_version: 1
-            })),
-            "0000000000000001"
-        );
+        let fetch = encode(&DeployUp::FetchChunks { digests: vec![Digest([1; 32])] });
+        assert_eq!(hex::encode(fetch), format!("000000040000000000000001{}", "01".repeat(32)));
+        assert_eq!(hex::encode(encode(&ReleaseDown::Hello { protocol_version: 1 })), "0000000000000001");
+        assert_eq!(hex::encode(encode(&ReleaseUp::Hello { protocol_version: 1 })), "0000000000000001");
         assert_eq!(hex::encode(encode(&AdminRequest::ListAgents)), "00000002");
-        assert_eq!(
-            hex::encode(encode(&JoinUp::Hello {
-                protocol_version: 1
-            })),
-            "0000000000000001"
-        );
+        assert_eq!(hex::encode(encode(&JoinUp::Hello { protocol_version: 1 })), "0000000000000001");
         let outcome = encode(&ReceiptOutcome::Refused(crate::activate::Refusal::StaleSeq));
         assert_eq!(hex::encode(outcome), "0000000100000005");
     }

@@ -5,15 +5,13 @@
 
 use crate::protocol::CONTROLLER_SERVER_NAME;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{
-    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, ServerName, UnixTime,
-};
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::path::Path;
@@ -33,10 +31,7 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     /// A credentials file could not be read or written.
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 }
 
 /// The ring crypto provider, the only one Stagehand uses.
@@ -80,16 +75,9 @@ pub fn new_ca() -> Result<Pair, TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name = dn("Stagehand CA");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let cert = params.self_signed(&key)?;
-    Ok(Pair {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(Pair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
 fn dn(cn: &str) -> DistinguishedName {
@@ -117,25 +105,19 @@ fn leaf_params(role: &Role) -> Result<CertificateParams, TlsError> {
 fn issue(ca: &Pair, role: &Role, public: &impl PublicKeyData) -> Result<String, TlsError> {
     let ca_key = KeyPair::from_pem(&ca.key_pem)?;
     let ca_cert = CertificateParams::from_ca_cert_pem(&ca.cert_pem)?.self_signed(&ca_key)?;
-    Ok(leaf_params(role)?
-        .signed_by(public, &ca_cert, &ca_key)?
-        .pem())
+    Ok(leaf_params(role)?.signed_by(public, &ca_cert, &ca_key)?.pem())
 }
 
 /// Issues a certificate and a fresh key for `role` (controller and admin credentials).
 pub fn issue_with_key(ca: &Pair, role: &Role) -> Result<Pair, TlsError> {
     let key = KeyPair::generate()?;
-    Ok(Pair {
-        cert_pem: issue(ca, role, &key)?,
-        key_pem: key.serialize_pem(),
-    })
+    Ok(Pair { cert_pem: issue(ca, role, &key)?, key_pem: key.serialize_pem() })
 }
 
 /// Issues a certificate for the key in a CSR. The CSR's own names are ignored: the role
 /// (and so the agent id) is chosen by the caller.
 pub fn issue_for_csr(ca: &Pair, role: &Role, csr_der: &[u8]) -> Result<String, TlsError> {
-    let csr =
-        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))?;
+    let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))?;
     issue(ca, role, &csr.public_key)
 }
 
@@ -150,17 +132,13 @@ pub fn new_csr() -> Result<(String, Vec<u8>), TlsError> {
 
 /// Parses the first certificate of a PEM text.
 pub fn cert_der(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
-        what: "certificate".into(),
-        why: e.to_string(),
-    })
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| TlsError::Pem { what: "certificate".into(), why: e.to_string() })
 }
 
 fn key_der(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
-        what: "private key".into(),
-        why: e.to_string(),
-    })
+    PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| TlsError::Pem { what: "private key".into(), why: e.to_string() })
 }
 
 fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
@@ -172,11 +150,7 @@ fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
 /// The controller's TLS configuration: its certificate chain, client certificates
 /// verified against the CA when presented (enrolment presents none; the controller
 /// checks per channel who may connect).
-pub fn server_config(
-    ca_pem: &str,
-    server: &Pair,
-    alpns: &[&[u8]],
-) -> Result<rustls::ServerConfig, TlsError> {
+pub fn server_config(ca_pem: &str, server: &Pair, alpns: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider())
         .allow_unauthenticated()
         .build()
@@ -184,20 +158,13 @@ pub fn server_config(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![cert_der(&server.cert_pem)?, cert_der(ca_pem)?],
-            key_der(&server.key_pem)?,
-        )?;
+        .with_single_cert(vec![cert_der(&server.cert_pem)?, cert_der(ca_pem)?], key_der(&server.key_pem)?)?;
     cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     Ok(cfg)
 }
 
 /// A client configuration with a client certificate, trusting only our CA.
-pub fn client_config(
-    ca_pem: &str,
-    me: &Pair,
-    alpn: &[u8],
-) -> Result<rustls::ClientConfig, TlsError> {
+pub fn client_config(ca_pem: &str, me: &Pair, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca_pem)?)
@@ -208,14 +175,9 @@ pub fn client_config(
 
 /// The enrolment client configuration: no client certificate; the server must present a
 /// chain whose CA has the given fingerprint and a certificate that CA issued.
-pub fn join_client_config(
-    ca_fingerprint: &str,
-    alpn: &[u8],
-) -> Result<rustls::ClientConfig, TlsError> {
-    let verifier = Arc::new(PinnedCaVerifier {
-        fingerprint: ca_fingerprint.to_ascii_lowercase(),
-        provider: provider(),
-    });
+pub fn join_client_config(ca_fingerprint: &str, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+    let verifier =
+        Arc::new(PinnedCaVerifier { fingerprint: ca_fingerprint.to_ascii_lowercase(), provider: provider() });
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -242,22 +204,14 @@ impl ServerCertVerifier for PinnedCaVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| fingerprint(c) == self.fingerprint)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the controller's CA does not match the fingerprint in the join token".into(),
-                )
-            })?;
+        let ca = intermediates.iter().find(|c| fingerprint(c) == self.fingerprint).ok_or_else(|| {
+            rustls::Error::General("the controller's CA does not match the fingerprint in the join token".into())
+        })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -267,12 +221,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -281,18 +230,11 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -307,18 +249,9 @@ impl Credentials {
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
         let read = |name: &str| {
             let path = dir.join(name);
-            std::fs::read_to_string(&path).map_err(|source| TlsError::Io {
-                path: path.display().to_string(),
-                source,
-            })
+            std::fs::read_to_string(&path).map_err(|source| TlsError::Io { path: path.display().to_string(), source })
         };
-        Ok(Credentials {
-            me: Pair {
-                cert_pem: read("cert.pem")?,
-                key_pem: read("key.pem")?,
-            },
-            ca_pem: read("ca.pem")?,
-        })
+        Ok(Credentials { me: Pair { cert_pem: read("cert.pem")?, key_pem: read("key.pem")? }, ca_pem: read("ca.pem")? })
     }
 
     pub fn save(&self, dir: &Path) -> Result<(), TlsError> {
@@ -327,12 +260,9 @@ impl Credentials {
             move |source| TlsError::Io { path, source }
         };
         crate::fsx::create_private_dir(dir).map_err(io(dir))?;
-        crate::fsx::write_atomic(&dir.join("ca.pem"), self.ca_pem.as_bytes(), 0o644)
-            .map_err(io(dir))?;
-        crate::fsx::write_atomic(&dir.join("cert.pem"), self.me.cert_pem.as_bytes(), 0o644)
-            .map_err(io(dir))?;
-        crate::fsx::write_atomic(&dir.join("key.pem"), self.me.key_pem.as_bytes(), 0o600)
-            .map_err(io(dir))?;
+        crate::fsx::write_atomic(&dir.join("ca.pem"), self.ca_pem.as_bytes(), 0o644).map_err(io(dir))?;
+        crate::fsx::write_atomic(&dir.join("cert.pem"), self.me.cert_pem.as_bytes(), 0o644).map_err(io(dir))?;
+        crate::fsx::write_atomic(&dir.join("key.pem"), self.me.key_pem.as_bytes(), 0o600).map_err(io(dir))?;
         Ok(())
     }
 

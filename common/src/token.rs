@@ -32,29 +32,21 @@ impl JoinToken {
         let parts: Vec<&str> = text.trim().split('.').collect();
         let hexy = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
         match parts[..] {
-            [PREFIX, id, secret, fp] if hexy(id, 12) && hexy(secret, 32) && hexy(fp, 64) => {
-                Ok(JoinToken {
-                    id: id.to_string(),
-                    secret: secret.to_string(),
-                    ca_fingerprint: fp.to_ascii_lowercase(),
-                })
-            }
-            _ => Err(
-                "not a Stagehand join token (expected shj1.<id>.<secret>.<ca-fingerprint>); \
+            [PREFIX, id, secret, fp] if hexy(id, 12) && hexy(secret, 32) && hexy(fp, 64) => Ok(JoinToken {
+                id: id.to_string(),
+                secret: secret.to_string(),
+                ca_fingerprint: fp.to_ascii_lowercase(),
+            }),
+            _ => Err("not a Stagehand join token (expected shj1.<id>.<secret>.<ca-fingerprint>); \
                  create one with `stagehand token create --env ENV`"
-                    .into(),
-            ),
+                .into()),
         }
     }
 }
 
 impl std::fmt::Display for JoinToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{PREFIX}.{}.{}.{}",
-            self.id, self.secret, self.ca_fingerprint
-        )
+        write!(f, "{PREFIX}.{}.{}.{}", self.id, self.secret, self.ca_fingerprint)
     }
 }
 

@@ -8,8 +8,8 @@ use stagehand_common::frame::{self, read_blob, read_msg, write_msg};
 use stagehand_common::ids::{check_name, now_secs};
 use stagehand_common::manifest::Manifest;
 use stagehand_common::protocol::{
-    AdminRequest, AdminResponse, AgentAppInfo, AgentAppStatus, AgentInfo, AppStatus, DeployDown,
-    ReceiptOutcome, PROTOCOL_VERSION,
+    AdminRequest, AdminResponse, AgentAppInfo, AgentAppStatus, AgentInfo, AppStatus, DeployDown, ReceiptOutcome,
+    PROTOCOL_VERSION,
 };
 use stagehand_common::token::JoinToken;
 use stagehand_common::{AgentId, Digest};
@@ -21,18 +21,10 @@ use tracing::{debug, info};
 pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, admin: String) -> Result<()> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     match read_msg::<_, AdminRequest, { frame::CONTROL_LIMIT }>(&mut recv).await? {
-        Some(AdminRequest::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        }) => {}
+        Some(AdminRequest::Hello { protocol_version: PROTOCOL_VERSION }) => {}
         other => bail!("expected hello, got {other:?}"),
     }
-    write_msg(
-        &mut send,
-        &AdminResponse::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
+    write_msg(&mut send, &AdminResponse::Hello { protocol_version: PROTOCOL_VERSION }).await?;
     send.finish()?;
     debug!(%admin, "Admin connected.");
     loop {
@@ -52,10 +44,7 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, admin: String)
 }
 
 fn error(message: impl Into<String>, hint: impl Into<String>) -> AdminResponse {
-    AdminResponse::Error {
-        message: message.into(),
-        hint: hint.into(),
-    }
+    AdminResponse::Error { message: message.into(), hint: hint.into() }
 }
 
 impl From<Refused> for AdminResponse {
@@ -64,33 +53,18 @@ impl From<Refused> for AdminResponse {
     }
 }
 
-async fn request(
-    ctl: &Controller,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> Result<()> {
+async fn request(ctl: &Controller, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<()> {
     let Some(req) = read_msg::<_, AdminRequest, { frame::ADMIN_LIMIT }>(&mut recv).await? else {
         return Ok(());
     };
     let resp = match req {
         AdminRequest::PushChunks { digests } => push_chunks(ctl, &digests, &mut recv).await?,
-        AdminRequest::WaitStaged {
-            app,
-            version,
-            env,
-            timeout_secs,
-        } => {
-            wait(ctl, timeout_secs, || {
-                staged_progress(ctl, &app, &version, &env)
-            })
-            .await?
+        AdminRequest::WaitStaged { app, version, env, timeout_secs } => {
+            wait(ctl, timeout_secs, || staged_progress(ctl, &app, &version, &env)).await?
         }
-        AdminRequest::WaitRelease {
-            app,
-            env,
-            seq,
-            timeout_secs,
-        } => wait(ctl, timeout_secs, || release_progress(ctl, &app, &env, seq)).await?,
+        AdminRequest::WaitRelease { app, env, seq, timeout_secs } => {
+            wait(ctl, timeout_secs, || release_progress(ctl, &app, &env, seq)).await?
+        }
         other => match handle(ctl, other) {
             Ok(r) => r,
             Err(e) => error(format!("{e:#}"), "see the controller's log for details"),
@@ -110,12 +84,7 @@ fn names(pairs: &[(&str, &str)]) -> Option<AdminResponse> {
 
 fn handle(ctl: &Controller, req: AdminRequest) -> Result<AdminResponse> {
     Ok(match req {
-        AdminRequest::CreateToken {
-            env,
-            ttl_secs,
-            labels,
-            uses,
-        } => {
+        AdminRequest::CreateToken { env, ttl_secs, labels, uses } => {
             if let Some(e) = names(&[("environment", &env)]) {
                 return Ok(e);
             }
@@ -134,55 +103,23 @@ fn handle(ctl: &Controller, req: AdminRequest) -> Result<AdminResponse> {
             )?;
             ctl.store.flush()?;
             info!(%env, token = %token.id, "Join token created.");
-            AdminResponse::Token {
-                token: token.to_string(),
-                expires_at,
-            }
+            AdminResponse::Token { token: token.to_string(), expires_at }
         }
-        AdminRequest::ListAgents => AdminResponse::Agents {
-            agents: list_agents(ctl)?,
-        },
-        AdminRequest::PushBegin {
-            app,
-            version,
-            manifest,
-        } => push_begin(ctl, &app, &version, &manifest)?,
-        AdminRequest::PushCommit {
-            app,
-            version,
-            digest,
-        } => push_commit(ctl, &app, &version, digest)?,
+        AdminRequest::ListAgents => AdminResponse::Agents { agents: list_agents(ctl)? },
+        AdminRequest::PushBegin { app, version, manifest } => push_begin(ctl, &app, &version, &manifest)?,
+        AdminRequest::PushCommit { app, version, digest } => push_commit(ctl, &app, &version, digest)?,
         AdminRequest::Deploy { app, version, env } => deploy(ctl, &app, &version, &env)?,
-        AdminRequest::Status { app, env } => AdminResponse::Status {
-            status: status(ctl, &app, &env)?,
-        },
-        AdminRequest::Release {
-            app,
-            version,
-            env,
-            export,
-            ttl_secs,
-        } => {
+        AdminRequest::Status { app, env } => AdminResponse::Status { status: status(ctl, &app, &env)? },
+        AdminRequest::Release { app, version, env, export, ttl_secs } => {
             if let Some(e) = names(&[("app", &app), ("version", &version), ("environment", &env)]) {
                 return Ok(e);
             }
             match crate::release::release(ctl, &app, &version, &env, export, ttl_secs, false)? {
-                Ok((message, seq, targets)) => AdminResponse::Released {
-                    message,
-                    version,
-                    seq,
-                    targets,
-                },
+                Ok((message, seq, targets)) => AdminResponse::Released { message, version, seq, targets },
                 Err(r) => r.into(),
             }
         }
-        AdminRequest::Rollback {
-            app,
-            env,
-            to,
-            export,
-            ttl_secs,
-        } => {
+        AdminRequest::Rollback { app, env, to, export, ttl_secs } => {
             if let Some(e) = names(&[("app", &app), ("environment", &env)]) {
                 return Ok(e);
             }
@@ -191,12 +128,7 @@ fn handle(ctl: &Controller, req: AdminRequest) -> Result<AdminResponse> {
                 Err(r) => return Ok(r.into()),
             };
             match crate::release::release(ctl, &app, &version, &env, export, ttl_secs, true)? {
-                Ok((message, seq, targets)) => AdminResponse::Released {
-                    message,
-                    version,
-                    seq,
-                    targets,
-                },
+                Ok((message, seq, targets)) => AdminResponse::Released { message, version, seq, targets },
                 Err(r) => r.into(),
             }
         }
@@ -225,21 +157,12 @@ fn push_begin(ctl: &Controller, app: &str, version: &str, bytes: &[u8]) -> Resul
     }
     let manifest = match Manifest::decode(bytes) {
         Ok(m) => m,
-        Err(e) => {
-            return Ok(error(
-                format!("the artifact is not acceptable: {e}"),
-                "fix the tree and push again",
-            ))
-        }
+        Err(e) => return Ok(error(format!("the artifact is not acceptable: {e}"), "fix the tree and push again")),
     };
     let digest = Digest::of(bytes);
     if let Some(existing) = ctl.store.artifact(app, version)? {
         if existing.digest == digest {
-            return Ok(AdminResponse::PushNeed {
-                digest,
-                missing: vec![],
-                already_present: true,
-            });
+            return Ok(AdminResponse::PushNeed { digest, missing: vec![], already_present: true });
         }
         return Ok(conflict(app, version, &existing.digest));
     }
@@ -250,11 +173,7 @@ fn push_begin(ctl: &Controller, app: &str, version: &str, bytes: &[u8]) -> Resul
         .flat_map(|(_, _, _, chunks)| chunks.iter().map(|c| c.digest))
         .filter(|d| seen.insert(*d) && !ctl.chunks.has(d))
         .collect();
-    Ok(AdminResponse::PushNeed {
-        digest,
-        missing,
-        already_present: false,
-    })
+    Ok(AdminResponse::PushNeed { digest, missing, already_present: false })
 }
 
 fn conflict(app: &str, version: &str, existing: &Digest) -> AdminResponse {
@@ -264,11 +183,7 @@ fn conflict(app: &str, version: &str, existing: &Digest) -> AdminResponse {
     )
 }
 
-async fn push_chunks(
-    ctl: &Controller,
-    digests: &[Digest],
-    recv: &mut quinn::RecvStream,
-) -> Result<AdminResponse> {
+async fn push_chunks(ctl: &Controller, digests: &[Digest], recv: &mut quinn::RecvStream) -> Result<AdminResponse> {
     let mut stored = 0u64;
     for d in digests {
         let Some(Some(bytes)) = read_blob::<_, { frame::CHUNK_LIMIT }>(recv).await? else {
@@ -288,18 +203,10 @@ async fn push_chunks(
     Ok(AdminResponse::PushChunksDone { stored })
 }
 
-fn push_commit(
-    ctl: &Controller,
-    app: &str,
-    version: &str,
-    digest: Digest,
-) -> Result<AdminResponse> {
+fn push_commit(ctl: &Controller, app: &str, version: &str, digest: Digest) -> Result<AdminResponse> {
     let bytes = ctl.chunks.manifest(&digest)?;
     let manifest = Manifest::decode(&bytes)?;
-    let chunks: Vec<Digest> = manifest
-        .files()
-        .flat_map(|(_, _, _, c)| c.iter().map(|c| c.digest))
-        .collect();
+    let chunks: Vec<Digest> = manifest.files().flat_map(|(_, _, _, c)| c.iter().map(|c| c.digest)).collect();
     if let Some(d) = chunks.iter().find(|d| !ctl.chunks.has(d)) {
         return Ok(error(
             format!("chunk {} of the artifact was never uploaded", d.short()),
@@ -313,16 +220,7 @@ fn push_commit(
         }
     }
     let size = manifest.total_size();
-    ctl.store.put_artifact(
-        app,
-        version,
-        &ArtifactRecord {
-            v: 1,
-            digest,
-            size,
-            pushed_at: now_secs(),
-        },
-    )?;
+    ctl.store.put_artifact(app, version, &ArtifactRecord { v: 1, digest, size, pushed_at: now_secs() })?;
     ctl.store.flush()?;
     info!(%app, %version, %digest, size, "Artifact pushed.");
     Ok(AdminResponse::Pushed { digest, size })
@@ -343,12 +241,7 @@ fn deploy(ctl: &Controller, app: &str, version: &str, env: &str) -> Result<Admin
         env,
         app,
         version,
-        &DeployRecord {
-            v: 1,
-            digest: artifact.digest,
-            size: artifact.size,
-            at: now,
-        },
+        &DeployRecord { v: 1, digest: artifact.digest, size: artifact.size, at: now },
     )?;
     let agents = ctl.store.agents_in(env)?;
     let mut send_to = Vec::new();
@@ -361,12 +254,7 @@ fn deploy(ctl: &Controller, app: &str, version: &str, env: &str) -> Result<Admin
             &a.id,
             app,
             version,
-            &StageRecord {
-                v: 1,
-                digest: artifact.digest,
-                state: StageState::Pending,
-                at: now,
-            },
+            &StageRecord { v: 1, digest: artifact.digest, state: StageState::Pending, at: now },
         )?;
         send_to.push(a.id.clone());
     }
@@ -384,10 +272,7 @@ fn deploy(ctl: &Controller, app: &str, version: &str, env: &str) -> Result<Admin
     }
     ctl.fleet.bump();
     info!(%app, %version, %env, agents = agents.len(), "Deploy ordered.");
-    Ok(AdminResponse::Deployed {
-        digest: artifact.digest,
-        targets: agents.into_iter().map(|a| a.id).collect(),
-    })
+    Ok(AdminResponse::Deployed { digest: artifact.digest, targets: agents.into_iter().map(|a| a.id).collect() })
 }
 
 type Progress = (Vec<AgentId>, Vec<(AgentId, String)>, Vec<AgentId>);
@@ -398,10 +283,7 @@ fn staged_progress(ctl: &Controller, app: &str, version: &str, env: &str) -> Res
     for a in ctl.store.agents_in(env)? {
         match ctl.store.stage(&a.id, app, version)? {
             Some(s) if s.state == StageState::Staged && Some(s.digest) == digest => done.push(a.id),
-            Some(StageRecord {
-                state: StageState::Failed(why),
-                ..
-            }) => failed.push((a.id, why)),
+            Some(StageRecord { state: StageState::Failed(why), .. }) => failed.push((a.id, why)),
             _ => pending.push(a.id),
         }
     }
@@ -415,11 +297,7 @@ fn release_progress(ctl: &Controller, app: &str, env: &str, seq: u64) -> Result<
     };
     for id in desired.targets {
         match ctl.store.receipt(&id, app)? {
-            Some(r)
-                if r.seq >= seq
-                    && r.outcome == ReceiptOutcome::Committed
-                    && r.version == desired.version =>
-            {
+            Some(r) if r.seq >= seq && r.outcome == ReceiptOutcome::Committed && r.version == desired.version => {
                 done.push(id)
             }
             Some(r) if r.seq >= seq && matches!(r.outcome, ReceiptOutcome::Refused(_)) => {
@@ -436,22 +314,14 @@ fn release_progress(ctl: &Controller, app: &str, env: &str, seq: u64) -> Result<
 }
 
 /// Answers when nothing is pending any more, or at the timeout, re-checking on every change.
-async fn wait(
-    ctl: &Controller,
-    timeout_secs: u64,
-    progress: impl Fn() -> Result<Progress>,
-) -> Result<AdminResponse> {
+async fn wait(ctl: &Controller, timeout_secs: u64, progress: impl Fn() -> Result<Progress>) -> Result<AdminResponse> {
     let mut changes = ctl.fleet.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
     loop {
         changes.borrow_and_update();
         let (done, failed, pending) = progress()?;
         if pending.is_empty() || tokio::time::Instant::now() >= deadline {
-            return Ok(AdminResponse::Waited {
-                done,
-                failed,
-                pending,
-            });
+            return Ok(AdminResponse::Waited { done, failed, pending });
         }
         let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
     }
@@ -461,10 +331,7 @@ fn list_agents(ctl: &Controller) -> Result<Vec<AgentInfo>> {
     let mut out = Vec::new();
     for a in ctl.store.agents()? {
         let mut apps: BTreeMap<String, AgentAppInfo> = BTreeMap::new();
-        fn entry<'m>(
-            apps: &'m mut BTreeMap<String, AgentAppInfo>,
-            app: &str,
-        ) -> &'m mut AgentAppInfo {
+        fn entry<'m>(apps: &'m mut BTreeMap<String, AgentAppInfo>, app: &str) -> &'m mut AgentAppInfo {
             apps.entry(app.to_string()).or_insert_with(|| AgentAppInfo {
                 app: app.to_string(),
                 active: None,
@@ -522,10 +389,5 @@ fn status(ctl: &Controller, app: &str, env: &str) -> Result<AppStatus> {
         });
     }
     agents.sort_by(|x, y| x.name.cmp(&y.name));
-    Ok(AppStatus {
-        app: app.to_string(),
-        env: env.to_string(),
-        desired,
-        agents,
-    })
+    Ok(AppStatus { app: app.to_string(), env: env.to_string(), desired, agents })
 }

@@ -21,9 +21,7 @@ impl ChunkStore {
         for entry in std::fs::read_dir(root.join("tmp"))? {
             let _ = std::fs::remove_file(entry?.path());
         }
-        Ok(ChunkStore {
-            root: root.to_path_buf(),
-        })
+        Ok(ChunkStore { root: root.to_path_buf() })
     }
 
     /// Where a chunk lives.
@@ -54,11 +52,7 @@ impl ChunkStore {
         }
         let dir = path.parent().expect("chunk paths have a parent");
         std::fs::create_dir_all(dir)?;
-        let tmp = self.root.join("tmp").join(format!(
-            "{}-{}",
-            d.to_hex(),
-            hex::encode(rand::random::<[u8; 4]>())
-        ));
+        let tmp = self.root.join("tmp").join(format!("{}-{}", d.to_hex(), hex::encode(rand::random::<[u8; 4]>())));
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_data()?;
@@ -78,10 +72,7 @@ impl ChunkStore {
     }
 
     pub fn get(&self, d: &Digest) -> io::Result<Vec<u8>> {
-        fsx::read_limited(
-            &self.chunk_path(d),
-            stagehand_common::frame::CHUNK_LIMIT as u64,
-        )
+        fsx::read_limited(&self.chunk_path(d), stagehand_common::frame::CHUNK_LIMIT as u64)
     }
 
     pub fn put_manifest(&self, d: &Digest, bytes: &[u8]) -> io::Result<()> {
@@ -89,9 +80,6 @@ impl ChunkStore {
     }
 
     pub fn manifest(&self, d: &Digest) -> io::Result<Vec<u8>> {
-        fsx::read_limited(
-            &self.manifest_path(d),
-            stagehand_common::frame::MANIFEST_LIMIT as u64,
-        )
+        fsx::read_limited(&self.manifest_path(d), stagehand_common::frame::MANIFEST_LIMIT as u64)
     }
 }

@@ -17,10 +17,7 @@ pub struct OpError {
 
 impl OpError {
     pub fn new(message: impl Into<String>, hint: impl Into<String>) -> Self {
-        OpError {
-            message: message.into(),
-            hint: hint.into(),
-        }
+        OpError { message: message.into(), hint: hint.into() }
     }
 }
 
@@ -44,8 +41,8 @@ impl Client {
                 "pass --credentials DIR or set STAGEHAND_CREDENTIALS (`stagehand controller init` made DATA/admin)",
             )
         })?;
-        let creds = Credentials::load(dir)
-            .with_context(|| format!("loading admin credentials from {}", dir.display()))?;
+        let creds =
+            Credentials::load(dir).with_context(|| format!("loading admin credentials from {}", dir.display()))?;
         let sock = net::resolve(addr).await?;
         let endpoint = net::client_endpoint(sock)?;
         let config = net::client_config(creds.client_config(ALPN_ADMIN)?)?;
@@ -56,17 +53,10 @@ impl Client {
             )
         })?;
         let client = Client { conn, endpoint };
-        match client
-            .call(&AdminRequest::Hello {
-                protocol_version: PROTOCOL_VERSION,
-            })
-            .await
-        {
+        match client.call(&AdminRequest::Hello { protocol_version: PROTOCOL_VERSION }).await {
             Ok(AdminResponse::Hello { .. }) => Ok(client),
             Ok(other) => bail!("unexpected answer to hello: {other:?}"),
-            Err(e) => {
-                Err(e.context("the controller refused these credentials on the admin channel"))
-            }
+            Err(e) => Err(e.context("the controller refused these credentials on the admin channel")),
         }
     }
 

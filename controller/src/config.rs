@@ -32,19 +32,12 @@ fn default_catch_up() -> usize {
 
 impl ControllerConfig {
     pub fn new(listen: SocketAddr) -> Self {
-        ControllerConfig {
-            listen,
-            message_ttl: default_ttl(),
-            catch_up_versions: default_catch_up(),
-        }
+        ControllerConfig { listen, message_ttl: default_ttl(), catch_up_versions: default_catch_up() }
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read {}: {e}; run `stagehand controller init --data-dir DIR` first",
-                path.display()
-            )
+            anyhow::anyhow!("cannot read {}: {e}; run `stagehand controller init --data-dir DIR` first", path.display())
         })?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
@@ -73,9 +66,7 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(root: &Path) -> Self {
-        Layout {
-            root: root.to_path_buf(),
-        }
+        Layout { root: root.to_path_buf() }
     }
     pub fn config(&self) -> PathBuf {
         self.root.join("controller.toml")

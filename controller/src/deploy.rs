@@ -7,9 +7,7 @@ use crate::store::{StageRecord, StageState};
 use anyhow::{bail, Result};
 use stagehand_common::frame::{self, read_msg, write_blob, write_msg};
 use stagehand_common::ids::now_secs;
-use stagehand_common::protocol::{
-    DeployDown, DeployUp, StageOutcome, StagedArtifact, PROTOCOL_VERSION,
-};
+use stagehand_common::protocol::{DeployDown, DeployUp, StageOutcome, StagedArtifact, PROTOCOL_VERSION};
 use stagehand_common::{AgentId, Digest};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,23 +20,16 @@ pub const MAX_FETCH_BATCH: usize = 8192;
 pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -> Result<()> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     match read_msg::<_, DeployUp, { frame::CONTROL_LIMIT }>(&mut recv).await? {
-        Some(DeployUp::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        }) => {}
+        Some(DeployUp::Hello { protocol_version: PROTOCOL_VERSION }) => {}
         Some(DeployUp::Hello { protocol_version }) => {
-            let reason = format!("protocol version {protocol_version} is not supported (controller speaks {PROTOCOL_VERSION})");
+            let reason =
+                format!("protocol version {protocol_version} is not supported (controller speaks {PROTOCOL_VERSION})");
             write_msg(&mut send, &DeployDown::Goodbye { reason }).await?;
             return Ok(());
         }
         other => bail!("expected hello, got {other:?}"),
     }
-    write_msg(
-        &mut send,
-        &DeployDown::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
+    write_msg(&mut send, &DeployDown::Hello { protocol_version: PROTOCOL_VERSION }).await?;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let token = ctl.fleet.attach_deploy(&id, tx, conn.clone());
@@ -87,14 +78,8 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
 pub fn is_disconnect(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<quinn::ConnectionError>().is_some()
-            || matches!(
-                c.downcast_ref::<quinn::ReadError>(),
-                Some(quinn::ReadError::ConnectionLost(_))
-            )
-            || matches!(
-                c.downcast_ref::<quinn::WriteError>(),
-                Some(quinn::WriteError::ConnectionLost(_))
-            )
+            || matches!(c.downcast_ref::<quinn::ReadError>(), Some(quinn::ReadError::ConnectionLost(_)))
+            || matches!(c.downcast_ref::<quinn::WriteError>(), Some(quinn::WriteError::ConnectionLost(_)))
     })
 }
 
@@ -103,18 +88,9 @@ fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
         DeployUp::Inventory { staged } => {
             reconcile(ctl, id, &staged)?;
         }
-        DeployUp::StageReport {
-            app,
-            version,
-            digest,
-            outcome,
-        } => {
+        DeployUp::StageReport { app, version, digest, outcome } => {
             let state = match &outcome {
-                StageOutcome::Staged {
-                    fetched_bytes,
-                    reused_bytes,
-                    millis,
-                } => {
+                StageOutcome::Staged { fetched_bytes, reused_bytes, millis } => {
                     info!(agent = %id, %app, %version, fetched_bytes, reused_bytes, millis, "Staged.");
                     StageState::Staged
                 }
@@ -127,12 +103,7 @@ fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
                 id,
                 &app,
                 &version,
-                &StageRecord {
-                    v: 1,
-                    digest,
-                    state: state.clone(),
-                    at: now_secs(),
-                },
+                &StageRecord { v: 1, digest, state: state.clone(), at: now_secs() },
             )?;
             ctl.store.flush()?;
             ctl.fleet.bump();
@@ -150,12 +121,8 @@ fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
 pub fn wanted(ctl: &Controller, env: &str) -> Result<Vec<(String, String, Digest, u64)>> {
     let mut deploys = ctl.store.deploys_in(env)?;
     deploys.sort_by(|a, b| (&a.0, b.2.at).cmp(&(&b.0, a.2.at)));
-    let desired: HashSet<(String, String)> = ctl
-        .store
-        .desired_in(env)?
-        .into_iter()
-        .map(|(app, d)| (app, d.version))
-        .collect();
+    let desired: HashSet<(String, String)> =
+        ctl.store.desired_in(env)?.into_iter().map(|(app, d)| (app, d.version)).collect();
     let mut per_app: std::collections::HashMap<String, usize> = Default::default();
     let mut out = Vec::new();
     for (app, version, d) in deploys {
@@ -174,25 +141,12 @@ fn reconcile(ctl: &Controller, id: &AgentId, staged: &[StagedArtifact]) -> Resul
     let Some(agent) = ctl.store.agent(id)? else {
         return Ok(());
     };
-    let held: HashSet<(&str, &str, Digest)> = staged
-        .iter()
-        .map(|s| (s.app.as_str(), s.version.as_str(), s.digest))
-        .collect();
+    let held: HashSet<(&str, &str, Digest)> =
+        staged.iter().map(|s| (s.app.as_str(), s.version.as_str(), s.digest)).collect();
     let now = now_secs();
     for (app, version, rec) in ctl.store.stages_of(id, None)? {
-        if rec.state == StageState::Staged
-            && !held.contains(&(app.as_str(), version.as_str(), rec.digest))
-        {
-            ctl.store.put_stage(
-                id,
-                &app,
-                &version,
-                &StageRecord {
-                    state: StageState::Pending,
-                    at: now,
-                    ..rec
-                },
-            )?;
+        if rec.state == StageState::Staged && !held.contains(&(app.as_str(), version.as_str(), rec.digest)) {
+            ctl.store.put_stage(id, &app, &version, &StageRecord { state: StageState::Pending, at: now, ..rec })?;
         }
     }
     for s in staged {
@@ -200,12 +154,7 @@ fn reconcile(ctl: &Controller, id: &AgentId, staged: &[StagedArtifact]) -> Resul
             id,
             &s.app,
             &s.version,
-            &StageRecord {
-                v: 1,
-                digest: s.digest,
-                state: StageState::Staged,
-                at: now,
-            },
+            &StageRecord { v: 1, digest: s.digest, state: StageState::Staged, at: now },
         )?;
     }
     let mut orders = Vec::new();
@@ -215,19 +164,9 @@ fn reconcile(ctl: &Controller, id: &AgentId, staged: &[StagedArtifact]) -> Resul
                 id,
                 &app,
                 &version,
-                &StageRecord {
-                    v: 1,
-                    digest,
-                    state: StageState::Pending,
-                    at: now,
-                },
+                &StageRecord { v: 1, digest, state: StageState::Pending, at: now },
             )?;
-            orders.push(DeployDown::Stage {
-                app,
-                version,
-                digest,
-                size,
-            });
+            orders.push(DeployDown::Stage { app, version, digest, size });
         }
     }
     ctl.store.flush()?;
@@ -239,11 +178,7 @@ fn reconcile(ctl: &Controller, id: &AgentId, staged: &[StagedArtifact]) -> Resul
 }
 
 /// Answers one fetch stream: a manifest, or chunks in the order asked.
-async fn serve_fetch(
-    ctl: &Controller,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> Result<()> {
+async fn serve_fetch(ctl: &Controller, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<()> {
     let req = read_msg::<_, DeployUp, { frame::CONTROL_LIMIT }>(&mut recv).await?;
     match req {
         Some(DeployUp::FetchManifest { digest }) => {
@@ -252,10 +187,7 @@ async fn serve_fetch(
         }
         Some(DeployUp::FetchChunks { digests }) => {
             if digests.len() > MAX_FETCH_BATCH {
-                bail!(
-                    "fetch of {} chunks exceeds the batch limit of {MAX_FETCH_BATCH}",
-                    digests.len()
-                );
+                bail!("fetch of {} chunks exceeds the batch limit of {MAX_FETCH_BATCH}", digests.len());
             }
             // Read ahead on a blocking thread while the previous chunk is on the wire.
             let (tx, mut rx) = mpsc::channel::<Option<Vec<u8>>>(8);
@@ -268,7 +200,14 @@ async fn serve_fetch(
                 }
             });
             while let Some(chunk) = rx.recv().await {
-                write_blob(&mut send, chunk.as_deref()).await?;
+                // The length through the framing, the bytes handed to quinn without a copy.
+                match chunk {
+                    Some(bytes) => {
+                        send.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
+                        send.write_chunk(bytes::Bytes::from(bytes)).await?;
+                    }
+                    None => write_blob(&mut send, None).await?,
+                }
             }
             reader.await?;
         }

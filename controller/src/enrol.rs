@@ -25,25 +25,12 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection) -> Result<()> 
 async fn exchange(ctl: &Controller, conn: &quinn::Connection) -> Result<()> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     match read_msg::<_, JoinUp, { frame::CONTROL_LIMIT }>(&mut recv).await? {
-        Some(JoinUp::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        }) => {}
+        Some(JoinUp::Hello { protocol_version: PROTOCOL_VERSION }) => {}
         other => bail!("expected hello, got {other:?}"),
     }
-    write_msg(
-        &mut send,
-        &JoinDown::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
-    let Some(JoinUp::Join {
-        token_id,
-        token_secret,
-        csr_der,
-        name,
-        labels,
-    }) = read_msg::<_, JoinUp, { frame::CONTROL_LIMIT }>(&mut recv).await?
+    write_msg(&mut send, &JoinDown::Hello { protocol_version: PROTOCOL_VERSION }).await?;
+    let Some(JoinUp::Join { token_id, token_secret, csr_der, name, labels }) =
+        read_msg::<_, JoinUp, { frame::CONTROL_LIMIT }>(&mut recv).await?
     else {
         bail!("expected a join request");
     };
@@ -105,11 +92,7 @@ fn admit(
     let fingerprint = tls::fingerprint(&tls::cert_der(&cert_pem).map_err(|e| internal(&e))?);
     // Token labels are what the operator bound; they win over what the agent asks for.
     labels.extend(token.labels.clone());
-    let name = if name.is_empty() || check_name("name", name).is_err() {
-        id.0.clone()
-    } else {
-        name.to_string()
-    };
+    let name = if name.is_empty() || check_name("name", name).is_err() { id.0.clone() } else { name.to_string() };
     let record = AgentRecord {
         v: 1,
         id: id.clone(),

@@ -35,11 +35,7 @@ pub enum Channel {
 
 impl Default for Fleet {
     fn default() -> Self {
-        Fleet {
-            sessions: Mutex::default(),
-            next_token: AtomicU64::new(1),
-            changed: watch::channel(0).0,
-        }
+        Fleet { sessions: Mutex::default(), next_token: AtomicU64::new(1), changed: watch::channel(0).0 }
     }
 }
 
@@ -49,43 +45,21 @@ impl Fleet {
     }
 
     /// Registers a deploy session, replacing (and closing) an older one; returns its token.
-    pub fn attach_deploy(
-        &self,
-        id: &AgentId,
-        tx: mpsc::UnboundedSender<DeployDown>,
-        conn: quinn::Connection,
-    ) -> u64 {
+    pub fn attach_deploy(&self, id: &AgentId, tx: mpsc::UnboundedSender<DeployDown>, conn: quinn::Connection) -> u64 {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        let old = self
-            .lock()
-            .entry(id.clone())
-            .or_default()
-            .deploy
-            .replace(Session { token, tx, conn });
+        let old = self.lock().entry(id.clone()).or_default().deploy.replace(Session { token, tx, conn });
         if let Some(old) = old {
-            old.conn
-                .close(0u32.into(), b"replaced by a newer connection");
+            old.conn.close(0u32.into(), b"replaced by a newer connection");
         }
         self.bump();
         token
     }
 
-    pub fn attach_release(
-        &self,
-        id: &AgentId,
-        tx: mpsc::UnboundedSender<ReleaseDown>,
-        conn: quinn::Connection,
-    ) -> u64 {
+    pub fn attach_release(&self, id: &AgentId, tx: mpsc::UnboundedSender<ReleaseDown>, conn: quinn::Connection) -> u64 {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        let old = self
-            .lock()
-            .entry(id.clone())
-            .or_default()
-            .release
-            .replace(Session { token, tx, conn });
+        let old = self.lock().entry(id.clone()).or_default().release.replace(Session { token, tx, conn });
         if let Some(old) = old {
-            old.conn
-                .close(0u32.into(), b"replaced by a newer connection");
+            old.conn.close(0u32.into(), b"replaced by a newer connection");
         }
         self.bump();
         token
@@ -96,12 +70,8 @@ impl Fleet {
         let mut map = self.lock();
         if let Some(s) = map.get_mut(id) {
             match channel {
-                Channel::Deploy if s.deploy.as_ref().is_some_and(|x| x.token == token) => {
-                    s.deploy = None
-                }
-                Channel::Release if s.release.as_ref().is_some_and(|x| x.token == token) => {
-                    s.release = None
-                }
+                Channel::Deploy if s.deploy.as_ref().is_some_and(|x| x.token == token) => s.deploy = None,
+                Channel::Release if s.release.as_ref().is_some_and(|x| x.token == token) => s.release = None,
                 _ => {}
             }
         }
@@ -110,33 +80,22 @@ impl Fleet {
     }
 
     pub fn send_deploy(&self, id: &AgentId, msg: DeployDown) -> bool {
-        self.lock()
-            .get(id)
-            .and_then(|s| s.deploy.as_ref())
-            .is_some_and(|s| s.tx.send(msg).is_ok())
+        self.lock().get(id).and_then(|s| s.deploy.as_ref()).is_some_and(|s| s.tx.send(msg).is_ok())
     }
 
     pub fn send_release(&self, id: &AgentId, msg: ReleaseDown) -> bool {
-        self.lock()
-            .get(id)
-            .and_then(|s| s.release.as_ref())
-            .is_some_and(|s| s.tx.send(msg).is_ok())
+        self.lock().get(id).and_then(|s| s.release.as_ref()).is_some_and(|s| s.tx.send(msg).is_ok())
     }
 
     /// Connected means both channels are up.
     pub fn is_connected(&self, id: &AgentId) -> bool {
-        self.lock()
-            .get(id)
-            .is_some_and(|s| s.deploy.is_some() && s.release.is_some())
+        self.lock().get(id).is_some_and(|s| s.deploy.is_some() && s.release.is_some())
     }
 
     /// Closes every connection of an agent (revocation).
     pub fn kick(&self, id: &AgentId) {
         if let Some(s) = self.lock().remove(id) {
-            for conn in [s.deploy.map(|x| x.conn), s.release.map(|x| x.conn)]
-                .into_iter()
-                .flatten()
-            {
+            for conn in [s.deploy.map(|x| x.conn), s.release.map(|x| x.conn)].into_iter().flatten() {
                 conn.close(1u32.into(), b"revoked");
             }
         }
@@ -146,10 +105,7 @@ impl Fleet {
     /// Closes and forgets every session (shutdown).
     pub fn close_all(&self) {
         for (_, s) in self.lock().drain() {
-            for conn in [s.deploy.map(|x| x.conn), s.release.map(|x| x.conn)]
-                .into_iter()
-                .flatten()
-            {
+            for conn in [s.deploy.map(|x| x.conn), s.release.map(|x| x.conn)].into_iter().flatten() {
                 conn.close(0u32.into(), b"controller shutting down");
             }
         }

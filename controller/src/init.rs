@@ -29,8 +29,7 @@ pub fn init(data_dir: &Path, listen: SocketAddr) -> Result<Initialised> {
             data_dir.display()
         );
     }
-    fsx::create_private_dir(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+    fsx::create_private_dir(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
 
     let ca = tls::new_ca()?;
     let ca_dir = layout.ca_dir();
@@ -39,11 +38,7 @@ pub fn init(data_dir: &Path, listen: SocketAddr) -> Result<Initialised> {
     fsx::write_atomic(&ca_dir.join("ca.key"), ca.key_pem.as_bytes(), 0o600)?;
 
     let server = tls::issue_with_key(&ca, &Role::Controller)?;
-    Credentials {
-        me: server,
-        ca_pem: ca.cert_pem.clone(),
-    }
-    .save(&layout.tls_dir())?;
+    Credentials { me: server, ca_pem: ca.cert_pem.clone() }.save(&layout.tls_dir())?;
 
     let release = SigningKey::generate(&mut rand::rngs::OsRng);
     let key_path = layout.release_key();
@@ -53,11 +48,7 @@ pub fn init(data_dir: &Path, listen: SocketAddr) -> Result<Initialised> {
 
     let admin = tls::issue_with_key(&ca, &Role::Admin("admin".into()))?;
     let admin_fp = tls::fingerprint(&tls::cert_der(&admin.cert_pem)?);
-    Credentials {
-        me: admin,
-        ca_pem: ca.cert_pem.clone(),
-    }
-    .save(&layout.admin_dir())?;
+    Credentials { me: admin, ca_pem: ca.cert_pem.clone() }.save(&layout.admin_dir())?;
 
     let store = Store::open(&layout.state())?;
     store.put_admin_cert(&admin_fp, "admin")?;
@@ -66,11 +57,7 @@ pub fn init(data_dir: &Path, listen: SocketAddr) -> Result<Initialised> {
 
     // The config is written last: its presence means "initialised".
     let config = ControllerConfig::new(listen);
-    fsx::write_atomic(
-        &layout.config(),
-        toml::to_string(&config)?.as_bytes(),
-        0o644,
-    )?;
+    fsx::write_atomic(&layout.config(), toml::to_string(&config)?.as_bytes(), 0o644)?;
 
     Ok(Initialised {
         config: layout.config(),
@@ -84,20 +71,16 @@ pub fn init(data_dir: &Path, listen: SocketAddr) -> Result<Initialised> {
 pub fn load_ca(layout: &Layout) -> Result<Pair> {
     let dir = layout.ca_dir();
     Ok(Pair {
-        cert_pem: std::fs::read_to_string(dir.join("ca.pem"))
-            .with_context(|| format!("reading {}", dir.display()))?,
-        key_pem: std::fs::read_to_string(dir.join("ca.key"))
-            .with_context(|| format!("reading {}", dir.display()))?,
+        cert_pem: std::fs::read_to_string(dir.join("ca.pem")).with_context(|| format!("reading {}", dir.display()))?,
+        key_pem: std::fs::read_to_string(dir.join("ca.key")).with_context(|| format!("reading {}", dir.display()))?,
     })
 }
 
 /// Loads the release signing key.
 pub fn load_release_key(layout: &Layout) -> Result<SigningKey> {
     let path = layout.release_key();
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut seed = [0u8; 32];
-    hex::decode_to_slice(text.trim(), &mut seed)
-        .with_context(|| format!("{} is not a release key", path.display()))?;
+    hex::decode_to_slice(text.trim(), &mut seed).with_context(|| format!("{} is not a release key", path.display()))?;
     Ok(SigningKey::from_bytes(&seed))
 }

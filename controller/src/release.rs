@@ -17,23 +17,16 @@ use tracing::{info, warn};
 pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -> Result<()> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     match read_msg::<_, ReleaseUp, { frame::CONTROL_LIMIT }>(&mut recv).await? {
-        Some(ReleaseUp::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        }) => {}
+        Some(ReleaseUp::Hello { protocol_version: PROTOCOL_VERSION }) => {}
         Some(ReleaseUp::Hello { protocol_version }) => {
-            let reason = format!("protocol version {protocol_version} is not supported (controller speaks {PROTOCOL_VERSION})");
+            let reason =
+                format!("protocol version {protocol_version} is not supported (controller speaks {PROTOCOL_VERSION})");
             write_msg(&mut send, &ReleaseDown::Goodbye { reason }).await?;
             return Ok(());
         }
         other => bail!("expected hello, got {other:?}"),
     }
-    write_msg(
-        &mut send,
-        &ReleaseDown::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
+    write_msg(&mut send, &ReleaseDown::Hello { protocol_version: PROTOCOL_VERSION }).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let token = ctl.fleet.attach_release(&id, tx, conn.clone());
     info!(agent = %id, "Release channel up.");
@@ -65,26 +58,15 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
     match msg {
         ReleaseUp::State { apps } => {
             for a in apps {
-                ctl.store.put_appstate(
-                    id,
-                    &a.app,
-                    &AppStateRecord {
-                        v: 1,
-                        active: a.active,
-                        last_seq: a.last_seq,
-                    },
-                )?;
+                ctl.store.put_appstate(id, &a.app, &AppStateRecord { v: 1, active: a.active, last_seq: a.last_seq })?;
             }
-            ctl.store.flush()?;
+            // Informational: the agent is the truth and re-sends its state on reconnect.
             ctl.fleet.bump();
             catch_up(ctl, id, false)?;
         }
         ReleaseUp::Receipt(r) => {
             if r.agent_id != *id {
-                bail!(
-                    "receipt names agent {} on the connection of {id}",
-                    r.agent_id
-                );
+                bail!("receipt names agent {} on the connection of {id}", r.agent_id);
             }
             match &r.outcome {
                 ReceiptOutcome::Committed => {
@@ -99,14 +81,12 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
             }
             let mut state = ctl.store.appstate(id, &r.app)?;
             state.active = r.active.clone();
-            if !matches!(r.outcome, ReceiptOutcome::Refused(_))
-                || state.last_seq.is_none_or(|s| s < r.seq)
-            {
+            if !matches!(r.outcome, ReceiptOutcome::Refused(_)) || state.last_seq.is_none_or(|s| s < r.seq) {
                 state.last_seq = Some(state.last_seq.map_or(r.seq, |s| s.max(r.seq)));
             }
             ctl.store.put_appstate(id, &r.app, &state)?;
+            // Not flushed: agents re-send their last receipts on reconnect.
             ctl.store.put_receipt(&r)?;
-            ctl.store.flush()?;
             ctl.fleet.bump();
         }
         ReleaseUp::Hello { .. } => bail!("second hello"),
@@ -144,16 +124,10 @@ pub fn catch_up(ctl: &Controller, id: &AgentId, force: bool) -> Result<()> {
             force
                 && matches!(
                     r.outcome,
-                    ReceiptOutcome::Refused(
-                        Refusal::NotStaged | Refusal::DigestMismatch | Refusal::Expired
-                    )
+                    ReceiptOutcome::Refused(Refusal::NotStaged | Refusal::DigestMismatch | Refusal::Expired)
                 )
         };
-        if ctl
-            .store
-            .receipt(id, &app)?
-            .is_some_and(|r| r.seq >= desired.seq && !retry(&r))
-        {
+        if ctl.store.receipt(id, &app)?.is_some_and(|r| r.seq >= desired.seq && !retry(&r)) {
             continue;
         }
         let body = activate::verify(&desired.message, &ctl.release_keys).ok();
@@ -161,16 +135,9 @@ pub fn catch_up(ctl: &Controller, id: &AgentId, force: bool) -> Result<()> {
             Some(b) if b.targets.includes(id) && b.expires_at > now + 60 => desired.message.clone(),
             _ => {
                 let seq = ctl.store.next_seq(&app)?;
-                let (msg, _) = sign(
-                    ctl,
-                    &app,
-                    &desired.version,
-                    desired.digest,
-                    &agent.env,
-                    vec![id.clone()],
-                    seq,
-                    "catch-up",
-                )?;
+                let (msg, _) =
+                    sign(ctl, &app, &desired.version, desired.digest, &agent.env, vec![id.clone()], seq, "catch-up")?;
+                ctl.store.flush()?;
                 info!(agent = %id, %app, version = %desired.version, seq, "Catching up.");
                 msg
             }
@@ -191,17 +158,7 @@ fn sign(
     seq: u64,
     kind: &str,
 ) -> Result<(SignedActivate, Activate)> {
-    sign_for(
-        ctl,
-        app,
-        version,
-        digest,
-        env,
-        targets,
-        seq,
-        kind,
-        ctl.config.message_ttl.as_secs(),
-    )
+    sign_for(ctl, app, version, digest, env, targets, seq, kind, ctl.config.message_ttl.as_secs())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -264,9 +221,7 @@ pub fn release(
     if agents.is_empty() {
         return Ok(Err(Refused {
             message: format!("environment {env:?} has no agents"),
-            hint: format!(
-                "stagehand token create --env {env}   (then stagehand-agent join on each host)"
-            ),
+            hint: format!("stagehand token create --env {env}   (then stagehand-agent join on each host)"),
         }));
     }
     let mut missing = Vec::new();
@@ -290,31 +245,15 @@ pub fn release(
     }
     let targets: Vec<AgentId> = agents.iter().map(|a| a.id.clone()).collect();
     let seq = ctl.store.next_seq(app)?;
-    let ttl = if ttl_secs == 0 {
-        ctl.config.message_ttl.as_secs()
-    } else {
-        ttl_secs
-    };
-    let (message, _) = sign_for(
-        ctl,
-        app,
-        version,
-        artifact.digest,
-        env,
-        targets.clone(),
-        seq,
-        "release",
-        ttl,
-    )?;
+    let ttl = if ttl_secs == 0 { ctl.config.message_ttl.as_secs() } else { ttl_secs };
+    let (message, _) = sign_for(ctl, app, version, artifact.digest, env, targets.clone(), seq, "release", ttl)?;
     if export {
+        ctl.store.flush()?;
         info!(%app, %version, %env, seq, "Exported an activate message.");
         return Ok(Ok((message, seq, targets)));
     }
     let previous = ctl.store.desired(env, app)?;
-    let mut history = previous
-        .as_ref()
-        .map(|p| p.history.clone())
-        .unwrap_or_default();
+    let mut history = previous.as_ref().map(|p| p.history.clone()).unwrap_or_default();
     match (&previous, rollback) {
         // Rolling back walks the history backwards: what came after the target is dropped.
         (_, true) => {
@@ -344,8 +283,7 @@ pub fn release(
     )?;
     ctl.store.flush()?;
     for id in &targets {
-        ctl.fleet
-            .send_release(id, ReleaseDown::Activate(message.clone()));
+        ctl.fleet.send_release(id, ReleaseDown::Activate(message.clone()));
     }
     ctl.fleet.bump();
     info!(%app, %version, %env, seq, targets = targets.len(), "Released.");
@@ -364,19 +302,14 @@ pub fn rollback_target(
     }
     let Some(desired) = ctl.store.desired(env, app)? else {
         return Ok(Err(Refused {
-            message: format!(
-                "{app} has never been released to {env}, so there is nothing to roll back to"
-            ),
+            message: format!("{app} has never been released to {env}, so there is nothing to roll back to"),
             hint: format!("stagehand release {app} VERSION --env {env}"),
         }));
     };
     match desired.history.last() {
         Some(v) => Ok(Ok(v.clone())),
         None => Ok(Err(Refused {
-            message: format!(
-                "{app} {} is the only version ever released to {env}",
-                desired.version
-            ),
+            message: format!("{app} {} is the only version ever released to {env}", desired.version),
             hint: format!("stagehand rollback {app} --env {env} --to VERSION"),
         })),
     }

@@ -44,8 +44,7 @@ pub struct Running {
 impl Running {
     /// Stops accepting, closes every connection and waits for the state to be flushed.
     pub async fn stop(self) {
-        self.endpoint
-            .close(0u32.into(), b"controller shutting down");
+        self.endpoint.close(0u32.into(), b"controller shutting down");
         self.task.abort();
         let _ = self.task.await;
         self.endpoint.wait_idle().await;
@@ -66,13 +65,8 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
     let store = Store::open(&layout.state()).context("opening the state database")?;
     let chunks = ChunkStore::open(&layout.store()).context("opening the chunk store")?;
     let ca_fingerprint = tls::fingerprint(&tls::cert_der(&ca.cert_pem)?);
-    let tls = tls::server_config(
-        &ca.cert_pem,
-        &server.me,
-        &[ALPN_ADMIN, ALPN_DEPLOY, ALPN_RELEASE, ALPN_JOIN],
-    )?;
-    let endpoint =
-        net::server_endpoint(listen, tls).with_context(|| format!("listening on {listen}"))?;
+    let tls = tls::server_config(&ca.cert_pem, &server.me, &[ALPN_ADMIN, ALPN_DEPLOY, ALPN_RELEASE, ALPN_JOIN])?;
+    let endpoint = net::server_endpoint(listen, tls).with_context(|| format!("listening on {listen}"))?;
     let addr = endpoint.local_addr()?;
     stagehand_common::fsx::write_atomic(&layout.addr_file(), addr.to_string().as_bytes(), 0o644)?;
     let controller = Arc::new(Controller {
@@ -87,12 +81,7 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
     });
     info!(%addr, "Controller listening.");
     let task = tokio::spawn(accept_loop(controller.clone(), endpoint.clone()));
-    Ok(Running {
-        addr,
-        controller,
-        endpoint,
-        task,
-    })
+    Ok(Running { addr, controller, endpoint, task })
 }
 
 async fn accept_loop(ctl: Arc<Controller>, endpoint: quinn::Endpoint) {
@@ -126,18 +115,11 @@ async fn dispatch(ctl: Arc<Controller>, conn: quinn::Connection) -> Result<()> {
     };
     match (alpn.as_slice(), role) {
         (ALPN_ADMIN, Some(CertRole::Admin(name))) => admin::serve(ctl, conn, name).await,
-        (ALPN_DEPLOY, Some(CertRole::Agent(id))) if active_agent(&ctl, &id)? => {
-            deploy::serve(ctl, conn, id).await
-        }
-        (ALPN_RELEASE, Some(CertRole::Agent(id))) if active_agent(&ctl, &id)? => {
-            release::serve(ctl, conn, id).await
-        }
+        (ALPN_DEPLOY, Some(CertRole::Agent(id))) if active_agent(&ctl, &id)? => deploy::serve(ctl, conn, id).await,
+        (ALPN_RELEASE, Some(CertRole::Agent(id))) if active_agent(&ctl, &id)? => release::serve(ctl, conn, id).await,
         (alpn, role) => {
             warn!(remote = %conn.remote_address(), alpn = %String::from_utf8_lossy(alpn), ?role, "Refused a connection: its certificate does not grant this channel.");
-            conn.close(
-                CLOSE_UNAUTHORISED.into(),
-                b"certificate not allowed on this channel",
-            );
+            conn.close(CLOSE_UNAUTHORISED.into(), b"certificate not allowed on this channel");
             Ok(())
         }
     }

@@ -129,10 +129,8 @@ fn enc<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn dec<T: DeserializeOwned>(k: &[u8], bytes: &[u8]) -> Result<T> {
-    frame::decode::<T, RECORD_LIMIT>(bytes).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(k).replace('\0', "/"),
-        why: e.to_string(),
-    })
+    frame::decode::<T, RECORD_LIMIT>(bytes)
+        .map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(k).replace('\0', "/"), why: e.to_string() })
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, k: &[u8]) -> Result<Option<T>> {
@@ -156,10 +154,7 @@ fn last_part(k: &[u8]) -> String {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(64 << 20)
-            .open()?;
+        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).open()?;
         Ok(Store {
             agents: db.open_tree("agents")?,
             certs: db.open_tree("certs")?,
@@ -185,10 +180,7 @@ impl Store {
 
     pub fn put_agent(&self, a: &AgentRecord) -> Result<()> {
         self.agents.insert(a.id.0.as_bytes(), enc(a))?;
-        self.certs.insert(
-            a.cert_fingerprint.as_bytes(),
-            enc(&CertRole::Agent(a.id.clone())),
-        )?;
+        self.certs.insert(a.cert_fingerprint.as_bytes(), enc(&CertRole::Agent(a.id.clone())))?;
         Ok(())
     }
 
@@ -197,26 +189,16 @@ impl Store {
     }
 
     pub fn agents(&self) -> Result<Vec<AgentRecord>> {
-        Ok(scan(&self.agents, b"")?
-            .into_iter()
-            .map(|(_, a)| a)
-            .collect())
+        Ok(scan(&self.agents, b"")?.into_iter().map(|(_, a)| a).collect())
     }
 
     /// Agents of an environment that are not revoked.
     pub fn agents_in(&self, env: &str) -> Result<Vec<AgentRecord>> {
-        Ok(self
-            .agents()?
-            .into_iter()
-            .filter(|a| a.env == env && !a.revoked)
-            .collect())
+        Ok(self.agents()?.into_iter().filter(|a| a.env == env && !a.revoked).collect())
     }
 
     pub fn put_admin_cert(&self, fingerprint: &str, name: &str) -> Result<()> {
-        self.certs.insert(
-            fingerprint.as_bytes(),
-            enc(&CertRole::Admin(name.to_string())),
-        )?;
+        self.certs.insert(fingerprint.as_bytes(), enc(&CertRole::Admin(name.to_string())))?;
         Ok(())
     }
 
@@ -251,16 +233,8 @@ impl Store {
             }
             let mut next = rec.clone();
             next.uses_left -= 1;
-            let new = if next.uses_left == 0 {
-                None
-            } else {
-                Some(enc(&next))
-            };
-            if self
-                .tokens
-                .compare_and_swap(id.as_bytes(), Some(old), new)?
-                .is_ok()
-            {
+            let new = if next.uses_left == 0 { None } else { Some(enc(&next)) };
+            if self.tokens.compare_and_swap(id.as_bytes(), Some(old), new)?.is_ok() {
                 return Ok(Ok(rec));
             }
         }
@@ -295,13 +269,7 @@ impl Store {
             .collect())
     }
 
-    pub fn put_stage(
-        &self,
-        agent: &AgentId,
-        app: &str,
-        version: &str,
-        r: &StageRecord,
-    ) -> Result<()> {
+    pub fn put_stage(&self, agent: &AgentId, app: &str, version: &str, r: &StageRecord) -> Result<()> {
         self.stage.insert(key(&[&agent.0, app, version]), enc(r))?;
         Ok(())
     }
@@ -312,11 +280,7 @@ impl Store {
 
     /// Stage records of an agent for one app (or all apps with `app = None`):
     /// (app, version, record).
-    pub fn stages_of(
-        &self,
-        agent: &AgentId,
-        app: Option<&str>,
-    ) -> Result<Vec<(String, String, StageRecord)>> {
+    pub fn stages_of(&self, agent: &AgentId, app: Option<&str>) -> Result<Vec<(String, String, StageRecord)>> {
         let prefix = match app {
             Some(app) => key(&[&agent.0, app, ""]),
             None => key(&[&agent.0, ""]),
@@ -333,20 +297,14 @@ impl Store {
 
     // ---- releases ----
 
-    /// The next seq for an app; durable before it is returned.
+    /// The next seq for an app. Callers flush before a message carrying it leaves.
     pub fn next_seq(&self, app: &str) -> Result<u64> {
         let k = key(&["seq", app]);
         let v = self.meta.update_and_fetch(&k, |old| {
-            let n = old
-                .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
-                .unwrap_or(0);
+            let n = old.map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(0);
             Some((n + 1).to_be_bytes().to_vec())
         })?;
-        self.flush()?;
-        let bytes: [u8; 8] = v
-            .as_deref()
-            .and_then(|b| b.try_into().ok())
-            .unwrap_or([0; 8]);
+        let bytes: [u8; 8] = v.as_deref().and_then(|b| b.try_into().ok()).unwrap_or([0; 8]);
         Ok(u64::from_be_bytes(bytes))
     }
 
@@ -361,15 +319,11 @@ impl Store {
 
     /// Desired records of an environment: (app, record).
     pub fn desired_in(&self, env: &str) -> Result<Vec<(String, DesiredRecord)>> {
-        Ok(scan(&self.desired, &key(&[env, ""]))?
-            .into_iter()
-            .map(|(k, d)| (last_part(&k), d))
-            .collect())
+        Ok(scan(&self.desired, &key(&[env, ""]))?.into_iter().map(|(k, d)| (last_part(&k), d)).collect())
     }
 
     pub fn put_receipt(&self, r: &Receipt) -> Result<()> {
-        self.receipts
-            .insert(key(&[&r.agent_id.0, &r.app]), enc(r))?;
+        self.receipts.insert(key(&[&r.agent_id.0, &r.app]), enc(r))?;
         Ok(())
     }
 
@@ -388,9 +342,6 @@ impl Store {
 
     /// All app states of an agent: (app, record).
     pub fn appstates_of(&self, agent: &AgentId) -> Result<Vec<(String, AppStateRecord)>> {
-        Ok(scan(&self.appstate, &key(&[&agent.0, ""]))?
-            .into_iter()
-            .map(|(k, s)| (last_part(&k), s))
-            .collect())
+        Ok(scan(&self.appstate, &key(&[&agent.0, ""]))?.into_iter().map(|(k, s)| (last_part(&k), s)).collect())
     }
 }

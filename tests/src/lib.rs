@@ -84,19 +84,11 @@ impl TestAgent {
 impl Fleet {
     pub async fn start() -> Result<Fleet> {
         init_logging();
-        let dir = tempfile::Builder::new()
-            .prefix("stagehand-test-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("stagehand-test-").tempdir()?;
         let ctl_dir = dir.path().join("controller");
         stagehand_controller::init::init(&ctl_dir, "127.0.0.1:0".parse()?)?;
         let controller = stagehand_controller::server::start(&ctl_dir, None).await?;
-        Ok(Fleet {
-            admin: ctl_dir.join("admin"),
-            addr: controller.addr,
-            ctl_dir,
-            dir,
-            controller: Some(controller),
-        })
+        Ok(Fleet { admin: ctl_dir.join("admin"), addr: controller.addr, ctl_dir, dir, controller: Some(controller) })
     }
 
     pub fn path(&self) -> &Path {
@@ -137,12 +129,7 @@ impl Fleet {
     pub async fn token(&self, env: &str, ttl_secs: u64) -> Result<String> {
         let client = self.client().await?;
         let resp = client
-            .call(&AdminRequest::CreateToken {
-                env: env.into(),
-                ttl_secs,
-                labels: Default::default(),
-                uses: 1,
-            })
+            .call(&AdminRequest::CreateToken { env: env.into(), ttl_secs, labels: Default::default(), uses: 1 })
             .await?;
         client.close().await;
         match resp {
@@ -155,20 +142,11 @@ impl Fleet {
     pub async fn enrol(&self, env: &str, name: &str) -> Result<TestAgent> {
         let token = self.token(env, 600).await?;
         let dir = self.path().join("agents").join(name);
-        let id = stagehand_agent::join::join(
-            &self.addr.to_string(),
-            &token,
-            &dir,
-            Some(name.into()),
-            Default::default(),
-        )
-        .await?
-        .id;
-        Ok(TestAgent {
-            dir,
-            id,
-            running: None,
-        })
+        let id =
+            stagehand_agent::join::join(&self.addr.to_string(), &token, &dir, Some(name.into()), Default::default())
+                .await?
+                .id;
+        Ok(TestAgent { dir, id, running: None })
     }
 
     /// Enrols and starts an agent in this process.
@@ -178,12 +156,7 @@ impl Fleet {
         Ok(a)
     }
 
-    pub async fn push(
-        &self,
-        app: &str,
-        version: &str,
-        path: &Path,
-    ) -> Result<stagehand_controller::cli::push::Pushed> {
+    pub async fn push(&self, app: &str, version: &str, path: &Path) -> Result<stagehand_controller::cli::push::Pushed> {
         let client = self.client().await?;
         let r = stagehand_controller::cli::push::upload(&client, app, version, path).await;
         client.close().await;
@@ -199,47 +172,17 @@ impl Fleet {
     }
 
     /// Orders a deploy and waits; returns (done, failed, pending).
-    pub async fn deploy(
-        &self,
-        app: &str,
-        version: &str,
-        env: &str,
-        timeout_secs: u64,
-    ) -> Result<Progress> {
-        self.call(AdminRequest::Deploy {
-            app: app.into(),
-            version: version.into(),
-            env: env.into(),
-        })
-        .await?;
+    pub async fn deploy(&self, app: &str, version: &str, env: &str, timeout_secs: u64) -> Result<Progress> {
+        self.call(AdminRequest::Deploy { app: app.into(), version: version.into(), env: env.into() }).await?;
         self.wait_staged(app, version, env, timeout_secs).await
     }
 
-    pub async fn wait_staged(
-        &self,
-        app: &str,
-        version: &str,
-        env: &str,
-        timeout_secs: u64,
-    ) -> Result<Progress> {
+    pub async fn wait_staged(&self, app: &str, version: &str, env: &str, timeout_secs: u64) -> Result<Progress> {
         match self
-            .call(AdminRequest::WaitStaged {
-                app: app.into(),
-                version: version.into(),
-                env: env.into(),
-                timeout_secs,
-            })
+            .call(AdminRequest::WaitStaged { app: app.into(), version: version.into(), env: env.into(), timeout_secs })
             .await?
         {
-            AdminResponse::Waited {
-                done,
-                failed,
-                pending,
-            } => Ok(Progress {
-                done,
-                failed,
-                pending,
-            }),
+            AdminResponse::Waited { done, failed, pending } => Ok(Progress { done, failed, pending }),
             other => bail!("unexpected answer {other:?}"),
         }
     }
@@ -255,31 +198,13 @@ impl Fleet {
                 ttl_secs: 0,
             })
             .await?;
-        let AdminResponse::Released { seq, .. } = resp else {
-            bail!("unexpected answer {resp:?}")
-        };
+        let AdminResponse::Released { seq, .. } = resp else { bail!("unexpected answer {resp:?}") };
         self.wait_release(app, env, seq).await
     }
 
     pub async fn wait_release(&self, app: &str, env: &str, seq: u64) -> Result<Progress> {
-        match self
-            .call(AdminRequest::WaitRelease {
-                app: app.into(),
-                env: env.into(),
-                seq,
-                timeout_secs: 60,
-            })
-            .await?
-        {
-            AdminResponse::Waited {
-                done,
-                failed,
-                pending,
-            } => Ok(Progress {
-                done,
-                failed,
-                pending,
-            }),
+        match self.call(AdminRequest::WaitRelease { app: app.into(), env: env.into(), seq, timeout_secs: 60 }).await? {
+            AdminResponse::Waited { done, failed, pending } => Ok(Progress { done, failed, pending }),
             other => bail!("unexpected answer {other:?}"),
         }
     }
@@ -304,8 +229,7 @@ pub fn run_cli(bin: &str, fleet: Option<&Fleet>, args: &[&str]) -> Result<std::p
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null());
     if let Some(f) = fleet {
-        cmd.env("STAGEHAND_CONTROLLER", f.addr.to_string())
-            .env("STAGEHAND_CREDENTIALS", &f.admin);
+        cmd.env("STAGEHAND_CONTROLLER", f.addr.to_string()).env("STAGEHAND_CREDENTIALS", &f.admin);
     }
     cmd.output().with_context(|| format!("running {bin}"))
 }
@@ -348,10 +272,7 @@ impl Proc {
                 return Ok(s);
             }
             if Instant::now() > deadline {
-                bail!(
-                    "process did not exit within {timeout:?}; log:\n{}",
-                    self.log_text()
-                );
+                bail!("process did not exit within {timeout:?}; log:\n{}", self.log_text());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -403,33 +324,16 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         out
     };
     let (la, lb) = (list(a), list(b));
-    assert_eq!(
-        la,
-        lb,
-        "entries differ between {} and {}",
-        a.display(),
-        b.display()
-    );
+    assert_eq!(la, lb, "entries differ between {} and {}", a.display(), b.display());
     for rel in la {
         let (pa, pb) = (a.join(&rel), b.join(&rel));
-        let (ma, mb) = (
-            std::fs::symlink_metadata(&pa).unwrap(),
-            std::fs::symlink_metadata(&pb).unwrap(),
-        );
+        let (ma, mb) = (std::fs::symlink_metadata(&pa).unwrap(), std::fs::symlink_metadata(&pb).unwrap());
         assert_eq!(ma.file_type(), mb.file_type(), "{rel:?}");
         if ma.file_type().is_symlink() {
-            assert_eq!(
-                std::fs::read_link(&pa).unwrap(),
-                std::fs::read_link(&pb).unwrap(),
-                "{rel:?}"
-            );
+            assert_eq!(std::fs::read_link(&pa).unwrap(), std::fs::read_link(&pb).unwrap(), "{rel:?}");
             continue;
         }
-        assert_eq!(
-            ma.permissions().mode() & 0o777,
-            mb.permissions().mode() & 0o777,
-            "mode of {rel:?}"
-        );
+        assert_eq!(ma.permissions().mode() & 0o777, mb.permissions().mode() & 0o777, "mode of {rel:?}");
         if ma.is_file() {
             assert_eq!(ma.len(), mb.len(), "size of {rel:?}");
             assert!(same_bytes(&pa, &pb), "bytes of {rel:?} differ");
@@ -439,10 +343,7 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
 
 fn same_bytes(a: &Path, b: &Path) -> bool {
     use std::io::Read;
-    let (mut fa, mut fb) = (
-        std::fs::File::open(a).unwrap(),
-        std::fs::File::open(b).unwrap(),
-    );
+    let (mut fa, mut fb) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     loop {
         let na = fa.read(&mut ba).unwrap();

@@ -25,9 +25,7 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
         AgentsCommand::List => {
             let resp = client.call(&AdminRequest::ListAgents).await?;
             client.close().await;
-            let AdminResponse::Agents { agents } = resp else {
-                bail!("unexpected answer: {resp:?}")
-            };
+            let AdminResponse::Agents { agents } = resp else { bail!("unexpected answer: {resp:?}") };
             if ctx.json() {
                 super::print_json(&serde_json::to_value(&agents)?);
                 return Ok(0);
@@ -36,13 +34,9 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
                 println!("No agents yet. Enrol one: stagehand token create --env ENV, then stagehand-agent join on the host.");
                 return Ok(0);
             }
-            println!(
-                "{:<20} {:<16} {:<10} {:<10} {:<20} APPS",
-                "ID", "NAME", "ENV", "CONNECTED", "LABELS"
-            );
+            println!("{:<20} {:<16} {:<10} {:<10} {:<20} APPS", "ID", "NAME", "ENV", "CONNECTED", "LABELS");
             for a in agents {
-                let labels: Vec<String> =
-                    a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let apps: Vec<String> = a
                     .apps
                     .iter()
@@ -68,23 +62,15 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
                     a.name,
                     a.env,
                     connected,
-                    if labels.is_empty() {
-                        "-".into()
-                    } else {
-                        labels.join(",")
-                    },
+                    if labels.is_empty() { "-".into() } else { labels.join(",") },
                     apps.join("; ")
                 );
             }
         }
         AgentsCommand::Revoke(a) => {
-            let resp = client
-                .call(&AdminRequest::RevokeAgent { agent: a.agent })
-                .await?;
+            let resp = client.call(&AdminRequest::RevokeAgent { agent: a.agent }).await?;
             client.close().await;
-            let AdminResponse::Revoked { agent } = resp else {
-                bail!("unexpected answer: {resp:?}")
-            };
+            let AdminResponse::Revoked { agent } = resp else { bail!("unexpected answer: {resp:?}") };
             if ctx.json() {
                 super::print_json(&serde_json::json!({ "revoked": agent }));
             } else {

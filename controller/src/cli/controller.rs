@@ -49,10 +49,7 @@ pub async fn run(cmd: ControllerCommand, ctx: &Ctx) -> Result<i32> {
                 println!("  admin credentials: {}", done.admin_dir.display());
                 println!("  CA fingerprint:    {}", done.ca_fingerprint);
                 println!("  release key:       {}", done.release_key_id);
-                println!(
-                    "Next: stagehand controller serve --data-dir {}",
-                    a.data_dir.display()
-                );
+                println!("Next: stagehand controller serve --data-dir {}", a.data_dir.display());
             }
             Ok(0)
         }

@@ -27,15 +27,9 @@ pub struct DeployArgs {
 pub async fn run(a: DeployArgs, ctx: &Ctx) -> Result<i32> {
     let client = ctx.client().await?;
     let resp = client
-        .call(&AdminRequest::Deploy {
-            app: a.app.clone(),
-            version: a.version.clone(),
-            env: a.env.clone(),
-        })
+        .call(&AdminRequest::Deploy { app: a.app.clone(), version: a.version.clone(), env: a.env.clone() })
         .await?;
-    let AdminResponse::Deployed { digest, targets } = resp else {
-        bail!("unexpected answer: {resp:?}")
-    };
+    let AdminResponse::Deployed { digest, targets } = resp else { bail!("unexpected answer: {resp:?}") };
     if !a.wait {
         client.close().await;
         if ctx.json() {
@@ -61,14 +55,7 @@ pub async fn run(a: DeployArgs, ctx: &Ctx) -> Result<i32> {
         env: a.env.clone(),
         timeout_secs: a.timeout.as_secs(),
     };
-    let code = wait_and_report(
-        &client,
-        &req,
-        ctx,
-        "staged",
-        &format!("{} {} in {}", a.app, a.version, a.env),
-    )
-    .await?;
+    let code = wait_and_report(&client, &req, ctx, "staged", &format!("{} {} in {}", a.app, a.version, a.env)).await?;
     client.close().await;
     Ok(code)
 }
@@ -82,23 +69,11 @@ pub async fn wait_and_report(
     what: &str,
 ) -> Result<i32> {
     let resp = client.call(req).await?;
-    let AdminResponse::Waited {
-        done,
-        failed,
-        pending,
-    } = resp
-    else {
-        bail!("unexpected answer: {resp:?}")
-    };
+    let AdminResponse::Waited { done, failed, pending } = resp else { bail!("unexpected answer: {resp:?}") };
     let ok = failed.is_empty() && pending.is_empty();
     if ctx.json() {
-        let failed: Vec<_> = failed
-            .iter()
-            .map(|(id, why)| serde_json::json!({ "agent": id, "reason": why }))
-            .collect();
-        super::print_json(
-            &serde_json::json!({ "ok": ok, done_word: done, "failed": failed, "pending": pending }),
-        );
+        let failed: Vec<_> = failed.iter().map(|(id, why)| serde_json::json!({ "agent": id, "reason": why })).collect();
+        super::print_json(&serde_json::json!({ "ok": ok, done_word: done, "failed": failed, "pending": pending }));
     } else {
         let ids = |v: &[AgentId]| v.iter().map(|x| x.0.clone()).collect::<Vec<_>>().join(", ");
         if ok {

@@ -26,9 +26,7 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
             d
         }
         None => {
-            temp = tempfile::Builder::new()
-                .prefix("stagehand-dev-")
-                .tempdir()?;
+            temp = tempfile::Builder::new().prefix("stagehand-dev-").tempdir()?;
             temp.path().to_path_buf()
         }
     };
@@ -53,17 +51,8 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
                     uses: 1,
                 })
                 .await?;
-            let AdminResponse::Token { token, .. } = resp else {
-                bail!("unexpected answer: {resp:?}")
-            };
-            stagehand_agent::join::join(
-                &addr,
-                &token,
-                &dir,
-                Some(format!("{env}-1")),
-                Default::default(),
-            )
-            .await?;
+            let AdminResponse::Token { token, .. } = resp else { bail!("unexpected answer: {resp:?}") };
+            stagehand_agent::join::join(&addr, &token, &dir, Some(format!("{env}-1")), Default::default()).await?;
         }
         agents.push(stagehand_agent::run::start(&dir).await?);
     }
@@ -72,17 +61,9 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
     let sample = root.join("sample-app");
     write_sample(&sample)?;
     let client = Client::connect(Some(&addr), Some(&admin)).await?;
-    push::upload(&client, "hello", "1.0.0", &sample)
-        .await
-        .context("pushing the sample app")?;
+    push::upload(&client, "hello", "1.0.0", &sample).await.context("pushing the sample app")?;
     for env in ENVS {
-        client
-            .call(&AdminRequest::Deploy {
-                app: "hello".into(),
-                version: "1.0.0".into(),
-                env: env.into(),
-            })
-            .await?;
+        client.call(&AdminRequest::Deploy { app: "hello".into(), version: "1.0.0".into(), env: env.into() }).await?;
         expect_all(
             &client,
             AdminRequest::WaitStaged {
@@ -104,30 +85,18 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
             ttl_secs: 0,
         })
         .await?;
-    let AdminResponse::Released { seq, .. } = resp else {
-        bail!("unexpected answer: {resp:?}")
-    };
+    let AdminResponse::Released { seq, .. } = resp else { bail!("unexpected answer: {resp:?}") };
     expect_all(
         &client,
-        AdminRequest::WaitRelease {
-            app: "hello".into(),
-            env: "dev".into(),
-            seq,
-            timeout_secs: 60,
-        },
+        AdminRequest::WaitRelease { app: "hello".into(), env: "dev".into(), seq, timeout_secs: 60 },
         "releasing the sample app to dev",
     )
     .await?;
     client.close().await;
 
-    let exports = format!(
-        "export STAGEHAND_CONTROLLER={addr} STAGEHAND_CREDENTIALS={}",
-        admin.display()
-    );
+    let exports = format!("export STAGEHAND_CONTROLLER={addr} STAGEHAND_CREDENTIALS={}", admin.display());
     if ctx.output == Output::Json {
-        super::print_json(
-            &serde_json::json!({ "controller": addr, "credentials": admin, "data_dir": root }),
-        );
+        super::print_json(&serde_json::json!({ "controller": addr, "credentials": admin, "data_dir": root }));
     } else {
         println!("Stagehand dev fleet is up in {}", root.display());
         println!("  controller {addr}; agents dev-1, staging-1, prod-1 (one per environment)");
@@ -150,16 +119,13 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
 
 async fn expect_all(client: &Client, req: AdminRequest, what: &str) -> Result<()> {
     match client.call(&req).await? {
-        AdminResponse::Waited {
-            failed, pending, ..
-        } if failed.is_empty() && pending.is_empty() => Ok(()),
+        AdminResponse::Waited { failed, pending, .. } if failed.is_empty() && pending.is_empty() => Ok(()),
         other => bail!("{what} did not finish: {other:?}"),
     }
 }
 
 fn write_sample(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir.join("bin"))
-        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("bin")).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(dir.join("index.html"), "<h1>Hello from Stagehand</h1>\n")?;
     std::fs::write(
         dir.join("stagehand.toml"),

@@ -82,10 +82,7 @@ impl Ctx {
 
 /// Prints a JSON value on stdout.
 pub fn print_json(v: &serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("JSON values serialise")
-    );
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialise"));
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -98,26 +95,16 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    let daemon = matches!(
-        cli.command,
-        Command::Controller(controller::ControllerCommand::Serve(_)) | Command::Dev(_)
-    );
+    let daemon = matches!(cli.command, Command::Controller(controller::ControllerCommand::Serve(_)) | Command::Dev(_));
     init_logging(if daemon { "info" } else { "warn" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return 1;
         }
     };
-    let ctx = Ctx {
-        controller: cli.controller,
-        credentials: cli.credentials,
-        output: cli.output,
-    };
+    let ctx = Ctx { controller: cli.controller, credentials: cli.credentials, output: cli.output };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Controller(c) => controller::run(c, &ctx).await,
@@ -151,10 +138,7 @@ pub fn report(e: &anyhow::Error) {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STAGEHAND_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// Parses `K=V`.

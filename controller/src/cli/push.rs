@@ -53,35 +53,16 @@ pub async fn upload(
         .with_context(|| format!("reading {}", path.display()))?;
     let bytes = manifest.encode();
     let resp = client
-        .call(&AdminRequest::PushBegin {
-            app: app.to_string(),
-            version: version.to_string(),
-            manifest: bytes,
-        })
+        .call(&AdminRequest::PushBegin { app: app.to_string(), version: version.to_string(), manifest: bytes })
         .await?;
-    let AdminResponse::PushNeed {
-        digest,
-        missing,
-        already_present,
-    } = resp
-    else {
+    let AdminResponse::PushNeed { digest, missing, already_present } = resp else {
         bail!("unexpected answer: {resp:?}")
     };
     if already_present {
-        return Ok(Pushed {
-            digest,
-            size: manifest.total_size(),
-            uploaded_chunks: 0,
-            already_present: true,
-        });
+        return Ok(Pushed { digest, size: manifest.total_size(), uploaded_chunks: 0, already_present: true });
     }
-    let by_digest: HashMap<Digest, ChunkSource> =
-        sources.into_iter().map(|s| (s.digest, s)).collect();
-    let total: u64 = missing
-        .iter()
-        .filter_map(|d| by_digest.get(d))
-        .map(|s| u64::from(s.len))
-        .sum();
+    let by_digest: HashMap<Digest, ChunkSource> = sources.into_iter().map(|s| (s.digest, s)).collect();
+    let total: u64 = missing.iter().filter_map(|d| by_digest.get(d)).map(|s| u64::from(s.len)).sum();
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
@@ -90,9 +71,7 @@ pub async fn upload(
     let mut batches: Vec<Vec<ChunkSource>> = vec![vec![]];
     let mut batch_bytes = 0usize;
     for d in &missing {
-        let s = by_digest
-            .get(d)
-            .with_context(|| format!("the controller asked for unknown chunk {}", d.short()))?;
+        let s = by_digest.get(d).with_context(|| format!("the controller asked for unknown chunk {}", d.short()))?;
         if batch_bytes >= BATCH_BYTES {
             batches.push(vec![]);
             batch_bytes = 0;
@@ -118,39 +97,22 @@ pub async fn upload(
         r??;
     }
     bar.finish_and_clear();
-    let resp = client
-        .call(&AdminRequest::PushCommit {
-            app: app.to_string(),
-            version: version.to_string(),
-            digest,
-        })
-        .await?;
-    let AdminResponse::Pushed { digest, size } = resp else {
-        bail!("unexpected answer: {resp:?}")
-    };
-    Ok(Pushed {
-        digest,
-        size,
-        uploaded_chunks: missing.len(),
-        already_present: false,
-    })
+    let resp =
+        client.call(&AdminRequest::PushCommit { app: app.to_string(), version: version.to_string(), digest }).await?;
+    let AdminResponse::Pushed { digest, size } = resp else { bail!("unexpected answer: {resp:?}") };
+    Ok(Pushed { digest, size, uploaded_chunks: missing.len(), already_present: false })
 }
 
 /// Reads chunks back from the source, checking they did not change since they were hashed.
 fn read_chunks(batch: &[ChunkSource]) -> Result<Vec<(Digest, Vec<u8>)>> {
     let mut out = Vec::with_capacity(batch.len());
     for s in batch {
-        let mut f = std::fs::File::open(&s.path)
-            .with_context(|| format!("opening {}", s.path.display()))?;
+        let mut f = std::fs::File::open(&s.path).with_context(|| format!("opening {}", s.path.display()))?;
         f.seek(SeekFrom::Start(s.offset))?;
         let mut buf = vec![0u8; s.len as usize];
-        f.read_exact(&mut buf)
-            .with_context(|| format!("reading {}", s.path.display()))?;
+        f.read_exact(&mut buf).with_context(|| format!("reading {}", s.path.display()))?;
         if Digest::of(&buf) != s.digest {
-            bail!(
-                "{} changed while it was being pushed; push again once it is stable",
-                s.path.display()
-            );
+            bail!("{} changed while it was being pushed; push again once it is stable", s.path.display());
         }
         out.push((s.digest, buf));
     }
@@ -167,10 +129,7 @@ fn print(ctx: &Ctx, a: &PushArgs, p: &Pushed) {
     }
     println!("{}", p.digest);
     if p.already_present {
-        eprintln!(
-            "{} {} is already present with this content; nothing uploaded.",
-            a.app, a.version
-        );
+        eprintln!("{} {} is already present with this content; nothing uploaded.", a.app, a.version);
     } else {
         eprintln!(
             "Pushed {} {} ({} bytes, {} new chunks). Next: stagehand deploy {} {} --env ENV --wait",

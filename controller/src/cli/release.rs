@@ -81,19 +81,10 @@ async fn send(
 ) -> Result<i32> {
     let client = ctx.client().await?;
     let resp = client.call(&req).await?;
-    let AdminResponse::Released {
-        message,
-        version,
-        seq,
-        targets,
-    } = resp
-    else {
-        bail!("unexpected answer: {resp:?}")
-    };
+    let AdminResponse::Released { message, version, seq, targets } = resp else { bail!("unexpected answer: {resp:?}") };
     if let Some(path) = export {
         client.close().await;
-        let body = Activate::decode_unverified(&message.body)
-            .context("the controller sent an undecodable message")?;
+        let body = Activate::decode_unverified(&message.body).context("the controller sent an undecodable message")?;
         stagehand_common::fsx::write_atomic(&path, message.to_export(&body).as_bytes(), 0o644)
             .with_context(|| format!("writing {}", path.display()))?;
         if ctx.json() {
@@ -121,20 +112,10 @@ async fn send(
         }
         return Ok(0);
     }
-    let req = AdminRequest::WaitRelease {
-        app: app.to_string(),
-        env: env.to_string(),
-        seq,
-        timeout_secs: timeout.as_secs(),
-    };
-    let code = wait_and_report(
-        &client,
-        &req,
-        ctx,
-        "committed",
-        &format!("{app} {version} in {env} (seq {seq})"),
-    )
-    .await?;
+    let req =
+        AdminRequest::WaitRelease { app: app.to_string(), env: env.to_string(), seq, timeout_secs: timeout.as_secs() };
+    let code =
+        wait_and_report(&client, &req, ctx, "committed", &format!("{app} {version} in {env} (seq {seq})")).await?;
     client.close().await;
     Ok(code)
 }

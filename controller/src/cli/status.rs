@@ -14,16 +14,9 @@ pub struct StatusArgs {
 
 pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
     let client = ctx.client().await?;
-    let resp = client
-        .call(&AdminRequest::Status {
-            app: a.app.clone(),
-            env: a.env.clone(),
-        })
-        .await?;
+    let resp = client.call(&AdminRequest::Status { app: a.app.clone(), env: a.env.clone() }).await?;
     client.close().await;
-    let AdminResponse::Status { status } = resp else {
-        bail!("unexpected answer: {resp:?}")
-    };
+    let AdminResponse::Status { status } = resp else { bail!("unexpected answer: {resp:?}") };
     if ctx.json() {
         super::print_json(&serde_json::to_value(&status)?);
         return Ok(0);
@@ -35,10 +28,7 @@ pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
     if status.agents.is_empty() {
         println!("No agents in {}.", status.env);
     }
-    println!(
-        "{:<16} {:<20} {:<10} {:<12} {:<24} LAST RECEIPT",
-        "NAME", "ID", "CONNECTED", "ACTIVE", "STAGED"
-    );
+    println!("{:<16} {:<20} {:<10} {:<12} {:<24} LAST RECEIPT", "NAME", "ID", "CONNECTED", "ACTIVE", "STAGED");
     for ag in &status.agents {
         let receipt = match &ag.last_receipt {
             None => "-".to_string(),
@@ -64,11 +54,7 @@ pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
             ag.id,
             if ag.connected { "yes" } else { "no" },
             ag.active.as_deref().unwrap_or("-"),
-            if staged.is_empty() {
-                "-".into()
-            } else {
-                staged
-            },
+            if staged.is_empty() { "-".into() } else { staged },
             receipt
         );
     }

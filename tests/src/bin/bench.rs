@@ -1,1 +1,332 @@
-fn main() {}
+//! Stagehand's benchmarks (not tests). Every figure is measured against a baseline taken in
+//! the same run on the same machine, and reported as a ratio:
+//!
+//! - staging 1 GiB to 1 and 4 agents ÷ a bare quinn transfer of 1 GiB with the same socket
+//!   and transport settings;
+//! - releasing to 1, 10 and 100 staged agents: per-agent activation time and makespan as
+//!   multiples of the floor (signature verify + symlink rename + directory fsync);
+//! - the same release with a 1 KiB and a 1 GiB artifact, and during a 1 GiB transfer.
+//!
+//! Run: `cargo run --release -p stagehand-tests --bin stagehand-bench -- [--size-mib N]`
+
+use anyhow::{bail, Result};
+use stagehand_common::activate::{self, Activate, ReleaseKey, Targets};
+use stagehand_common::protocol::{AdminRequest, AdminResponse, ReceiptOutcome};
+use stagehand_common::tls::{self, Role};
+use stagehand_common::{fsx, net, AgentId, Digest};
+use stagehand_tests::{random_file, Fleet};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let size_mib: u64 = args.windows(2).find(|w| w[0] == "--size-mib").and_then(|w| w[1].parse().ok()).unwrap_or(1024);
+    let release_counts: Vec<usize> = args
+        .windows(2)
+        .find(|w| w[0] == "--release-agents")
+        .map(|w| w[1].split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 10, 100]);
+    let size = size_mib * MIB;
+    println!(
+        "# Stagehand benchmark ({} MiB artifact, {} cores)\n",
+        size_mib,
+        std::thread::available_parallelism()?.get()
+    );
+
+    // ---- Staging throughput against bare quinn ----
+    let mut bare = Vec::new();
+    settle()?;
+    for streams in [1usize, 4] {
+        let t = bare_quinn(size, streams).await?;
+        println!("bare quinn, {streams} stream(s): {:.0} MiB/s", mibps(size, t));
+        bare.push(mibps(size, t));
+    }
+    let baseline = bare.iter().cloned().fold(0.0, f64::max);
+    println!("baseline (best bare quinn): {baseline:.0} MiB/s\n");
+
+    let mut big_fleet = None;
+    for agents in [1usize, 4] {
+        let fleet = Fleet::start().await?;
+        let mut list = Vec::new();
+        for i in 0..agents {
+            list.push(fleet.agent("prod", &format!("a{i}")).await?);
+        }
+        let src = fleet.path().join("big");
+        std::fs::create_dir_all(&src)?;
+        random_file(&src.join("blob"), size as usize, 1)?;
+        fleet.push("big", "1", &src).await?;
+        settle()?;
+        let start = Instant::now();
+        let p = fleet.deploy("big", "1", "prod", 600).await?;
+        let t = start.elapsed();
+        if !p.all_done() {
+            bail!("staging failed: {p:?}");
+        }
+        let per_agent = mibps(size, t);
+        let total = mibps(size * agents as u64, t);
+        println!(
+            "stage {size_mib} MiB to {agents} agent(s): {:.2}s, {per_agent:.0} MiB/s per agent, {total:.0} MiB/s total; ratio to bare quinn {:.2}",
+            t.as_secs_f64(),
+            per_agent / baseline
+        );
+        if agents == 4 {
+            big_fleet = Some((fleet, list));
+        }
+    }
+    println!();
+
+    // ---- Release latency against the floor ----
+    let floor = floor_us(300)?;
+    println!("floor (verify + symlink rename + dir fsync), 300 runs: p50 {} us, p99 {} us\n", floor.0, floor.1);
+    println!("| agents | activation p50 | p99 | p99 / floor p50 | ack at controller p50 | p99 | makespan | makespan / floor p50 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for n in release_counts {
+        let fleet = Fleet::start().await?;
+        let mut agents = Vec::new();
+        for i in 0..n {
+            agents.push(fleet.agent("prod", &format!("r{i}")).await?);
+        }
+        let small = fleet.path().join("small");
+        std::fs::create_dir_all(&small)?;
+        random_file(&small.join("blob"), 1024, 2)?;
+        fleet.push("small", "1", &small).await?;
+        if !fleet.deploy("small", "1", "prod", 600).await?.all_done() {
+            bail!("staging the small artifact failed");
+        }
+        let r = timed_release(&fleet, "small", "1").await?;
+        println!(
+            "| {n} | {} us | {} us | {:.1} | {} us | {} us | {:.1} ms | {:.1} |",
+            pct(&r.activation_us, 50),
+            pct(&r.activation_us, 99),
+            pct(&r.activation_us, 99) as f64 / floor.0 as f64,
+            pct(&r.ack_us, 50),
+            pct(&r.ack_us, 99),
+            r.makespan.as_secs_f64() * 1e3,
+            r.makespan.as_micros() as f64 / floor.0 as f64
+        );
+        for mut a in agents {
+            a.stop().await;
+        }
+    }
+    println!();
+
+    // ---- Release makespan: 1 KiB vs 1 GiB artifact, and during a transfer ----
+    if let Some((fleet, agents)) = big_fleet {
+        let small = fleet.path().join("small");
+        std::fs::create_dir_all(&small)?;
+        random_file(&small.join("blob"), 1024, 2)?;
+        fleet.push("small", "1", &small).await?;
+        if !fleet.deploy("small", "1", "prod", 600).await?.all_done() {
+            bail!("staging the small artifact failed");
+        }
+        let mut small_t = Vec::new();
+        let mut big_t = Vec::new();
+        for _ in 0..5 {
+            small_t.push(timed_release(&fleet, "small", "1").await?.makespan);
+            big_t.push(timed_release(&fleet, "big", "1").await?.makespan);
+        }
+        small_t.sort();
+        big_t.sort();
+        let (s, b) = (small_t[2], big_t[2]);
+        println!(
+            "release to {} agents, median of 5: 1 KiB artifact {:.2} ms, {size_mib} MiB artifact {:.2} ms; ratio {:.2}",
+            agents.len(),
+            s.as_secs_f64() * 1e3,
+            b.as_secs_f64() * 1e3,
+            b.as_secs_f64() / s.as_secs_f64()
+        );
+
+        // A release while a new 1 GiB version is being staged on the same agents.
+        let src2 = fleet.path().join("big2");
+        std::fs::create_dir_all(&src2)?;
+        random_file(&src2.join("blob"), size as usize, 99)?;
+        fleet.push("big", "2", &src2).await?;
+        fleet.call(AdminRequest::Deploy { app: "big".into(), version: "2".into(), env: "prod".into() }).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await; // let the transfer get going
+        let during = timed_release(&fleet, "small", "1").await?.makespan;
+        let staged = fleet.wait_staged("big", "2", "prod", 600).await?;
+        println!(
+            "release to {} agents during a {size_mib} MiB transfer to them: {:.2} ms ({:.2}x the idle release); transfer {}",
+            agents.len(),
+            during.as_secs_f64() * 1e3,
+            during.as_secs_f64() / s.as_secs_f64(),
+            if staged.all_done() { "completed" } else { "did not complete" }
+        );
+        for mut a in agents {
+            a.stop().await;
+        }
+    }
+    Ok(())
+}
+
+/// Writes dirty pages back so that earlier set-up does not compete with what is measured.
+fn settle() -> Result<()> {
+    std::process::Command::new("sync").status()?;
+    Ok(())
+}
+
+fn mibps(bytes: u64, t: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / t.as_secs_f64()
+}
+
+fn pct(v: &[u64], p: usize) -> u64 {
+    let mut v = v.to_vec();
+    v.sort();
+    if v.is_empty() {
+        return 0;
+    }
+    v[((v.len() - 1) * p).div_ceil(100)]
+}
+
+/// 1 GiB over one connection with `streams` streams, same socket and transport settings.
+async fn bare_quinn(bytes: u64, streams: usize) -> Result<Duration> {
+    let ca = tls::new_ca()?;
+    let server = tls::issue_with_key(&ca, &Role::Controller)?;
+    let client = tls::issue_with_key(&ca, &Role::Admin("bench".into()))?;
+    let server_ep =
+        net::server_endpoint("127.0.0.1:0".parse()?, tls::server_config(&ca.cert_pem, &server, &[b"bench"])?)?;
+    let addr = server_ep.local_addr()?;
+    let receiver = tokio::spawn(async move {
+        let conn = server_ep.accept().await.expect("incoming").await?;
+        let mut readers = tokio::task::JoinSet::new();
+        for _ in 0..streams {
+            let mut s = conn.accept_uni().await?;
+            readers.spawn(async move {
+                let mut buf = vec![0u8; 256 << 10];
+                let mut n = 0u64;
+                while let Some(k) = s.read(&mut buf).await? {
+                    n += k as u64;
+                }
+                anyhow::Ok(n)
+            });
+        }
+        let mut total = 0;
+        while let Some(r) = readers.join_next().await {
+            total += r??;
+        }
+        anyhow::Ok(total)
+    });
+    let client_ep = net::client_endpoint(addr)?;
+    let cfg = net::client_config(tls::client_config(&ca.cert_pem, &client, b"bench")?)?;
+    let conn = net::connect(&client_ep, addr, cfg).await?;
+    let start = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        let conn = conn.clone();
+        writers.spawn(async move {
+            let mut s = conn.open_uni().await?;
+            let buf = vec![7u8; 256 << 10];
+            let mut left = bytes / streams as u64;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                s.write_all(&buf[..n]).await?;
+                left -= n as u64;
+            }
+            s.finish()?;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r??;
+    }
+    let got = receiver.await??;
+    let t = start.elapsed();
+    if got != bytes / streams as u64 * streams as u64 {
+        bail!("bare quinn moved {got} bytes");
+    }
+    conn.close(0u32.into(), b"done");
+    Ok(t)
+}
+
+/// The floor of an activation: verify a signed message, create a symlink under a temporary
+/// name, rename it over `current`, fsync the directory. (p50, p99) in microseconds.
+fn floor_us(runs: usize) -> Result<(u64, u64)> {
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("releases/a"))?;
+    std::fs::create_dir_all(dir.path().join("releases/b"))?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]);
+    let keys = vec![ReleaseKey::from_signing(&key)];
+    let body = Activate {
+        app: "web".into(),
+        version: "a".into(),
+        digest: Digest::of(b"x"),
+        env: "prod".into(),
+        targets: Targets::Agents(vec![AgentId("a-1".into())]),
+        rollout_id: "r".into(),
+        seq: 1,
+        not_before: 0,
+        expires_at: u64::MAX,
+        key_id: keys[0].key_id.clone(),
+    };
+    let msg = activate::sign(&body, &key);
+    let mut times = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let start = Instant::now();
+        activate::verify(&msg, &keys).map_err(|r| anyhow::anyhow!("{r}"))?;
+        let target = if i % 2 == 0 { "releases/a" } else { "releases/b" };
+        fsx::switch_symlink(&dir.path().join("current"), Path::new(target))?;
+        times.push(start.elapsed().as_micros() as u64);
+    }
+    Ok((pct(&times, 50), pct(&times, 99)))
+}
+
+struct Timed {
+    /// Agent side: message in → committed receipt ready.
+    activation_us: Vec<u64>,
+    /// Controller side: message sent → receipt recorded.
+    ack_us: Vec<u64>,
+    makespan: Duration,
+}
+
+/// Releases and watches receipts arrive at the controller.
+async fn timed_release(fleet: &Fleet, app: &str, version: &str) -> Result<Timed> {
+    let ctl = fleet.controller.as_ref().expect("running").controller.clone();
+    let mut changes = ctl.fleet.subscribe();
+    let client = fleet.client().await?;
+    let start = Instant::now();
+    let resp = client
+        .call(&AdminRequest::Release {
+            app: app.into(),
+            version: version.into(),
+            env: "prod".into(),
+            export: false,
+            ttl_secs: 0,
+        })
+        .await?;
+    let AdminResponse::Released { seq, targets, .. } = resp else { bail!("unexpected {resp:?}") };
+    let mut seen: HashMap<AgentId, (u64, u64)> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.len() < targets.len() {
+        for id in &targets {
+            if seen.contains_key(id) {
+                continue;
+            }
+            if let Some(r) = ctl.store.receipt(id, app)? {
+                if r.seq == seq {
+                    if r.outcome != ReceiptOutcome::Committed {
+                        bail!("{id} did not commit: {:?}", r.outcome);
+                    }
+                    seen.insert(id.clone(), (r.total_us, start.elapsed().as_micros() as u64));
+                }
+            }
+        }
+        if seen.len() == targets.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("release timed out");
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), changes.changed()).await;
+    }
+    let makespan = start.elapsed();
+    client.close().await;
+    Ok(Timed {
+        activation_us: seen.values().map(|v| v.0).collect(),
+        ack_us: seen.values().map(|v| v.1).collect(),
+        makespan,
+    })
+}

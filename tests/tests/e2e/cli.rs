@@ -44,10 +44,7 @@ fn fails(out: Output) -> String {
 }
 
 fn agent(args: &[&str]) -> Output {
-    std::process::Command::new(AGENT)
-        .args(args)
-        .output()
-        .unwrap()
+    std::process::Command::new(AGENT).args(args).output().unwrap()
 }
 
 fn current(dir: &Path) -> Option<PathBuf> {
@@ -71,70 +68,28 @@ async fn an_operator_session_from_init_to_air_gapped_release() {
     let ctl = t.join("ctl");
     let ctl_s = ctl.to_str().unwrap();
     ok(std::process::Command::new(STAGEHAND)
-        .args([
-            "controller",
-            "init",
-            "--data-dir",
-            ctl_s,
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(["controller", "init", "--data-dir", ctl_s, "--listen", "127.0.0.1:0"])
         .output()
         .unwrap());
-    let _controller = Proc::spawn(
-        STAGEHAND,
-        &["controller", "serve", "--data-dir", ctl_s],
-        &[],
-        t.join("ctl.log"),
-    )
-    .unwrap();
+    let _controller =
+        Proc::spawn(STAGEHAND, &["controller", "serve", "--data-dir", ctl_s], &[], t.join("ctl.log")).unwrap();
     let addr_file = ctl.join("controller.addr");
-    wait_for(
-        "the controller to listen",
-        Duration::from_secs(30),
-        || async { addr_file.exists() },
-    )
-    .await
-    .unwrap();
-    let env = Env {
-        addr: std::fs::read_to_string(&addr_file).unwrap(),
-        creds: ctl.join("admin"),
-    };
+    wait_for("the controller to listen", Duration::from_secs(30), || async { addr_file.exists() }).await.unwrap();
+    let env = Env { addr: std::fs::read_to_string(&addr_file).unwrap(), creds: ctl.join("admin") };
 
     // Three agents in two environments, enrolled with tokens and run as processes.
     let mut agents = Vec::new();
     let mut procs = Vec::new();
     for (name, e) in [("p1", "prod"), ("p2", "prod"), ("s1", "staging")] {
-        let token = ok(sh(&env, &["token", "create", "--env", e]))
-            .trim()
-            .to_string();
+        let token = ok(sh(&env, &["token", "create", "--env", e])).trim().to_string();
         let dir = t.join(name);
         let d = dir.to_str().unwrap();
-        ok(agent(&[
-            "join",
-            "--controller",
-            &env.addr,
-            "--token",
-            &token,
-            "--data-dir",
-            d,
-            "--name",
-            name,
-        ]));
-        procs.push(
-            Proc::spawn(
-                AGENT,
-                &["run", "--data-dir", d],
-                &[],
-                t.join(format!("{name}.log")),
-            )
-            .unwrap(),
-        );
+        ok(agent(&["join", "--controller", &env.addr, "--token", &token, "--data-dir", d, "--name", name]));
+        procs.push(Proc::spawn(AGENT, &["run", "--data-dir", d], &[], t.join(format!("{name}.log"))).unwrap());
         agents.push(dir);
     }
     let (p1, p2, s1) = (agents[0].clone(), agents[1].clone(), agents[2].clone());
-    let listed: serde_json::Value =
-        serde_json::from_str(&ok(sh(&env, &["agents", "list", "-o", "json"]))).unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&ok(sh(&env, &["agents", "list", "-o", "json"]))).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 3);
 
     // Push, deploy --wait: prod holds an identical tree with modes and no current; staging nothing.
@@ -142,24 +97,8 @@ async fn an_operator_session_from_init_to_air_gapped_release() {
     tree(&v1, "1.0");
     let digest = ok(sh(&env, &["push", "web", "1.0", v1.to_str().unwrap()]));
     assert!(digest.starts_with("blake3:"), "{digest}");
-    assert_eq!(
-        ok(sh(&env, &["push", "web", "1.0", v1.to_str().unwrap()])),
-        digest,
-        "re-push is a no-op"
-    );
-    ok(sh(
-        &env,
-        &[
-            "deploy",
-            "web",
-            "1.0",
-            "--env",
-            "prod",
-            "--wait",
-            "--timeout",
-            "60s",
-        ],
-    ));
+    assert_eq!(ok(sh(&env, &["push", "web", "1.0", v1.to_str().unwrap()])), digest, "re-push is a no-op");
+    ok(sh(&env, &["deploy", "web", "1.0", "--env", "prod", "--wait", "--timeout", "60s"]));
     for a in [&p1, &p2] {
         assert_same_tree(&v1, &a.join("apps/web/releases/1.0"));
         assert!(current(a).is_none());
@@ -168,157 +107,70 @@ async fn an_operator_session_from_init_to_air_gapped_release() {
 
     // A release of something not staged is refused with exit 1 and changes nothing.
     let err = fails(sh(&env, &["release", "web", "1.0", "--env", "staging"]));
-    assert!(
-        err.contains("not staged") && err.contains("next: stagehand deploy web 1.0 --env staging"),
-        "{err}"
-    );
+    assert!(err.contains("not staged") && err.contains("next: stagehand deploy web 1.0 --env staging"), "{err}");
     fails(sh(&env, &["release", "web", "9.9", "--env", "prod"]));
     assert!(current(&s1).is_none() && current(&p1).is_none());
 
     // Release, then a second version, then rollback.
-    ok(sh(
-        &env,
-        &["release", "web", "1.0", "--env", "prod", "--wait"],
-    ));
+    ok(sh(&env, &["release", "web", "1.0", "--env", "prod", "--wait"]));
     assert_eq!(current(&p1).unwrap(), Path::new("releases/1.0"));
     assert_eq!(current(&p2).unwrap(), Path::new("releases/1.0"));
     assert!(current(&s1).is_none());
     let v2 = t.join("v2");
     tree(&v2, "2.0");
     ok(sh(&env, &["push", "web", "2.0", v2.to_str().unwrap()]));
-    ok(sh(
-        &env,
-        &["deploy", "web", "2.0", "--env", "prod", "--wait"],
-    ));
-    ok(sh(
-        &env,
-        &["release", "web", "2.0", "--env", "prod", "--wait"],
-    ));
+    ok(sh(&env, &["deploy", "web", "2.0", "--env", "prod", "--wait"]));
+    ok(sh(&env, &["release", "web", "2.0", "--env", "prod", "--wait"]));
     assert_eq!(current(&p2).unwrap(), Path::new("releases/2.0"));
     ok(sh(&env, &["rollback", "web", "--env", "prod", "--wait"]));
     assert_eq!(current(&p1).unwrap(), Path::new("releases/1.0"));
     assert_eq!(current(&p2).unwrap(), Path::new("releases/1.0"));
-    let status: serde_json::Value = serde_json::from_str(&ok(sh(
-        &env,
-        &["status", "web", "--env", "prod", "-o", "json"],
-    )))
-    .unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(sh(&env, &["status", "web", "--env", "prod", "-o", "json"]))).unwrap();
     assert_eq!(status["desired"][0], "1.0");
     assert_eq!(status["agents"][0]["last_receipt"]["outcome"], "Committed");
 
     // Air-gapped: export (nothing changes), stop p1, apply the file offline.
     let older = t.join("older.activate");
-    ok(sh(
-        &env,
-        &[
-            "release",
-            "web",
-            "2.0",
-            "--env",
-            "prod",
-            "--export",
-            older.to_str().unwrap(),
-        ],
-    ));
+    ok(sh(&env, &["release", "web", "2.0", "--env", "prod", "--export", older.to_str().unwrap()]));
     let file = t.join("web-2.0.activate");
-    ok(sh(
-        &env,
-        &[
-            "release",
-            "web",
-            "2.0",
-            "--env",
-            "prod",
-            "--export",
-            file.to_str().unwrap(),
-        ],
-    ));
-    assert_eq!(
-        current(&p1).unwrap(),
-        Path::new("releases/1.0"),
-        "--export must send nothing"
-    );
+    ok(sh(&env, &["release", "web", "2.0", "--env", "prod", "--export", file.to_str().unwrap()]));
+    assert_eq!(current(&p1).unwrap(), Path::new("releases/1.0"), "--export must send nothing");
     procs[0].kill9();
     let p1s = p1.to_str().unwrap();
     let f = file.to_str().unwrap();
     ok(agent(&["activate", "--data-dir", p1s, "--file", f]));
     assert_eq!(current(&p1).unwrap(), Path::new("releases/2.0"));
     ok(agent(&["activate", "--data-dir", p1s, "--file", f]));
-    assert_eq!(
-        current(&p1).unwrap(),
-        Path::new("releases/2.0"),
-        "re-applying is a no-op"
-    );
+    assert_eq!(current(&p1).unwrap(), Path::new("releases/2.0"), "re-applying is a no-op");
 
     // A tampered copy, a lower seq, another environment: refused with exit 1, nothing changes.
     let text = std::fs::read_to_string(&file).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let sig = v["signature"].as_str().unwrap().to_string();
-    let flipped = format!(
-        "{}{}",
-        if sig.starts_with('0') { "1" } else { "0" },
-        &sig[1..]
-    );
+    let flipped = format!("{}{}", if sig.starts_with('0') { "1" } else { "0" }, &sig[1..]);
     v["signature"] = flipped.into();
     let tampered = t.join("tampered.activate");
     std::fs::write(&tampered, v.to_string()).unwrap();
-    assert!(fails(agent(&[
-        "activate",
-        "--data-dir",
-        p1s,
-        "--file",
-        tampered.to_str().unwrap()
-    ]))
-    .contains("bad-signature"));
-    assert!(fails(agent(&[
-        "activate",
-        "--data-dir",
-        p1s,
-        "--file",
-        older.to_str().unwrap()
-    ]))
-    .contains("stale-seq"));
-    ok(sh(
-        &env,
-        &["deploy", "web", "1.0", "--env", "staging", "--wait"],
-    ));
+    assert!(
+        fails(agent(&["activate", "--data-dir", p1s, "--file", tampered.to_str().unwrap()])).contains("bad-signature")
+    );
+    assert!(fails(agent(&["activate", "--data-dir", p1s, "--file", older.to_str().unwrap()])).contains("stale-seq"));
+    ok(sh(&env, &["deploy", "web", "1.0", "--env", "staging", "--wait"]));
     let other = t.join("staging.activate");
-    ok(sh(
-        &env,
-        &[
-            "release",
-            "web",
-            "1.0",
-            "--env",
-            "staging",
-            "--export",
-            other.to_str().unwrap(),
-        ],
-    ));
-    assert!(fails(agent(&[
-        "activate",
-        "--data-dir",
-        p1s,
-        "--file",
-        other.to_str().unwrap()
-    ]))
-    .contains("wrong-environment"));
+    ok(sh(&env, &["release", "web", "1.0", "--env", "staging", "--export", other.to_str().unwrap()]));
+    assert!(
+        fails(agent(&["activate", "--data-dir", p1s, "--file", other.to_str().unwrap()])).contains("wrong-environment")
+    );
     assert_eq!(current(&p1).unwrap(), Path::new("releases/2.0"));
 
     // A running agent takes the file through its local socket.
-    ok(agent(&[
-        "activate",
-        "--data-dir",
-        p2.to_str().unwrap(),
-        "--file",
-        f,
-    ]));
+    ok(agent(&["activate", "--data-dir", p2.to_str().unwrap(), "--file", f]));
     assert_eq!(current(&p2).unwrap(), Path::new("releases/2.0"));
 
     // The local view.
     let local: serde_json::Value =
-        serde_json::from_slice(&agent(&["status", "--data-dir", p1s, "-o", "json"]).stdout)
-            .unwrap();
+        serde_json::from_slice(&agent(&["status", "--data-dir", p1s, "-o", "json"]).stdout).unwrap();
     assert_eq!(local["apps"][0]["active"], "2.0");
     assert_eq!(local["env"], "prod");
 

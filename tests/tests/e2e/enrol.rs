@@ -11,31 +11,18 @@ async fn a_good_token_enrols_once_and_only_once() {
     let token = fleet.token("prod", 600).await.unwrap();
     let addr = fleet.addr.to_string();
     let dir = fleet.path().join("a1");
-    let id = stagehand_agent::join::join(
-        &addr,
-        &token,
-        &dir,
-        Some("web-1".into()),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let id = stagehand_agent::join::join(&addr, &token, &dir, Some("web-1".into()), Default::default()).await.unwrap();
     assert_eq!(id.env, "prod");
     assert!(id.id.0.starts_with("a-"));
     assert!(dir.join("identity/key.pem").exists() && dir.join("agent.toml").exists());
 
     // The same token again: refused, nothing written.
     let dir2 = fleet.path().join("a2");
-    let err = stagehand_agent::join::join(&addr, &token, &dir2, None, Default::default())
-        .await
-        .unwrap_err();
+    let err = stagehand_agent::join::join(&addr, &token, &dir2, None, Default::default()).await.unwrap_err();
     assert!(format!("{err:#}").contains("already used"), "{err:#}");
     assert!(!dir2.join("identity/agent.json").exists());
 
-    let AdminResponse::Agents { agents } = fleet.call(AdminRequest::ListAgents).await.unwrap()
-    else {
-        panic!()
-    };
+    let AdminResponse::Agents { agents } = fleet.call(AdminRequest::ListAgents).await.unwrap() else { panic!() };
     assert_eq!(agents.len(), 1);
     assert_eq!(agents[0].name, "web-1");
 }
@@ -44,12 +31,7 @@ async fn a_good_token_enrols_once_and_only_once() {
 async fn an_expired_token_is_refused() {
     let fleet = Fleet::start().await.unwrap();
     let AdminResponse::Token { token, expires_at } = fleet
-        .call(AdminRequest::CreateToken {
-            env: "dev".into(),
-            ttl_secs: 1,
-            labels: Default::default(),
-            uses: 1,
-        })
+        .call(AdminRequest::CreateToken { env: "dev".into(), ttl_secs: 1, labels: Default::default(), uses: 1 })
         .await
         .unwrap()
     else {
@@ -60,15 +42,10 @@ async fn an_expired_token_is_refused() {
     })
     .await
     .unwrap();
-    let err = stagehand_agent::join::join(
-        &fleet.addr.to_string(),
-        &token,
-        &fleet.path().join("a"),
-        None,
-        Default::default(),
-    )
-    .await
-    .unwrap_err();
+    let err =
+        stagehand_agent::join::join(&fleet.addr.to_string(), &token, &fleet.path().join("a"), None, Default::default())
+            .await
+            .unwrap_err();
     assert!(format!("{err:#}").contains("expired"), "{err:#}");
 }
 
@@ -80,45 +57,25 @@ async fn unknown_and_foreign_tokens_are_refused() {
 
     // Right CA, made-up secret.
     let real = JoinToken::parse(&fleet.token("dev", 600).await.unwrap()).unwrap();
-    let forged = JoinToken {
-        secret: "0".repeat(32),
-        ..real.clone()
-    };
-    let err = stagehand_agent::join::join(
-        &addr,
-        &forged.to_string(),
-        &fleet.path().join("x"),
-        None,
-        Default::default(),
-    )
-    .await
-    .unwrap_err();
+    let forged = JoinToken { secret: "0".repeat(32), ..real.clone() };
+    let err =
+        stagehand_agent::join::join(&addr, &forged.to_string(), &fleet.path().join("x"), None, Default::default())
+            .await
+            .unwrap_err();
     assert!(format!("{err:#}").contains("unknown"), "{err:#}");
 
     // A token from another controller: its CA fingerprint does not match this controller.
     let foreign = other.token("dev", 600).await.unwrap();
-    let err = stagehand_agent::join::join(
-        &addr,
-        &foreign,
-        &fleet.path().join("y"),
-        None,
-        Default::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = stagehand_agent::join::join(&addr, &foreign, &fleet.path().join("y"), None, Default::default())
+        .await
+        .unwrap_err();
     assert!(format!("{err:#}").contains("cannot enrol"), "{err:#}");
     assert!(!fleet.path().join("y/identity/agent.json").exists());
 
     // The forged attempt did not burn the real token.
-    stagehand_agent::join::join(
-        &addr,
-        &real.to_string(),
-        &fleet.path().join("z"),
-        None,
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    stagehand_agent::join::join(&addr, &real.to_string(), &fleet.path().join("z"), None, Default::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -131,47 +88,29 @@ async fn certificates_only_open_their_own_channels() {
     let admin_creds = Credentials::load(&fleet.admin).unwrap();
 
     // An agent certificate on the admin channel is refused.
-    let err = stagehand_controller::client::Client::connect(
-        Some(&fleet.addr.to_string()),
-        Some(&agent.dir.join("identity")),
-    )
-    .await
-    .err()
-    .expect("an agent certificate must not open the admin channel");
+    let err =
+        stagehand_controller::client::Client::connect(Some(&fleet.addr.to_string()), Some(&agent.dir.join("identity")))
+            .await
+            .err()
+            .expect("an agent certificate must not open the admin channel");
     assert!(format!("{err:#}").contains("refused"), "{err:#}");
 
     // An admin certificate on the deploy channel is closed before any message is served.
     let ep = stagehand_common::net::client_endpoint(fleet.addr).unwrap();
-    let cfg = stagehand_common::net::client_config(admin_creds.client_config(ALPN_DEPLOY).unwrap())
-        .unwrap();
-    let conn = stagehand_common::net::connect(&ep, fleet.addr, cfg)
-        .await
-        .unwrap();
+    let cfg = stagehand_common::net::client_config(admin_creds.client_config(ALPN_DEPLOY).unwrap()).unwrap();
+    let conn = stagehand_common::net::connect(&ep, fleet.addr, cfg).await.unwrap();
     let reason = conn.closed().await;
     assert!(format!("{reason}").contains("not allowed"), "{reason}");
 
     // The agent's own certificate on the deploy channel works.
-    let cfg = stagehand_common::net::client_config(agent_creds.client_config(ALPN_DEPLOY).unwrap())
-        .unwrap();
-    let conn = stagehand_common::net::connect(&ep, fleet.addr, cfg)
+    let cfg = stagehand_common::net::client_config(agent_creds.client_config(ALPN_DEPLOY).unwrap()).unwrap();
+    let conn = stagehand_common::net::connect(&ep, fleet.addr, cfg).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    stagehand_common::frame::write_msg(&mut send, &stagehand_common::protocol::DeployUp::Hello { protocol_version: 1 })
         .await
         .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    stagehand_common::frame::write_msg(
-        &mut send,
-        &stagehand_common::protocol::DeployUp::Hello {
-            protocol_version: 1,
-        },
-    )
-    .await
-    .unwrap();
     let hello: Option<stagehand_common::protocol::DeployDown> =
-        stagehand_common::frame::read_msg::<_, _, 1024>(&mut recv)
-            .await
-            .unwrap();
-    assert!(matches!(
-        hello,
-        Some(stagehand_common::protocol::DeployDown::Hello { .. })
-    ));
+        stagehand_common::frame::read_msg::<_, _, 1024>(&mut recv).await.unwrap();
+    assert!(matches!(hello, Some(stagehand_common::protocol::DeployDown::Hello { .. })));
     let _ = ALPN_ADMIN;
 }

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 fn fetched_bytes(log: &str) -> Option<u64> {
     let line = log.lines().rev().find(|l| l.contains("Staged."))?;
-    let field = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("fetched_bytes="))?;
+    let field = line.split_whitespace().find_map(|w| w.strip_prefix("fetched_bytes="))?;
     field.parse().ok()
 }
 
@@ -28,18 +26,8 @@ async fn an_agent_killed_mid_transfer_resumes_with_what_it_has() {
     fleet.push("app", "1", &src).await.unwrap();
 
     // The agent kills itself with SIGKILL after writing its 150th chunk (of about 400).
-    let env = [
-        ("STAGEHAND_LOG", "info"),
-        ("STAGEHAND_FAILPOINT", "stage-chunk:150"),
-        ("NO_COLOR", "1"),
-    ];
-    let mut first = Proc::spawn(
-        AGENT,
-        &["run", "--data-dir", &dir],
-        &env,
-        fleet.path().join("agent-1.log"),
-    )
-    .unwrap();
+    let env = [("STAGEHAND_LOG", "info"), ("STAGEHAND_FAILPOINT", "stage-chunk:150"), ("NO_COLOR", "1")];
+    let mut first = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-1.log")).unwrap();
     let client = fleet.client().await.unwrap();
     client
         .call(&stagehand_common::protocol::AdminRequest::Deploy {
@@ -50,31 +38,16 @@ async fn an_agent_killed_mid_transfer_resumes_with_what_it_has() {
         .await
         .unwrap();
     let status = first.wait_exit(Duration::from_secs(60)).await.unwrap();
-    assert!(
-        !status.success(),
-        "the failpoint should have killed the agent"
-    );
-    assert!(
-        !agent.release_dir("app", "1").exists(),
-        "a half-staged version must never appear"
-    );
+    assert!(!status.success(), "the failpoint should have killed the agent");
+    assert!(!agent.release_dir("app", "1").exists(), "a half-staged version must never appear");
 
     let env = [("STAGEHAND_LOG", "info"), ("NO_COLOR", "1")];
-    let second = Proc::spawn(
-        AGENT,
-        &["run", "--data-dir", &dir],
-        &env,
-        fleet.path().join("agent-2.log"),
-    )
-    .unwrap();
+    let second = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-2.log")).unwrap();
     let p = fleet.wait_staged("app", "1", "prod", 60).await.unwrap();
     assert!(p.all_done(), "{p:?}\n{}", second.log_text());
     assert_same_tree(&src, &agent.release_dir("app", "1"));
     let fetched = fetched_bytes(&second.log_text()).expect("the agent logs what it fetched");
-    assert!(
-        fetched < size * 3 / 4,
-        "fetched {fetched} of {size} bytes after restart"
-    );
+    assert!(fetched < size * 3 / 4, "fetched {fetched} of {size} bytes after restart");
     assert!(fetched > 0);
 }
 
@@ -96,51 +69,27 @@ async fn a_peer_sending_garbage_is_dropped_and_others_are_served() {
     let garbage = net::connect(&ep, fleet.addr, cfg.clone()).await.unwrap();
     let (mut send, _recv) = garbage.open_bi().await.unwrap();
     // A length prefix of almost 4 GiB: refused before anything is allocated.
-    send.write_all(&[0xFF, 0xFF, 0xFF, 0xF0, 1, 2, 3, 4])
-        .await
-        .unwrap();
+    send.write_all(&[0xFF, 0xFF, 0xFF, 0xF0, 1, 2, 3, 4]).await.unwrap();
 
     // Another connection with a valid hello and then a fetch request of a lying length.
     let liar = net::connect(&ep, fleet.addr, cfg).await.unwrap();
     let (mut s, mut r) = liar.open_bi().await.unwrap();
-    frame::write_msg(
-        &mut s,
-        &stagehand_common::protocol::DeployUp::Hello {
-            protocol_version: 1,
-        },
-    )
-    .await
-    .unwrap();
-    let _: Option<stagehand_common::protocol::DeployDown> =
-        frame::read_msg::<_, _, 1024>(&mut r).await.unwrap();
+    frame::write_msg(&mut s, &stagehand_common::protocol::DeployUp::Hello { protocol_version: 1 }).await.unwrap();
+    let _: Option<stagehand_common::protocol::DeployDown> = frame::read_msg::<_, _, 1024>(&mut r).await.unwrap();
     let (mut s2, _r2) = liar.open_bi().await.unwrap();
-    s2.write_all(&[0, 0, 0, 8, 0, 0, 0, 4, 0xFF, 0xFF, 0xFF, 0xFF])
-        .await
-        .unwrap();
+    s2.write_all(&[0, 0, 0, 8, 0, 0, 0, 4, 0xFF, 0xFF, 0xFF, 0xFF]).await.unwrap();
     s2.finish().unwrap();
 
     let p = fleet.deploy("app", "1", "prod", 60).await;
-    let reason = tokio::time::timeout(Duration::from_secs(10), garbage.closed())
-        .await
-        .expect("garbage peer dropped");
+    let reason = tokio::time::timeout(Duration::from_secs(10), garbage.closed()).await.expect("garbage peer dropped");
     assert!(format!("{reason}").contains("protocol error"), "{reason}");
-    let reason = tokio::time::timeout(Duration::from_secs(10), liar.closed())
-        .await
-        .expect("lying peer dropped");
-    assert!(
-        format!("{reason}").contains("bad fetch request")
-            || format!("{reason}").contains("protocol"),
-        "{reason}"
-    );
+    let reason = tokio::time::timeout(Duration::from_secs(10), liar.closed()).await.expect("lying peer dropped");
+    assert!(format!("{reason}").contains("bad fetch request") || format!("{reason}").contains("protocol"), "{reason}");
     let p = p.unwrap();
     assert!(p.done.contains(&good.id), "{p:?}");
     assert_same_tree(&src, &good.release_dir("app", "1"));
     // And the controller still serves new work.
-    wait_for(
-        "the controller to answer",
-        Duration::from_secs(10),
-        || async { fleet.client().await.is_ok() },
-    )
-    .await
-    .unwrap();
+    wait_for("the controller to answer", Duration::from_secs(10), || async { fleet.client().await.is_ok() })
+        .await
+        .unwrap();
 }

@@ -14,10 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn release_key(fleet: &Fleet) -> SigningKey {
-    stagehand_controller::init::load_release_key(&stagehand_controller::config::Layout::new(
-        &fleet.ctl_dir,
-    ))
-    .unwrap()
+    stagehand_controller::init::load_release_key(&stagehand_controller::config::Layout::new(&fleet.ctl_dir)).unwrap()
 }
 
 fn version_tree(root: &Path, version: &str, toml: Option<&str>) -> PathBuf {
@@ -33,11 +30,7 @@ fn version_tree(root: &Path, version: &str, toml: Option<&str>) -> PathBuf {
 
 async fn digest_of(fleet: &Fleet, app: &str, version: &str) -> Digest {
     let AdminResponse::Deployed { digest, .. } = fleet
-        .call(AdminRequest::Deploy {
-            app: app.into(),
-            version: version.into(),
-            env: "prod".into(),
-        })
+        .call(AdminRequest::Deploy { app: app.into(), version: version.into(), env: "prod".into() })
         .await
         .unwrap()
     else {
@@ -97,18 +90,12 @@ async fn every_rule_refuses_on_a_real_agent() {
     // Rule 1: a bit flipped in the body, in the signature; another key; the CA key.
     let mut m = activate::sign(&good, &key);
     m.body[20] ^= 0x01;
-    assert!(matches!(
-        refused(&host, m).await,
-        Refusal::BadSignature | Refusal::Malformed | Refusal::UnknownKey
-    ));
+    assert!(matches!(refused(&host, m).await, Refusal::BadSignature | Refusal::Malformed | Refusal::UnknownKey));
     let mut m = activate::sign(&good, &key);
     m.signature[5] ^= 0x80;
     assert_eq!(refused(&host, m).await, Refusal::BadSignature);
     let impostor = SigningKey::from_bytes(&[3u8; 32]);
-    assert_eq!(
-        refused(&host, activate::sign(&good, &impostor)).await,
-        Refusal::BadSignature
-    );
+    assert_eq!(refused(&host, activate::sign(&good, &impostor)).await, Refusal::BadSignature);
     let ca_key_pem = std::fs::read_to_string(fleet.ctl_dir.join("ca/ca.key")).unwrap();
     let ca_key = rustls::pki_types::PrivateKeyDer::try_from(
         rustls::pki_types::pem::PemObject::from_pem_slice(ca_key_pem.as_bytes())
@@ -117,9 +104,7 @@ async fn every_rule_refuses_on_a_real_agent() {
     )
     .unwrap();
     let signer = rustls::crypto::ring::sign::any_supported_type(&ca_key).unwrap();
-    let signer = signer
-        .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
-        .unwrap();
+    let signer = signer.choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256]).unwrap();
     let mut by_ca = activate::sign(&good, &key);
     by_ca.signature = signer.sign(&by_ca.body).unwrap();
     assert_eq!(refused(&host, by_ca).await, Refusal::BadSignature);
@@ -127,38 +112,23 @@ async fn every_rule_refuses_on_a_real_agent() {
     // Rule 2: another environment; an agent that is not a target.
     let mut b = good.clone();
     b.env = "staging".into();
-    assert_eq!(
-        refused(&host, activate::sign(&b, &key)).await,
-        Refusal::WrongEnvironment
-    );
+    assert_eq!(refused(&host, activate::sign(&b, &key)).await, Refusal::WrongEnvironment);
     let mut b = good.clone();
     b.targets = Targets::Agents(vec![AgentId("a-someoneelse".into())]);
-    assert_eq!(
-        refused(&host, activate::sign(&b, &key)).await,
-        Refusal::NotTargeted
-    );
+    assert_eq!(refused(&host, activate::sign(&b, &key)).await, Refusal::NotTargeted);
 
     // Rule 4: expired.
     let mut b = good.clone();
     b.expires_at = now_secs() - 1;
-    assert_eq!(
-        refused(&host, activate::sign(&b, &key)).await,
-        Refusal::Expired
-    );
+    assert_eq!(refused(&host, activate::sign(&b, &key)).await, Refusal::Expired);
 
     // Rule 5: a version that is not staged.
     let mut b = good.clone();
     b.version = "v9".into();
-    assert_eq!(
-        refused(&host, activate::sign(&b, &key)).await,
-        Refusal::NotStaged
-    );
+    assert_eq!(refused(&host, activate::sign(&b, &key)).await, Refusal::NotStaged);
     let mut b = good.clone();
     b.digest = Digest::of(b"something else");
-    assert_eq!(
-        refused(&host, activate::sign(&b, &key)).await,
-        Refusal::DigestMismatch
-    );
+    assert_eq!(refused(&host, activate::sign(&b, &key)).await, Refusal::DigestMismatch);
 
     // The good message applies; replaying it is a no-op returning the same receipt.
     let msg = activate::sign(&good, &key);
@@ -171,31 +141,17 @@ async fn every_rule_refuses_on_a_real_agent() {
     // Rule 3: a lower seq (a rollback must be a new, higher message).
     let v1 = digest_of(&fleet, "web", "v1").await;
     let old = body(&key, &agent.id, "v1", v1, 9);
-    assert_eq!(
-        refused(&host, activate::sign(&old, &key)).await,
-        Refusal::StaleSeq
-    );
+    assert_eq!(refused(&host, activate::sign(&old, &key)).await, Refusal::StaleSeq);
 
     // Rule 5: a staged file modified after staging.
     let f = agent.release_dir("web", "v1").join("VERSION");
     std::fs::write(&f, "tampered").unwrap();
     let newer = body(&key, &agent.id, "v1", v1, 11);
-    assert_eq!(
-        refused(&host, activate::sign(&newer, &key)).await,
-        Refusal::DigestMismatch
-    );
+    assert_eq!(refused(&host, activate::sign(&newer, &key)).await, Refusal::DigestMismatch);
     // Touching the bytes back does not fool it either: the check falls back to hashing.
     std::fs::write(&f, "v1").unwrap();
-    let ok = stagehand_agent::activate::handle(
-        &host,
-        activate::sign(&body(&key, &agent.id, "v1", v1, 12), &key),
-    )
-    .await;
-    assert_eq!(
-        ok.outcome,
-        ReceiptOutcome::Committed,
-        "identical bytes again are intact"
-    );
+    let ok = stagehand_agent::activate::handle(&host, activate::sign(&body(&key, &agent.id, "v1", v1, 12), &key)).await;
+    assert_eq!(ok.outcome, ReceiptOutcome::Committed, "identical bytes again are intact");
 }
 
 #[tokio::test]
@@ -215,58 +171,34 @@ async fn release_switches_one_environment_and_rollback_switches_back() {
     let src = version_tree(fleet.path(), "v3", None);
     fleet.push("web", "v3", &src).await.unwrap();
     let err = fleet.release("web", "v3", "prod").await.unwrap_err();
-    assert!(
-        format!("{err:#}").contains("not staged on every agent"),
-        "{err:#}"
-    );
+    assert!(format!("{err:#}").contains("not staged on every agent"), "{err:#}");
 
     for v in ["v1", "v2"] {
         assert!(fleet.release("web", v, "prod").await.unwrap().all_done());
         for a in [&p1, &p2] {
             assert_eq!(a.current("web").unwrap(), Path::new("releases").join(v));
         }
-        assert!(
-            s1.current("web").is_none(),
-            "release to prod touched staging"
-        );
+        assert!(s1.current("web").is_none(), "release to prod touched staging");
     }
     let AdminResponse::Released { version, seq, .. } = fleet
-        .call(AdminRequest::Rollback {
-            app: "web".into(),
-            env: "prod".into(),
-            to: None,
-            export: false,
-            ttl_secs: 0,
-        })
+        .call(AdminRequest::Rollback { app: "web".into(), env: "prod".into(), to: None, export: false, ttl_secs: 0 })
         .await
         .unwrap()
     else {
         panic!()
     };
     assert_eq!(version, "v1");
-    assert!(fleet
-        .wait_release("web", "prod", seq)
-        .await
-        .unwrap()
-        .all_done());
+    assert!(fleet.wait_release("web", "prod", seq).await.unwrap().all_done());
     for a in [&p1, &p2] {
         assert_eq!(a.current("web").unwrap(), Path::new("releases/v1"));
     }
-    let AdminResponse::Status { status } = fleet
-        .call(AdminRequest::Status {
-            app: "web".into(),
-            env: "prod".into(),
-        })
-        .await
-        .unwrap()
+    let AdminResponse::Status { status } =
+        fleet.call(AdminRequest::Status { app: "web".into(), env: "prod".into() }).await.unwrap()
     else {
         panic!()
     };
     assert_eq!(status.desired, Some(("v1".into(), seq)));
-    assert!(status
-        .agents
-        .iter()
-        .all(|a| a.active.as_deref() == Some("v1")));
+    assert!(status.agents.iter().all(|a| a.active.as_deref() == Some("v1")));
 }
 
 #[tokio::test]
@@ -277,10 +209,7 @@ async fn an_unhealthy_release_switches_back_by_itself_and_says_why() {
     let good = version_tree(
         fleet.path(),
         "good",
-        Some(&format!(
-            "[hooks]\npost_activate = \"env | grep ^STAGEHAND_ | sort > {}\"\n",
-            marker.display()
-        )),
+        Some(&format!("[hooks]\npost_activate = \"env | grep ^STAGEHAND_ | sort > {}\"\n", marker.display())),
     );
     let bad = version_tree(
         fleet.path(),
@@ -292,34 +221,18 @@ async fn an_unhealthy_release_switches_back_by_itself_and_says_why() {
     for v in ["good", "bad"] {
         assert!(fleet.deploy("web", v, "prod", 60).await.unwrap().all_done());
     }
-    assert!(fleet
-        .release("web", "good", "prod")
-        .await
-        .unwrap()
-        .all_done());
+    assert!(fleet.release("web", "good", "prod").await.unwrap().all_done());
     let env = std::fs::read_to_string(&marker).unwrap();
-    assert!(
-        env.contains("STAGEHAND_VERSION=good") && env.contains("STAGEHAND_APP=web"),
-        "{env}"
-    );
+    assert!(env.contains("STAGEHAND_VERSION=good") && env.contains("STAGEHAND_APP=web"), "{env}");
 
     let p = fleet.release("web", "bad", "prod").await.unwrap();
     assert_eq!(p.failed, vec![(agent.id.clone(), "unhealthy".to_string())]);
-    assert_eq!(
-        agent.current("web").unwrap(),
-        Path::new("releases/good"),
-        "must switch back by itself"
-    );
+    assert_eq!(agent.current("web").unwrap(), Path::new("releases/good"), "must switch back by itself");
     // The previous version's post-activate hook ran again after the switch back.
     let env = std::fs::read_to_string(&marker).unwrap();
     assert!(env.contains("STAGEHAND_VERSION=good"), "{env}");
-    let AdminResponse::Status { status } = fleet
-        .call(AdminRequest::Status {
-            app: "web".into(),
-            env: "prod".into(),
-        })
-        .await
-        .unwrap()
+    let AdminResponse::Status { status } =
+        fleet.call(AdminRequest::Status { app: "web".into(), env: "prod".into() }).await.unwrap()
     else {
         panic!()
     };
@@ -334,11 +247,7 @@ async fn an_agent_away_during_a_release_converges_when_it_returns() {
     let mut away = fleet.agent("prod", "away").await.unwrap();
     let src = version_tree(fleet.path(), "v1", None);
     fleet.push("web", "v1", &src).await.unwrap();
-    assert!(fleet
-        .deploy("web", "v1", "prod", 60)
-        .await
-        .unwrap()
-        .all_done());
+    assert!(fleet.deploy("web", "v1", "prod", 60).await.unwrap().all_done());
     away.stop().await;
     let AdminResponse::Released { seq, .. } = fleet
         .call(AdminRequest::Release {
@@ -355,27 +264,20 @@ async fn an_agent_away_during_a_release_converges_when_it_returns() {
     };
     assert!(away.current("web").is_none());
     away.start().await.unwrap();
-    assert!(fleet
-        .wait_release("web", "prod", seq)
-        .await
-        .unwrap()
-        .all_done());
+    assert!(fleet.wait_release("web", "prod", seq).await.unwrap().all_done());
     assert_eq!(away.current("web").unwrap(), Path::new("releases/v1"));
 
     // A host that joins later stages and activates the desired version by itself.
     let late = fleet.agent("prod", "late").await.unwrap();
-    wait_for(
-        "the late agent to go live",
-        Duration::from_secs(60),
-        || async { late.current("web").is_some() },
-    )
-    .await
-    .unwrap();
+    wait_for("the late agent to go live", Duration::from_secs(60), || async { late.current("web").is_some() })
+        .await
+        .unwrap();
     assert_eq!(late.current("web").unwrap(), Path::new("releases/v1"));
 }
 
 /// kill -9 at each step of an activation, then restart: `current` is the old or the new
-/// version, never missing or dangling, and the applied seq is never forgotten.
+/// version, never missing or dangling, the applied seq is never forgotten, and the
+/// interrupted activation is finished one way or the other.
 #[tokio::test]
 async fn kill_9_at_every_step_of_an_activation() {
     let fleet = Fleet::start().await.unwrap();
@@ -395,20 +297,11 @@ async fn kill_9_at_every_step_of_an_activation() {
         let file = fleet.path().join(format!("msg-{i}.json"));
         let out = fleet_export(&fleet, target, &file).await;
         let status = std::process::Command::new(AGENT)
-            .args([
-                "activate",
-                "--data-dir",
-                &dir,
-                "--file",
-                file.to_str().unwrap(),
-            ])
+            .args(["activate", "--data-dir", &dir, "--file", file.to_str().unwrap()])
             .env("STAGEHAND_FAILPOINT", point)
             .output()
             .unwrap();
-        assert!(
-            !status.status.success(),
-            "{point}: the failpoint should have killed the agent"
-        );
+        assert!(!status.status.success(), "{point}: the failpoint should have killed the agent");
 
         // Right after the kill: current is the old or the new version and resolves.
         let link = agent.current("web").expect("current must never be missing");
@@ -421,46 +314,24 @@ async fn kill_9_at_every_step_of_an_activation() {
 
         // Restart (the offline activate opens and recovers the host) with the same message:
         // the seq is remembered, so it is a no-op answering the earlier outcome.
-        let again = run_cli(
-            AGENT,
-            None,
-            &[
-                "activate",
-                "--data-dir",
-                &dir,
-                "--file",
-                file.to_str().unwrap(),
-                "-o",
-                "json",
-            ],
-        )
-        .unwrap();
-        let receipt: stagehand_common::protocol::Receipt =
-            serde_json::from_slice(&again.stdout).unwrap();
+        let again =
+            run_cli(AGENT, None, &["activate", "--data-dir", &dir, "--file", file.to_str().unwrap(), "-o", "json"])
+                .unwrap();
+        let receipt: stagehand_common::protocol::Receipt = serde_json::from_slice(&again.stdout).unwrap();
         assert_eq!(receipt.seq, out, "{point}");
-        let committed = *point == "activate-after-commit";
-        if committed {
+        // Killed before the switch: the activation is recorded as interrupted and the old
+        // version stays. Killed after it: start-up proves the new version again and commits.
+        let switched = !matches!(*point, "activate-after-intent" | "activate-before-switch");
+        if switched {
             assert_eq!(receipt.outcome, ReceiptOutcome::Committed, "{point}");
             live = target.to_string();
         } else {
-            assert_eq!(
-                receipt.outcome,
-                ReceiptOutcome::Refused(Refusal::Interrupted),
-                "{point}"
-            );
+            assert_eq!(receipt.outcome, ReceiptOutcome::Refused(Refusal::Interrupted), "{point}");
         }
-        assert_eq!(
-            agent.current("web").unwrap(),
-            Path::new("releases").join(&live),
-            "{point}"
-        );
+        assert_eq!(agent.current("web").unwrap(), Path::new("releases").join(&live), "{point}");
         let status = run_cli(AGENT, None, &["status", "--data-dir", &dir, "-o", "json"]).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-        assert_eq!(
-            v["apps"][0]["last_seq"].as_u64(),
-            Some(out),
-            "{point}: the applied seq was forgotten"
-        );
+        assert_eq!(v["apps"][0]["last_seq"].as_u64(), Some(out), "{point}: the applied seq was forgotten");
         assert!(v["apps"][0]["activation_in_progress"].is_null());
     }
 }

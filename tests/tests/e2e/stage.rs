@@ -14,11 +14,7 @@ pub fn sample_tree(root: &Path, big: usize) {
     std::fs::set_permissions(root.join("bin/run"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(root.join("share/empty"), "").unwrap();
     std::fs::write(root.join("share/doc/deep/readme.txt"), "nested\n").unwrap();
-    std::fs::set_permissions(
-        root.join("share/doc"),
-        std::fs::Permissions::from_mode(0o750),
-    )
-    .unwrap();
+    std::fs::set_permissions(root.join("share/doc"), std::fs::Permissions::from_mode(0o750)).unwrap();
     std::os::unix::fs::symlink("../bin/run", root.join("share/run-link")).unwrap();
     random_file(&root.join("big.bin"), big, 42).unwrap();
 }
@@ -39,23 +35,12 @@ async fn a_tree_arrives_byte_identical_only_in_its_environment() {
     assert_eq!(p.done.len(), 2);
     for a in [&prod1, &prod2] {
         assert_same_tree(&src, &a.release_dir("web", "1.0"));
-        assert!(
-            a.current("web").is_none(),
-            "staging must not make anything live"
-        );
+        assert!(a.current("web").is_none(), "staging must not make anything live");
         // Nothing half-staged is left beside releases/.
         let staging_dir = a.app_root("web").join(".staging");
-        assert_eq!(
-            std::fs::read_dir(staging_dir)
-                .map(|d| d.count())
-                .unwrap_or(0),
-            0
-        );
+        assert_eq!(std::fs::read_dir(staging_dir).map(|d| d.count()).unwrap_or(0), 0);
     }
-    assert!(
-        !staging.app_root("web").exists(),
-        "another environment must hold nothing"
-    );
+    assert!(!staging.app_root("web").exists(), "another environment must hold nothing");
 }
 
 #[tokio::test]
@@ -73,15 +58,8 @@ async fn pushes_are_idempotent_and_versions_immutable() {
     assert_eq!(copy.uploaded_chunks, 0);
 
     std::fs::write(src.join("bin/run"), "#!/bin/sh\necho changed\n").unwrap();
-    let err = fleet
-        .push("web", "1.0", &src)
-        .await
-        .err()
-        .expect("other content under 1.0 must be refused");
-    assert!(
-        format!("{err:#}").contains("already exists with other content"),
-        "{err:#}"
-    );
+    let err = fleet.push("web", "1.0", &src).await.err().expect("other content under 1.0 must be refused");
+    assert!(format!("{err:#}").contains("already exists with other content"), "{err:#}");
     // A small change uploads only the changed chunk.
     let next = fleet.push("web", "2.0", &src).await.unwrap();
     assert_eq!(next.uploaded_chunks, 1);
@@ -98,18 +76,8 @@ async fn a_tampered_chunk_is_detected_and_nothing_is_staged() {
 
     // Flip one byte of one stored chunk.
     let chunks = fleet.ctl_dir.join("store/chunks");
-    let shard = std::fs::read_dir(&chunks)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let chunk = std::fs::read_dir(shard)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let shard = std::fs::read_dir(&chunks).unwrap().next().unwrap().unwrap().path();
+    let chunk = std::fs::read_dir(shard).unwrap().next().unwrap().unwrap().path();
     let mut bytes = std::fs::read(&chunk).unwrap();
     bytes[100] ^= 0xFF;
     std::fs::write(&chunk, bytes).unwrap();
@@ -130,11 +98,7 @@ async fn offline_and_late_agents_catch_up() {
     away.stop().await;
     fleet.push("web", "1.0", &src).await.unwrap();
     let p = fleet.deploy("web", "1.0", "prod", 2).await.unwrap();
-    assert_eq!(
-        p.pending,
-        vec![away.id.clone()],
-        "an offline agent is pending, not failed"
-    );
+    assert_eq!(p.pending, vec![away.id.clone()], "an offline agent is pending, not failed");
 
     away.start().await.unwrap();
     let p = fleet.wait_staged("web", "1.0", "prod", 60).await.unwrap();
@@ -158,30 +122,15 @@ async fn the_controller_restarts_with_agents_tokens_and_artifacts() {
     fleet.restart_controller().await.unwrap();
 
     // The artifact is still there: re-pushing is a no-op, deploying works.
-    assert!(
-        fleet
-            .push("web", "1.0", &src)
-            .await
-            .unwrap()
-            .already_present
-    );
+    assert!(fleet.push("web", "1.0", &src).await.unwrap().already_present);
     // The agent reconnects by itself.
     let p = fleet.deploy("web", "1.0", "prod", 60).await.unwrap();
     assert!(p.all_done(), "{p:?}");
     assert_same_tree(&src, &agent.release_dir("web", "1.0"));
     // The token made before the restart still enrols.
-    stagehand_agent::join::join(
-        &fleet.addr.to_string(),
-        &token,
-        &fleet.path().join("new"),
-        None,
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    let AdminResponse::Agents { agents } = fleet.call(AdminRequest::ListAgents).await.unwrap()
-    else {
-        panic!()
-    };
+    stagehand_agent::join::join(&fleet.addr.to_string(), &token, &fleet.path().join("new"), None, Default::default())
+        .await
+        .unwrap();
+    let AdminResponse::Agents { agents } = fleet.call(AdminRequest::ListAgents).await.unwrap() else { panic!() };
     assert_eq!(agents.len(), 2);
 }
