@@ -140,10 +140,21 @@ struct Activation {
     switch_us: u64,
 }
 
-async fn apply(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Receipt {
-    let (h, m) = (host.clone(), msg.clone());
-    let (body, journal, previous, check_us) = match blocking(move || prepare(&h, &m, started)).await {
-        Prepared::Answer(r) => return r,
+/// Where the synchronous first part of an activation got to.
+enum Stage {
+    /// Done: the receipt.
+    Answered(Receipt),
+    /// A pre-activate hook must run before the switch.
+    BeforeSwitch(Activation, ArtifactConfig),
+    /// Switched; a post-activate hook or health check must prove it.
+    Switched(Activation, ArtifactConfig),
+}
+
+/// Everything up to the switch (and, without hooks or health checks, the commit) runs in
+/// one go on the blocking pool: an activation without hooks costs one hop off the runtime.
+fn begin(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Stage {
+    let (body, journal, previous, check_us) = match prepare(host, msg, started) {
+        Prepared::Answer(r) => return Stage::Answered(r),
         Prepared::Go { body, journal, previous, check_us } => (body, journal, previous, check_us),
     };
     let mut a = Activation {
@@ -162,27 +173,41 @@ async fn apply(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Rece
         Ok(c) => c,
         Err(e) => {
             a.note("stagehand.toml", &e);
-            return a.finish(ReceiptOutcome::Refused(Refusal::PreActivateFailed)).await;
+            return Stage::Answered(a.finish_now(ReceiptOutcome::Refused(Refusal::PreActivateFailed)));
         }
     };
-    if let Some(cmd) = &config.hooks.pre_activate {
-        if a.hook("pre_activate", cmd, &config).await.is_err() {
-            return a.finish(ReceiptOutcome::Refused(Refusal::PreActivateFailed)).await;
+    if config.hooks.pre_activate.is_some() {
+        return Stage::BeforeSwitch(a, config);
+    }
+    let a = match a.switch_now() {
+        Ok(a) => a,
+        Err(r) => return Stage::Answered(r),
+    };
+    if config.hooks.post_activate.is_some() || config.health.is_some() {
+        return Stage::Switched(a, config);
+    }
+    failpoint::hit("activate-before-commit");
+    let r = a.finish_now(ReceiptOutcome::Committed);
+    failpoint::hit("activate-after-commit");
+    Stage::Answered(r)
+}
+
+async fn apply(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Receipt {
+    let (h, m) = (host.clone(), msg.clone());
+    match blocking(move || begin(&h, &m, started)).await {
+        Stage::Answered(r) => r,
+        Stage::Switched(a, config) => a.prove(&config).await,
+        Stage::BeforeSwitch(mut a, config) => {
+            let cmd = config.hooks.pre_activate.clone().unwrap_or_default();
+            if a.hook("pre_activate", &cmd, &config).await.is_err() {
+                return a.finish(ReceiptOutcome::Refused(Refusal::PreActivateFailed)).await;
+            }
+            match blocking(move || a.switch_now()).await {
+                Ok(a) => a.prove(&config).await,
+                Err(r) => r,
+            }
         }
     }
-    failpoint::hit("activate-before-switch");
-
-    let (l, app, version) = (host.layout.clone(), a.app.clone(), a.version.clone());
-    if let Err(e) = blocking(move || switch(&l, &app, Some(&version))).await {
-        a.note("switch", &e.to_string());
-        return a.finish(ReceiptOutcome::Refused(Refusal::HostError)).await;
-    }
-    a.switch_us = started.elapsed().as_micros() as u64;
-    info!(app = %a.app, version = %a.version, seq = a.seq, "Switched current.");
-    failpoint::hit("activate-after-switch");
-    let r = a.prove(&config).await;
-    failpoint::hit("activate-after-commit");
-    r
 }
 
 impl Activation {
@@ -239,10 +264,27 @@ impl Activation {
         self.finish(ReceiptOutcome::Committed).await
     }
 
+    /// The atomic switch; on failure, the receipt that says so.
+    fn switch_now(mut self) -> Result<Activation, Receipt> {
+        failpoint::hit("activate-before-switch");
+        if let Err(e) = switch(&self.host.layout, &self.app, Some(&self.version)) {
+            self.note("switch", &e.to_string());
+            return Err(self.finish_now(ReceiptOutcome::Refused(Refusal::HostError)));
+        }
+        self.switch_us = self.started.elapsed().as_micros() as u64;
+        info!(app = %self.app, version = %self.version, seq = self.seq, "Switched current.");
+        failpoint::hit("activate-after-switch");
+        Ok(self)
+    }
+
+    async fn finish(self, outcome: ReceiptOutcome) -> Receipt {
+        blocking(move || self.finish_now(outcome)).await
+    }
+
     /// Records the outcome (clearing the intent) and builds the receipt. The record is
     /// written without waiting for the disk: it survives `kill -9`, and after a power cut
     /// an intent found at start-up is proven again (see [`recover`]), never just assumed.
-    async fn finish(mut self, outcome: ReceiptOutcome) -> Receipt {
+    fn finish_now(mut self, outcome: ReceiptOutcome) -> Receipt {
         let host = self.host.clone();
         let r = Receipt {
             agent_id: host.identity.id.clone(),
@@ -259,8 +301,7 @@ impl Activation {
         };
         self.journal.intent = None;
         self.journal.last_receipt = Some(r.clone());
-        let (mut j, path) = (self.journal, host.layout.journal(&self.app));
-        if let Err(e) = blocking(move || j.save_outcome(&path)).await {
+        if let Err(e) = self.journal.save_outcome(&host.layout.journal(&self.app)) {
             error!(error = %format!("{e:#}"), "Cannot write the activation journal.");
         }
         match &r.outcome {
