@@ -97,12 +97,8 @@ async fn every_rule_refuses_on_a_real_agent() {
     let impostor = SigningKey::from_bytes(&[3u8; 32]);
     assert_eq!(refused(&host, activate::sign(&good, &impostor)).await, Refusal::BadSignature);
     let ca_key_pem = std::fs::read_to_string(fleet.ctl_dir.join("ca/ca.key")).unwrap();
-    let ca_key = rustls::pki_types::PrivateKeyDer::try_from(
-        rustls::pki_types::pem::PemObject::from_pem_slice(ca_key_pem.as_bytes())
-            .map(|k: rustls::pki_types::PrivatePkcs8KeyDer| k)
-            .unwrap(),
-    )
-    .unwrap();
+    let ca_key: rustls::pki_types::PrivateKeyDer =
+        rustls::pki_types::pem::PemObject::from_pem_slice(ca_key_pem.as_bytes()).unwrap();
     let signer = rustls::crypto::ring::sign::any_supported_type(&ca_key).unwrap();
     let signer = signer.choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256]).unwrap();
     let mut by_ca = activate::sign(&good, &key);
