@@ -60,7 +60,7 @@ impl Layout {
     }
 
     pub fn journal(&self, app: &str) -> PathBuf {
-        self.data_dir.join("journal").join(format!("{app}.json"))
+        self.data_dir.join("journal").join(format!("{app}.journal"))
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -70,8 +70,7 @@ impl Layout {
     /// Every app this host knows: under `DATA/apps`, in the config, or with a journal.
     pub fn apps(&self) -> Vec<String> {
         let mut apps: BTreeSet<String> = self.config.apps.keys().cloned().collect();
-        let sources =
-            [(self.data_dir.join("apps"), &[""][..]), (self.data_dir.join("journal"), &[".json", ".seq"][..])];
+        let sources = [(self.data_dir.join("apps"), &[""][..]), (self.data_dir.join("journal"), &[".journal"][..])];
         for (dir, suffixes) in sources {
             let Ok(rd) = std::fs::read_dir(dir) else { continue };
             for e in rd.flatten() {

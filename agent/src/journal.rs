@@ -1,11 +1,14 @@
-//! The per-app activation journal. Two files under `DATA/journal/`:
+//! The per-app activation journal, `DATA/journal/<app>.journal`, one file of fixed layout:
 //!
-//! - `<app>.seq`: the durable part, the last applied `seq` and an activation in progress.
-//!   Two fixed slots written alternately in place, each with a generation and a checksum,
-//!   one `fdatasync` per write: a write torn by a crash leaves the other slot intact.
-//! - `<app>.json`: the last receipt, for answering a replay; replaced by rename, not
-//!   fsynced (it survives `kill -9`; after a power cut a replay's answer is rebuilt).
+//! - two 1 KiB slots, the durable part: the last applied `seq` and an activation in progress.
+//!   Written alternately in place, each with a generation and a checksum, one `fdatasync` per
+//!   durable write: a write torn by a crash leaves the other slot intact;
+//! - a receipt region: the last receipt, for answering a replay. Written in place without
+//!   waiting for the disk (it survives `kill -9`; after a power cut a replay's answer is
+//!   rebuilt from what is live).
 //!
+//! Writing in place keeps an activation free of file creations and renames: the only
+//! metadata operation on its path is the switch of `current` itself.
 //! The applied `seq` is durable before the switch it allows becomes visible, so it is never
 //! forgotten, whatever instant the agent is killed at.
 
@@ -15,10 +18,11 @@ use stagehand_common::protocol::Receipt;
 use stagehand_common::{frame, fsx};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const SLOT: usize = 1024;
-const RECEIPT_LIMIT: u64 = 1 << 20;
+const RECEIPT_AT: usize = 2 * SLOT;
+const FILE_SIZE: usize = 64 << 10;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Journal {
@@ -48,108 +52,97 @@ struct Record {
     intent: Option<Intent>,
 }
 
-fn seq_path(path: &Path) -> PathBuf {
-    path.with_extension("seq")
-}
-
-fn decode_slot(bytes: &[u8]) -> Option<Record> {
+/// A region: length, 8 bytes of BLAKE3, payload. `None` if torn or empty.
+fn region(bytes: &[u8]) -> Option<&[u8]> {
     let len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     let sum = bytes.get(4..12)?;
     let payload = bytes.get(12..12 + len)?;
-    if &blake3::hash(payload).as_bytes()[..8] != sum {
+    (len > 0 && &blake3::hash(payload).as_bytes()[..8] == sum).then_some(payload)
+}
+
+fn encode_region(payload: &[u8], size: usize) -> Option<Vec<u8>> {
+    if payload.len() + 12 > size {
         return None;
     }
-    frame::decode::<Record, SLOT>(payload).ok()
+    let mut out = Vec::with_capacity(12 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&blake3::hash(payload).as_bytes()[..8]);
+    out.extend_from_slice(payload);
+    Some(out)
+}
+
+fn decode_slot(bytes: &[u8]) -> Option<Record> {
+    frame::decode::<Record, SLOT>(region(bytes)?).ok()
 }
 
 impl Journal {
-    /// Loads the journal whose receipt lives at `path` (`<app>.json`).
+    /// Loads an app's journal; a missing file is an app never activated.
     pub fn load(path: &Path) -> Result<Journal> {
         let mut j = Journal::default();
-        let seq = seq_path(path);
-        match fsx::read_limited(&seq, 2 * SLOT as u64) {
-            Ok(bytes) => {
-                let best = bytes.chunks(SLOT).filter_map(decode_slot).max_by_key(|r| r.generation);
-                match best {
-                    Some(r) => {
-                        j.generation = r.generation;
-                        j.last_seq = r.last_seq;
-                        j.intent = r.intent;
-                    }
-                    None if bytes.iter().all(|&b| b == 0) => {}
-                    None => bail!("{} is corrupt in both slots; the last applied seq is unknown", seq.display()),
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("reading {}", seq.display())),
-        }
-        match fsx::read_limited(path, RECEIPT_LIMIT) {
-            Ok(bytes) => j.last_receipt = serde_json::from_slice(&bytes).ok(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        let bytes = match fsx::read_limited(path, FILE_SIZE as u64) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(j),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let slots = bytes.get(..RECEIPT_AT).unwrap_or(&bytes);
+        match slots.chunks(SLOT).filter_map(decode_slot).max_by_key(|r| r.generation) {
+            Some(r) => {
+                j.generation = r.generation;
+                j.last_seq = r.last_seq;
+                j.intent = r.intent;
+            }
+            None if slots.iter().all(|&b| b == 0) => {}
+            None => bail!("{} is corrupt in both slots; the last applied seq is unknown", path.display()),
         }
+        j.last_receipt = bytes.get(RECEIPT_AT..).and_then(region).and_then(|p| serde_json::from_slice(p).ok());
         Ok(j)
     }
 
-    /// Makes `last_seq` and `intent` durable (one fdatasync), then records the receipt.
-    pub fn save(&mut self, path: &Path) -> Result<()> {
-        self.save_durable(path)?;
-        self.save_receipt(path)
-    }
-
-    /// Records an outcome: the slot is written but not fsynced (it survives `kill -9`; a
-    /// power cut can only bring back the intent, which start-up then proves again).
-    pub fn save_outcome(&mut self, path: &Path) -> Result<()> {
-        self.write_slot(path, false)?;
-        self.save_receipt(path)
-    }
-
-    /// The durable part only: on return it is on disk.
+    /// The durable part: on return, `last_seq` and `intent` are on disk.
     pub fn save_durable(&mut self, path: &Path) -> Result<()> {
-        self.write_slot(path, true)
+        let file = open(path)?;
+        self.write_slot(&file, path)?;
+        file.sync_data().with_context(|| format!("fsync {}", path.display()))
     }
 
-    fn write_slot(&mut self, path: &Path, durable: bool) -> Result<()> {
-        let seq = seq_path(path);
-        let file = open_slots(&seq)?;
+    /// Records an outcome and its receipt without waiting for the disk (it survives
+    /// `kill -9`; a power cut can only bring back the intent, which start-up proves again).
+    pub fn save_outcome(&mut self, path: &Path) -> Result<()> {
+        let file = open(path)?;
+        self.write_slot(&file, path)?;
+        if let Some(r) = &self.last_receipt {
+            let json = serde_json::to_vec(r)?;
+            if let Some(region) = encode_region(&json, FILE_SIZE - RECEIPT_AT) {
+                file.write_all_at(&region, RECEIPT_AT as u64).with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_slot(&mut self, file: &File, path: &Path) -> Result<()> {
         self.generation += 1;
         let payload = frame::encode(&Record {
             generation: self.generation,
             last_seq: self.last_seq,
             intent: self.intent.clone(),
         });
-        if payload.len() + 12 > SLOT {
+        let Some(mut slot) = encode_region(&payload, SLOT) else {
             bail!("journal record of {} bytes does not fit its slot", payload.len());
-        }
-        let mut slot = vec![0u8; SLOT];
-        slot[..4].copy_from_slice(&(payload.len() as u32).to_be_bytes());
-        slot[4..12].copy_from_slice(&blake3::hash(&payload).as_bytes()[..8]);
-        slot[12..12 + payload.len()].copy_from_slice(&payload);
+        };
+        slot.resize(SLOT, 0);
         let at = (self.generation % 2) * SLOT as u64;
-        file.write_all_at(&slot, at).with_context(|| format!("writing {}", seq.display()))?;
-        if durable {
-            file.sync_data().with_context(|| format!("fsync {}", seq.display()))?;
-        }
-        Ok(())
-    }
-
-    fn save_receipt(&self, path: &Path) -> Result<()> {
-        let Some(r) = &self.last_receipt else { return Ok(()) };
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(r)?).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        file.write_all_at(&slot, at).with_context(|| format!("writing {}", path.display()))
     }
 }
 
-/// Opens (creating durably on first use) the two-slot file.
-fn open_slots(path: &Path) -> Result<File> {
+/// Opens the journal file, creating it (full size, durably) on first use.
+fn open(path: &Path) -> Result<File> {
     if let Ok(f) = OpenOptions::new().write(true).open(path) {
         return Ok(f);
     }
     let dir = path.parent().expect("journal files have a parent");
     std::fs::create_dir_all(dir)?;
-    fsx::write_atomic(path, &[0u8; 2 * SLOT], 0o644)?;
+    fsx::write_atomic(path, &vec![0u8; FILE_SIZE], 0o644)?;
     Ok(OpenOptions::new().write(true).open(path)?)
 }
 
@@ -160,20 +153,21 @@ mod tests {
     #[test]
     fn round_trip_and_a_torn_slot() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("web.json");
+        let path = dir.path().join("web.journal");
         let mut j = Journal::load(&path).unwrap();
         assert_eq!(j.last_seq, None);
         j.last_seq = Some(4);
-        j.save(&path).unwrap();
+        j.save_durable(&path).unwrap();
         j.last_seq = Some(5);
         j.intent = Some(Intent { seq: 5, version: "v2".into(), previous: Some("v1".into()) });
-        j.save(&path).unwrap();
+        j.save_durable(&path).unwrap();
         let back = Journal::load(&path).unwrap();
         assert_eq!(back.last_seq, Some(5));
         assert_eq!(back.intent, j.intent);
+        assert!(back.last_receipt.is_none());
 
         // Tear the newest slot: the previous record survives.
-        let seq = seq_path(&path);
+        let seq = path.clone();
         let mut bytes = std::fs::read(&seq).unwrap();
         let newest = (j.generation % 2) as usize * SLOT;
         bytes[newest + 20] ^= 0xFF;
@@ -182,9 +176,31 @@ mod tests {
         assert_eq!(back.last_seq, Some(4));
         assert_eq!(back.intent, None);
 
+        // An outcome with its receipt.
+        let mut j = Journal::load(&path).unwrap();
+        j.intent = None;
+        j.last_receipt = Some(Receipt {
+            agent_id: stagehand_common::AgentId("a-1".into()),
+            app: "web".into(),
+            version: "v1".into(),
+            seq: 4,
+            outcome: stagehand_common::protocol::ReceiptOutcome::Committed,
+            active: Some("v1".into()),
+            log: "ok".into(),
+            check_us: 1,
+            switch_us: 2,
+            total_us: 3,
+            at: 4,
+        });
+        j.save_outcome(&path).unwrap();
+        let back = Journal::load(&path).unwrap();
+        assert_eq!(back.last_receipt, j.last_receipt);
+        assert_eq!(back.last_seq, Some(4));
+        let mut bytes = std::fs::read(&seq).unwrap();
+
         // Both torn: refuse to guess.
-        let other = SLOT - newest;
-        bytes[other + 20] ^= 0xFF;
+        bytes[20] ^= 0xFF;
+        bytes[SLOT + 20] ^= 0xFF;
         std::fs::write(&seq, &bytes).unwrap();
         assert!(Journal::load(&path).is_err());
     }

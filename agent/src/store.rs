@@ -94,6 +94,9 @@ impl Store {
     }
 
     pub fn set_latest_time(&self, t: u64) -> Result<(), sled::Error> {
+        if t <= self.latest_time() {
+            return Ok(());
+        }
         self.meta.fetch_and_update(b"latest_time", |old| {
             let old = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes).unwrap_or(0);
             Some(old.max(t).to_be_bytes().to_vec())

@@ -7,6 +7,7 @@ use crate::store::{StageRecord, StageState};
 use anyhow::{bail, Result};
 use stagehand_common::frame::{self, read_msg, write_blob, write_msg};
 use stagehand_common::ids::now_secs;
+use stagehand_common::manifest::Manifest;
 use stagehand_common::protocol::{DeployDown, DeployUp, StageOutcome, StagedArtifact, PROTOCOL_VERSION};
 use stagehand_common::{AgentId, Digest};
 use std::collections::HashSet;
@@ -31,6 +32,8 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
     }
     write_msg(&mut send, &DeployDown::Hello { protocol_version: PROTOCOL_VERSION }).await?;
 
+    let Some(agent) = ctl.store.agent(&id)? else { bail!("unknown agent {id}") };
+    let allowed = Arc::new(Allowed { env: agent.env, chunks: Default::default() });
     let (tx, mut rx) = mpsc::unbounded_channel();
     let token = ctl.fleet.attach_deploy(&id, tx, conn.clone());
     info!(agent = %id, "Deploy channel up.");
@@ -43,10 +46,9 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
     let fetches = async {
         loop {
             let (send, recv) = conn.accept_bi().await?;
-            let ctl = ctl.clone();
-            let conn = conn.clone();
+            let (ctl, conn, allowed) = (ctl.clone(), conn.clone(), allowed.clone());
             tokio::spawn(async move {
-                if let Err(e) = serve_fetch(&ctl, send, recv).await {
+                if let Err(e) = serve_fetch(&ctl, &allowed, send, recv).await {
                     debug!(error = %e, "Fetch stream failed; dropping the peer.");
                     conn.close(crate::server::CLOSE_PROTOCOL.into(), b"bad fetch request");
                 }
@@ -178,11 +180,46 @@ fn reconcile(ctl: &Controller, id: &AgentId, staged: &[StagedArtifact]) -> Resul
 }
 
 /// Answers one fetch stream: a manifest, or chunks in the order asked.
-async fn serve_fetch(ctl: &Controller, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<()> {
+/// What one agent's session may fetch: manifests of artifacts deployed to its environment,
+/// and the chunks of manifests it fetched on this connection.
+pub struct Allowed {
+    env: String,
+    chunks: std::sync::Mutex<HashSet<Digest>>,
+}
+
+impl Allowed {
+    fn manifest(&self, ctl: &Controller, digest: &Digest) -> Result<bool> {
+        Ok(ctl.store.deploys_in(&self.env)?.iter().any(|(_, _, d)| d.digest == *digest))
+    }
+
+    fn add(&self, digests: impl Iterator<Item = Digest>) {
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner()).extend(digests);
+    }
+
+    fn chunk(&self, d: &Digest) -> bool {
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner()).contains(d)
+    }
+}
+
+async fn serve_fetch(
+    ctl: &Controller,
+    allowed: &Allowed,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<()> {
     let req = read_msg::<_, DeployUp, { frame::CONTROL_LIMIT }>(&mut recv).await?;
     match req {
         Some(DeployUp::FetchManifest { digest }) => {
-            let bytes = ctl.chunks.manifest(&digest).ok();
+            let mut bytes = None;
+            if allowed.manifest(ctl, &digest)? {
+                if let Ok(b) = ctl.chunks.manifest(&digest) {
+                    let m = Manifest::decode(&b)?;
+                    allowed.add(m.files().flat_map(|(_, _, _, c)| c.iter().map(|c| c.digest)));
+                    bytes = Some(b);
+                }
+            } else {
+                warn!(env = %allowed.env, %digest, "Refused a manifest not deployed to the agent's environment.");
+            }
             write_blob(&mut send, bytes.as_deref()).await?;
         }
         Some(DeployUp::FetchChunks { digests }) => {
@@ -192,9 +229,11 @@ async fn serve_fetch(ctl: &Controller, mut send: quinn::SendStream, mut recv: qu
             // Read ahead on a blocking thread while the previous chunk is on the wire.
             let (tx, mut rx) = mpsc::channel::<Option<Vec<u8>>>(8);
             let store = ctl.chunks.clone();
+            let permitted: Vec<bool> = digests.iter().map(|d| allowed.chunk(d)).collect();
             let reader = tokio::task::spawn_blocking(move || {
-                for d in digests {
-                    if tx.blocking_send(store.get(&d).ok()).is_err() {
+                for (d, ok) in digests.iter().zip(permitted) {
+                    let chunk = if ok { store.get(d).ok() } else { None };
+                    if tx.blocking_send(chunk).is_err() {
                         break;
                     }
                 }

@@ -177,3 +177,40 @@ async fn an_operator_session_from_init_to_air_gapped_release() {
     // A usage error exits 2.
     assert_eq!(sh(&env, &["release", "web"]).status.code(), Some(2));
 }
+
+/// The README's run command: `stagehand dev` starts a working fleet the CLI can talk to,
+/// and Ctrl-C stops it cleanly.
+#[tokio::test]
+async fn stagehand_dev_starts_a_fleet_the_cli_can_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("dev.out");
+    let mut dev =
+        Proc::spawn(STAGEHAND, &["dev", "--data-dir", tmp.path().join("fleet").to_str().unwrap()], &[], out.clone())
+            .unwrap();
+    wait_for("stagehand dev to print its exports", Duration::from_secs(120), || async {
+        std::fs::read_to_string(&out).unwrap_or_default().contains("export STAGEHAND_CONTROLLER=")
+    })
+    .await
+    .unwrap();
+    let text = std::fs::read_to_string(&out).unwrap();
+    let line = text.lines().find(|l| l.contains("export STAGEHAND_CONTROLLER=")).unwrap();
+    let mut env = Env { addr: String::new(), creds: PathBuf::new() };
+    for word in line.split_whitespace() {
+        if let Some(v) = word.strip_prefix("STAGEHAND_CONTROLLER=") {
+            env.addr = v.to_string();
+        }
+        if let Some(v) = word.strip_prefix("STAGEHAND_CREDENTIALS=") {
+            env.creds = PathBuf::from(v);
+        }
+    }
+    let agents: serde_json::Value = serde_json::from_str(&ok(sh(&env, &["agents", "list", "-o", "json"]))).unwrap();
+    assert_eq!(agents.as_array().unwrap().len(), 3);
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(sh(&env, &["status", "hello", "--env", "dev", "-o", "json"]))).unwrap();
+    assert_eq!(status["agents"][0]["active"], "1.0.0");
+    ok(sh(&env, &["release", "hello", "1.0.0", "--env", "prod", "--wait"]));
+
+    std::process::Command::new("kill").args(["-INT", &dev.child.id().to_string()]).status().unwrap();
+    let status = dev.wait_exit(Duration::from_secs(30)).await.unwrap();
+    assert!(status.success(), "{}", dev.log_text());
+}

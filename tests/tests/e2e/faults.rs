@@ -93,3 +93,76 @@ async fn a_peer_sending_garbage_is_dropped_and_others_are_served() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn an_agent_fetches_only_what_its_environment_was_given() {
+    use stagehand_common::protocol::{DeployDown, DeployUp};
+    let fleet = Fleet::start().await.unwrap();
+    let src = fleet.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("data"), 1 << 20, 5).unwrap();
+    let prod = fleet.agent("prod", "p").await.unwrap();
+    let pushed = fleet.push("app", "1", &src).await.unwrap();
+    assert!(fleet.deploy("app", "1", "prod", 60).await.unwrap().all_done());
+
+    // A lab agent, with a valid certificate, asks for prod's manifest and one of its chunks.
+    let lab = fleet.enrol("lab", "l").await.unwrap();
+    let creds = Credentials::load(&lab.dir.join("identity")).unwrap();
+    let ep = net::client_endpoint(fleet.addr).unwrap();
+    let cfg = net::client_config(creds.client_config(ALPN_DEPLOY).unwrap()).unwrap();
+    let conn = net::connect(&ep, fleet.addr, cfg).await.unwrap();
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    frame::write_msg(&mut s, &DeployUp::Hello { protocol_version: 1 }).await.unwrap();
+    let _: Option<DeployDown> = frame::read_msg::<_, _, 1024>(&mut r).await.unwrap();
+    let ask = |req: DeployUp| {
+        let conn = conn.clone();
+        async move {
+            let (mut s, mut r) = conn.open_bi().await.unwrap();
+            frame::write_msg(&mut s, &req).await.unwrap();
+            s.finish().unwrap();
+            frame::read_blob::<_, { frame::MANIFEST_LIMIT }>(&mut r).await.unwrap()
+        }
+    };
+    assert_eq!(
+        ask(DeployUp::FetchManifest { digest: pushed.digest }).await,
+        Some(None),
+        "another environment's manifest"
+    );
+    let manifest = stagehand_common::manifest::Manifest::decode(
+        &std::fs::read(fleet.ctl_dir.join("store/manifests").join(pushed.digest.to_hex())).unwrap(),
+    )
+    .unwrap();
+    let chunk = manifest.files().next().unwrap().3[0].digest;
+    assert_eq!(ask(DeployUp::FetchChunks { digests: vec![chunk] }).await, Some(None), "a chunk it was never given");
+    // The prod agent staged it all the same.
+    assert!(prod.release_dir("app", "1").join("data").exists());
+}
+
+#[tokio::test]
+async fn a_revoked_agent_is_refused_everywhere() {
+    use stagehand_common::protocol::{AdminRequest, AdminResponse, ALPN_RELEASE};
+    let fleet = Fleet::start().await.unwrap();
+    let mut agent = fleet.agent("prod", "p").await.unwrap();
+    let AdminResponse::Revoked { agent: id } =
+        fleet.call(AdminRequest::RevokeAgent { agent: agent.id.0.clone() }).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(id, agent.id);
+    agent.stop().await;
+    let creds = Credentials::load(&agent.dir.join("identity")).unwrap();
+    let ep = net::client_endpoint(fleet.addr).unwrap();
+    for alpn in [ALPN_DEPLOY, ALPN_RELEASE] {
+        let cfg = net::client_config(creds.client_config(alpn).unwrap()).unwrap();
+        let conn = net::connect(&ep, fleet.addr, cfg).await.unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.unwrap();
+        assert!(format!("{reason}").contains("not allowed"), "{reason}");
+    }
+    // Deploys no longer wait for it.
+    let src = fleet.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "x").unwrap();
+    fleet.push("app", "1", &src).await.unwrap();
+    let p = fleet.deploy("app", "1", "prod", 5).await.unwrap();
+    assert!(p.done.is_empty() && p.pending.is_empty(), "{p:?}");
+}

@@ -351,3 +351,30 @@ async fn fleet_export(fleet: &Fleet, version: &str, file: &Path) -> u64 {
     std::fs::write(file, message.to_export(&body)).unwrap();
     seq
 }
+
+#[tokio::test]
+async fn a_failing_pre_activate_hook_refuses_without_switching() {
+    let fleet = Fleet::start().await.unwrap();
+    let agent = fleet.agent("prod", "p").await.unwrap();
+    let good = version_tree(fleet.path(), "good", None);
+    let blocked = version_tree(
+        fleet.path(),
+        "blocked",
+        Some("[hooks]\npre_activate = \"echo migrations pending >&2; exit 1\"\n"),
+    );
+    fleet.push("web", "good", &good).await.unwrap();
+    fleet.push("web", "blocked", &blocked).await.unwrap();
+    for v in ["good", "blocked"] {
+        assert!(fleet.deploy("web", v, "prod", 60).await.unwrap().all_done());
+    }
+    assert!(fleet.release("web", "good", "prod").await.unwrap().all_done());
+    let p = fleet.release("web", "blocked", "prod").await.unwrap();
+    assert_eq!(p.failed, vec![(agent.id.clone(), "pre-activate-failed".to_string())]);
+    assert_eq!(agent.current("web").unwrap(), Path::new("releases/good"));
+    let AdminResponse::Status { status } =
+        fleet.call(AdminRequest::Status { app: "web".into(), env: "prod".into() }).await.unwrap()
+    else {
+        panic!()
+    };
+    assert!(status.agents[0].last_receipt.as_ref().unwrap().log.contains("migrations pending"));
+}
