@@ -135,8 +135,17 @@ pub fn catch_up(ctl: &Controller, id: &AgentId, force: bool) -> Result<()> {
             Some(b) if b.targets.includes(id) && b.expires_at > now + 60 => desired.message.clone(),
             _ => {
                 let seq = ctl.store.next_seq(&app)?;
-                let (msg, _) =
-                    sign(ctl, &app, &desired.version, desired.digest, &agent.env, vec![id.clone()], seq, "catch-up")?;
+                let (msg, _) = sign_for(
+                    ctl,
+                    &app,
+                    &desired.version,
+                    desired.digest,
+                    &agent.env,
+                    vec![id.clone()],
+                    seq,
+                    "catch-up",
+                    ctl.config.message_ttl.as_secs(),
+                )?;
                 ctl.store.flush()?;
                 info!(agent = %id, %app, version = %desired.version, seq, "Catching up.");
                 msg
@@ -145,20 +154,6 @@ pub fn catch_up(ctl: &Controller, id: &AgentId, force: bool) -> Result<()> {
         ctl.fleet.send_release(id, ReleaseDown::Activate(message));
     }
     Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn sign(
-    ctl: &Controller,
-    app: &str,
-    version: &str,
-    digest: stagehand_common::Digest,
-    env: &str,
-    targets: Vec<AgentId>,
-    seq: u64,
-    kind: &str,
-) -> Result<(SignedActivate, Activate)> {
-    sign_for(ctl, app, version, digest, env, targets, seq, kind, ctl.config.message_ttl.as_secs())
 }
 
 #[allow(clippy::too_many_arguments)]

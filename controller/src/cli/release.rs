@@ -16,6 +16,25 @@ pub struct ReleaseArgs {
     pub version: String,
     #[arg(long)]
     pub env: String,
+    #[command(flatten)]
+    pub send: SendArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    pub app: String,
+    #[arg(long)]
+    pub env: String,
+    /// The staged version to go back to (default: the one released before the current).
+    #[arg(long)]
+    pub to: Option<String>,
+    #[command(flatten)]
+    pub send: SendArgs,
+}
+
+/// How a signed message leaves: sent (and waited for) or exported.
+#[derive(Args, Debug)]
+pub struct SendArgs {
     /// Exit 0 only when every target has committed it.
     #[arg(long)]
     pub wait: bool,
@@ -30,33 +49,15 @@ pub struct ReleaseArgs {
     pub valid_for: Option<Duration>,
 }
 
-#[derive(Args, Debug)]
-pub struct RollbackArgs {
-    pub app: String,
-    #[arg(long)]
-    pub env: String,
-    /// The staged version to go back to (default: the one released before the current).
-    #[arg(long)]
-    pub to: Option<String>,
-    #[arg(long)]
-    pub wait: bool,
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-    #[arg(long)]
-    pub export: Option<PathBuf>,
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub valid_for: Option<Duration>,
-}
-
 pub async fn run_release(a: ReleaseArgs, ctx: &Ctx) -> Result<i32> {
     let req = AdminRequest::Release {
         app: a.app.clone(),
         version: a.version,
         env: a.env.clone(),
-        export: a.export.is_some(),
-        ttl_secs: a.valid_for.map_or(0, |d| d.as_secs()),
+        export: a.send.export.is_some(),
+        ttl_secs: a.send.valid_for.map_or(0, |d| d.as_secs()),
     };
-    send(ctx, req, &a.app, &a.env, a.wait, a.timeout, a.export).await
+    send(ctx, req, &a.app, &a.env, a.send).await
 }
 
 pub async fn run_rollback(a: RollbackArgs, ctx: &Ctx) -> Result<i32> {
@@ -64,21 +65,14 @@ pub async fn run_rollback(a: RollbackArgs, ctx: &Ctx) -> Result<i32> {
         app: a.app.clone(),
         env: a.env.clone(),
         to: a.to,
-        export: a.export.is_some(),
-        ttl_secs: a.valid_for.map_or(0, |d| d.as_secs()),
+        export: a.send.export.is_some(),
+        ttl_secs: a.send.valid_for.map_or(0, |d| d.as_secs()),
     };
-    send(ctx, req, &a.app, &a.env, a.wait, a.timeout, a.export).await
+    send(ctx, req, &a.app, &a.env, a.send).await
 }
 
-async fn send(
-    ctx: &Ctx,
-    req: AdminRequest,
-    app: &str,
-    env: &str,
-    wait: bool,
-    timeout: Duration,
-    export: Option<PathBuf>,
-) -> Result<i32> {
+async fn send(ctx: &Ctx, req: AdminRequest, app: &str, env: &str, how: SendArgs) -> Result<i32> {
+    let SendArgs { wait, timeout, export, .. } = how;
     let client = ctx.client().await?;
     let resp = client.call(&req).await?;
     let AdminResponse::Released { message, version, seq, targets } = resp else { bail!("unexpected answer: {resp:?}") };

@@ -265,12 +265,8 @@ async fn bare_quinn(bytes: u64, streams: usize) -> Result<Duration> {
     Ok(t)
 }
 
-/// The floor of an activation: verify a signed message, create a symlink under a temporary
-/// name, rename it over `current`, fsync the directory. (p50, p99) in microseconds.
-fn floor_us(runs: usize) -> Result<(u64, u64)> {
-    let dir = tempfile::tempdir()?;
-    std::fs::create_dir_all(dir.path().join("releases/a"))?;
-    std::fs::create_dir_all(dir.path().join("releases/b"))?;
+/// A signed message like the ones releases carry, and the key that verifies it.
+fn floor_message() -> (stagehand_common::activate::SignedActivate, Vec<ReleaseKey>) {
     let key = ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]);
     let keys = vec![ReleaseKey::from_signing(&key)];
     let body = Activate {
@@ -285,7 +281,16 @@ fn floor_us(runs: usize) -> Result<(u64, u64)> {
         expires_at: u64::MAX,
         key_id: keys[0].key_id.clone(),
     };
-    let msg = activate::sign(&body, &key);
+    (activate::sign(&body, &key), keys)
+}
+
+/// The floor of an activation: verify a signed message, create a symlink under a temporary
+/// name, rename it over `current`, fsync the directory. (p50, p99) in microseconds.
+fn floor_us(runs: usize) -> Result<(u64, u64)> {
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("releases/a"))?;
+    std::fs::create_dir_all(dir.path().join("releases/b"))?;
+    let (msg, keys) = floor_message();
     let mut times = Vec::with_capacity(runs);
     for i in 0..runs {
         let start = Instant::now();
@@ -309,21 +314,7 @@ fn floor_concurrent(n: usize, rounds: usize) -> Result<(u64, u64)> {
                 std::thread::spawn(move || -> Result<u64> {
                     let dir = tempfile::tempdir()?;
                     std::fs::create_dir_all(dir.path().join("releases/a"))?;
-                    let key = ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]);
-                    let keys = vec![ReleaseKey::from_signing(&key)];
-                    let body = Activate {
-                        app: "web".into(),
-                        version: "a".into(),
-                        digest: Digest::of(b"x"),
-                        env: "prod".into(),
-                        targets: Targets::All,
-                        rollout_id: "r".into(),
-                        seq: 1,
-                        not_before: 0,
-                        expires_at: u64::MAX,
-                        key_id: keys[0].key_id.clone(),
-                    };
-                    let msg = activate::sign(&body, &key);
+                    let (msg, keys) = floor_message();
                     barrier.wait();
                     let start = Instant::now();
                     activate::verify(&msg, &keys).map_err(|r| anyhow::anyhow!("{r}"))?;
