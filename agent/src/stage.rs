@@ -23,7 +23,7 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 /// Streams fetching chunks at once, and chunks per request.
-const LANES: usize = 4;
+const LANES: usize = 2;
 const BATCH: usize = 4096;
 
 /// One order from the controller.
@@ -230,7 +230,12 @@ async fn fetch(conn: &quinn::Connection, need: Vec<Need>, files: Arc<Vec<File>>)
     }
     let written = Arc::new(AtomicU64::new(0));
     let (flush_tx, flusher) = flusher(files.clone());
-    let lanes = LANES.min(need.len());
+    let lanes = std::env::var("STAGEHAND_FETCH_LANES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(LANES)
+        .clamp(1, 16)
+        .min(need.len());
     let per_lane = need.len().div_ceil(lanes);
     let mut need = need;
     let mut tasks = tokio::task::JoinSet::new();

@@ -37,19 +37,22 @@ async fn main() -> Result<()> {
         std::thread::available_parallelism()?.get()
     );
 
-    // ---- Staging throughput against bare quinn ----
-    let mut bare = Vec::new();
-    settle()?;
-    for streams in [1usize, 4] {
-        let t = bare_quinn(size, streams).await?;
-        println!("bare quinn, {streams} stream(s): {:.0} MiB/s", mibps(size, t));
-        bare.push(mibps(size, t));
-    }
-    let baseline = bare.iter().cloned().fold(0.0, f64::max);
-    println!("baseline (best bare quinn): {baseline:.0} MiB/s\n");
-
+    // ---- Staging throughput against bare quinn, each run paired with its own baseline ----
+    let stage_runs: usize =
+        args.windows(2).find(|w| w[0] == "--stage-runs").and_then(|w| w[1].parse().ok()).unwrap_or(3);
     let mut big_fleet = None;
-    for agents in [1usize, 4] {
+    let mut ratios = Vec::new();
+    let stage_only = args.iter().any(|a| a == "--stage-only");
+    let fanout: &[usize] = if stage_only { &[] } else { &[4] };
+    let runs: Vec<usize> = std::iter::repeat_n(1, stage_runs).chain(fanout.iter().copied()).collect();
+    for agents in runs {
+        settle()?;
+        let mut bare = Vec::new();
+        for streams in [1usize, 4] {
+            bare.push(mibps(size, bare_quinn(size, streams).await?));
+        }
+        let baseline = bare.iter().cloned().fold(0.0, f64::max);
+        println!("bare quinn: 1 stream {:.0} MiB/s, 4 streams {:.0} MiB/s", bare[0], bare[1]);
         let fleet = Fleet::start().await?;
         let mut list = Vec::new();
         for i in 0..agents {
@@ -73,11 +76,32 @@ async fn main() -> Result<()> {
             t.as_secs_f64(),
             per_agent / baseline
         );
+        if agents == 1 {
+            ratios.push(per_agent / baseline);
+        }
         if agents == 4 {
             big_fleet = Some((fleet, list));
+        } else {
+            // Nothing of a finished run may keep running into the next measurement.
+            let mut fleet = fleet;
+            for mut a in list {
+                a.stop().await;
+            }
+            fleet.stop_controller().await;
         }
     }
+    ratios.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "staging to 1 agent ÷ bare quinn, median of {}: {:.2} (runs: {:?})",
+        ratios.len(),
+        ratios[ratios.len() / 2],
+        ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>()
+    );
     println!();
+
+    if stage_only {
+        return Ok(());
+    }
 
     // ---- Release latency against the floor ----
     let floor = floor_us(300)?;
@@ -134,6 +158,8 @@ async fn main() -> Result<()> {
         for mut a in agents {
             a.stop().await;
         }
+        let mut fleet = fleet;
+        fleet.stop_controller().await;
     }
     println!();
 
