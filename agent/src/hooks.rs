@@ -69,6 +69,9 @@ impl ArtifactConfig {
 }
 
 /// Runs `sh -c cmd` in `dir` with `env`; Ok(output) on exit 0, Err(why and output) otherwise.
+/// The hook is done when its process exits: a daemon it started in the background may keep
+/// the output pipes open, so output is collected until the exit and briefly after, not to
+/// the end of the pipes.
 pub async fn run(cmd: &str, dir: &Path, env: &BTreeMap<String, String>, timeout: Duration) -> Result<String, String> {
     let mut child = tokio::process::Command::new("/bin/sh")
         .arg("-c")
@@ -81,33 +84,48 @@ pub async fn run(cmd: &str, dir: &Path, env: &BTreeMap<String, String>, timeout:
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let collect = async {
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        let _ = tokio::join!(stdout.read_to_end(&mut a), stderr.read_to_end(&mut b));
-        a.extend_from_slice(&b);
-        a
-    };
-    let result = tokio::time::timeout(timeout, async {
-        let out = collect.await;
-        (child.wait().await, out)
+    let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut readers = Vec::new();
+    let pipes: [Box<dyn tokio::io::AsyncRead + Unpin + Send>; 2] =
+        [Box::new(child.stdout.take().expect("piped")), Box::new(child.stderr.take().expect("piped"))];
+    for mut pipe in pipes {
+        let output = output.clone();
+        readers.push(tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
+                out.extend_from_slice(&buf[..n]);
+                // Keep only the tail.
+                if out.len() > 2 * OUTPUT_LIMIT {
+                    let cut = out.len() - OUTPUT_LIMIT;
+                    out.drain(..cut);
+                }
+            }
+        }));
+    }
+    let status = tokio::time::timeout(timeout, child.wait()).await;
+    if status.is_err() {
+        let _ = child.kill().await;
+    }
+    // Whatever the hook wrote before it exited is in the pipes already: a short grace.
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        for r in &mut readers {
+            let _ = r.await;
+        }
     })
     .await;
-    match result {
-        Ok((Ok(status), out)) => {
-            let out = tail(&out);
-            if status.success() {
-                Ok(out)
-            } else {
-                Err(format!("{cmd:?} failed ({status}): {out}"))
-            }
-        }
-        Ok((Err(e), _)) => Err(format!("{cmd:?}: {e}")),
-        Err(_) => {
-            let _ = child.kill().await;
-            Err(format!("{cmd:?} timed out after {}", humantime::format_duration(timeout)))
-        }
+    for r in &readers {
+        r.abort();
+    }
+    let out = tail(&output.lock().unwrap_or_else(|p| p.into_inner()));
+    match status {
+        Ok(Ok(s)) if s.success() => Ok(out),
+        Ok(Ok(s)) => Err(format!("{cmd:?} failed ({s}): {out}")),
+        Ok(Err(e)) => Err(format!("{cmd:?}: {e}")),
+        Err(_) => Err(format!("{cmd:?} timed out after {}: {out}", humantime::format_duration(timeout))),
     }
 }
 

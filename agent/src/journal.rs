@@ -101,6 +101,10 @@ impl Journal {
     /// The durable part: on return, `last_seq` and `intent` are on disk.
     pub fn save_durable(&mut self, path: &Path) -> Result<()> {
         let file = open(path)?;
+        // The newest slot may hold an outcome not yet on disk; this write goes to the other
+        // slot, which may be the only durable one. Make the newest durable first, so a torn
+        // write here can never fall back past it. (Free when nothing is pending.)
+        file.sync_data().with_context(|| format!("fsync {}", path.display()))?;
         self.write_slot(&file, path)?;
         file.sync_data().with_context(|| format!("fsync {}", path.display()))
     }
@@ -135,13 +139,16 @@ impl Journal {
     }
 }
 
-/// Opens the journal file, creating it (full size, durably) on first use.
+/// Opens the journal file, creating it (full size, durably) only if it does not exist: any
+/// other error is reported, never answered by starting a fresh journal.
 fn open(path: &Path) -> Result<File> {
-    if let Ok(f) = OpenOptions::new().write(true).open(path) {
-        return Ok(f);
+    match OpenOptions::new().write(true).open(path) {
+        Ok(f) => return Ok(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
     }
     let dir = path.parent().expect("journal files have a parent");
-    std::fs::create_dir_all(dir)?;
+    fsx::create_dir_all_durable(dir).with_context(|| format!("creating {}", dir.display()))?;
     fsx::write_atomic(path, &vec![0u8; FILE_SIZE], 0o644)?;
     Ok(OpenOptions::new().write(true).open(path)?)
 }

@@ -145,7 +145,7 @@ struct Need {
 }
 
 struct Plan {
-    files: Arc<Vec<File>>,
+    files: Arc<Vec<PathBuf>>,
     need: Vec<Need>,
     reused: u64,
 }
@@ -215,7 +215,7 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
                     }
                     offset += u64::from(c.len);
                 }
-                files.push(f);
+                files.push(path.clone());
             }
         }
     }
@@ -224,7 +224,7 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
 
 /// Fetches the needed chunks over several streams; each stream's chunks are verified and
 /// written on a blocking thread while the next ones arrive.
-async fn fetch(conn: &quinn::Connection, need: Vec<Need>, files: Arc<Vec<File>>) -> Result<u64> {
+async fn fetch(conn: &quinn::Connection, need: Vec<Need>, files: Arc<Vec<PathBuf>>) -> Result<u64> {
     if need.is_empty() {
         return Ok(0);
     }
@@ -273,7 +273,7 @@ const FLUSH_EVERY: u64 = 32 << 20;
 
 /// Starts writeback while the transfer is still running, so that the fsync at the end finds
 /// little left to do: a thread that fdatasyncs files once enough bytes went into them.
-fn flusher(files: Arc<Vec<File>>) -> (std::sync::mpsc::Sender<(usize, u64)>, std::thread::JoinHandle<()>) {
+fn flusher(files: Arc<Vec<PathBuf>>) -> (std::sync::mpsc::Sender<(usize, u64)>, std::thread::JoinHandle<()>) {
     let (tx, rx) = std::sync::mpsc::channel::<(usize, u64)>();
     let handle = std::thread::spawn(move || {
         let mut dirty: HashMap<usize, u64> = HashMap::new();
@@ -284,7 +284,7 @@ fn flusher(files: Arc<Vec<File>>) -> (std::sync::mpsc::Sender<(usize, u64)>, std
             if pending >= FLUSH_EVERY {
                 for (idx, _) in dirty.drain() {
                     // An error here resurfaces at the final fsync, which is the one that counts.
-                    let _ = files[idx].sync_data();
+                    let _ = File::open(&files[idx]).and_then(|f| f.sync_data());
                 }
                 pending = 0;
             }
@@ -296,7 +296,7 @@ fn flusher(files: Arc<Vec<File>>) -> (std::sync::mpsc::Sender<(usize, u64)>, std
 async fn fetch_lane(
     conn: quinn::Connection,
     lane: Vec<Need>,
-    files: Arc<Vec<File>>,
+    files: Arc<Vec<PathBuf>>,
     written: Arc<AtomicU64>,
     flush: std::sync::mpsc::Sender<(usize, u64)>,
 ) -> Result<u64> {
@@ -315,6 +315,7 @@ async fn fetch_lane(
         let writer = tokio::task::spawn_blocking(move || {
             // Received pieces are packet-sized: gather them once, off the network task.
             let mut buf = Vec::with_capacity(manifest::CHUNK_MAX as usize);
+            let mut open = OpenFiles::default();
             while let Some((pieces, need)) = rx.blocking_recv() {
                 buf.clear();
                 for p in &pieces {
@@ -327,7 +328,7 @@ async fn fetch_lane(
                     );
                 }
                 for (idx, offset) in &need.places {
-                    files[*idx].write_all_at(&buf, *offset).context("writing a staged file")?;
+                    open.get(*idx, &files)?.write_all_at(&buf, *offset).context("writing a staged file")?;
                     let _ = flush.send((*idx, u64::from(need.len)));
                 }
                 failpoint::hit_n("stage-chunk", written.fetch_add(1, Ordering::Relaxed) + 1);
@@ -359,6 +360,31 @@ async fn fetch_lane(
         read?;
     }
     Ok(total)
+}
+
+/// A few open files for a writer thread: a tree of thousands of files must not hold
+/// thousands of descriptors, and most chunks land in the file the previous one did.
+#[derive(Default)]
+struct OpenFiles {
+    open: HashMap<usize, File>,
+}
+
+impl OpenFiles {
+    const MAX: usize = 16;
+
+    fn get(&mut self, idx: usize, paths: &[PathBuf]) -> Result<&File> {
+        if !self.open.contains_key(&idx) {
+            if self.open.len() >= Self::MAX {
+                self.open.clear();
+            }
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&paths[idx])
+                .with_context(|| format!("opening {}", paths[idx].display()))?;
+            self.open.insert(idx, f);
+        }
+        Ok(&self.open[&idx])
+    }
 }
 
 /// Reads one blob as `frame::write_blob` framed it, without copying its bytes out of the
@@ -399,7 +425,7 @@ fn finish(
     manifest_file: &Path,
     manifest_bytes: &[u8],
     m: &Manifest,
-    files: &[File],
+    files: &[PathBuf],
 ) -> Result<Vec<crate::store::SealEntry>> {
     let fail = |what: String| {
         // After a failed fsync the page cache cannot be trusted: start this version over.
@@ -407,7 +433,8 @@ fn finish(
         anyhow::anyhow!("{what}; the partial copy was discarded, deploy again to retry")
     };
     let modes = m.files().map(|(_, mode, _, _)| mode);
-    for (f, mode) in files.iter().zip(modes) {
+    for (path, mode) in files.iter().zip(modes) {
+        let f = File::open(path).map_err(|e| fail(format!("opening {}: {e}", path.display())))?;
         f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| fail(format!("chmod: {e}")))?;
         f.sync_all().map_err(|e| fail(format!("fsync: {e}")))?;
     }
@@ -426,11 +453,11 @@ fn finish(
         fsx::fsync_dir(d).map_err(|e| fail(format!("fsync {}: {e}", d.display())))?;
     }
     if let Some(dir) = manifest_file.parent() {
-        std::fs::create_dir_all(dir)?;
+        fsx::create_dir_all_durable(dir)?;
     }
     fsx::write_atomic(manifest_file, manifest_bytes, 0o644)?;
     let releases = release_dir.parent().expect("release dirs have a parent");
-    std::fs::create_dir_all(releases)?;
+    fsx::create_dir_all_durable(releases)?;
     failpoint::hit("stage-before-rename");
     std::fs::rename(staging, release_dir).with_context(|| format!("renaming into {}", release_dir.display()))?;
     fsx::fsync_dir(releases)?;

@@ -53,6 +53,22 @@ pub fn switch_symlink(link: &Path, target: &Path) -> io::Result<()> {
     fsync_dir(parent(link))
 }
 
+/// Creates a directory and any missing parents, fsyncing each parent that gained an entry,
+/// so the new directories survive a power cut.
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_all_durable(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => fsync_dir(parent(dir)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Creates a directory (and parents) readable only by its owner.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;

@@ -111,6 +111,12 @@ impl Manifest {
     /// Checks every rule a staged tree relies on: safe, unique, ordered paths; symlinks
     /// that stay inside the root; sizes that match their chunks.
     pub fn validate(&self) -> Result<(), ManifestError> {
+        let links: HashSet<&str> = self
+            .entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Symlink { .. }))
+            .map(|e| e.path.as_str())
+            .collect();
         let mut dirs: HashSet<&str> = HashSet::new();
         dirs.insert("");
         let mut prev: Option<&str> = None;
@@ -129,6 +135,15 @@ impl Manifest {
             if !dirs.contains(parent) {
                 return Err(ManifestError::Inconsistent(format!("{:?} has no parent directory entry", e.path)));
             }
+            if let EntryKind::Dir { mode } | EntryKind::File { mode, .. } = &e.kind {
+                // Permission bits only: no setuid, setgid or sticky bit comes in through a deploy.
+                if mode & !0o777 != 0 {
+                    return Err(ManifestError::UnsafePath {
+                        path: e.path.clone(),
+                        why: format!("mode {mode:o} has bits beyond 0o777"),
+                    });
+                }
+            }
             match &e.kind {
                 EntryKind::Dir { .. } => {
                     dirs.insert(&e.path);
@@ -142,7 +157,7 @@ impl Manifest {
                         )));
                     }
                 }
-                EntryKind::Symlink { target } => check_link_target(&e.path, target)?,
+                EntryKind::Symlink { target } => check_link_target(&e.path, target, &links)?,
             }
         }
         Ok(())
@@ -171,7 +186,7 @@ fn check_rel_path(path: &str) -> Result<(), ManifestError> {
 
 /// A symlink target must be relative and, resolved lexically from the link's directory,
 /// stay inside the root.
-fn check_link_target(link: &str, target: &str) -> Result<(), ManifestError> {
+fn check_link_target(link: &str, target: &str, links: &HashSet<&str>) -> Result<(), ManifestError> {
     let bad =
         |why: &str| ManifestError::UnsafePath { path: link.to_string(), why: format!("symlink to {target:?} {why}") };
     if target.is_empty() || target.contains('\0') || target.len() > 4096 {
@@ -182,15 +197,23 @@ fn check_link_target(link: &str, target: &str) -> Result<(), ManifestError> {
     }
     let mut depth: Vec<&str> = link.split('/').collect();
     depth.pop();
-    for part in target.split('/') {
-        match part {
+    let parts: Vec<&str> = target.split('/').collect();
+    for (i, part) in parts.iter().enumerate() {
+        match *part {
             "" | "." => {}
             ".." => {
                 if depth.pop().is_none() {
                     return Err(bad("escapes the artifact"));
                 }
             }
-            p => depth.push(p),
+            p => {
+                depth.push(p);
+                // Text alone cannot follow a symlink: going on through one could land anywhere.
+                let more = parts[i + 1..].iter().any(|q| !q.is_empty() && *q != ".");
+                if more && links.contains(depth.join("/").as_str()) {
+                    return Err(bad("passes through another symlink"));
+                }
+            }
         }
     }
     Ok(())
@@ -255,7 +278,7 @@ fn walk(
                 path: rel.clone(),
                 why: "symlink target is not UTF-8".into(),
             })?;
-            check_link_target(&rel, target)?;
+            check_link_target(&rel, target, &HashSet::new())?;
             entries.push(Entry { path: rel, kind: EntryKind::Symlink { target: target.to_string() } });
         } else {
             return Err(ManifestError::Unsupported(path));
@@ -355,6 +378,20 @@ mod tests {
             let m = Manifest { entries: entries.clone() };
             assert!(m.validate().is_err(), "{entries:?}");
         }
+        // A symlink that goes on through another symlink (`a/up -> ..`, then `x -> a/up/../../etc`).
+        let through = Manifest {
+            entries: vec![
+                entry("a", dir.clone()),
+                entry("a/up", EntryKind::Symlink { target: "..".into() }),
+                entry("x", EntryKind::Symlink { target: "a/up/../../etc".into() }),
+            ],
+        };
+        assert!(matches!(through.validate(), Err(ManifestError::UnsafePath { .. })));
+        // setuid and friends are refused.
+        let setuid = Manifest { entries: vec![entry("f", EntryKind::File { mode: 0o4755, size: 0, chunks: vec![] })] };
+        assert!(setuid.validate().is_err());
+        let sticky = Manifest { entries: vec![entry("d", EntryKind::Dir { mode: 0o1777 })] };
+        assert!(sticky.validate().is_err());
         let ok =
             Manifest { entries: vec![entry("a", dir), entry("a/l", EntryKind::Symlink { target: "../x".into() })] };
         ok.validate().unwrap();

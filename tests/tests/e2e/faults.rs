@@ -166,3 +166,31 @@ async fn a_revoked_agent_is_refused_everywhere() {
     let p = fleet.deploy("app", "1", "prod", 5).await.unwrap();
     assert!(p.done.is_empty() && p.pending.is_empty(), "{p:?}");
 }
+
+/// A tree of more files than the agent may hold open at once still stages.
+#[tokio::test]
+async fn a_tree_of_many_files_stages_under_a_low_descriptor_limit() {
+    let fleet = Fleet::start().await.unwrap();
+    let src = fleet.path().join("src");
+    for d in 0..8 {
+        let dir = src.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..60 {
+            std::fs::write(dir.join(format!("f{f}")), format!("{d}/{f}\n")).unwrap();
+        }
+    }
+    let agent = fleet.enrol("prod", "p").await.unwrap();
+    fleet.push("many", "1", &src).await.unwrap();
+    let dir = agent.dir.to_str().unwrap().to_string();
+    // 480 files, 128 descriptors.
+    let _proc = Proc::spawn(
+        "prlimit",
+        &["--nofile=128:128", "--", AGENT, "run", "--data-dir", &dir],
+        &[("STAGEHAND_LOG", "info")],
+        fleet.path().join("agent.log"),
+    )
+    .unwrap();
+    let p = fleet.deploy("many", "1", "prod", 60).await.unwrap();
+    assert!(p.all_done(), "{p:?}\n{}", _proc.log_text());
+    assert_same_tree(&src, &agent.release_dir("many", "1"));
+}

@@ -378,3 +378,27 @@ async fn a_failing_pre_activate_hook_refuses_without_switching() {
     };
     assert!(status.agents[0].last_receipt.as_ref().unwrap().log.contains("migrations pending"));
 }
+
+/// A post-activate hook that starts a daemon in the background (which inherits the hook's
+/// output) is done when the hook exits, not when the daemon closes its output.
+#[tokio::test]
+async fn a_hook_that_starts_a_daemon_does_not_hang_the_release() {
+    let fleet = Fleet::start().await.unwrap();
+    let agent = fleet.agent("prod", "p").await.unwrap();
+    let src = version_tree(
+        fleet.path(),
+        "daemon",
+        Some("[hooks]\npost_activate = \"sleep 20 & echo started\"\ntimeout = \"2s\"\n"),
+    );
+    fleet.push("web", "daemon", &src).await.unwrap();
+    assert!(fleet.deploy("web", "daemon", "prod", 60).await.unwrap().all_done());
+    let p = fleet.release("web", "daemon", "prod").await.unwrap();
+    assert!(p.all_done(), "{p:?}");
+    assert_eq!(agent.current("web").unwrap(), Path::new("releases/daemon"));
+    let AdminResponse::Status { status } =
+        fleet.call(AdminRequest::Status { app: "web".into(), env: "prod".into() }).await.unwrap()
+    else {
+        panic!()
+    };
+    assert!(status.agents[0].last_receipt.as_ref().unwrap().log.contains("started"));
+}
