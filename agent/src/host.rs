@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use stagehand_common::activate::SignedActivate;
 use stagehand_common::ids::check_name;
 use stagehand_common::manifest::Manifest;
-use stagehand_common::protocol::{ReleaseUp, StagedArtifact};
+use stagehand_common::protocol::{DeployUp, ReleaseUp, StagedArtifact};
 use stagehand_common::{frame, fsx, Digest};
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -108,6 +108,13 @@ impl Layout {
     }
 }
 
+/// Stagings in progress, and those asked for again while running.
+#[derive(Default)]
+struct Staging {
+    running: HashSet<(String, String)>,
+    again: HashSet<(String, String)>,
+}
+
 /// The running agent's shared state.
 pub struct Host {
     pub layout: Layout,
@@ -115,7 +122,8 @@ pub struct Host {
     pub store: Store,
     /// One activation at a time on this host.
     pub activation: tokio::sync::Mutex<()>,
-    staging: Mutex<HashSet<(String, String)>>,
+    staging: Mutex<Staging>,
+    deploy: Mutex<Option<(mpsc::UnboundedSender<DeployUp>, quinn::Connection)>>,
     release_tx: Mutex<Option<mpsc::UnboundedSender<ReleaseUp>>>,
     scheduler: Mutex<Option<mpsc::UnboundedSender<(u64, SignedActivate)>>>,
 }
@@ -138,6 +146,7 @@ impl Host {
             store,
             activation: tokio::sync::Mutex::new(()),
             staging: Mutex::default(),
+            deploy: Mutex::default(),
             release_tx: Mutex::default(),
             scheduler: Mutex::default(),
         };
@@ -186,12 +195,14 @@ impl Host {
         Ok(())
     }
 
-    /// What this host holds staged.
+    /// What this host holds staged and intact (a modified copy is left out, so the
+    /// controller orders it staged again).
     pub fn inventory(&self) -> Vec<StagedArtifact> {
         self.store
             .all_staged()
             .unwrap_or_default()
             .into_iter()
+            .filter(|(app, version, _)| matches!(self.intact(app, version), Some(Ok(_))))
             .map(|(app, version, r)| StagedArtifact { app, version, digest: r.digest })
             .collect()
     }
@@ -227,13 +238,45 @@ impl Host {
         }
     }
 
-    /// Marks (app, version) as being staged; false if it already is.
+    /// Marks (app, version) as being staged; false if it already is, in which case the
+    /// running attempt is asked to go again if it fails (the order came on a newer session).
     pub fn begin_staging(&self, app: &str, version: &str) -> bool {
-        self.staging.lock().unwrap_or_else(|p| p.into_inner()).insert((app.into(), version.into()))
+        let mut s = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (app.to_string(), version.to_string());
+        if s.running.contains(&key) {
+            s.again.insert(key);
+            return false;
+        }
+        s.running.insert(key);
+        true
     }
 
-    pub fn end_staging(&self, app: &str, version: &str) {
-        self.staging.lock().unwrap_or_else(|p| p.into_inner()).remove(&(app.to_string(), version.to_string()));
+    /// Ends an attempt; true if it failed and should go again.
+    pub fn end_staging(&self, app: &str, version: &str, failed: bool) -> bool {
+        let mut s = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (app.to_string(), version.to_string());
+        let again = s.again.remove(&key) && failed;
+        if !again {
+            s.running.remove(&key);
+        }
+        again
+    }
+
+    /// The deploy session now up: where stage reports go, and the connection to fetch on.
+    pub fn set_deploy(&self, session: Option<(mpsc::UnboundedSender<DeployUp>, quinn::Connection)>) {
+        *self.deploy.lock().unwrap_or_else(|p| p.into_inner()) = session;
+    }
+
+    pub fn deploy_conn(&self) -> Option<quinn::Connection> {
+        self.deploy.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(_, c)| c.clone())
+    }
+
+    /// Sends a report on the current deploy session; a report with no session to carry it is
+    /// dropped (the next session's inventory says what is staged).
+    pub fn send_deploy(&self, msg: DeployUp) {
+        if let Some((tx, _)) = self.deploy.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(msg);
+        }
     }
 
     /// Where receipts go while the release channel is up.

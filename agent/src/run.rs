@@ -12,7 +12,7 @@ use stagehand_common::activate::{SignedActivate, EXPORT_LIMIT};
 use stagehand_common::frame::{self, read_blob, read_msg, write_msg};
 use stagehand_common::net;
 use stagehand_common::protocol::{
-    AppState, DeployDown, DeployUp, ReleaseDown, ReleaseUp, ALPN_DEPLOY, ALPN_RELEASE, PROTOCOL_VERSION,
+    AppState, DeployDown, DeployUp, ReleaseDown, ReleaseUp, StageOutcome, ALPN_DEPLOY, ALPN_RELEASE, PROTOCOL_VERSION,
 };
 use std::future::Future;
 use std::path::Path;
@@ -137,6 +137,7 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
     info!("Deploy channel up.");
     write_msg(&mut send, &DeployUp::Inventory { staged: host.inventory() }).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<DeployUp>();
+    host.set_deploy(Some((tx, conn.clone())));
     let writer = async {
         while let Some(msg) = rx.recv().await {
             write_msg(&mut send, &msg).await?;
@@ -150,12 +151,24 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
                     if !host.begin_staging(&app, &version) {
                         continue;
                     }
-                    let (host, conn, tx) = (host.clone(), conn.clone(), tx.clone());
+                    let host = host.clone();
                     tokio::spawn(async move {
                         let order = Order { app: app.clone(), version: version.clone(), digest };
-                        let outcome = stage::stage(host.clone(), conn, order).await;
-                        host.end_staging(&app, &version);
-                        let _ = tx.send(DeployUp::StageReport { app, version, digest, outcome });
+                        // Stage on whichever session is up; go again if it failed and the
+                        // controller asked again meanwhile (a reconnect during the transfer).
+                        loop {
+                            let Some(conn) = host.deploy_conn() else {
+                                host.end_staging(&app, &version, false);
+                                return;
+                            };
+                            let outcome = stage::stage(host.clone(), conn, order.clone()).await;
+                            let failed = matches!(outcome, StageOutcome::Failed { .. });
+                            if host.end_staging(&app, &version, failed) {
+                                continue;
+                            }
+                            host.send_deploy(DeployUp::StageReport { app, version, digest, outcome });
+                            return;
+                        }
                     });
                 }
                 DeployDown::Goodbye { reason } => {
@@ -166,10 +179,12 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
         }
         anyhow::Ok(())
     };
-    tokio::select! {
+    let result = tokio::select! {
         r = writer => r,
         r = reader => r,
-    }
+    };
+    host.set_deploy(None);
+    result
 }
 
 /// Per app: what is live and the last seq applied.

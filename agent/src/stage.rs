@@ -61,8 +61,24 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
         if rec.digest != digest {
             bail!("{app} {version} is already staged here with other content ({}); versions are immutable", rec.digest);
         }
-        if release_dir.is_dir() {
-            return Ok((0, 0));
+        match host.intact(app, version) {
+            Some(Ok(_)) => return Ok((0, 0)),
+            Some(Err(())) if layout.active(app).as_deref() == Some(version.as_str()) => {
+                bail!("the live copy of {app} {version} was modified on this host; release another version, then deploy again to repair it")
+            }
+            Some(Err(())) => {
+                // Damaged and not live: move it out of releases/ and stage it afresh.
+                warn!(%app, %version, "The staged copy was modified; staging it again.");
+                let aside =
+                    layout.staging(app).join(format!("damaged-{version}-{}", hex::encode(rand::random::<[u8; 4]>())));
+                fsx::create_dir_all_durable(&layout.staging(app))?;
+                std::fs::rename(&release_dir, &aside)
+                    .with_context(|| format!("moving {} aside", release_dir.display()))?;
+                fsx::fsync_dir(&layout.releases(app))?;
+                host.store.remove_staged(app, version)?;
+                let _ = std::fs::remove_dir_all(&aside);
+            }
+            None => {}
         }
     }
     if release_dir.exists() {

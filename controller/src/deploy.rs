@@ -36,6 +36,12 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
     let allowed = Arc::new(Allowed { env: agent.env, chunks: Default::default() });
     let (tx, mut rx) = mpsc::unbounded_channel();
     let token = ctl.fleet.attach_deploy(&id, tx, conn.clone());
+    // A revocation between the role check and here would have found nothing to close.
+    if !crate::server::active_agent(&ctl, &id)? {
+        ctl.fleet.detach(&id, Channel::Deploy, token);
+        conn.close(crate::server::CLOSE_UNAUTHORISED.into(), b"revoked");
+        return Ok(());
+    }
     info!(agent = %id, "Deploy channel up.");
     let writer = async {
         while let Some(msg) = rx.recv().await {

@@ -29,6 +29,12 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
     write_msg(&mut send, &ReleaseDown::Hello { protocol_version: PROTOCOL_VERSION }).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let token = ctl.fleet.attach_release(&id, tx, conn.clone());
+    // A revocation between the role check and here would have found nothing to close.
+    if !crate::server::active_agent(&ctl, &id)? {
+        ctl.fleet.detach(&id, Channel::Release, token);
+        conn.close(crate::server::CLOSE_UNAUTHORISED.into(), b"revoked");
+        return Ok(());
+    }
     info!(agent = %id, "Release channel up.");
     let writer = async {
         while let Some(msg) = rx.recv().await {
@@ -81,7 +87,16 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
             }
             let mut state = ctl.store.appstate(id, &r.app)?;
             state.active = r.active.clone();
-            if !matches!(r.outcome, ReceiptOutcome::Refused(_)) || state.last_seq.is_none_or(|s| s < r.seq) {
+            // Only outcomes the agent recorded as applied move its seq; a refusal before the
+            // intent (not staged, expired…) leaves it, so the message can be offered again.
+            let applied = matches!(
+                r.outcome,
+                ReceiptOutcome::Committed
+                    | ReceiptOutcome::Refused(
+                        Refusal::PreActivateFailed | Refusal::Unhealthy | Refusal::Interrupted | Refusal::HostError
+                    )
+            );
+            if applied {
                 state.last_seq = Some(state.last_seq.map_or(r.seq, |s| s.max(r.seq)));
             }
             ctl.store.put_appstate(id, &r.app, &state)?;

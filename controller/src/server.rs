@@ -125,7 +125,8 @@ async fn dispatch(ctl: Arc<Controller>, conn: quinn::Connection) -> Result<()> {
     }
 }
 
-fn active_agent(ctl: &Controller, id: &AgentId) -> Result<bool> {
+/// A known agent that is not revoked.
+pub fn active_agent(ctl: &Controller, id: &AgentId) -> Result<bool> {
     Ok(ctl.store.agent(id)?.is_some_and(|a| !a.revoked))
 }
 

@@ -2,9 +2,10 @@
 //! catch-up of agents that were away or joined late.
 
 use stagehand_common::protocol::{AdminRequest, AdminResponse};
-use stagehand_tests::{assert_same_tree, random_file, Fleet};
+use stagehand_tests::{assert_same_tree, random_file, wait_for, Fleet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::Duration;
 
 /// A tree with nested directories, an empty file, an executable, a symlink and a big file.
 pub fn sample_tree(root: &Path, big: usize) {
@@ -133,4 +134,29 @@ async fn the_controller_restarts_with_agents_tokens_and_artifacts() {
         .unwrap();
     let AdminResponse::Agents { agents } = fleet.call(AdminRequest::ListAgents).await.unwrap() else { panic!() };
     assert_eq!(agents.len(), 2);
+}
+
+#[tokio::test]
+async fn a_staged_copy_modified_on_the_host_is_staged_again() {
+    let fleet = Fleet::start().await.unwrap();
+    let src = fleet.path().join("src");
+    sample_tree(&src, 1 << 20);
+    let mut agent = fleet.agent("prod", "p").await.unwrap();
+    fleet.push("web", "1.0", &src).await.unwrap();
+    assert!(fleet.deploy("web", "1.0", "prod", 60).await.unwrap().all_done());
+    agent.stop().await;
+    let victim = agent.release_dir("web", "1.0").join("share/doc/deep/readme.txt");
+    std::fs::write(&victim, "scribbled on\n").unwrap();
+
+    // Back online, the agent no longer counts the copy as staged; the controller orders it
+    // again and the agent replaces it.
+    agent.start().await.unwrap();
+    wait_for("the copy to be repaired", Duration::from_secs(60), || async {
+        std::fs::read_to_string(&victim).is_ok_and(|t| t == "nested\n")
+    })
+    .await
+    .unwrap();
+    let p = fleet.wait_staged("web", "1.0", "prod", 60).await.unwrap();
+    assert!(p.all_done(), "{p:?}");
+    assert_same_tree(&src, &agent.release_dir("web", "1.0"));
 }
