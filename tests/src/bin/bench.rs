@@ -115,21 +115,9 @@ async fn main() -> Result<()> {
         for i in 0..n {
             agents.push(fleet.agent("prod", &format!("r{i}")).await?);
         }
-        let small = fleet.path().join("small");
-        std::fs::create_dir_all(&small)?;
-        random_file(&small.join("blob"), 1024, 2)?;
-        fleet.push("small", "1", &small).await?;
-        if !fleet.deploy("small", "1", "prod", 600).await?.all_done() {
-            bail!("staging the small artifact failed");
-        }
+        stage_small(&fleet, "1", 2).await?;
         // The first activation of an app creates its journal: warm up, then measure three.
-        let small2 = fleet.path().join("small2");
-        std::fs::create_dir_all(&small2)?;
-        random_file(&small2.join("blob"), 1024, 3)?;
-        fleet.push("small", "2", &small2).await?;
-        if !fleet.deploy("small", "2", "prod", 600).await?.all_done() {
-            bail!("staging the small artifact failed");
-        }
+        stage_small(&fleet, "2", 3).await?;
         timed_release(&fleet, "small", "2").await?;
         let mut r = Timed { activation_us: vec![], ack_us: vec![], makespan: Duration::ZERO };
         let mut spans = Vec::new();
@@ -165,13 +153,7 @@ async fn main() -> Result<()> {
 
     // ---- Release makespan: 1 KiB vs 1 GiB artifact, and during a transfer ----
     if let Some((fleet, agents)) = big_fleet {
-        let small = fleet.path().join("small");
-        std::fs::create_dir_all(&small)?;
-        random_file(&small.join("blob"), 1024, 2)?;
-        fleet.push("small", "1", &small).await?;
-        if !fleet.deploy("small", "1", "prod", 600).await?.all_done() {
-            bail!("staging the small artifact failed");
-        }
+        stage_small(&fleet, "1", 2).await?;
         let mut small_t = Vec::new();
         let mut big_t = Vec::new();
         for _ in 0..5 {
@@ -208,6 +190,18 @@ async fn main() -> Result<()> {
         for mut a in agents {
             a.stop().await;
         }
+    }
+    Ok(())
+}
+
+/// Pushes a 1 KiB artifact `small VERSION` and stages it on every prod agent.
+async fn stage_small(fleet: &Fleet, version: &str, seed: u64) -> Result<()> {
+    let dir = fleet.path().join(format!("small-{version}"));
+    std::fs::create_dir_all(&dir)?;
+    random_file(&dir.join("blob"), 1024, seed)?;
+    fleet.push("small", version, &dir).await?;
+    if !fleet.deploy("small", version, "prod", 600).await?.all_done() {
+        bail!("staging the small artifact failed");
     }
     Ok(())
 }
