@@ -79,7 +79,9 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
     };
     // A clock stepped backwards cannot revive an expired message.
     let now = now_secs().max(host.store.latest_time());
-    let _ = host.store.set_latest_time(now);
+    if let Err(e) = host.store.set_latest_time(now) {
+        warn!(error = %e, "Could not record the latest time seen.");
+    }
     let view = AgentView {
         agent_id: &host.identity.id,
         env: &host.identity.env,
@@ -408,8 +410,19 @@ pub async fn recover(host: &Arc<Host>) {
                 "recover",
                 "the agent stopped after the switch; running the post-activate hook and health check again",
             );
-            let config = ArtifactConfig::load(&a.release_dir()).unwrap_or_default();
-            a.prove(&config).await;
+            match ArtifactConfig::load(&a.release_dir()) {
+                Ok(config) => {
+                    a.prove(&config).await;
+                }
+                Err(e) => {
+                    // Nothing to prove it with: it cannot stay live.
+                    a.note("stagehand.toml", &e);
+                    let mut log = std::mem::take(&mut a.log);
+                    revert(host, &app, intent.previous.as_deref(), &mut log).await;
+                    a.log = log;
+                    a.finish(ReceiptOutcome::Refused(Refusal::Unhealthy)).await;
+                }
+            }
         } else {
             warn!(%app, version = %intent.version, seq = intent.seq, "An activation was interrupted before the switch.");
             let mut log = String::new();
