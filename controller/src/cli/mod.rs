@@ -138,7 +138,8 @@ pub fn report(e: &anyhow::Error) {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STAGEHAND_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }
 
 /// Parses `K=V`.
