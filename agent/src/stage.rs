@@ -321,9 +321,10 @@ async fn fetch_lane(
     while !lane.is_empty() {
         let rest = lane.split_off(BATCH.min(lane.len()));
         let batch = std::mem::replace(&mut lane, rest);
-        let (mut send, mut recv) = conn.open_bi().await?;
+        let (mut send, recv) = conn.open_bi().await?;
         write_msg(&mut send, &DeployUp::FetchChunks { digests: batch.iter().map(|n| n.digest).collect() }).await?;
         send.finish()?;
+        let mut incoming = Incoming::new(recv);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<bytes::Bytes>, Need)>(16);
         let files = files.clone();
         let written = written.clone();
@@ -353,7 +354,7 @@ async fn fetch_lane(
         });
         let reader = async {
             for need in batch {
-                let pieces = match read_chunk(&mut recv).await? {
+                let pieces = match incoming.blob().await? {
                     Some(Some(p)) => p,
                     Some(None) => bail!("the controller does not have chunk {}", need.digest.short()),
                     None => bail!("the controller ended the transfer early"),
@@ -403,34 +404,80 @@ impl OpenFiles {
     }
 }
 
-/// Reads one blob as `frame::write_blob` framed it, without copying its bytes out of the
-/// QUIC receive buffers: `None` at the end of the stream, `Some(None)` for "absent".
-async fn read_chunk(recv: &mut quinn::RecvStream) -> Result<Option<Option<Vec<bytes::Bytes>>>> {
-    let mut len = [0u8; 4];
-    match recv.read_exact(&mut len).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.into()),
+/// Reads blobs as `frame::write_blob` framed them, without copying their bytes out of the
+/// QUIC receive buffers, taking many received pieces per call.
+struct Incoming {
+    recv: quinn::RecvStream,
+    pending: std::collections::VecDeque<bytes::Bytes>,
+    buffered: usize,
+}
+
+impl Incoming {
+    fn new(recv: quinn::RecvStream) -> Self {
+        Incoming { recv, pending: Default::default(), buffered: 0 }
     }
-    let len = u32::from_be_bytes(len);
-    if len == u32::MAX {
-        return Ok(Some(None));
-    }
-    let mut left = len as usize;
-    if left > frame::CHUNK_LIMIT {
-        bail!("chunk of {left} bytes exceeds the limit of {}", frame::CHUNK_LIMIT);
-    }
-    let mut pieces = Vec::new();
-    while left > 0 {
-        match recv.read_chunk(left, true).await? {
-            Some(c) => {
-                left -= c.bytes.len();
-                pieces.push(c.bytes);
+
+    /// Receives until `n` bytes are buffered; false if the stream ended first.
+    async fn want(&mut self, n: usize) -> Result<bool> {
+        let mut bufs: [bytes::Bytes; 32] = Default::default();
+        while self.buffered < n {
+            match self.recv.read_chunks(&mut bufs).await? {
+                Some(k) => {
+                    for b in bufs[..k].iter_mut() {
+                        self.buffered += b.len();
+                        self.pending.push_back(std::mem::take(b));
+                    }
+                }
+                None => return Ok(false),
             }
-            None => bail!("the stream ended inside a chunk"),
         }
+        Ok(true)
     }
-    Ok(Some(Some(pieces)))
+
+    /// Takes exactly `n` buffered bytes as pieces.
+    fn take(&mut self, mut n: usize) -> Vec<bytes::Bytes> {
+        let mut out = Vec::new();
+        self.buffered -= n;
+        while n > 0 {
+            let front = self.pending.front_mut().expect("enough bytes are buffered");
+            if front.len() <= n {
+                n -= front.len();
+                out.push(self.pending.pop_front().expect("just looked"));
+            } else {
+                out.push(front.split_to(n));
+                n = 0;
+            }
+        }
+        out
+    }
+
+    /// The next blob: `None` at the end of the stream, `Some(None)` for "absent".
+    async fn blob(&mut self) -> Result<Option<Option<Vec<bytes::Bytes>>>> {
+        if !self.want(4).await? {
+            if self.buffered == 0 {
+                return Ok(None);
+            }
+            bail!("the stream ended inside a chunk header");
+        }
+        let mut len = [0u8; 4];
+        let mut at = 0;
+        for p in self.take(4) {
+            len[at..at + p.len()].copy_from_slice(&p);
+            at += p.len();
+        }
+        let len = u32::from_be_bytes(len);
+        if len == u32::MAX {
+            return Ok(Some(None));
+        }
+        let len = len as usize;
+        if len > frame::CHUNK_LIMIT {
+            bail!("chunk of {len} bytes exceeds the limit of {}", frame::CHUNK_LIMIT);
+        }
+        if !self.want(len).await? {
+            bail!("the stream ended inside a chunk");
+        }
+        Ok(Some(Some(self.take(len))))
+    }
 }
 
 /// Sets modes, fsyncs every file and directory, records the manifest, renames the tree into
