@@ -23,7 +23,7 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 /// Streams fetching chunks at once, and chunks per request.
-const LANES: usize = 2;
+pub const LANES: usize = 2;
 const BATCH: usize = 4096;
 
 /// One order from the controller.

@@ -48,11 +48,18 @@ async fn main() -> Result<()> {
     for agents in runs {
         settle()?;
         let mut bare = Vec::new();
-        for streams in [1usize, 4] {
+        // The baseline moves 1 GiB the way staging does: one connection, as many streams as
+        // the agent fetches on. The one-stream figure is shown beside it.
+        for streams in [1usize, stagehand_agent::stage::LANES] {
             bare.push(mibps(size, bare_quinn(size, streams).await?));
         }
-        let baseline = bare.iter().cloned().fold(0.0, f64::max);
-        println!("bare quinn: 1 stream {:.0} MiB/s, 4 streams {:.0} MiB/s", bare[0], bare[1]);
+        let baseline = bare[1];
+        println!(
+            "bare quinn: 1 stream {:.0} MiB/s, {} streams {:.0} MiB/s (baseline)",
+            bare[0],
+            stagehand_agent::stage::LANES,
+            bare[1]
+        );
         let fleet = Fleet::start().await?;
         let mut list = Vec::new();
         for i in 0..agents {
@@ -72,9 +79,10 @@ async fn main() -> Result<()> {
         let per_agent = mibps(size, t);
         let total = mibps(size * agents as u64, t);
         println!(
-            "stage {size_mib} MiB to {agents} agent(s): {:.2}s, {per_agent:.0} MiB/s per agent, {total:.0} MiB/s total; ratio to bare quinn {:.2}",
+            "stage {size_mib} MiB to {agents} agent(s): {:.2}s, {per_agent:.0} MiB/s per agent, {total:.0} MiB/s total; ratio to bare quinn {:.2} (to the better of the two: {:.2})",
             t.as_secs_f64(),
-            per_agent / baseline
+            per_agent / baseline,
+            per_agent / bare[0].max(bare[1])
         );
         if agents == 1 {
             ratios.push(per_agent / baseline);
