@@ -8,8 +8,8 @@ use stagehand_common::frame::{self, read_blob, read_msg, write_msg};
 use stagehand_common::ids::{check_name, now_secs};
 use stagehand_common::manifest::Manifest;
 use stagehand_common::protocol::{
-    AdminRequest, AdminResponse, AgentAppInfo, AgentAppStatus, AgentInfo, AppStatus, DeployDown, ReceiptOutcome,
-    PROTOCOL_VERSION,
+    AdminRequest, AdminResponse, AgentAppInfo, AgentAppStatus, AgentInfo, AppStatus, DeployDown, Receipt,
+    ReceiptOutcome, PROTOCOL_VERSION,
 };
 use stagehand_common::token::JoinToken;
 use stagehand_common::{AgentId, Digest};
@@ -300,12 +300,8 @@ fn release_progress(ctl: &Controller, app: &str, env: &str, seq: u64) -> Result<
             Some(r) if r.seq >= seq && r.outcome == ReceiptOutcome::Committed && r.version == desired.version => {
                 done.push(id)
             }
-            Some(r) if r.seq >= seq && matches!(r.outcome, ReceiptOutcome::Refused(_)) => {
-                let why = match &r.outcome {
-                    ReceiptOutcome::Refused(x) => x.code().to_string(),
-                    _ => unreachable!(),
-                };
-                failed.push((id, why))
+            Some(Receipt { seq: got, outcome: ReceiptOutcome::Refused(why), .. }) if got >= seq => {
+                failed.push((id, why.code().to_string()))
             }
             _ => pending.push(id),
         }

@@ -185,7 +185,12 @@ async fn main() -> Result<()> {
         random_file(&src2.join("blob"), size as usize, 99)?;
         fleet.push("big", "2", &src2).await?;
         fleet.call(AdminRequest::Deploy { app: "big".into(), version: "2".into(), env: "prod".into() }).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await; // let the transfer get going
+        // Release once the transfer is under way on the first agent.
+        let staging = agents[0].app_root("big").join(".staging");
+        stagehand_tests::wait_for("the transfer to start", Duration::from_secs(60), || async {
+            std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some())
+        })
+        .await?;
         let during = timed_release(&fleet, "small", "1").await?.makespan;
         let staged = fleet.wait_staged("big", "2", "prod", 600).await?;
         println!(
