@@ -10,6 +10,7 @@ pub mod host;
 pub mod join;
 pub mod journal;
 pub mod run;
+pub mod sink;
 pub mod stage;
 pub mod store;
 pub mod tree;

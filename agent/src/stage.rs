@@ -5,6 +5,7 @@
 
 use crate::failpoint;
 use crate::host::Host;
+use crate::sink::Sink;
 use crate::store::StagedRecord;
 use crate::tree;
 use anyhow::{bail, Context, Result};
@@ -330,26 +331,37 @@ async fn fetch_lane(
         let written = written.clone();
         let flush = flush.clone();
         let writer = tokio::task::spawn_blocking(move || {
-            // Received pieces are packet-sized: gather them once, off the network task.
-            let mut buf = Vec::with_capacity(manifest::CHUNK_MAX as usize);
-            let mut open = OpenFiles::default();
+            // Received pieces are packet-sized: gather them once, off the network task,
+            // straight into the buffer the sink writes from.
+            let mut sink = Sink::new(files);
+            let report = |idx, n| {
+                let _ = flush.send((idx, n));
+            };
             while let Some((pieces, need)) = rx.blocking_recv() {
-                buf.clear();
+                let len = need.len as usize;
+                let (idx, offset) = need.places[0];
+                let slot = sink.slot(idx, offset, len)?;
+                let mut at = 0;
                 for p in &pieces {
-                    buf.extend_from_slice(p);
+                    slot[at..at + p.len()].copy_from_slice(p);
+                    at += p.len();
                 }
-                if Digest::of(&buf) != need.digest {
+                if Digest::of(slot) != need.digest {
                     bail!(
                         "chunk {} from the controller does not match its digest; nothing was staged",
                         need.digest.short()
                     );
                 }
-                for (idx, offset) in &need.places {
-                    open.get(*idx, &files)?.write_all_at(&buf, *offset).context("writing a staged file")?;
-                    let _ = flush.send((*idx, u64::from(need.len)));
+                sink.commit(len);
+                for &(idx, offset) in &need.places[1..] {
+                    sink.copy_last(len, idx, offset)?;
                 }
+                sink.drain_buffered(report);
                 failpoint::hit_n("stage-chunk", written.fetch_add(1, Ordering::Relaxed) + 1);
             }
+            sink.finish()?;
+            sink.drain_buffered(report);
+            tracing::debug!(direct_bytes = sink.direct_bytes(), "A fetch stream is written out.");
             anyhow::Ok(())
         });
         let reader = async {
@@ -377,31 +389,6 @@ async fn fetch_lane(
         read?;
     }
     Ok(total)
-}
-
-/// A few open files for a writer thread: a tree of thousands of files must not hold
-/// thousands of descriptors, and most chunks land in the file the previous one did.
-#[derive(Default)]
-struct OpenFiles {
-    open: HashMap<usize, File>,
-}
-
-impl OpenFiles {
-    const MAX: usize = 16;
-
-    fn get(&mut self, idx: usize, paths: &[PathBuf]) -> Result<&File> {
-        if !self.open.contains_key(&idx) {
-            if self.open.len() >= Self::MAX {
-                self.open.clear();
-            }
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&paths[idx])
-                .with_context(|| format!("opening {}", paths[idx].display()))?;
-            self.open.insert(idx, f);
-        }
-        Ok(&self.open[&idx])
-    }
 }
 
 /// Reads blobs as `frame::write_blob` framed them, without copying their bytes out of the

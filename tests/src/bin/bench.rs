@@ -50,9 +50,12 @@ async fn main() -> Result<()> {
         let mut bare = Vec::new();
         // The baseline moves 1 GiB the way staging does: one connection, as many streams as
         // the agent fetches on. The one-stream figure is shown beside it.
+        let mut bare_cpu = Cpu::now()?;
         for streams in [1usize, stagehand_agent::stage::LANES] {
+            bare_cpu = Cpu::now()?;
             bare.push(mibps(size, bare_quinn(size, streams).await?));
         }
+        let bare_cpu = Cpu::now()?.since(&bare_cpu);
         let baseline = bare[1];
         println!(
             "bare quinn: 1 stream {:.0} MiB/s, {} streams {:.0} MiB/s (baseline)",
@@ -71,8 +74,12 @@ async fn main() -> Result<()> {
         fleet.push("big", "1", &src).await?;
         settle()?;
         let start = Instant::now();
+        let stage_cpu = Cpu::now()?;
+        profile("enable");
         let p = fleet.deploy("big", "1", "prod", 600).await?;
         let t = start.elapsed();
+        profile("disable");
+        let stage_cpu = Cpu::now()?.since(&stage_cpu);
         if !p.all_done() {
             bail!("staging failed: {p:?}");
         }
@@ -83,6 +90,15 @@ async fn main() -> Result<()> {
             t.as_secs_f64(),
             per_agent / baseline,
             per_agent / bare[0].max(bare[1])
+        );
+        let gib = (size * agents as u64) as f64 / (1u64 << 30) as f64;
+        println!(
+            "  CPU-seconds per GiB moved: bare quinn {:.2} in this process, {:.2} machine-wide; staging {:.2} in this process, {:.2} machine-wide (stolen by the host during staging: {:.2} s)",
+            bare_cpu.process / (size as f64 / (1u64 << 30) as f64),
+            bare_cpu.machine / (size as f64 / (1u64 << 30) as f64),
+            stage_cpu.process / gib,
+            stage_cpu.machine / gib,
+            stage_cpu.steal
         );
         if agents == 1 {
             ratios.push(per_agent / baseline);
@@ -217,6 +233,49 @@ async fn stage_small(fleet: &Fleet, version: &str, seed: u64) -> Result<()> {
         bail!("staging the small artifact failed");
     }
     Ok(())
+}
+
+/// Switches a profiler on and off around the staging phase alone: with
+/// `STAGEHAND_BENCH_PERF_CTL=FIFO`, for `perf record --control=fifo:FIFO -D -1`.
+fn profile(cmd: &str) {
+    if let Some(fifo) = std::env::var_os("STAGEHAND_BENCH_PERF_CTL") {
+        let _ = std::fs::OpenOptions::new().write(true).open(fifo).and_then(|mut f| {
+            use std::io::Write;
+            writeln!(f, "{cmd}")
+        });
+    }
+}
+
+/// CPU time used so far: by this process (controller and agents run in it), by the whole
+/// machine (kernel writeback included), and stolen by the hypervisor.
+struct Cpu {
+    process: f64,
+    machine: f64,
+    steal: f64,
+}
+
+impl Cpu {
+    fn now() -> Result<Cpu> {
+        let tick = 1.0 / 100.0;
+        let me = std::fs::read_to_string("/proc/self/stat")?;
+        let fields: Vec<&str> = me.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the file, 12 and 13 after the name.
+        let process = (fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) * tick;
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let cpu: Vec<f64> =
+            stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal
+        let busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6];
+        Ok(Cpu { process, machine: busy * tick, steal: cpu.get(7).copied().unwrap_or(0.0) * tick })
+    }
+
+    fn since(&self, earlier: &Cpu) -> Cpu {
+        Cpu {
+            process: self.process - earlier.process,
+            machine: self.machine - earlier.machine,
+            steal: self.steal - earlier.steal,
+        }
+    }
 }
 
 /// Writes dirty pages back so that earlier set-up does not compete with what is measured.
