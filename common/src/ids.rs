@@ -62,7 +62,7 @@ impl AgentId {
 
 impl fmt::Display for AgentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -90,6 +90,13 @@ pub fn now_secs() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tables pad ids to a column width (`agents list` was misaligned when they did not).
+    #[test]
+    fn agent_ids_honour_width() {
+        let id = AgentId("a-0123456789abcdef".into());
+        assert_eq!(format!("{id:<20}|"), "a-0123456789abcdef  |");
+    }
 
     #[test]
     fn names() {
