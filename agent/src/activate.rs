@@ -310,6 +310,13 @@ impl Activation {
         if let Err(e) = self.journal.save_outcome(&host.layout.journal(&self.app)) {
             error!(error = %format!("{e:#}"), "Cannot write the activation journal.");
         }
+        if matches!(r.outcome, ReceiptOutcome::Committed) {
+            // The new version and the one to roll back to are the last retention removes.
+            let now = crate::store::now_millis();
+            for v in [Some(&self.version), self.previous.as_ref()].into_iter().flatten() {
+                let _ = host.store.touch(&self.app, v, now);
+            }
+        }
         match &r.outcome {
             ReceiptOutcome::Committed => {
                 info!(app = %r.app, version = %r.version, seq = r.seq, total_us = r.total_us, "Committed.")

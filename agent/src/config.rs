@@ -16,9 +16,17 @@ use std::path::{Path, PathBuf};
 pub struct AgentConfig {
     /// The controller's address, HOST:PORT.
     pub controller: String,
+    /// Staged versions each app keeps besides the live one; older ones are removed after a
+    /// staging succeeds. 0 keeps everything.
+    #[serde(default = "default_keep")]
+    pub keep_releases: usize,
     /// Per-app settings of this host.
     #[serde(default)]
     pub apps: BTreeMap<String, AppConfig>,
+}
+
+pub fn default_keep() -> usize {
+    5
 }
 
 /// What a host says about one app.
@@ -30,6 +38,8 @@ pub struct AppConfig {
     /// Extra environment for hooks and health checks.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Overrides `keep_releases` for this app.
+    pub keep_releases: Option<usize>,
 }
 
 impl AgentConfig {
@@ -44,7 +54,8 @@ impl AgentConfig {
     pub fn save(&self, data_dir: &Path) -> Result<()> {
         let text = format!(
             "# Stagehand agent configuration, written by `stagehand-agent join`.\n\
-             # Per-app settings go under [apps.<name>]: root = \"/srv/web\", env = {{ KEY = \"value\" }}\n{}",
+             # keep_releases: staged versions each app keeps besides the live one (0 keeps all).\n\
+             # Per-app settings go under [apps.<name>]: root = \"/srv/web\", env = {{ KEY = \"value\" }}, keep_releases = N\n{}",
             toml::to_string(self)?
         );
         fsx::write_atomic(&data_dir.join("agent.toml"), text.as_bytes(), 0o644)?;
@@ -127,6 +138,8 @@ mod tests {
         let c = AgentConfig::load(&dir).unwrap();
         assert_eq!(c.apps["web"].root.as_deref(), Some(Path::new("/srv/web")));
         assert_eq!(c.apps["web"].env["PORT"], "8080");
+        assert_eq!(c.keep_releases, 5);
+        assert_eq!(c.apps["billing-worker"].keep_releases, Some(10));
         let unit = std::fs::read_to_string(dir.join("stagehand-agent.service")).unwrap();
         assert!(unit.contains("stagehand-agent run --data-dir"));
     }

@@ -165,6 +165,7 @@ impl Host {
                     }
                 }
             }
+            crate::prune::leftovers(self, &app);
             for version in l.release_versions(&app) {
                 if self.store.staged(&app, &version)?.is_some() {
                     continue;
@@ -178,7 +179,7 @@ impl Host {
                 match checked {
                     Ok((digest, seal)) => {
                         info!(%app, %version, "Re-indexed a staged version.");
-                        self.store.put_staged(&app, &version, &StagedRecord { v: 1, digest, seal, staged_at: 0 })?;
+                        self.store.put_staged(&app, &version, &StagedRecord { v: 1, digest, seal, used_at: 0 })?;
                     }
                     Err(why) => {
                         warn!(%app, %version, %why, "A version under releases/ does not match its manifest; it will not be activated.")

@@ -76,7 +76,12 @@ pub async fn join(
         release_keys,
     };
     identity.save(data_dir)?;
-    AgentConfig { controller: controller.to_string(), apps: Default::default() }.save(data_dir)?;
+    AgentConfig {
+        controller: controller.to_string(),
+        keep_releases: crate::config::default_keep(),
+        apps: Default::default(),
+    }
+    .save(data_dir)?;
     Ok(identity)
 }
 

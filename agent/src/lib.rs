@@ -9,6 +9,7 @@ pub mod hooks;
 pub mod host;
 pub mod join;
 pub mod journal;
+pub mod prune;
 pub mod run;
 pub mod sink;
 pub mod stage;

@@ -166,7 +166,12 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
                             if host.end_staging(&app, &version, failed) {
                                 continue;
                             }
-                            host.send_deploy(DeployUp::StageReport { app, version, digest, outcome });
+                            host.send_deploy(DeployUp::StageReport { app: app.clone(), version, digest, outcome });
+                            if !failed {
+                                for version in crate::prune::after_staging(&host, &app).await {
+                                    host.send_deploy(DeployUp::Pruned { app: app.clone(), version });
+                                }
+                            }
                             return;
                         }
                     });

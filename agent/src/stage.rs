@@ -10,7 +10,7 @@ use crate::store::StagedRecord;
 use crate::tree;
 use anyhow::{bail, Context, Result};
 use stagehand_common::frame::{self, read_blob, write_msg};
-use stagehand_common::ids::{check_name, now_secs};
+use stagehand_common::ids::check_name;
 use stagehand_common::manifest::{self, EntryKind, Manifest};
 use stagehand_common::protocol::{DeployUp, StageOutcome};
 use stagehand_common::{fsx, Digest};
@@ -63,7 +63,11 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
             bail!("{app} {version} is already staged here with other content ({}); versions are immutable", rec.digest);
         }
         match host.intact(app, version) {
-            Some(Ok(_)) => return Ok((0, 0)),
+            Some(Ok(_)) => {
+                // Ordered again: the controller still wants it, so retention keeps it.
+                host.store.touch(app, version, crate::store::now_millis())?;
+                return Ok((0, 0));
+            }
             Some(Err(())) if layout.active(app).as_deref() == Some(version.as_str()) => {
                 bail!("the live copy of {app} {version} was modified on this host; release another version, then deploy again to repair it")
             }
@@ -71,13 +75,15 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
                 // Damaged and not live: move it out of releases/ and stage it afresh.
                 warn!(%app, %version, "The staged copy was modified; staging it again.");
                 let aside =
-                    layout.staging(app).join(format!("damaged-{version}-{}", hex::encode(rand::random::<[u8; 4]>())));
+                    layout.staging(app).join(format!(".damaged-{version}-{}", hex::encode(rand::random::<[u8; 4]>())));
                 fsx::create_dir_all_durable(&layout.staging(app))?;
                 std::fs::rename(&release_dir, &aside)
                     .with_context(|| format!("moving {} aside", release_dir.display()))?;
                 fsx::fsync_dir(&layout.releases(app))?;
                 host.store.remove_staged(app, version)?;
-                let _ = std::fs::remove_dir_all(&aside);
+                if let Err(e) = fsx::remove_tree(&aside) {
+                    warn!(path = %aside.display(), error = %e, "Could not remove the damaged copy; it is removed at the next start.");
+                }
             }
             None => {}
         }
@@ -108,7 +114,11 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
         (host.clone(), app.clone(), version.clone(), layout.manifest_file(app, version));
     tokio::task::spawn_blocking(move || {
         let seal = finish(&staging, &release_dir, &manifest_file, &bytes, &manifest, &plan.files)?;
-        host2.store.put_staged(&app2, &version2, &StagedRecord { v: 1, digest, seal, staged_at: now_secs() })?;
+        host2.store.put_staged(
+            &app2,
+            &version2,
+            &StagedRecord { v: 1, digest, seal, used_at: crate::store::now_millis() },
+        )?;
         host2.store.flush()?;
         anyhow::Ok(())
     })

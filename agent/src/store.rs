@@ -15,7 +15,10 @@ pub struct StagedRecord {
     pub v: u8,
     pub digest: Digest,
     pub seal: Vec<SealEntry>,
-    pub staged_at: u64,
+    /// When the version was last staged, ordered again or made live (milliseconds since the
+    /// epoch, [`now_millis`]); 0 when
+    /// re-indexed from disk. Retention keeps the most recently used.
+    pub used_at: u64,
 }
 
 /// What a staged path looked like right after staging. Any write to a file or a directory
@@ -27,6 +30,11 @@ pub struct SealEntry {
     pub size: u64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
+}
+
+/// The clock of `used_at`.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[derive(Clone)]
@@ -57,6 +65,14 @@ impl Store {
 
     pub fn remove_staged(&self, app: &str, version: &str) -> Result<(), sled::Error> {
         self.staged.remove(key(app, version))?;
+        Ok(())
+    }
+
+    /// Marks a staged version as used now, if it is indexed.
+    pub fn touch(&self, app: &str, version: &str, now: u64) -> Result<(), sled::Error> {
+        if let Some(r) = self.staged(app, version)? {
+            self.put_staged(app, version, &StagedRecord { used_at: now, ..r })?;
+        }
         Ok(())
     }
 

@@ -75,6 +75,31 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
+/// Removes a directory tree, first making its directories writable by their owner: a
+/// staged tree may hold read-only directories, which `remove_dir_all` cannot empty when
+/// not running as root. A missing path is not an error.
+pub fn remove_tree(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fn open_up(dir: &Path) -> io::Result<()> {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                open_up(&e.path())?;
+            }
+        }
+        Ok(())
+    }
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(m) if !m.is_dir() => return std::fs::remove_file(dir),
+        Ok(_) => {}
+    }
+    open_up(dir)?;
+    std::fs::remove_dir_all(dir)
+}
+
 /// Reads a file of at most `limit` bytes: a larger one is an error, not an allocation.
 pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
@@ -106,6 +131,21 @@ mod tests {
         switch_symlink(&link, Path::new("releases/b")).unwrap();
         assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("releases/b"));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn remove_tree_empties_read_only_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("t");
+        std::fs::create_dir_all(t.join("ro/deeper")).unwrap();
+        std::fs::write(t.join("ro/deeper/f"), b"x").unwrap();
+        for d in ["ro/deeper", "ro"] {
+            std::fs::set_permissions(t.join(d), std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        remove_tree(&t).unwrap();
+        assert!(!t.exists());
+        remove_tree(&t).unwrap();
     }
 
     #[test]

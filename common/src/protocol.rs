@@ -84,6 +84,11 @@ pub enum DeployUp {
     FetchChunks {
         digests: Vec<Digest>,
     },
+    /// The agent removed a staged version to keep within its retention (`keep_releases`).
+    Pruned {
+        app: String,
+        version: String,
+    },
 }
 
 /// Controller → agent on the deploy channel.

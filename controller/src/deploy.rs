@@ -119,6 +119,12 @@ fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
                 crate::release::catch_up(ctl, id, true)?;
             }
         }
+        DeployUp::Pruned { app, version } => {
+            info!(agent = %id, %app, %version, "Removed an old release (agent retention).");
+            ctl.store.remove_stage(id, &app, &version)?;
+            ctl.store.flush()?;
+            ctl.fleet.bump();
+        }
         other => bail!("unexpected message on the control stream: {other:?}"),
     }
     Ok(())

@@ -274,6 +274,11 @@ impl Store {
         Ok(())
     }
 
+    pub fn remove_stage(&self, agent: &AgentId, app: &str, version: &str) -> Result<()> {
+        self.stage.remove(key(&[&agent.0, app, version]))?;
+        Ok(())
+    }
+
     pub fn stage(&self, agent: &AgentId, app: &str, version: &str) -> Result<Option<StageRecord>> {
         get(&self.stage, &key(&[&agent.0, app, version]))
     }

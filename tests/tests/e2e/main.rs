@@ -5,6 +5,7 @@ mod cli;
 mod enrol;
 mod faults;
 mod release;
+mod retention;
 mod stage;
 
 pub const STAGEHAND: &str = env!("CARGO_BIN_EXE_stagehand-under-test");
