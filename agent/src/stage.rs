@@ -5,7 +5,7 @@
 
 use crate::failpoint;
 use crate::host::Host;
-use crate::sink::Sink;
+use crate::sink::{self, Edge, Sink};
 use crate::store::StagedRecord;
 use crate::tree;
 use anyhow::{bail, Context, Result};
@@ -107,7 +107,7 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
     };
     let reused = plan.reused;
     let t1 = Instant::now();
-    let fetched = fetch(conn, plan.need, plan.files.clone()).await?;
+    let fetched = fetch(conn, plan.need, plan.files.clone(), plan.direct.clone(), &staging).await?;
     let t2 = Instant::now();
 
     let (host2, app2, version2, manifest_file) =
@@ -173,6 +173,8 @@ struct Need {
 
 struct Plan {
     files: Arc<Vec<PathBuf>>,
+    /// Per file: written with direct I/O (`sink::wants_direct`).
+    direct: Arc<Vec<bool>>,
     need: Vec<Need>,
     reused: u64,
 }
@@ -183,6 +185,7 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
     let resumed = staging.exists();
     std::fs::create_dir_all(staging).with_context(|| format!("creating {}", staging.display()))?;
     let mut files = Vec::new();
+    let mut direct = Vec::new();
     let mut need: Vec<Need> = Vec::new();
     let mut index: HashMap<Digest, usize> = HashMap::new();
     let mut reused = 0u64;
@@ -215,6 +218,7 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
                     f.set_len(*size)?;
                 }
                 let idx = files.len();
+                let reused_before = reused;
                 let mut offset = 0u64;
                 for c in chunks {
                     let len = c.len as usize;
@@ -242,16 +246,30 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
                     }
                     offset += u64::from(c.len);
                 }
+                let is_direct = sink::wants_direct(&path, *size);
+                if is_direct && (resumed || reused > reused_before) {
+                    // What was read back or copied here is in the page cache: out with it
+                    // before direct writes go to the same file.
+                    sink::forget_cached(&f).with_context(|| format!("syncing {}", path.display()))?;
+                }
+                direct.push(is_direct);
                 files.push(path.clone());
             }
         }
     }
-    Ok(Plan { files: Arc::new(files), need, reused })
+    Ok(Plan { files: Arc::new(files), direct: Arc::new(direct), need, reused })
 }
 
 /// Fetches the needed chunks over several streams; each stream's chunks are verified and
-/// written on a blocking thread while the next ones arrive.
-async fn fetch(conn: &quinn::Connection, need: Vec<Need>, files: Arc<Vec<PathBuf>>) -> Result<u64> {
+/// written on a blocking thread while the next ones arrive. The partial blocks of direct
+/// files are written once every stream is done.
+async fn fetch(
+    conn: &quinn::Connection,
+    need: Vec<Need>,
+    files: Arc<Vec<PathBuf>>,
+    direct: Arc<Vec<bool>>,
+    staging: &Path,
+) -> Result<u64> {
     if need.is_empty() {
         return Ok(0);
     }
@@ -269,14 +287,19 @@ async fn fetch(conn: &quinn::Connection, need: Vec<Need>, files: Arc<Vec<PathBuf
     while !need.is_empty() {
         let rest = need.split_off(per_lane.min(need.len()));
         let lane = std::mem::replace(&mut need, rest);
-        tasks.spawn(fetch_lane(conn.clone(), lane, files.clone(), written.clone(), flush_tx.clone()));
+        let sink = Sink::new(files.clone(), direct.clone());
+        tasks.spawn(fetch_lane(conn.clone(), lane, sink, written.clone(), flush_tx.clone()));
     }
     drop(flush_tx);
     let mut total = 0;
+    let mut edges = Vec::new();
     let mut failure = None;
     while let Some(r) = tasks.join_next().await {
         match r {
-            Ok(Ok(n)) => total += n,
+            Ok(Ok((n, e))) => {
+                total += n;
+                edges.extend(e);
+            }
             Ok(Err(e)) => {
                 tasks.abort_all();
                 failure.get_or_insert(e);
@@ -288,93 +311,111 @@ async fn fetch(conn: &quinn::Connection, need: Vec<Need>, files: Arc<Vec<PathBuf
         }
     }
     // Every sender is gone once the lanes are: the flusher finishes its last round.
-    let _ = tokio::task::spawn_blocking(move || flusher.join()).await;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(total),
+    let flushed = tokio::task::spawn_blocking(move || flusher.join()).await?;
+    if let Some(e) = failure {
+        return Err(e);
     }
+    if let Ok(Err(e)) | Err(e) = flushed.map_err(|_| std::io::Error::other("the flusher panicked")) {
+        // After a failed fsync the page cache cannot be trusted: start this version over.
+        let _ = fsx::remove_tree(staging);
+        bail!("writing back staged files failed: {e}; the partial copy was discarded, deploy again to retry");
+    }
+    tokio::task::spawn_blocking(move || sink::write_edges(&files, &edges)).await??;
+    Ok(total)
 }
 
 /// Bytes written before the flusher starts writing them back.
 const FLUSH_EVERY: u64 = 32 << 20;
 
-/// Starts writeback while the transfer is still running, so that the fsync at the end finds
-/// little left to do: a thread that fdatasyncs files once enough bytes went into them.
-fn flusher(files: Arc<Vec<PathBuf>>) -> (std::sync::mpsc::Sender<(usize, u64)>, std::thread::JoinHandle<()>) {
+/// Starts writeback of what went through the page cache while the transfer is still
+/// running, so that the fsync at the end finds little left to do: a thread that fdatasyncs
+/// files once enough bytes went into them. Its first error is its result: an error seen
+/// here is not reported again by a later fsync.
+fn flusher(
+    files: Arc<Vec<PathBuf>>,
+) -> (std::sync::mpsc::Sender<(usize, u64)>, std::thread::JoinHandle<std::io::Result<()>>) {
     let (tx, rx) = std::sync::mpsc::channel::<(usize, u64)>();
     let handle = std::thread::spawn(move || {
         let mut dirty: HashMap<usize, u64> = HashMap::new();
         let mut pending = 0u64;
+        let mut result = Ok(());
         while let Ok((idx, n)) = rx.recv() {
             *dirty.entry(idx).or_default() += n;
             pending += n;
-            if pending >= FLUSH_EVERY {
+            if pending >= FLUSH_EVERY && result.is_ok() {
                 for (idx, _) in dirty.drain() {
-                    // An error here resurfaces at the final fsync, which is the one that counts.
-                    let _ = File::open(&files[idx]).and_then(|f| f.sync_data());
+                    if let Err(e) = File::open(&files[idx]).and_then(|f| f.sync_data()) {
+                        result = Err(std::io::Error::new(e.kind(), format!("{}: {e}", files[idx].display())));
+                        break;
+                    }
                 }
                 pending = 0;
             }
         }
+        result
     });
     (tx, handle)
 }
 
+/// One fetch stream: requests chunks in batches and hands them, as they arrive, to a
+/// blocking writer that verifies and writes them. Returns the bytes fetched and the edges
+/// the writer left for later.
 async fn fetch_lane(
     conn: quinn::Connection,
     lane: Vec<Need>,
-    files: Arc<Vec<PathBuf>>,
+    mut sink: Sink,
     written: Arc<AtomicU64>,
     flush: std::sync::mpsc::Sender<(usize, u64)>,
-) -> Result<u64> {
-    let mut total = 0u64;
-    let mut lane = lane;
-    while !lane.is_empty() {
-        let rest = lane.split_off(BATCH.min(lane.len()));
-        let batch = std::mem::replace(&mut lane, rest);
-        let (mut send, recv) = conn.open_bi().await?;
-        write_msg(&mut send, &DeployUp::FetchChunks { digests: batch.iter().map(|n| n.digest).collect() }).await?;
-        send.finish()?;
-        let mut incoming = Incoming::new(recv);
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<bytes::Bytes>, Need)>(16);
-        let files = files.clone();
-        let written = written.clone();
-        let flush = flush.clone();
-        let writer = tokio::task::spawn_blocking(move || {
-            // Received pieces are packet-sized: gather them once, off the network task,
-            // straight into the buffer the sink writes from.
-            let mut sink = Sink::new(files);
-            let report = |idx, n| {
-                let _ = flush.send((idx, n));
-            };
-            while let Some((pieces, need)) = rx.blocking_recv() {
-                let len = need.len as usize;
-                let (idx, offset) = need.places[0];
-                let slot = sink.slot(idx, offset, len)?;
-                let mut at = 0;
-                for p in &pieces {
-                    slot[at..at + p.len()].copy_from_slice(p);
-                    at += p.len();
-                }
-                if Digest::of(slot) != need.digest {
-                    bail!(
-                        "chunk {} from the controller does not match its digest; nothing was staged",
-                        need.digest.short()
-                    );
-                }
-                sink.commit(len);
-                for &(idx, offset) in &need.places[1..] {
-                    sink.copy_last(len, idx, offset)?;
-                }
-                sink.drain_buffered(report);
-                failpoint::hit_n("stage-chunk", written.fetch_add(1, Ordering::Relaxed) + 1);
+) -> Result<(u64, Vec<Edge>)> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<bytes::Bytes>, Need)>(16);
+    // Set once every chunk went to the writer; without it the writer stops without writing
+    // what it gathered (the stage failed or was cancelled).
+    let complete = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = complete.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        // Received pieces are packet-sized: gather them once, off the network task,
+        // straight into the buffer the sink writes from.
+        let report = |idx, n| {
+            let _ = flush.send((idx, n));
+        };
+        while let Some((pieces, need)) = rx.blocking_recv() {
+            let len = need.len as usize;
+            let (idx, offset) = need.places[0];
+            let slot = sink.slot(idx, offset, len)?;
+            let mut at = 0;
+            for p in &pieces {
+                slot[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
             }
-            sink.finish()?;
+            if Digest::of(slot) != need.digest {
+                bail!("chunk {} from the controller does not match its digest; staging stopped", need.digest.short());
+            }
+            sink.commit(len);
+            for &(idx, offset) in &need.places[1..] {
+                sink.copy_last(len, idx, offset)?;
+            }
             sink.drain_buffered(report);
-            tracing::debug!(direct_bytes = sink.direct_bytes(), "A fetch stream is written out.");
-            anyhow::Ok(())
-        });
-        let reader = async {
+            failpoint::hit_n("stage-chunk", written.fetch_add(1, Ordering::Relaxed) + 1);
+        }
+        if !done.load(Ordering::Acquire) {
+            return Ok(Vec::new());
+        }
+        let edges = sink.finish()?;
+        sink.drain_buffered(report);
+        tracing::debug!(direct_bytes = sink.direct_bytes(), edges = edges.len(), "A fetch stream is written out.");
+        anyhow::Ok(edges)
+    });
+    let reader = async {
+        let mut total = 0u64;
+        let mut lane = lane;
+        while !lane.is_empty() {
+            let rest = lane.split_off(BATCH.min(lane.len()));
+            let batch = std::mem::replace(&mut lane, rest);
+            let (mut send, recv) = conn.open_bi().await?;
+            let digests = batch.iter().map(|n| n.digest).collect();
+            write_msg(&mut send, &DeployUp::FetchChunks { digests }).await?;
+            send.finish()?;
+            let mut incoming = Incoming::new(recv);
             for need in batch {
                 let pieces = match incoming.blob().await? {
                     Some(Some(p)) => p,
@@ -387,18 +428,18 @@ async fn fetch_lane(
                 }
                 total += len as u64;
                 if tx.send((pieces, need)).await.is_err() {
-                    break;
+                    // The writer stopped; its error says why.
+                    return Ok(total);
                 }
             }
-            drop(tx);
-            anyhow::Ok(())
-        };
-        let read = reader.await;
-        let wrote = writer.await?;
-        wrote?;
-        read?;
-    }
-    Ok(total)
+        }
+        complete.store(true, Ordering::Release);
+        anyhow::Ok(total)
+    };
+    let read = reader.await;
+    drop(tx);
+    let edges = writer.await??;
+    Ok((read?, edges))
 }
 
 /// Reads blobs as `frame::write_blob` framed them, without copying their bytes out of the

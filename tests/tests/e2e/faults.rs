@@ -25,8 +25,9 @@ async fn an_agent_killed_mid_transfer_resumes_with_what_it_has() {
     let dir = agent.dir.to_str().unwrap().to_string();
     fleet.push("app", "1", &src).await.unwrap();
 
-    // The agent kills itself with SIGKILL after writing its 150th chunk (of about 400).
-    let env = [("STAGEHAND_LOG", "info"), ("STAGEHAND_FAILPOINT", "stage-chunk:150"), ("NO_COLOR", "1")];
+    // The agent kills itself with SIGKILL after verifying its 250th chunk (of about 400).
+    // Each fetch stream may lose the up to 9 MiB it had gathered and not yet written.
+    let env = [("STAGEHAND_LOG", "info"), ("STAGEHAND_FAILPOINT", "stage-chunk:250"), ("NO_COLOR", "1")];
     let mut first = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-1.log")).unwrap();
     let client = fleet.client().await.unwrap();
     client
