@@ -312,9 +312,8 @@ impl Activation {
         }
         if matches!(r.outcome, ReceiptOutcome::Committed) {
             // The new version and the one to roll back to are the last retention removes.
-            let now = crate::store::now_millis();
             for v in [Some(&self.version), self.previous.as_ref()].into_iter().flatten() {
-                let _ = host.store.touch(&self.app, v, now);
+                let _ = host.store.touch(&self.app, v);
             }
         }
         match &r.outcome {

@@ -5,7 +5,7 @@ use crate::config::{AgentConfig, AppConfig, Identity};
 use crate::store::{StagedRecord, Store};
 use crate::tree;
 use anyhow::{Context, Result};
-use stagehand_common::activate::SignedActivate;
+use stagehand_common::activate::{Activate, SignedActivate};
 use stagehand_common::ids::check_name;
 use stagehand_common::manifest::Manifest;
 use stagehand_common::protocol::{DeployUp, ReleaseUp, StagedArtifact};
@@ -121,11 +121,13 @@ pub struct Host {
     pub identity: Identity,
     pub store: Store,
     /// One activation at a time on this host.
-    pub activation: tokio::sync::Mutex<()>,
+    pub activation: std::sync::Arc<tokio::sync::Mutex<()>>,
     staging: Mutex<Staging>,
     deploy: Mutex<Option<(mpsc::UnboundedSender<DeployUp>, quinn::Connection)>>,
     release_tx: Mutex<Option<mpsc::UnboundedSender<ReleaseUp>>>,
     scheduler: Mutex<Option<mpsc::UnboundedSender<(u64, SignedActivate)>>>,
+    /// (app, version) of messages waiting in the scheduler, with how many: retention keeps them.
+    scheduled: Mutex<std::collections::HashMap<(String, String), usize>>,
 }
 
 impl Host {
@@ -144,11 +146,12 @@ impl Host {
             layout,
             identity,
             store,
-            activation: tokio::sync::Mutex::new(()),
+            activation: std::sync::Arc::new(tokio::sync::Mutex::new(())),
             staging: Mutex::default(),
             deploy: Mutex::default(),
             release_tx: Mutex::default(),
             scheduler: Mutex::default(),
+            scheduled: Mutex::default(),
         };
         host.rebuild_index()?;
         Ok(host)
@@ -165,7 +168,6 @@ impl Host {
                     }
                 }
             }
-            crate::prune::leftovers(self, &app);
             for version in l.release_versions(&app) {
                 if self.store.staged(&app, &version)?.is_some() {
                     continue;
@@ -228,7 +230,7 @@ impl Host {
         match verified {
             Some(m) => {
                 if let Ok(seal) = tree::seal(&dir, &m) {
-                    let _ = self.store.put_staged(app, version, &StagedRecord { seal, ..rec.clone() });
+                    let _ = self.store.update_staged(app, version, |r| StagedRecord { seal: seal.clone(), ..r });
                 }
                 Some(Ok(rec.digest))
             }
@@ -292,11 +294,42 @@ impl Host {
 
     /// Hands a message to the scheduler; false when there is none.
     pub fn schedule(&self, until: u64, msg: SignedActivate) -> bool {
-        self.scheduler
+        let target = Activate::decode_unverified(&msg.body).map(|b| (b.app, b.version));
+        let sent = self
+            .scheduler
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .is_some_and(|tx| tx.send((until, msg)).is_ok())
+            .is_some_and(|tx| tx.send((until, msg)).is_ok());
+        if let (true, Some(t)) = (sent, target) {
+            *self.scheduled.lock().unwrap_or_else(|p| p.into_inner()).entry(t).or_default() += 1;
+        }
+        sent
+    }
+
+    /// A scheduled message left the scheduler (it is being applied now).
+    pub fn unschedule(&self, msg: &SignedActivate) {
+        let Some(b) = Activate::decode_unverified(&msg.body) else { return };
+        let mut s = self.scheduled.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (b.app, b.version);
+        if let Some(n) = s.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                s.remove(&key);
+            }
+        }
+    }
+
+    /// Versions of `app` that a scheduled message will activate.
+    pub fn scheduled_versions(&self, app: &str) -> HashSet<String> {
+        let s = self.scheduled.lock().unwrap_or_else(|p| p.into_inner());
+        s.keys().filter(|(a, _)| a == app).map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Whether (app, version) is being staged right now.
+    pub fn is_staging(&self, app: &str, version: &str) -> bool {
+        let s = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        s.running.contains(&(app.to_string(), version.to_string()))
     }
 
     pub fn send_release(&self, msg: ReleaseUp) {

@@ -1,89 +1,151 @@
 //! Retention: an app keeps its live version and the `keep_releases` most recently used
-//! other staged versions (staged, ordered again, made live, or rolled back from); older ones
-//! are removed after a staging succeeds, so old releases do not fill the disk.
+//! other staged versions (staged, ordered again, made live, or replaced by an activation:
+//! the rollback target); older ones are removed after a staging succeeds, so old releases
+//! do not fill the disk.
 //!
-//! Removal never touches what is live: it runs under the activation lock, skips the version
-//! `current` names and both sides of an unfinished activation, and takes a version out of
-//! the index (so it can no longer be activated) before moving its tree out of `releases/`.
+//! Removal never touches what is live. It runs under the activation lock, which every change
+//! of `current` holds; it keeps the version `current` names, both sides of an unfinished
+//! activation, versions a scheduled message will activate, the version just staged and any
+//! being staged; it stops if it cannot read `current` or the journal. A version leaves the
+//! index first, only if its record did not change since it was read, and only then its
+//! tree is renamed out of `releases/`; the tree is deleted after the lock is released.
 
 use crate::host::Host;
 use crate::journal::Journal;
 use anyhow::{Context, Result};
 use stagehand_common::fsx;
+use stagehand_common::protocol::DeployUp;
 use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
 use tracing::{info, warn};
 
-/// Removes what `app` keeps beyond its retention; returns the versions removed.
-pub async fn after_staging(host: &std::sync::Arc<Host>, app: &str) -> Vec<String> {
+/// Applies `app`'s retention after `just_staged` was staged, telling the controller about
+/// each version removed.
+pub async fn after_staging(host: &Arc<Host>, app: &str, just_staged: &str) {
     let keep = host.layout.app_config(app).keep_releases.unwrap_or(host.layout.config.keep_releases);
     if keep == 0 {
-        return Vec::new();
+        return;
     }
-    let _one_at_a_time = host.activation.lock().await;
-    let (h, a) = (host.clone(), app.to_string());
-    match tokio::task::spawn_blocking(move || prune(&h, &a, keep)).await {
-        Ok(Ok(pruned)) => pruned,
+    let (h, a, j) = (host.clone(), app.to_string(), just_staged.to_string());
+    let lock = host.activation.clone().lock_owned().await;
+    let moved = tokio::task::spawn_blocking(move || {
+        let _lock = lock;
+        prune(&h, &a, &j, keep)
+    })
+    .await;
+    let aside = match moved {
+        Ok(Ok(aside)) => aside,
         Ok(Err(e)) => {
-            warn!(%app, error = %format!("{e:#}"), "Could not remove old releases; they stay.");
-            Vec::new()
+            warn!(%app, error = %format!("{e:#}"), "Old releases were not removed.");
+            return;
         }
         Err(e) => {
-            warn!(%app, error = %e, "Could not remove old releases; they stay.");
-            Vec::new()
+            warn!(%app, error = %e, "Old releases were not removed.");
+            return;
         }
-    }
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        for dir in aside {
+            if let Err(e) = fsx::remove_tree(&dir) {
+                warn!(path = %dir.display(), error = %e, "Could not delete a removed release; retried at the next start.");
+            }
+        }
+    })
+    .await;
 }
 
-/// The versions of `app` beyond `keep`, oldest use first, never the protected ones.
-pub fn prune(host: &Host, app: &str, keep: usize) -> Result<Vec<String>> {
+/// Takes the versions of `app` beyond `keep` out of the index and `releases/`, reporting
+/// each to the controller; returns where their trees were moved, for the caller to delete.
+/// The caller holds the activation lock.
+pub fn prune(host: &Host, app: &str, just_staged: &str, keep: usize) -> Result<Vec<PathBuf>> {
     let layout = &host.layout;
-    let mut protected: HashSet<String> = layout.active(app).into_iter().collect();
-    if let Some(i) = Journal::load(&layout.journal(app)).ok().and_then(|j| j.intent) {
+    let current = layout.current(app);
+    let mut protected: HashSet<String> = host.scheduled_versions(app);
+    match std::fs::read_link(&current) {
+        Ok(target) => protected.extend(target.file_name().map(|n| n.to_string_lossy().into_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", current.display())),
+    }
+    let journal = Journal::load(&layout.journal(app)).context("reading the activation journal")?;
+    if let Some(i) = journal.intent {
         protected.insert(i.version);
         protected.extend(i.previous);
     }
-    let mut versions: Vec<(u64, String)> = host
+    let mut versions: Vec<_> = host
         .store
         .all_staged()?
         .into_iter()
-        .filter(|(a, v, _)| a == app && !protected.contains(v))
-        .map(|(_, v, r)| (r.used_at, v))
+        .filter(|(a, v, _)| a == app && !protected.contains(v) && (v == just_staged || !host.is_staging(a, v)))
+        .map(|(_, v, r)| (r.used_at, v, r))
         .collect();
     // Most recently used first; equal times (re-indexed versions) in a stable order.
-    versions.sort_by(|a, b| b.cmp(a));
-    let mut pruned = Vec::new();
-    for (_, version) in versions.into_iter().skip(keep) {
-        remove(host, app, &version)?;
-        info!(%app, %version, keep, "Removed an old release.");
-        pruned.push(version);
+    versions.sort_by(|a, b| (b.0, &b.1).cmp(&(a.0, &a.1)));
+    let mut aside = Vec::new();
+    for (_, version, record) in versions.into_iter().skip(keep) {
+        if version == just_staged {
+            // Counted among the kept, never removed (its stamp is the newest anyway).
+            continue;
+        }
+        match remove(host, app, &version, &record) {
+            Ok(Some(dir)) => {
+                info!(%app, %version, keep, "Removed an old release.");
+                host.send_deploy(DeployUp::Pruned { app: app.to_string(), version });
+                aside.push(dir);
+            }
+            Ok(None) => {}
+            Err(e) => warn!(%app, %version, error = %format!("{e:#}"), "Could not remove an old release; it stays."),
+        }
     }
-    Ok(pruned)
+    Ok(aside)
 }
 
-/// Out of the index first (durably), then out of `releases/` by rename, then deleted.
-fn remove(host: &Host, app: &str, version: &str) -> Result<()> {
+/// Out of the index (if unchanged) and durably out of `releases/`. `None` when the record
+/// changed meanwhile: the version was used again and stays.
+fn remove(host: &Host, app: &str, version: &str, record: &crate::store::StagedRecord) -> Result<Option<PathBuf>> {
     let layout = &host.layout;
-    host.store.remove_staged(app, version)?;
+    if !host.store.remove_staged_if(app, version, record)? {
+        return Ok(None);
+    }
     host.store.flush()?;
     let dir = layout.release_dir(app, version);
     let aside = layout.staging(app).join(format!(".pruned-{version}-{}", hex::encode(rand::random::<[u8; 4]>())));
-    fsx::create_dir_all_durable(&layout.staging(app))?;
-    std::fs::rename(&dir, &aside).with_context(|| format!("moving {} aside", dir.display()))?;
-    fsx::fsync_dir(&layout.releases(app))?;
+    let moved = fsx::create_dir_all_durable(&layout.staging(app)).and_then(|()| std::fs::rename(&dir, &aside));
+    match moved {
+        Ok(()) => fsx::fsync_dir(&layout.releases(app))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            // Still in releases/: back into the index, as it was.
+            host.store.put_staged(app, version, record)?;
+            return Err(e).with_context(|| format!("moving {} aside", dir.display()));
+        }
+    }
     let _ = std::fs::remove_file(layout.manifest_file(app, version));
-    fsx::remove_tree(&aside).with_context(|| format!("removing {}", aside.display()))?;
-    Ok(())
+    Ok(Some(aside))
 }
 
-/// Trees left under `.staging/` by a removal or a repair that a crash interrupted.
-pub fn leftovers(host: &Host, app: &str) {
-    let Ok(rd) = std::fs::read_dir(host.layout.staging(app)) else { return };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        // Versions cannot start with a dot, so these names are never a staging in progress.
-        if name.starts_with(".pruned-") || name.starts_with(".damaged-") {
-            if let Err(err) = fsx::remove_tree(&e.path()) {
-                warn!(path = %e.path().display(), error = %err, "Could not remove a leftover tree.");
+/// What a crash left: trees under `.staging/` that a removal or a repair moved aside, and
+/// manifests of versions no longer under `releases/`. Run at start-up, before any staging.
+pub fn leftovers(host: &Host) {
+    for app in host.layout.apps() {
+        if let Ok(rd) = std::fs::read_dir(host.layout.staging(&app)) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // Versions cannot start with a dot, so these are never a staging in progress.
+                if name.starts_with(".pruned-") || name.starts_with(".damaged-") {
+                    if let Err(err) = fsx::remove_tree(&e.path()) {
+                        warn!(path = %e.path().display(), error = %err, "Could not remove a leftover tree.");
+                    }
+                }
+            }
+        }
+        let manifests = host.layout.app_root(&app).join(".manifests");
+        if let Ok(rd) = std::fs::read_dir(&manifests) {
+            for e in rd.flatten() {
+                let version = e.file_name().to_string_lossy().into_owned();
+                if !host.layout.release_dir(&app, &version).exists() {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
     }

@@ -50,6 +50,11 @@ impl RunningAgent {
 pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
     let host = Arc::new(Host::open(data_dir)?);
     activate::recover(&host).await;
+    {
+        // Trees a crash left half-removed; after recovery, so that it is not delayed.
+        let host = host.clone();
+        tokio::task::spawn_blocking(move || crate::prune::leftovers(&host)).await?;
+    }
     let socket = bind_socket(&host)?;
     let (sched_tx, mut sched_rx) = mpsc::unbounded_channel::<(u64, SignedActivate)>();
     host.set_scheduler(sched_tx);
@@ -61,7 +66,9 @@ pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
                 tokio::spawn(async move {
                     let wait = until.saturating_sub(stagehand_common::ids::now_secs());
                     tokio::time::sleep(Duration::from_secs(wait)).await;
-                    activate::handle(&host, msg).await;
+                    // Retention keeps the version until the activation is done with it.
+                    activate::handle(&host, msg.clone()).await;
+                    host.unschedule(&msg);
                 });
             }
         })
@@ -166,11 +173,14 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
                             if host.end_staging(&app, &version, failed) {
                                 continue;
                             }
-                            host.send_deploy(DeployUp::StageReport { app: app.clone(), version, digest, outcome });
+                            host.send_deploy(DeployUp::StageReport {
+                                app: app.clone(),
+                                version: version.clone(),
+                                digest,
+                                outcome,
+                            });
                             if !failed {
-                                for version in crate::prune::after_staging(&host, &app).await {
-                                    host.send_deploy(DeployUp::Pruned { app: app.clone(), version });
-                                }
+                                crate::prune::after_staging(&host, &app, &version).await;
                             }
                             return;
                         }

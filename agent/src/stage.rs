@@ -65,7 +65,7 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
         match host.intact(app, version) {
             Some(Ok(_)) => {
                 // Ordered again: the controller still wants it, so retention keeps it.
-                host.store.touch(app, version, crate::store::now_millis())?;
+                host.store.touch(app, version)?;
                 return Ok((0, 0));
             }
             Some(Err(())) if layout.active(app).as_deref() == Some(version.as_str()) => {
@@ -117,7 +117,7 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
         host2.store.put_staged(
             &app2,
             &version2,
-            &StagedRecord { v: 1, digest, seal, used_at: crate::store::now_millis() },
+            &StagedRecord { v: 1, digest, seal, used_at: host2.store.next_stamp()? },
         )?;
         host2.store.flush()?;
         anyhow::Ok(())

@@ -15,8 +15,8 @@ pub struct StagedRecord {
     pub v: u8,
     pub digest: Digest,
     pub seal: Vec<SealEntry>,
-    /// When the version was last staged, ordered again or made live (milliseconds since the
-    /// epoch, [`now_millis`]); 0 when
+    /// When the version was last staged, ordered again or made live ([`Store::next_stamp`]:
+    /// milliseconds since the epoch, never going backwards); 0 when
     /// re-indexed from disk. Retention keeps the most recently used.
     pub used_at: u64,
 }
@@ -32,8 +32,7 @@ pub struct SealEntry {
     pub ctime_ns: i64,
 }
 
-/// The clock of `used_at`.
-pub fn now_millis() -> u64 {
+fn now_millis() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -68,12 +67,47 @@ impl Store {
         Ok(())
     }
 
-    /// Marks a staged version as used now, if it is indexed.
-    pub fn touch(&self, app: &str, version: &str, now: u64) -> Result<(), sled::Error> {
-        if let Some(r) = self.staged(app, version)? {
-            self.put_staged(app, version, &StagedRecord { used_at: now, ..r })?;
-        }
+    /// A stamp for `used_at`: the wall clock in milliseconds, but always above the last
+    /// stamp, so that a clock stepped backwards cannot make the newest version the oldest.
+    pub fn next_stamp(&self) -> Result<u64, sled::Error> {
+        let now = now_millis();
+        let old = self.meta.fetch_and_update(b"stamp", |old| {
+            let old = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes).unwrap_or(0);
+            Some(now.max(old + 1).to_be_bytes().to_vec())
+        })?;
+        let old = old.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0);
+        Ok(now.max(old + 1))
+    }
+
+    /// Changes a record that is still there; never brings back one removed meanwhile.
+    pub fn update_staged(
+        &self,
+        app: &str,
+        version: &str,
+        f: impl Fn(StagedRecord) -> StagedRecord,
+    ) -> Result<(), sled::Error> {
+        self.staged.update_and_fetch(key(app, version), |old| {
+            let old = old?;
+            Some(match frame::decode::<StagedRecord, RECORD_LIMIT>(old) {
+                Ok(r) => frame::encode(&f(r)),
+                Err(_) => old.to_vec(),
+            })
+        })?;
         Ok(())
+    }
+
+    /// Marks a staged version as used now, if it is indexed.
+    pub fn touch(&self, app: &str, version: &str) -> Result<(), sled::Error> {
+        let stamp = self.next_stamp()?;
+        self.update_staged(app, version, |r| StagedRecord { used_at: stamp, ..r })
+    }
+
+    /// Removes a record if it is exactly `expected` (nobody touched it since it was read);
+    /// false if it changed or is gone.
+    pub fn remove_staged_if(&self, app: &str, version: &str, expected: &StagedRecord) -> Result<bool, sled::Error> {
+        let swapped =
+            self.staged.compare_and_swap(key(app, version), Some(frame::encode(expected)), None::<Vec<u8>>)?;
+        Ok(swapped.is_ok())
     }
 
     /// A record that cannot be decoded counts as absent (the index is rebuildable).

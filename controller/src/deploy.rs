@@ -158,9 +158,17 @@ fn reconcile(ctl: &Controller, id: &AgentId, staged: &[StagedArtifact]) -> Resul
     let held: HashSet<(&str, &str, Digest)> =
         staged.iter().map(|s| (s.app.as_str(), s.version.as_str(), s.digest)).collect();
     let now = now_secs();
+    let wanted = wanted(ctl, &agent.env)?;
+    let is_wanted: HashSet<(&str, &str)> = wanted.iter().map(|(a, v, _, _)| (a.as_str(), v.as_str())).collect();
     for (app, version, rec) in ctl.store.stages_of(id, None)? {
         if rec.state == StageState::Staged && !held.contains(&(app.as_str(), version.as_str(), rec.digest)) {
-            ctl.store.put_stage(id, &app, &version, &StageRecord { state: StageState::Pending, at: now, ..rec })?;
+            if is_wanted.contains(&(app.as_str(), version.as_str())) {
+                // Damaged or lost: ordered again below.
+                ctl.store.put_stage(id, &app, &version, &StageRecord { state: StageState::Pending, at: now, ..rec })?;
+            } else {
+                // Removed by the agent's retention (or by hand) and no longer wanted.
+                ctl.store.remove_stage(id, &app, &version)?;
+            }
         }
     }
     for s in staged {
@@ -172,7 +180,7 @@ fn reconcile(ctl: &Controller, id: &AgentId, staged: &[StagedArtifact]) -> Resul
         )?;
     }
     let mut orders = Vec::new();
-    for (app, version, digest, size) in wanted(ctl, &agent.env)? {
+    for (app, version, digest, size) in wanted {
         if !held.contains(&(app.as_str(), version.as_str(), digest)) {
             ctl.store.put_stage(
                 id,

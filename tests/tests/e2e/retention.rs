@@ -58,9 +58,14 @@ async fn old_releases_go_and_the_live_and_rollback_versions_stay() {
     // What a kill -9 in the middle of a removal leaves behind is removed at start-up.
     let leftover = agent.app_root("web").join(".staging/.pruned-0-0badc0de/conf");
     std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("app.toml"), "x").unwrap();
     std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let orphan = agent.app_root("web").join(".manifests/0");
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"manifest of a removed version").unwrap();
     agent.start().await.unwrap();
     assert!(!leftover.parent().unwrap().exists(), "a removal's leftover survived the start");
+    assert!(!orphan.exists(), "a manifest without its version survived the start");
 
     for v in ["1", "2", "3", "4", "5", "6"] {
         fleet.push("web", v, &tree(fleet.path(), v)).await.unwrap();
@@ -72,7 +77,18 @@ async fn old_releases_go_and_the_live_and_rollback_versions_stay() {
     // The live version and the three most recent others.
     settles(&fleet, &agent, &["1", "4", "5", "6"]).await;
     let staging = agent.app_root("web").join(".staging");
-    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "nothing left in {}", staging.display());
+    wait_for("removed trees to be deleted", Duration::from_secs(30), || {
+        let n = std::fs::read_dir(&staging).unwrap().count();
+        async move { n == 0 }
+    })
+    .await
+    .unwrap();
+    let mut manifests: Vec<String> = std::fs::read_dir(agent.app_root("web").join(".manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    manifests.sort();
+    assert_eq!(manifests, ["1", "4", "5", "6"], "manifests of removed versions go with them");
 
     // A removed version is no longer staged: its release is refused and nothing changes.
     let err = fleet.release("web", "2", "prod").await.unwrap_err();
