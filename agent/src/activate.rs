@@ -313,7 +313,9 @@ impl Activation {
         if matches!(r.outcome, ReceiptOutcome::Committed) {
             // The new version and the one to roll back to are the last retention removes.
             for v in [Some(&self.version), self.previous.as_ref()].into_iter().flatten() {
-                let _ = host.store.touch(&self.app, v);
+                if let Err(e) = host.store.touch(&self.app, v) {
+                    warn!(app = %self.app, version = %v, error = %e, "Cannot mark a version used; retention may remove it sooner.");
+                }
             }
         }
         match &r.outcome {

@@ -33,15 +33,13 @@ pub async fn after_staging(host: &Arc<Host>, app: &str, just_staged: &str) {
         let _lock = lock;
         prune(&h, &a, &j, keep)
     })
-    .await;
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r);
     let aside = match moved {
-        Ok(Ok(aside)) => aside,
-        Ok(Err(e)) => {
-            warn!(%app, error = %format!("{e:#}"), "Old releases were not removed.");
-            return;
-        }
+        Ok(aside) => aside,
         Err(e) => {
-            warn!(%app, error = %e, "Old releases were not removed.");
+            warn!(%app, error = %format!("{e:#}"), "Old releases were not removed.");
             return;
         }
     };
@@ -120,6 +118,7 @@ fn remove(host: &Host, app: &str, version: &str, record: &crate::store::StagedRe
             return Err(e).with_context(|| format!("moving {} aside", dir.display()));
         }
     }
+    // One left behind is removed at the next start (`leftovers`).
     let _ = std::fs::remove_file(layout.manifest_file(app, version));
     Ok(Some(aside))
 }

@@ -59,20 +59,10 @@ pub struct Edge {
 }
 
 /// Writes edges through the page cache; the caller fsyncs.
-pub fn write_edges(paths: &[PathBuf], edges: &[Edge]) -> Result<()> {
-    let mut open: HashMap<usize, File> = HashMap::new();
+pub fn write_edges(paths: Arc<Vec<PathBuf>>, edges: &[Edge]) -> Result<()> {
+    let mut io = Io::new(paths, Arc::default());
     for e in edges {
-        if !open.contains_key(&e.idx) {
-            if open.len() >= OPEN_MAX {
-                open.clear();
-            }
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&paths[e.idx])
-                .with_context(|| format!("opening {}", paths[e.idx].display()))?;
-            open.insert(e.idx, f);
-        }
-        open[&e.idx].write_all_at(&e.bytes, e.offset).with_context(|| write_err(paths, e.idx))?;
+        io.plain(e.idx)?.write_all_at(&e.bytes, e.offset).with_context(|| write_err(&io.paths, e.idx))?;
     }
     Ok(())
 }
@@ -124,17 +114,7 @@ impl Sink {
         let block = block();
         let mem = vec![0u8; RUN + chunk_room() + 2 * block];
         let base = aligned_start(&mem, block);
-        let io = Io {
-            paths,
-            direct,
-            block,
-            open: HashMap::new(),
-            buffered: HashMap::new(),
-            edges: Vec::new(),
-            direct_bytes: 0,
-            fell_back: false,
-        };
-        Sink { io, mem, base, run: None, scratch: Vec::new() }
+        Sink { io: Io::new(paths, direct), mem, base, run: None, scratch: Vec::new() }
     }
 
     /// Room in the buffer for `len` bytes that go at `offset` of file `idx`, for the caller
@@ -221,6 +201,19 @@ impl Sink {
 }
 
 impl Io {
+    fn new(paths: Arc<Vec<PathBuf>>, direct: Arc<Vec<bool>>) -> Self {
+        Io {
+            paths,
+            direct,
+            block: block(),
+            open: HashMap::new(),
+            buffered: HashMap::new(),
+            edges: Vec::new(),
+            direct_bytes: 0,
+            fell_back: false,
+        }
+    }
+
     /// Writes `buf[lo..hi]` at `start + lo` of file `idx`; `buf` starts block-aligned and
     /// `start` is a block boundary.
     fn emit(&mut self, buf: &[u8], idx: usize, start: u64, lo: usize, hi: usize) -> Result<()> {
@@ -422,7 +415,7 @@ mod tests {
                 edges.extend(e);
                 direct_bytes += d;
             }
-            write_edges(&paths, &edges).unwrap();
+            write_edges(paths.clone(), &edges).unwrap();
             for (path, data) in paths.iter().zip(want.iter()) {
                 let f = File::open(path).unwrap();
                 assert!(std::fs::read(path).unwrap() == *data, "{} differs (seed {seed})", path.display());
@@ -463,7 +456,7 @@ mod tests {
             assert!(sink.direct_bytes() >= (size - 2 * block()) as u64, "{} went direct", sink.direct_bytes());
             assert!(edges.len() <= 1, "one run has at most a tail edge: {edges:?}");
         }
-        write_edges(std::slice::from_ref(&path), &edges).unwrap();
+        write_edges(Arc::new(vec![path.clone()]), &edges).unwrap();
         assert!(std::fs::read(&path).unwrap() == data);
     }
 
@@ -486,7 +479,7 @@ mod tests {
             sink.copy_last(chunk.len(), idx, off).unwrap();
         }
         let edges = sink.finish().unwrap();
-        write_edges(&paths, &edges).unwrap();
+        write_edges(Arc::new(paths.clone()), &edges).unwrap();
         let f0 = std::fs::read(&paths[0]).unwrap();
         let mut expect = vec![0u8; 4 << 20];
         for off in [5usize, 3_000_001, 1 << 20] {

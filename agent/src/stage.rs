@@ -311,16 +311,21 @@ async fn fetch(
         }
     }
     // Every sender is gone once the lanes are: the flusher finishes its last round.
-    let flushed = tokio::task::spawn_blocking(move || flusher.join()).await?;
+    let flushed = tokio::task::spawn_blocking(move || {
+        flusher.join().unwrap_or_else(|_| Err(std::io::Error::other("the flusher panicked")))
+    })
+    .await?;
     if let Some(e) = failure {
         return Err(e);
     }
-    if let Ok(Err(e)) | Err(e) = flushed.map_err(|_| std::io::Error::other("the flusher panicked")) {
+    if let Err(e) = flushed {
         // After a failed fsync the page cache cannot be trusted: start this version over.
-        let _ = fsx::remove_tree(staging);
+        if let Err(r) = fsx::remove_tree(staging) {
+            warn!(path = %staging.display(), error = %r, "Could not discard the partial copy.");
+        }
         bail!("writing back staged files failed: {e}; the partial copy was discarded, deploy again to retry");
     }
-    tokio::task::spawn_blocking(move || sink::write_edges(&files, &edges)).await??;
+    tokio::task::spawn_blocking(move || sink::write_edges(files, &edges)).await??;
     Ok(total)
 }
 
@@ -368,17 +373,18 @@ async fn fetch_lane(
     flush: std::sync::mpsc::Sender<(usize, u64)>,
 ) -> Result<(u64, Vec<Edge>)> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<bytes::Bytes>, Need)>(16);
-    // Set once every chunk went to the writer; without it the writer stops without writing
-    // what it gathered (the stage failed or was cancelled).
-    let complete = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let done = complete.clone();
+    // A writer that gets fewer chunks than the lane holds stops without writing what it
+    // gathered: the stage failed or was cancelled.
+    let expected = lane.len();
     let writer = tokio::task::spawn_blocking(move || {
         // Received pieces are packet-sized: gather them once, off the network task,
         // straight into the buffer the sink writes from.
         let report = |idx, n| {
             let _ = flush.send((idx, n));
         };
+        let mut received = 0;
         while let Some((pieces, need)) = rx.blocking_recv() {
+            received += 1;
             let len = need.len as usize;
             let (idx, offset) = need.places[0];
             let slot = sink.slot(idx, offset, len)?;
@@ -397,7 +403,7 @@ async fn fetch_lane(
             sink.drain_buffered(report);
             failpoint::hit_n("stage-chunk", written.fetch_add(1, Ordering::Relaxed) + 1);
         }
-        if !done.load(Ordering::Acquire) {
+        if received < expected {
             return Ok(Vec::new());
         }
         let edges = sink.finish()?;
@@ -433,7 +439,6 @@ async fn fetch_lane(
                 }
             }
         }
-        complete.store(true, Ordering::Release);
         anyhow::Ok(total)
     };
     let read = reader.await;

@@ -32,6 +32,11 @@ pub struct SealEntry {
     pub ctime_ns: i64,
 }
 
+/// A counter kept in `meta`: 8 big-endian bytes, 0 when absent or malformed.
+fn counter(v: Option<&[u8]>) -> u64 {
+    v.and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes).unwrap_or(0)
+}
+
 fn now_millis() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -71,12 +76,8 @@ impl Store {
     /// stamp, so that a clock stepped backwards cannot make the newest version the oldest.
     pub fn next_stamp(&self) -> Result<u64, sled::Error> {
         let now = now_millis();
-        let old = self.meta.fetch_and_update(b"stamp", |old| {
-            let old = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes).unwrap_or(0);
-            Some(now.max(old + 1).to_be_bytes().to_vec())
-        })?;
-        let old = old.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0);
-        Ok(now.max(old + 1))
+        let new = self.meta.update_and_fetch(b"stamp", |old| Some(now.max(counter(old) + 1).to_be_bytes().to_vec()))?;
+        Ok(counter(new.as_deref()))
     }
 
     /// Changes a record that is still there; never brings back one removed meanwhile.
@@ -134,23 +135,14 @@ impl Store {
     /// The latest wall-clock second this agent has seen: a clock stepped backwards cannot
     /// revive an expired message.
     pub fn latest_time(&self) -> u64 {
-        self.meta
-            .get(b"latest_time")
-            .ok()
-            .flatten()
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0)
+        counter(self.meta.get(b"latest_time").ok().flatten().as_deref())
     }
 
     pub fn set_latest_time(&self, t: u64) -> Result<(), sled::Error> {
         if t <= self.latest_time() {
             return Ok(());
         }
-        self.meta.fetch_and_update(b"latest_time", |old| {
-            let old = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes).unwrap_or(0);
-            Some(old.max(t).to_be_bytes().to_vec())
-        })?;
+        self.meta.fetch_and_update(b"latest_time", |old| Some(counter(old).max(t).to_be_bytes().to_vec()))?;
         Ok(())
     }
 }

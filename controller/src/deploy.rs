@@ -161,14 +161,13 @@ fn reconcile(ctl: &Controller, id: &AgentId, staged: &[StagedArtifact]) -> Resul
     let wanted = wanted(ctl, &agent.env)?;
     let is_wanted: HashSet<(&str, &str)> = wanted.iter().map(|(a, v, _, _)| (a.as_str(), v.as_str())).collect();
     for (app, version, rec) in ctl.store.stages_of(id, None)? {
-        if rec.state == StageState::Staged && !held.contains(&(app.as_str(), version.as_str(), rec.digest)) {
-            if is_wanted.contains(&(app.as_str(), version.as_str())) {
-                // Damaged or lost: ordered again below.
-                ctl.store.put_stage(id, &app, &version, &StageRecord { state: StageState::Pending, at: now, ..rec })?;
-            } else {
-                // Removed by the agent's retention (or by hand) and no longer wanted.
-                ctl.store.remove_stage(id, &app, &version)?;
-            }
+        // Gone from the agent (retention, or by hand) and no longer wanted; what is still
+        // wanted is ordered again below.
+        if rec.state == StageState::Staged
+            && !held.contains(&(app.as_str(), version.as_str(), rec.digest))
+            && !is_wanted.contains(&(app.as_str(), version.as_str()))
+        {
+            ctl.store.remove_stage(id, &app, &version)?;
         }
     }
     for s in staged {

@@ -202,6 +202,15 @@ impl Fleet {
         self.wait_release(app, env, seq).await
     }
 
+    /// Rolls back to the previous version; returns the version and the message's seq.
+    pub async fn rollback(&self, app: &str, env: &str) -> Result<(String, u64)> {
+        let req = AdminRequest::Rollback { app: app.into(), env: env.into(), to: None, export: false, ttl_secs: 0 };
+        match self.call(req).await? {
+            AdminResponse::Released { version, seq, .. } => Ok((version, seq)),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
     pub async fn wait_release(&self, app: &str, env: &str, seq: u64) -> Result<Progress> {
         match self.call(AdminRequest::WaitRelease { app: app.into(), env: env.into(), seq, timeout_secs: 60 }).await? {
             AdminResponse::Waited { done, failed, pending } => Ok(Progress { done, failed, pending }),

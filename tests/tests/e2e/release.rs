@@ -176,13 +176,7 @@ async fn release_switches_one_environment_and_rollback_switches_back() {
         }
         assert!(s1.current("web").is_none(), "release to prod touched staging");
     }
-    let AdminResponse::Released { version, seq, .. } = fleet
-        .call(AdminRequest::Rollback { app: "web".into(), env: "prod".into(), to: None, export: false, ttl_secs: 0 })
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
+    let (version, seq) = fleet.rollback("web", "prod").await.unwrap();
     assert_eq!(version, "v1");
     assert!(fleet.wait_release("web", "prod", seq).await.unwrap().all_done());
     for a in [&p1, &p2] {

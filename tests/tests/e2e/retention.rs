@@ -101,13 +101,7 @@ async fn old_releases_go_and_the_live_and_rollback_versions_stay() {
     fleet.push("web", "7", &tree(fleet.path(), "7")).await.unwrap();
     assert!(fleet.deploy("web", "7", "prod", 60).await.unwrap().all_done());
     settles(&fleet, &agent, &["1", "5", "6", "7"]).await;
-    let AdminResponse::Released { version, seq, .. } = fleet
-        .call(AdminRequest::Rollback { app: "web".into(), env: "prod".into(), to: None, export: false, ttl_secs: 0 })
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
+    let (version, seq) = fleet.rollback("web", "prod").await.unwrap();
     assert_eq!(version, "1");
     assert!(fleet.wait_release("web", "prod", seq).await.unwrap().all_done());
     assert_eq!(agent.current("web").unwrap(), Path::new("releases/1"));
