@@ -26,7 +26,9 @@ pub async fn handle(host: &Arc<Host>, msg: SignedActivate) -> Receipt {
     receipt
 }
 
-fn receipt(host: &Host, body: Option<&Activate>, outcome: ReceiptOutcome, started: Instant) -> Receipt {
+/// A receipt for a message answered before (or without) its intent being recorded:
+/// `applied` says whether this seq is now the agent's last applied one.
+fn receipt(host: &Host, body: Option<&Activate>, outcome: ReceiptOutcome, started: Instant, applied: bool) -> Receipt {
     let app = body.map(|b| b.app.clone()).unwrap_or_default();
     Receipt {
         agent_id: host.identity.id.clone(),
@@ -40,6 +42,7 @@ fn receipt(host: &Host, body: Option<&Activate>, outcome: ReceiptOutcome, starte
         switch_us: 0,
         total_us: started.elapsed().as_micros() as u64,
         at: now_secs(),
+        applied,
     }
 }
 
@@ -58,7 +61,7 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
         let desc =
             body.map(|b| format!("{} {} seq {}", b.app, b.version, b.seq)).unwrap_or_else(|| "undecodable".into());
         warn!(message = %desc, reason = %r, "Refused an activate message.");
-        Prepared::Answer(receipt(host, body, ReceiptOutcome::Refused(r), started))
+        Prepared::Answer(receipt(host, body, ReceiptOutcome::Refused(r), started, false))
     };
     // Rule 1, before anything else is read from the message.
     let body = match activate::verify(msg, &host.identity.release_keys) {
@@ -96,7 +99,7 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
                 let live = layout.active(&body.app).as_deref() == Some(body.version.as_str());
                 let outcome =
                     if live { ReceiptOutcome::Committed } else { ReceiptOutcome::Refused(Refusal::Interrupted) };
-                receipt(host, Some(&body), outcome, started)
+                receipt(host, Some(&body), outcome, started, true)
             });
             return Prepared::Answer(earlier);
         }
@@ -106,7 +109,7 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
                 return refuse(Some(&body), Refusal::NotYetValid);
             }
             info!(app = %body.app, version = %body.version, until, "Activation scheduled.");
-            return Prepared::Answer(receipt(host, Some(&body), ReceiptOutcome::Scheduled { until }, started));
+            return Prepared::Answer(receipt(host, Some(&body), ReceiptOutcome::Scheduled { until }, started, false));
         }
         Ok(Verdict::Apply) => {}
     }
@@ -304,6 +307,8 @@ impl Activation {
             switch_us: self.switch_us,
             total_us: self.started.elapsed().as_micros() as u64,
             at: now_secs(),
+            // Every activation that got this far has its seq durable in the journal.
+            applied: true,
         };
         self.journal.intent = None;
         self.journal.last_receipt = Some(r.clone());

@@ -198,6 +198,7 @@ mod tests {
             switch_us: 2,
             total_us: 3,
             at: 4,
+            applied: true,
         });
         j.save_outcome(&path).unwrap();
         let back = Journal::load(&path).unwrap();

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bumped when a message changes incompatibly.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 pub const ALPN_ADMIN: &[u8] = b"stagehand-admin/1";
 pub const ALPN_DEPLOY: &[u8] = b"stagehand-deploy/1";
@@ -171,6 +171,12 @@ pub struct Receipt {
     pub total_us: u64,
     /// Unix seconds when the agent finished.
     pub at: u64,
+    /// The agent recorded this message's seq as applied (its intent was made durable): the
+    /// same message will only ever be answered with this receipt again. False for refusals
+    /// before the intent (not staged, expired, a host error reading the journal…) and for
+    /// scheduled messages, which may be offered again. Decided by the agent, never inferred.
+    #[serde(default)]
+    pub applied: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,23 +259,173 @@ pub enum AdminRequest {
         seq: u64,
         timeout_secs: u64,
     },
+    /// Starts a rollout (a release or a rollback), or with `dry_run` only plans it.
+    Rollout(RolloutSpec),
+    /// Rollouts, newest first, optionally of one app and/or environment.
+    ListRollouts {
+        app: Option<String>,
+        env: Option<String>,
+    },
+    /// One rollout; answers at once when `after_revision` is below the rollout's revision,
+    /// otherwise when it changes or at the timeout (for `--watch`).
+    RolloutStatus {
+        id: String,
+        after_revision: u64,
+        timeout_secs: u64,
+    },
+    /// Pause, resume or abort a rollout.
+    ControlRollout {
+        id: String,
+        action: RolloutAction,
+    },
+}
+
+/// What an operator asks of a rollout.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    pub app: String,
+    /// The version to release; for a rollback, the version to go back to (None: the one
+    /// released before the current).
+    pub version: Option<String>,
+    pub env: String,
+    pub rollback: bool,
+    /// Cumulative wave sizes, `1,25%,100%`; None: the environment's default.
+    pub waves: Option<String>,
+    pub bake_secs: Option<u64>,
+    /// `N` or `P%`; None: the environment's default (0).
+    pub max_unhealthy: Option<String>,
+    /// Only agents whose (token) labels carry all of these.
+    pub selectors: Labels,
+    /// `wait`, `skip` or `fail`; None: wait.
+    pub offline: Option<String>,
+    /// Unix seconds at which agents switch (`not_before`); 0: now.
+    pub at: u64,
+    pub force: bool,
+    pub dry_run: bool,
+    /// Lifetime of the signed messages; 0: the controller's message_ttl.
+    pub ttl_secs: u64,
+    /// How long a wave may wait for its hosts (staged gate, receipts); 0: 10 minutes.
+    pub timeout_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RolloutAction {
+    Pause,
+    Resume,
+    Abort,
+}
+
+/// A rollout as the CLI shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub id: String,
+    pub app: String,
+    pub version: String,
+    pub digest: Digest,
+    pub env: String,
+    /// `release` or `rollback`.
+    pub kind: String,
+    /// `planned` (dry run), `running`, `paused`, `rolling-back`, `succeeded`, `failed`, `aborted`.
+    pub state: String,
+    /// Why it failed or was aborted; what it waits for while running.
+    pub reason: String,
+    pub requested_by: String,
+    pub forced: bool,
+    pub created_at: u64,
+    pub ended_at: Option<u64>,
+    pub not_before: u64,
+    pub bake_secs: u64,
+    pub max_unhealthy: u32,
+    pub offline: String,
+    pub pause_requested: bool,
+    /// The wave being worked on (0-based).
+    pub wave: u32,
+    pub waves: Vec<WaveView>,
+    /// Hosts left out of the plan (offline with `--offline skip`, revoked), with why.
+    pub skipped: Vec<HostView>,
+    pub revision: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveView {
+    /// `waiting`, `staging-gate`, `in-progress`, `baking`, `passed`.
+    pub state: String,
+    pub hosts: Vec<HostView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostView {
+    pub id: AgentId,
+    pub name: String,
+    /// `waiting`, `skipped`, `sent`, `scheduled`, `committed`, `failed`, `reverting`,
+    /// `reverted`, `not-reverted`.
+    pub state: String,
+    /// Why it failed, was skipped or not reverted; empty otherwise.
+    pub detail: String,
+    /// The version it ran before this rollout.
+    pub previous: Option<String>,
+    pub connected: bool,
+    pub receipt: Option<Receipt>,
 }
 
 /// Controller → operator CLI.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminResponse {
-    Hello { protocol_version: u32 },
-    Token { token: String, expires_at: u64 },
-    Agents { agents: Vec<AgentInfo> },
-    PushNeed { digest: Digest, missing: Vec<Digest>, already_present: bool },
-    PushChunksDone { stored: u64 },
-    Pushed { digest: Digest, size: u64 },
-    Deployed { digest: Digest, targets: Vec<AgentId> },
-    Status { status: AppStatus },
-    Released { message: SignedActivate, version: String, seq: u64, targets: Vec<AgentId> },
-    Revoked { agent: AgentId },
-    Error { message: String, hint: String },
-    Waited { done: Vec<AgentId>, failed: Vec<(AgentId, String)>, pending: Vec<AgentId> },
+    Hello {
+        protocol_version: u32,
+    },
+    Token {
+        token: String,
+        expires_at: u64,
+    },
+    Agents {
+        agents: Vec<AgentInfo>,
+    },
+    PushNeed {
+        digest: Digest,
+        missing: Vec<Digest>,
+        already_present: bool,
+    },
+    PushChunksDone {
+        stored: u64,
+    },
+    Pushed {
+        digest: Digest,
+        size: u64,
+    },
+    Deployed {
+        digest: Digest,
+        targets: Vec<AgentId>,
+    },
+    Status {
+        status: AppStatus,
+    },
+    Released {
+        message: SignedActivate,
+        version: String,
+        seq: u64,
+        targets: Vec<AgentId>,
+    },
+    Revoked {
+        agent: AgentId,
+    },
+    Error {
+        message: String,
+        hint: String,
+    },
+    Waited {
+        done: Vec<AgentId>,
+        failed: Vec<(AgentId, String)>,
+        pending: Vec<AgentId>,
+    },
+    /// A rollout started, planned (`dry_run`), or asked for by id.
+    Rollout {
+        rollout: RolloutView,
+        notes: Vec<String>,
+    },
+    Rollouts {
+        rollouts: Vec<RolloutView>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,7 +433,10 @@ pub struct AgentInfo {
     pub id: AgentId,
     pub name: String,
     pub env: String,
+    /// Labels bound by the join token: the only ones rollout selectors match.
     pub labels: Labels,
+    /// Labels the agent asked for itself at join: shown, never used for targeting.
+    pub own_labels: Labels,
     pub connected: bool,
     pub revoked: bool,
     pub apps: Vec<AgentAppInfo>,

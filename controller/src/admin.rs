@@ -9,7 +9,7 @@ use stagehand_common::ids::{check_name, now_secs};
 use stagehand_common::manifest::Manifest;
 use stagehand_common::protocol::{
     AdminRequest, AdminResponse, AgentAppInfo, AgentAppStatus, AgentInfo, AppStatus, DeployDown, Receipt,
-    ReceiptOutcome, PROTOCOL_VERSION,
+    ReceiptOutcome, RolloutSpec, PROTOCOL_VERSION,
 };
 use stagehand_common::token::JoinToken;
 use stagehand_common::{AgentId, Digest};
@@ -34,8 +34,9 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, admin: String)
         };
         let ctl = ctl.clone();
         let conn = conn.clone();
+        let admin = admin.clone();
         tokio::spawn(async move {
-            if let Err(e) = request(&ctl, send, recv).await {
+            if let Err(e) = request(&ctl, send, recv, &admin).await {
                 debug!(error = %format!("{e:#}"), "Admin request failed; dropping the connection.");
                 conn.close(crate::server::CLOSE_PROTOCOL.into(), b"bad request");
             }
@@ -53,7 +54,12 @@ impl From<Refused> for AdminResponse {
     }
 }
 
-async fn request(ctl: &Controller, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<()> {
+async fn request(
+    ctl: &Controller,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    admin: &str,
+) -> Result<()> {
     let Some(req) = read_msg::<_, AdminRequest, { frame::ADMIN_LIMIT }>(&mut recv).await? else {
         return Ok(());
     };
@@ -65,7 +71,10 @@ async fn request(ctl: &Controller, mut send: quinn::SendStream, mut recv: quinn:
         AdminRequest::WaitRelease { app, env, seq, timeout_secs } => {
             wait(ctl, timeout_secs, || release_progress(ctl, &app, &env, seq)).await?
         }
-        other => match handle(ctl, other) {
+        AdminRequest::RolloutStatus { id, after_revision, timeout_secs } => {
+            rollout_status(ctl, &id, after_revision, timeout_secs).await?
+        }
+        other => match handle(ctl, other, admin) {
             Ok(r) => r,
             Err(e) => error(format!("{e:#}"), "see the controller's log for details"),
         },
@@ -82,7 +91,30 @@ fn names(pairs: &[(&str, &str)]) -> Option<AdminResponse> {
         .map(|e| error(e, "fix the name and run the command again"))
 }
 
-fn handle(ctl: &Controller, req: AdminRequest) -> Result<AdminResponse> {
+/// A rollout as it is now, or once its revision moves past `after` (or at the timeout).
+async fn rollout_status(ctl: &Controller, id: &str, after: u64, timeout_secs: u64) -> Result<AdminResponse> {
+    let mut changes = ctl.fleet.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs.min(600));
+    loop {
+        changes.borrow_and_update();
+        let Some(r) = ctl.store.rollout(id)? else {
+            return Ok(error(format!("no rollout {id}"), "stagehand rollout list"));
+        };
+        if r.revision > after || r.state.is_final() || tokio::time::Instant::now() >= deadline {
+            return Ok(AdminResponse::Rollout { rollout: crate::rollout::view(ctl, &r), notes: vec![] });
+        }
+        let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+    }
+}
+
+fn started(r: std::result::Result<crate::rollout::Started, Refused>) -> AdminResponse {
+    match r {
+        Ok((rollout, notes)) => AdminResponse::Rollout { rollout, notes },
+        Err(r) => r.into(),
+    }
+}
+
+fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminResponse> {
     Ok(match req {
         AdminRequest::CreateToken { env, ttl_secs, labels, uses } => {
             if let Some(e) = names(&[("environment", &env)]) {
@@ -110,11 +142,16 @@ fn handle(ctl: &Controller, req: AdminRequest) -> Result<AdminResponse> {
         AdminRequest::PushCommit { app, version, digest } => push_commit(ctl, &app, &version, digest)?,
         AdminRequest::Deploy { app, version, env } => deploy(ctl, &app, &version, &env)?,
         AdminRequest::Status { app, env } => AdminResponse::Status { status: status(ctl, &app, &env)? },
+        // Without `export`, the requests of protocol 1 start a rollout with the defaults.
         AdminRequest::Release { app, version, env, export, ttl_secs } => {
             if let Some(e) = names(&[("app", &app), ("version", &version), ("environment", &env)]) {
                 return Ok(e);
             }
-            match crate::release::release(ctl, &app, &version, &env, export, ttl_secs, false)? {
+            if !export {
+                let spec = RolloutSpec { app, version: Some(version), env, ttl_secs, ..RolloutSpec::default() };
+                return Ok(started(crate::rollout::start(ctl, spec, admin)?));
+            }
+            match crate::release::export(ctl, &app, &version, &env, ttl_secs)? {
                 Ok((message, seq, targets)) => AdminResponse::Released { message, version, seq, targets },
                 Err(r) => r.into(),
             }
@@ -123,15 +160,48 @@ fn handle(ctl: &Controller, req: AdminRequest) -> Result<AdminResponse> {
             if let Some(e) = names(&[("app", &app), ("environment", &env)]) {
                 return Ok(e);
             }
-            let version = match crate::release::rollback_target(ctl, &app, &env, to)? {
-                Ok(v) => v,
-                Err(r) => return Ok(r.into()),
+            if !export {
+                let spec = RolloutSpec { app, version: to, env, rollback: true, ttl_secs, ..RolloutSpec::default() };
+                return Ok(started(crate::rollout::start(ctl, spec, admin)?));
+            }
+            let desired = ctl.store.desired(&env, &app)?;
+            let version = match to {
+                Some(v) => v,
+                None => match crate::plan::fleet::rollback_target(
+                    &app,
+                    &env,
+                    desired.as_ref().map(|d| d.version.as_str()),
+                    desired.as_ref().map(|d| d.history.as_slice()).unwrap_or_default(),
+                ) {
+                    Ok(v) => v,
+                    Err(why) => return Ok(error(why, format!("stagehand rollback {app} --env {env} --to VERSION"))),
+                },
             };
-            match crate::release::release(ctl, &app, &version, &env, export, ttl_secs, true)? {
+            match crate::release::export(ctl, &app, &version, &env, ttl_secs)? {
                 Ok((message, seq, targets)) => AdminResponse::Released { message, version, seq, targets },
                 Err(r) => r.into(),
             }
         }
+        AdminRequest::Rollout(spec) => started(crate::rollout::start(ctl, spec, admin)?),
+        AdminRequest::ListRollouts { app, env } => {
+            let mut rollouts: Vec<_> = ctl
+                .store
+                .rollouts()?
+                .iter()
+                .rev()
+                .filter(|r| app.as_ref().is_none_or(|a| *a == r.app) && env.as_ref().is_none_or(|e| *e == r.env))
+                .take(200)
+                .map(|r| crate::rollout::view(ctl, r))
+                .collect();
+            // The list shows rollouts, not every host's receipt.
+            for r in &mut rollouts {
+                for h in r.waves.iter_mut().flat_map(|w| w.hosts.iter_mut()) {
+                    h.receipt = None;
+                }
+            }
+            AdminResponse::Rollouts { rollouts }
+        }
+        AdminRequest::ControlRollout { id, action } => started(crate::rollout::control(ctl, &id, action, admin)?),
         AdminRequest::RevokeAgent { agent } => {
             let id = AgentId(agent);
             let Some(mut rec) = ctl.store.agent(&id)? else {
@@ -147,7 +217,8 @@ fn handle(ctl: &Controller, req: AdminRequest) -> Result<AdminResponse> {
         AdminRequest::Hello { .. }
         | AdminRequest::PushChunks { .. }
         | AdminRequest::WaitStaged { .. }
-        | AdminRequest::WaitRelease { .. } => bail!("unexpected request"),
+        | AdminRequest::WaitRelease { .. }
+        | AdminRequest::RolloutStatus { .. } => bail!("unexpected request"),
     })
 }
 
@@ -236,6 +307,13 @@ fn deploy(ctl: &Controller, app: &str, version: &str, env: &str) -> Result<Admin
             format!("stagehand push {app} {version} PATH"),
         ));
     };
+    let agents = ctl.store.agents_in(env)?;
+    if agents.is_empty() && !ctl.config.environments.knows(env) {
+        return Ok(error(
+            format!("environment {env:?} has no agents and is not configured; nothing was deployed"),
+            format!("check the name with `stagehand agents list`, or enrol a host: stagehand token create --env {env}"),
+        ));
+    }
     let now = now_secs();
     ctl.store.put_deploy(
         env,
@@ -243,7 +321,6 @@ fn deploy(ctl: &Controller, app: &str, version: &str, env: &str) -> Result<Admin
         version,
         &DeployRecord { v: 1, digest: artifact.digest, size: artifact.size, at: now },
     )?;
-    let agents = ctl.store.agents_in(env)?;
     let mut send_to = Vec::new();
     for a in &agents {
         let current = ctl.store.stage(&a.id, app, version)?;
@@ -352,6 +429,7 @@ fn list_agents(ctl: &Controller) -> Result<Vec<AgentInfo>> {
             name: a.name,
             env: a.env,
             labels: a.labels,
+            own_labels: a.own_labels,
             revoked: a.revoked,
             apps: apps.into_values().collect(),
         });

@@ -20,6 +20,60 @@ pub struct ControllerConfig {
     /// or comes back (the released version is always included).
     #[serde(default = "default_catch_up")]
     pub catch_up_versions: usize,
+    /// `[environments]`: the promotion order and per-environment rollout defaults.
+    #[serde(default)]
+    pub environments: Environments,
+}
+
+/// `[environments] order = [...]` and `[environments.NAME]` tables.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Environments {
+    /// Promotion order: a release must have completed in the nearest earlier environment
+    /// that has agents.
+    #[serde(default = "default_order")]
+    pub order: Vec<String>,
+    /// Rollout defaults per environment.
+    #[serde(flatten)]
+    pub envs: std::collections::BTreeMap<String, EnvironmentConfig>,
+}
+
+impl Default for Environments {
+    fn default() -> Self {
+        Environments { order: default_order(), envs: Default::default() }
+    }
+}
+
+fn default_order() -> Vec<String> {
+    crate::plan::fleet::DEFAULT_ORDER.iter().map(|s| s.to_string()).collect()
+}
+
+/// Rollout defaults of one environment (flags override them).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentConfig {
+    /// Cumulative wave sizes, `1,10%,50%,100%`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waves: Option<String>,
+    /// How long each wave must stay healthy before the next starts.
+    #[serde(default, with = "humantime_serde_opt", skip_serializing_if = "Option::is_none")]
+    pub bake: Option<Duration>,
+    /// `N` or `P%`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_unhealthy: Option<String>,
+    /// `wait`, `skip` or `fail`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offline: Option<String>,
+}
+
+impl Environments {
+    /// Whether the config names this environment (order or a table of its own).
+    pub fn knows(&self, env: &str) -> bool {
+        self.envs.contains_key(env) || self.order.iter().any(|e| e == env)
+    }
+
+    pub fn get(&self, env: &str) -> EnvironmentConfig {
+        self.envs.get(env).cloned().unwrap_or_default()
+    }
 }
 
 fn default_ttl() -> Duration {
@@ -32,7 +86,12 @@ fn default_catch_up() -> usize {
 
 impl ControllerConfig {
     pub fn new(listen: SocketAddr) -> Self {
-        ControllerConfig { listen, message_ttl: default_ttl(), catch_up_versions: default_catch_up() }
+        ControllerConfig {
+            listen,
+            message_ttl: default_ttl(),
+            catch_up_versions: default_catch_up(),
+            environments: Environments::default(),
+        }
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
@@ -55,6 +114,23 @@ mod humantime_serde_compat {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
     }
 }
 
@@ -106,6 +182,10 @@ mod tests {
         let c = ControllerConfig::load(&path).unwrap();
         assert_eq!(c.listen.port(), 7443);
         assert_eq!(c.message_ttl, Duration::from_secs(3600));
+        assert_eq!(c.environments.order, ["dev", "test", "staging", "prod"]);
+        let prod = c.environments.get("prod");
+        assert_eq!(prod.waves.as_deref(), Some("1,10%,50%,100%"));
+        assert_eq!(prod.bake, Some(Duration::from_secs(300)));
     }
 
     #[test]

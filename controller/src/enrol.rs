@@ -90,18 +90,21 @@ fn admit(
     let cert_pem = tls::issue_for_csr(&ctl.ca, &Role::Agent(id.0.clone()), csr_der)
         .map_err(|e| format!("bad certificate request: {e}"))?;
     let fingerprint = tls::fingerprint(&tls::cert_der(&cert_pem).map_err(|e| internal(&e))?);
-    // Token labels are what the operator bound; they win over what the agent asks for.
+    // Token labels are what the operator bound: the only ones a rollout selects on. What the
+    // agent asked for is kept apart, as its own; the agent is told both, token labels winning.
+    let own_labels = labels.clone();
     labels.extend(token.labels.clone());
     let name = if name.is_empty() || check_name("name", name).is_err() { id.0.clone() } else { name.to_string() };
     let record = AgentRecord {
-        v: 1,
+        v: 2,
         id: id.clone(),
         name,
         env: token.env.clone(),
-        labels: labels.clone(),
+        labels: token.labels.clone(),
         cert_fingerprint: fingerprint,
         revoked: false,
         joined_at: now,
+        own_labels,
     };
     ctl.store.put_agent(&record).map_err(|e| internal(&e))?;
     ctl.store.flush().map_err(|e| internal(&e))?;

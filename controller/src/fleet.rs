@@ -84,7 +84,19 @@ impl Fleet {
     }
 
     pub fn send_release(&self, id: &AgentId, msg: ReleaseDown) -> bool {
-        self.lock().get(id).and_then(|s| s.release.as_ref()).is_some_and(|s| s.tx.send(msg).is_ok())
+        self.send_release_on(id, msg).is_some()
+    }
+
+    /// Sends on the agent's release session; returns that session's token.
+    pub fn send_release_on(&self, id: &AgentId, msg: ReleaseDown) -> Option<u64> {
+        let map = self.lock();
+        let s = map.get(id).and_then(|s| s.release.as_ref())?;
+        s.tx.send(msg).ok().map(|()| s.token)
+    }
+
+    /// The token of the agent's release session, if one is up.
+    pub fn release_session(&self, id: &AgentId) -> Option<u64> {
+        self.lock().get(id).and_then(|s| s.release.as_ref()).map(|s| s.token)
     }
 
     /// Connected means both channels are up.

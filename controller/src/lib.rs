@@ -1,5 +1,5 @@
-//! The Stagehand controller: fleet registry, artifact store, deploys, release signing, and
-//! the operator CLI that talks to it.
+//! The Stagehand controller: fleet registry, artifact store, deploys, rollouts and release
+//! signing, and the operator CLI that talks to it. `plan` decides; the rest does.
 
 pub mod admin;
 pub mod chunks;
@@ -10,6 +10,8 @@ pub mod deploy;
 pub mod enrol;
 pub mod fleet;
 pub mod init;
+pub mod plan;
 pub mod release;
+pub mod rollout;
 pub mod server;
 pub mod store;

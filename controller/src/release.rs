@@ -2,8 +2,9 @@
 //! records receipts, and brings returning agents to the environment's desired version.
 
 use crate::fleet::Channel;
+use crate::plan::fleet::{self, CatchUp};
 use crate::server::Controller;
-use crate::store::{AppStateRecord, DesiredRecord, StageState};
+use crate::store::{AppStateRecord, StageState};
 use anyhow::{bail, Result};
 use stagehand_common::activate::{self, Activate, Refusal, SignedActivate, Targets};
 use stagehand_common::frame::{self, read_msg, write_msg};
@@ -87,16 +88,9 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
             }
             let mut state = ctl.store.appstate(id, &r.app)?;
             state.active = r.active.clone();
-            // Only outcomes the agent recorded as applied move its seq; a refusal before the
-            // intent (not staged, expired…) leaves it, so the message can be offered again.
-            let applied = matches!(
-                r.outcome,
-                ReceiptOutcome::Committed
-                    | ReceiptOutcome::Refused(
-                        Refusal::PreActivateFailed | Refusal::Unhealthy | Refusal::Interrupted | Refusal::HostError
-                    )
-            );
-            if applied {
+            // Only what the agent says it applied moves its seq; a refusal before the intent
+            // (not staged, expired, a host error…) leaves it, so the message can be offered again.
+            if r.applied {
                 state.last_seq = Some(state.last_seq.map_or(r.seq, |s| s.max(r.seq)));
             }
             ctl.store.put_appstate(id, &r.app, &state)?;
@@ -109,11 +103,11 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
     Ok(())
 }
 
-/// Sends an agent what its environment should run, for every app where it is behind:
-/// the environment-wide message if it is a target and it is still valid, otherwise a
-/// fresh message for this agent alone with a new, higher seq. Never a lower seq than the
-/// agent has applied; never for a version it has not staged.
-pub fn catch_up(ctl: &Controller, id: &AgentId, force: bool) -> Result<()> {
+/// Sends an agent what its environment should run, for every app where it is behind
+/// (`plan::fleet::catch_up` decides): the environment's message if it names the agent and
+/// is still valid, otherwise a fresh message for this agent alone with a new, higher seq.
+/// `staged_now`: the agent has just staged something it may have lacked before.
+pub fn catch_up(ctl: &Controller, id: &AgentId, staged_now: bool) -> Result<()> {
     if !ctl.fleet.is_connected(id) {
         return Ok(());
     }
@@ -123,33 +117,37 @@ pub fn catch_up(ctl: &Controller, id: &AgentId, force: bool) -> Result<()> {
     let now = now_secs();
     for (app, desired) in ctl.store.desired_in(&agent.env)? {
         let state = ctl.store.appstate(id, &app)?;
-        if state.last_seq.is_some_and(|s| s >= desired.seq) {
-            continue;
-        }
         let staged = ctl
             .store
             .stage(id, &app, &desired.version)?
             .is_some_and(|s| s.state == StageState::Staged && s.digest == desired.digest);
-        if !staged {
-            continue;
-        }
-        // An agent that already answered this seq is not pestered again, unless it refused
-        // for want of the bytes and has just staged them (`force`).
-        let retry = |r: &stagehand_common::protocol::Receipt| {
-            force
-                && matches!(
-                    r.outcome,
-                    ReceiptOutcome::Refused(Refusal::NotStaged | Refusal::DigestMismatch | Refusal::Expired)
-                )
-        };
-        if ctl.store.receipt(id, &app)?.is_some_and(|r| r.seq >= desired.seq && !retry(&r)) {
-            continue;
-        }
+        let receipt = ctl.store.receipt(id, &app)?.map(|r| {
+            let for_want_of_bytes = matches!(
+                r.outcome,
+                ReceiptOutcome::Refused(Refusal::NotStaged | Refusal::DigestMismatch | Refusal::Expired)
+            );
+            (r.seq, for_want_of_bytes)
+        });
         let body = activate::verify(&desired.message, &ctl.release_keys).ok();
-        let message = match body {
-            Some(b) if b.targets.includes(id) && b.expires_at > now + 60 => desired.message.clone(),
-            _ => {
+        let usable = body.is_some_and(|b| b.targets.includes(id) && b.expires_at > now + 60 && b.not_before <= now);
+        let decision = fleet::catch_up(
+            &fleet::Desired { version: &desired.version, seq: desired.seq, message_usable: usable },
+            &fleet::AgentApp {
+                active: state.active.as_deref(),
+                last_seq: state.last_seq,
+                staged,
+                last_receipt: receipt,
+            },
+            ctl.store.active_rollout(&agent.env, &app)?.is_some(),
+            staged_now,
+        );
+        let message = match decision {
+            CatchUp::Nothing => continue,
+            CatchUp::Resend => desired.message.clone(),
+            CatchUp::SignFresh => {
                 let seq = ctl.store.next_seq(&app)?;
+                let rollout = format!("catch-up-{seq}");
+                let ttl = ctl.config.message_ttl.as_secs();
                 let (msg, _) = sign_for(
                     ctl,
                     &app,
@@ -158,8 +156,9 @@ pub fn catch_up(ctl: &Controller, id: &AgentId, force: bool) -> Result<()> {
                     &agent.env,
                     vec![id.clone()],
                     seq,
-                    "catch-up",
-                    ctl.config.message_ttl.as_secs(),
+                    &rollout,
+                    0,
+                    ttl,
                 )?;
                 ctl.store.flush()?;
                 info!(agent = %id, %app, version = %desired.version, seq, "Catching up.");
@@ -171,8 +170,9 @@ pub fn catch_up(ctl: &Controller, id: &AgentId, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Signs one activate message (the seq must be made durable before it leaves).
 #[allow(clippy::too_many_arguments)]
-fn sign_for(
+pub fn sign_for(
     ctl: &Controller,
     app: &str,
     version: &str,
@@ -180,7 +180,8 @@ fn sign_for(
     env: &str,
     targets: Vec<AgentId>,
     seq: u64,
-    kind: &str,
+    rollout_id: &str,
+    not_before: u64,
     ttl_secs: u64,
 ) -> Result<(SignedActivate, Activate)> {
     let now = now_secs();
@@ -190,16 +191,17 @@ fn sign_for(
         digest,
         env: env.to_string(),
         targets: Targets::Agents(targets),
-        rollout_id: format!("{kind}-{seq}-{}", hex::encode(rand::random::<[u8; 4]>())),
+        rollout_id: rollout_id.to_string(),
         seq,
-        not_before: 0,
-        expires_at: now + ttl_secs.max(1),
+        not_before,
+        // A scheduled message lives its full lifetime from the time it may be applied.
+        expires_at: now.max(not_before) + ttl_secs.max(1),
         key_id: ctl.release_keys[0].key_id.clone(),
     };
     Ok((activate::sign(&body, &ctl.release_key), body))
 }
 
-/// A signed release: the message, its seq and its targets.
+/// A signed message, its seq and its targets.
 pub type Signed = (SignedActivate, u64, Vec<AgentId>);
 
 /// An operator error with the next command to run.
@@ -209,17 +211,15 @@ pub struct Refused {
     pub hint: String,
 }
 
-/// Signs a release of `version` to every agent of `env`, after checking it is staged on
-/// all of them. With `export` the message is returned and nothing else changes (the seq is
-/// still consumed so that no later message can reuse it).
-pub fn release(
+/// Signs a message for `version` naming every agent of `env`, to be carried by hand
+/// (`release --export`, `stagehand-agent activate`). Nothing else changes: no rollout, no
+/// released version; the seq is consumed so that no later message can reuse it.
+pub fn export(
     ctl: &Controller,
     app: &str,
     version: &str,
     env: &str,
-    export: bool,
     ttl_secs: u64,
-    rollback: bool,
 ) -> Result<std::result::Result<Signed, Refused>> {
     let Some(artifact) = ctl.store.artifact(app, version)? else {
         return Ok(Err(Refused {
@@ -231,96 +231,15 @@ pub fn release(
     if agents.is_empty() {
         return Ok(Err(Refused {
             message: format!("environment {env:?} has no agents"),
-            hint: format!("stagehand token create --env {env}   (then stagehand-agent join on each host)"),
-        }));
-    }
-    let mut missing = Vec::new();
-    for a in &agents {
-        let ok = ctl
-            .store
-            .stage(&a.id, app, version)?
-            .is_some_and(|s| s.state == StageState::Staged && s.digest == artifact.digest);
-        if !ok {
-            missing.push(format!("{} ({})", a.name, a.id));
-        }
-    }
-    if !missing.is_empty() {
-        return Ok(Err(Refused {
-            message: format!(
-                "{app} {version} is not staged on every agent of {env}; nothing was sent. Not staged on: {}",
-                missing.join(", ")
-            ),
-            hint: format!("stagehand deploy {app} {version} --env {env} --wait"),
+            hint: format!("stagehand agents list   (or enrol one: stagehand token create --env {env})"),
         }));
     }
     let targets: Vec<AgentId> = agents.iter().map(|a| a.id.clone()).collect();
     let seq = ctl.store.next_seq(app)?;
     let ttl = if ttl_secs == 0 { ctl.config.message_ttl.as_secs() } else { ttl_secs };
-    let (message, _) = sign_for(ctl, app, version, artifact.digest, env, targets.clone(), seq, "release", ttl)?;
-    if export {
-        ctl.store.flush()?;
-        info!(%app, %version, %env, seq, "Exported an activate message.");
-        return Ok(Ok((message, seq, targets)));
-    }
-    let previous = ctl.store.desired(env, app)?;
-    let mut history = previous.as_ref().map(|p| p.history.clone()).unwrap_or_default();
-    match (&previous, rollback) {
-        // Rolling back walks the history backwards: what came after the target is dropped.
-        (_, true) => {
-            if let Some(i) = history.iter().rposition(|v| v == version) {
-                history.truncate(i);
-            }
-        }
-        (Some(p), false) if p.version != version => {
-            history.retain(|v| v != &p.version);
-            history.push(p.version.clone());
-        }
-        _ => {}
-    }
-    history.retain(|v| v != version);
-    ctl.store.put_desired(
-        env,
-        app,
-        &DesiredRecord {
-            v: 1,
-            version: version.to_string(),
-            digest: artifact.digest,
-            seq,
-            message: message.clone(),
-            targets: targets.clone(),
-            history,
-        },
-    )?;
+    let rollout = format!("export-{seq}");
+    let (message, _) = sign_for(ctl, app, version, artifact.digest, env, targets.clone(), seq, &rollout, 0, ttl)?;
     ctl.store.flush()?;
-    for id in &targets {
-        ctl.fleet.send_release(id, ReleaseDown::Activate(message.clone()));
-    }
-    ctl.fleet.bump();
-    info!(%app, %version, %env, seq, targets = targets.len(), "Released.");
+    info!(%app, %version, %env, seq, "Exported an activate message.");
     Ok(Ok((message, seq, targets)))
-}
-
-/// The version a rollback goes to: the named one, or the one released before the current.
-pub fn rollback_target(
-    ctl: &Controller,
-    app: &str,
-    env: &str,
-    to: Option<String>,
-) -> Result<std::result::Result<String, Refused>> {
-    if let Some(v) = to {
-        return Ok(Ok(v));
-    }
-    let Some(desired) = ctl.store.desired(env, app)? else {
-        return Ok(Err(Refused {
-            message: format!("{app} has never been released to {env}, so there is nothing to roll back to"),
-            hint: format!("stagehand release {app} VERSION --env {env}"),
-        }));
-    };
-    match desired.history.last() {
-        Some(v) => Ok(Ok(v.clone())),
-        None => Ok(Err(Refused {
-            message: format!("{app} {} is the only version ever released to {env}", desired.version),
-            hint: format!("stagehand rollback {app} --env {env} --to VERSION"),
-        })),
-    }
 }

@@ -31,6 +31,15 @@ pub struct Controller {
     pub release_keys: Vec<ReleaseKey>,
     pub config: ControllerConfig,
     pub ca_fingerprint: String,
+    /// Serialises changes to rollouts (the driver's steps, operators' controls).
+    pub rollouts: std::sync::Mutex<()>,
+}
+
+impl Controller {
+    /// Holds off every other change to rollouts while held.
+    pub fn rollout_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.rollouts.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A controller serving in this process.
@@ -39,6 +48,7 @@ pub struct Running {
     pub controller: Arc<Controller>,
     endpoint: quinn::Endpoint,
     task: tokio::task::JoinHandle<()>,
+    driver: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
@@ -46,7 +56,9 @@ impl Running {
     pub async fn stop(self) {
         self.endpoint.close(0u32.into(), b"controller shutting down");
         self.task.abort();
+        self.driver.abort();
         let _ = self.task.await;
+        let _ = self.driver.await;
         self.endpoint.wait_idle().await;
         if let Err(e) = self.controller.store.flush() {
             warn!(error = %e, "Could not flush state at shutdown.");
@@ -78,10 +90,12 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         release_key,
         config,
         ca_fingerprint,
+        rollouts: std::sync::Mutex::new(()),
     });
     info!(%addr, "Controller listening.");
     let task = tokio::spawn(accept_loop(controller.clone(), endpoint.clone()));
-    Ok(Running { addr, controller, endpoint, task })
+    let driver = tokio::spawn(crate::rollout::drive(controller.clone()));
+    Ok(Running { addr, controller, endpoint, task, driver })
 }
 
 async fn accept_loop(ctl: Arc<Controller>, endpoint: quinn::Endpoint) {

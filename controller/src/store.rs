@@ -2,6 +2,7 @@
 //! types of their own, encoded by `common::frame`. Anything acknowledged to an operator or
 //! an agent is flushed first.
 
+use crate::plan::rollout::Rollout;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use stagehand_common::activate::SignedActivate;
 use stagehand_common::frame;
@@ -30,10 +31,51 @@ pub struct AgentRecord {
     pub id: AgentId,
     pub name: String,
     pub env: String,
+    /// Labels the join token bound: the only ones rollout selectors match.
     pub labels: Labels,
     pub cert_fingerprint: String,
     pub revoked: bool,
     pub joined_at: u64,
+    /// Labels the agent asked for at join: shown as its own, never used for targeting.
+    pub own_labels: Labels,
+}
+
+/// An agent as version 1 stored it, when labels asked for and bound were merged.
+#[derive(Deserialize)]
+struct AgentRecordV1 {
+    _v: u8,
+    id: AgentId,
+    name: String,
+    env: String,
+    labels: Labels,
+    cert_fingerprint: String,
+    revoked: bool,
+    joined_at: u64,
+}
+
+impl From<AgentRecordV1> for AgentRecord {
+    /// Merged labels cannot be told apart any more: they are kept as the agent's own, so
+    /// nothing an agent may have chosen selects it.
+    fn from(a: AgentRecordV1) -> Self {
+        AgentRecord {
+            v: 2,
+            id: a.id,
+            name: a.name,
+            env: a.env,
+            labels: Labels::new(),
+            cert_fingerprint: a.cert_fingerprint,
+            revoked: a.revoked,
+            joined_at: a.joined_at,
+            own_labels: a.labels,
+        }
+    }
+}
+
+fn dec_agent(k: &[u8], bytes: &[u8]) -> Result<AgentRecord> {
+    match bytes.first() {
+        Some(1) => dec::<AgentRecordV1>(k, bytes).map(AgentRecord::from),
+        _ => dec(k, bytes),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +160,8 @@ pub struct Store {
     receipts: sled::Tree,
     appstate: sled::Tree,
     meta: sled::Tree,
+    rollouts: sled::Tree,
+    promoted: sled::Tree,
 }
 
 fn key(parts: &[&str]) -> Vec<u8> {
@@ -166,6 +210,8 @@ impl Store {
             receipts: db.open_tree("receipts")?,
             appstate: db.open_tree("appstate")?,
             meta: db.open_tree("meta")?,
+            rollouts: db.open_tree("rollouts")?,
+            promoted: db.open_tree("promoted")?,
             db,
         })
     }
@@ -185,11 +231,17 @@ impl Store {
     }
 
     pub fn agent(&self, id: &AgentId) -> Result<Option<AgentRecord>> {
-        get(&self.agents, id.0.as_bytes())
+        self.agents.get(id.0.as_bytes())?.map(|v| dec_agent(id.0.as_bytes(), &v)).transpose()
     }
 
     pub fn agents(&self) -> Result<Vec<AgentRecord>> {
-        Ok(scan(&self.agents, b"")?.into_iter().map(|(_, a)| a).collect())
+        self.agents
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                dec_agent(&k, &v)
+            })
+            .collect()
     }
 
     /// Agents of an environment that are not revoked.
@@ -348,5 +400,83 @@ impl Store {
     /// All app states of an agent: (app, record).
     pub fn appstates_of(&self, agent: &AgentId) -> Result<Vec<(String, AppStateRecord)>> {
         Ok(scan(&self.appstate, &key(&[&agent.0, ""]))?.into_iter().map(|(k, s)| (last_part(&k), s)).collect())
+    }
+
+    // ---- rollouts ----
+
+    /// A new rollout id, `r-<n>`; never reused (callers flush before it is shown).
+    pub fn next_rollout_id(&self) -> Result<String> {
+        let v = self.meta.update_and_fetch(b"rollout-id", |old| {
+            let n = old.and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        let n = v.as_deref().and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
+        Ok(format!("r-{n}"))
+    }
+
+    /// Rollouts are keyed by their number, big-endian, so a scan is in creation order.
+    fn rollout_key(id: &str) -> Vec<u8> {
+        let n: u64 = id.strip_prefix("r-").and_then(|n| n.parse().ok()).unwrap_or(u64::MAX);
+        n.to_be_bytes().to_vec()
+    }
+
+    /// Stores a rollout and its place among the running ones. sled keeps a prefix of the
+    /// writes on a crash, so the marker of a running rollout goes first and that of an
+    /// ended one is removed last: a marker may outlive its rollout, never the other way.
+    pub fn put_rollout(&self, r: &Rollout) -> Result<()> {
+        let marker = key(&["active-rollout", &r.env, &r.app]);
+        if r.state.is_final() {
+            self.rollouts.insert(Self::rollout_key(&r.id), enc(r))?;
+            self.meta.remove(marker)?;
+        } else {
+            self.meta.insert(marker, r.id.as_bytes())?;
+            self.rollouts.insert(Self::rollout_key(&r.id), enc(r))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a marker whose rollout is missing or ended.
+    pub fn clear_active_rollout(&self, env: &str, app: &str) -> Result<()> {
+        self.meta.remove(key(&["active-rollout", env, app]))?;
+        Ok(())
+    }
+
+    pub fn rollout(&self, id: &str) -> Result<Option<Rollout>> {
+        get(&self.rollouts, &Self::rollout_key(id))
+    }
+
+    /// Every rollout, oldest first.
+    pub fn rollouts(&self) -> Result<Vec<Rollout>> {
+        Ok(scan(&self.rollouts, b"")?.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// The id of the rollout of (env, app) that has not ended, if any.
+    pub fn active_rollout(&self, env: &str, app: &str) -> Result<Option<String>> {
+        Ok(self.meta.get(key(&["active-rollout", env, app]))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Every rollout that has not ended: (env, app, id).
+    pub fn active_rollouts(&self) -> Result<Vec<(String, String, String)>> {
+        self.meta
+            .scan_prefix(key(&["active-rollout", ""]))
+            .map(|kv| {
+                let (k, v) = kv?;
+                let k = String::from_utf8_lossy(&k).into_owned();
+                let mut parts = k.split('\0').skip(1);
+                let (env, app) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+                Ok((env.to_string(), app.to_string(), String::from_utf8_lossy(&v).into_owned()))
+            })
+            .collect()
+    }
+
+    /// Records that `digest` of `app` completed a rollout in `env` (promotion).
+    pub fn put_promoted(&self, env: &str, app: &str, digest: &Digest, rollout: &str) -> Result<()> {
+        self.promoted.insert(key(&[env, app, &digest.to_hex()]), rollout.as_bytes())?;
+        Ok(())
+    }
+
+    /// The rollout through which `digest` of `app` completed in `env`, if it did.
+    pub fn promoted(&self, env: &str, app: &str, digest: &Digest) -> Result<Option<String>> {
+        Ok(self.promoted.get(key(&[env, app, &digest.to_hex()]))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 }

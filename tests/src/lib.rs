@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use stagehand_agent::run::RunningAgent;
-use stagehand_common::protocol::{AdminRequest, AdminResponse};
+use stagehand_common::protocol::{AdminRequest, AdminResponse, RolloutSpec, RolloutView};
 use stagehand_common::AgentId;
 use stagehand_controller::client::Client;
 use stagehand_controller::server::Running;
@@ -187,28 +187,71 @@ impl Fleet {
         }
     }
 
-    /// Releases and waits for every target's receipt.
-    pub async fn release(&self, app: &str, version: &str, env: &str) -> Result<Progress> {
-        let resp = self
-            .call(AdminRequest::Release {
-                app: app.into(),
-                version: version.into(),
-                env: env.into(),
-                export: false,
-                ttl_secs: 0,
-            })
-            .await?;
-        let AdminResponse::Released { seq, .. } = resp else { bail!("unexpected answer {resp:?}") };
-        self.wait_release(app, env, seq).await
-    }
-
-    /// Rolls back to the previous version; returns the version and the message's seq.
-    pub async fn rollback(&self, app: &str, env: &str) -> Result<(String, u64)> {
-        let req = AdminRequest::Rollback { app: app.into(), env: env.into(), to: None, export: false, ttl_secs: 0 };
-        match self.call(req).await? {
-            AdminResponse::Released { version, seq, .. } => Ok((version, seq)),
+    /// Starts a rollout (errors when the controller refuses it).
+    pub async fn rollout(&self, spec: RolloutSpec) -> Result<RolloutView> {
+        match self.call(AdminRequest::Rollout(spec)).await? {
+            AdminResponse::Rollout { rollout, .. } => Ok(rollout),
             other => bail!("unexpected answer {other:?}"),
         }
+    }
+
+    /// A rollout as it is now.
+    pub async fn rollout_status(&self, id: &str) -> Result<RolloutView> {
+        match self.call(AdminRequest::RolloutStatus { id: id.into(), after_revision: 0, timeout_secs: 0 }).await? {
+            AdminResponse::Rollout { rollout, .. } => Ok(rollout),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// Waits (on the controller's change notifications) until `cond` holds for the rollout.
+    pub async fn wait_rollout_until(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&RolloutView) -> bool,
+    ) -> Result<RolloutView> {
+        let client = self.client().await?;
+        let deadline = Instant::now() + timeout;
+        let mut after = 0;
+        let result = loop {
+            let req = AdminRequest::RolloutStatus { id: id.into(), after_revision: after, timeout_secs: 5 };
+            let r = match client.call(&req).await? {
+                AdminResponse::Rollout { rollout, .. } => rollout,
+                other => break Err(anyhow::anyhow!("unexpected answer {other:?}")),
+            };
+            if cond(&r) {
+                break Ok(r);
+            }
+            if Instant::now() >= deadline {
+                break Err(anyhow::anyhow!(
+                    "timed out after {timeout:?} waiting for rollout {id} to be {what}; it is {r:#?}"
+                ));
+            }
+            after = r.revision;
+        };
+        client.close().await;
+        result
+    }
+
+    /// Waits until a rollout has ended.
+    pub async fn wait_rollout(&self, id: &str) -> Result<RolloutView> {
+        self.wait_rollout_until(id, "ended", Duration::from_secs(90), is_final).await
+    }
+
+    /// Releases (one wave, the defaults) and waits for the rollout to end.
+    pub async fn release(&self, app: &str, version: &str, env: &str) -> Result<Progress> {
+        let spec =
+            RolloutSpec { app: app.into(), version: Some(version.into()), env: env.into(), ..Default::default() };
+        let r = self.rollout(spec).await?;
+        Ok(Progress::of(&self.wait_rollout(&r.id).await?))
+    }
+
+    /// Rolls back to the previous version; returns the version and the rollout's id.
+    pub async fn rollback(&self, app: &str, env: &str) -> Result<(String, String)> {
+        let spec = RolloutSpec { app: app.into(), env: env.into(), rollback: true, ..Default::default() };
+        let r = self.rollout(spec).await?;
+        Ok((r.version, r.id))
     }
 
     pub async fn wait_release(&self, app: &str, env: &str, seq: u64) -> Result<Progress> {
@@ -217,6 +260,11 @@ impl Fleet {
             other => bail!("unexpected answer {other:?}"),
         }
     }
+}
+
+/// A rollout that has ended.
+pub fn is_final(r: &RolloutView) -> bool {
+    matches!(r.state.as_str(), "succeeded" | "failed" | "aborted")
 }
 
 /// Per-agent outcome of a wait.
@@ -228,6 +276,19 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Per host of a rollout: committed, failed (with why), or anything else.
+    pub fn of(r: &RolloutView) -> Progress {
+        let (mut done, mut failed, mut pending) = (vec![], vec![], vec![]);
+        for h in r.waves.iter().flat_map(|w| &w.hosts) {
+            match h.state.as_str() {
+                "committed" => done.push(h.id.clone()),
+                "failed" | "no-answer" => failed.push((h.id.clone(), h.detail.clone())),
+                _ => pending.push(h.id.clone()),
+            }
+        }
+        Progress { done, failed, pending }
+    }
+
     pub fn all_done(&self) -> bool {
         self.failed.is_empty() && self.pending.is_empty()
     }

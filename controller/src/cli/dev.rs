@@ -5,7 +5,7 @@ use super::{push, Ctx, Output};
 use crate::client::Client;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use stagehand_common::protocol::{AdminRequest, AdminResponse};
+use stagehand_common::protocol::{AdminRequest, AdminResponse, RolloutSpec};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -76,22 +76,33 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
         )
         .await?;
     }
-    let resp = client
-        .call(&AdminRequest::Release {
+    // A fleet kept in --data-dir already runs the sample: it is not released again.
+    let resp = client.call(&AdminRequest::Status { app: "hello".into(), env: "dev".into() }).await?;
+    let AdminResponse::Status { status } = resp else { bail!("unexpected answer: {resp:?}") };
+    if status.desired.is_none_or(|(v, _)| v != "1.0.0") {
+        let spec = RolloutSpec {
             app: "hello".into(),
-            version: "1.0.0".into(),
+            version: Some("1.0.0".into()),
             env: "dev".into(),
-            export: false,
-            ttl_secs: 0,
-        })
-        .await?;
-    let AdminResponse::Released { seq, .. } = resp else { bail!("unexpected answer: {resp:?}") };
-    expect_all(
-        &client,
-        AdminRequest::WaitRelease { app: "hello".into(), env: "dev".into(), seq, timeout_secs: 60 },
-        "releasing the sample app to dev",
-    )
-    .await?;
+            ..RolloutSpec::default()
+        };
+        let resp = client.call(&AdminRequest::Rollout(spec)).await?;
+        let AdminResponse::Rollout { mut rollout, .. } = resp else { bail!("unexpected answer: {resp:?}") };
+        while !matches!(rollout.state.as_str(), "succeeded" | "failed" | "aborted") {
+            let req = AdminRequest::RolloutStatus {
+                id: rollout.id.clone(),
+                after_revision: rollout.revision,
+                timeout_secs: 60,
+            };
+            let AdminResponse::Rollout { rollout: next, .. } = client.call(&req).await? else {
+                bail!("unexpected answer while releasing the sample app")
+            };
+            rollout = next;
+        }
+        if rollout.state != "succeeded" {
+            bail!("releasing the sample app to dev: rollout {} {}: {}", rollout.id, rollout.state, rollout.reason);
+        }
+    }
     client.close().await;
 
     let exports = format!("export STAGEHAND_CONTROLLER={addr} STAGEHAND_CREDENTIALS={}", admin.display());

@@ -6,6 +6,7 @@ mod deploy;
 mod dev;
 pub mod push;
 mod release;
+mod rollout;
 mod status;
 mod token;
 
@@ -55,12 +56,15 @@ pub enum Command {
     Push(push::PushArgs),
     /// Stage a version on every agent of an environment.
     Deploy(deploy::DeployArgs),
-    /// Make a staged version live on every agent of an environment.
+    /// Make a staged version live across an environment, as a rollout in waves gated by health.
     Release(release::ReleaseArgs),
-    /// Release the previous (or a named) staged version again.
+    /// A rollout back to the previous (or a named) staged version; one wave by default.
     Rollback(release::RollbackArgs),
     /// Per agent: staged versions, active version, last receipt.
     Status(status::StatusArgs),
+    /// Follow and steer rollouts: list, status [--watch], pause, resume, abort.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
 }
 
 /// Global options client commands need.
@@ -116,6 +120,7 @@ pub fn main() -> i32 {
             Command::Release(a) => release::run_release(a, &ctx).await,
             Command::Rollback(a) => release::run_rollback(a, &ctx).await,
             Command::Status(a) => status::run(a, &ctx).await,
+            Command::Rollout(c) => rollout::run(c, &ctx).await,
         }
     });
     match result {
@@ -140,6 +145,14 @@ fn init_logging(default: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+}
+
+/// Escapes control characters (what a peer sent is never printed raw).
+pub fn clean(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// Parses `K=V`.

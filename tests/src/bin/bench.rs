@@ -5,13 +5,18 @@
 //!   and transport settings;
 //! - releasing to 1, 10 and 100 staged agents: per-agent activation time and makespan as
 //!   multiples of the floor (signature verify + symlink rename + directory fsync);
-//! - the same release with a 1 KiB and a 1 GiB artifact, and during a 1 GiB transfer.
+//! - the same release with a 1 KiB and a 1 GiB artifact, and during a 1 GiB transfer;
+//! - a 3-wave rollout (no bake) to 100 agents ÷ one all-at-once rollout to the same agents,
+//!   makespans and the controller's CPU-seconds per rollout (the controller runs as a
+//!   process of its own, so its CPU is its own).
+//!
+//! `--rollout-only [--rollout-agents N] [--rollout-runs R]` runs only the last one.
 //!
 //! Run: `cargo run --release -p stagehand-tests --bin stagehand-bench -- [--size-mib N]`
 
 use anyhow::{bail, Result};
 use stagehand_common::activate::{self, Activate, ReleaseKey, Targets};
-use stagehand_common::protocol::{AdminRequest, AdminResponse, ReceiptOutcome};
+use stagehand_common::protocol::{AdminRequest, AdminResponse, ReceiptOutcome, RolloutSpec, RolloutView};
 use stagehand_common::tls::{self, Role};
 use stagehand_common::{fsx, net, AgentId, Digest};
 use stagehand_tests::{random_file, Fleet};
@@ -30,6 +35,11 @@ async fn main() -> Result<()> {
         .find(|w| w[0] == "--release-agents")
         .map(|w| w[1].split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 10, 100]);
+    if args.iter().any(|a| a == "--rollout-only") {
+        let n = args.windows(2).find(|w| w[0] == "--rollout-agents").and_then(|w| w[1].parse().ok()).unwrap_or(100);
+        let runs = args.windows(2).find(|w| w[0] == "--rollout-runs").and_then(|w| w[1].parse().ok()).unwrap_or(5);
+        return rollout_bench(n, runs).await;
+    }
     let size = size_mib * MIB;
     println!(
         "# Stagehand benchmark ({} MiB artifact, {} cores)\n",
@@ -126,6 +136,7 @@ async fn main() -> Result<()> {
     if stage_only {
         return Ok(());
     }
+    rollout_bench(100, 5).await?;
 
     // ---- Release latency against the floor ----
     let floor = floor_us(300)?;
@@ -435,17 +446,17 @@ async fn timed_release(fleet: &Fleet, app: &str, version: &str) -> Result<Timed>
     let ctl = fleet.controller.as_ref().expect("running").controller.clone();
     let mut changes = ctl.fleet.subscribe();
     let client = fleet.client().await?;
+    // Receipts newer than the ones agents hold now are this release's.
+    let agents = ctl.store.agents_in("prod")?;
+    let mut before = HashMap::new();
+    for a in &agents {
+        before.insert(a.id.clone(), ctl.store.receipt(&a.id, app)?.map_or(0, |r| r.seq));
+    }
     let start = Instant::now();
-    let resp = client
-        .call(&AdminRequest::Release {
-            app: app.into(),
-            version: version.into(),
-            env: "prod".into(),
-            export: false,
-            ttl_secs: 0,
-        })
-        .await?;
-    let AdminResponse::Released { seq, targets, .. } = resp else { bail!("unexpected {resp:?}") };
+    let spec = RolloutSpec { app: app.into(), version: Some(version.into()), env: "prod".into(), ..Default::default() };
+    let resp = client.call(&AdminRequest::Rollout(spec)).await?;
+    let AdminResponse::Rollout { rollout, .. } = resp else { bail!("unexpected {resp:?}") };
+    let targets: Vec<AgentId> = rollout.waves.iter().flat_map(|w| w.hosts.iter().map(|h| h.id.clone())).collect();
     let mut seen: HashMap<AgentId, (u64, u64)> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while seen.len() < targets.len() {
@@ -454,7 +465,7 @@ async fn timed_release(fleet: &Fleet, app: &str, version: &str) -> Result<Timed>
                 continue;
             }
             if let Some(r) = ctl.store.receipt(id, app)? {
-                if r.seq == seq {
+                if r.seq > before[id] {
                     if r.outcome != ReceiptOutcome::Committed {
                         bail!("{id} did not commit: {:?}", r.outcome);
                     }
@@ -477,4 +488,152 @@ async fn timed_release(fleet: &Fleet, app: &str, version: &str) -> Result<Timed>
         ack_us: seen.values().map(|v| v.1).collect(),
         makespan,
     })
+}
+
+/// CPU-seconds (user + system) a process has used so far.
+fn proc_cpu(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
+    Ok((fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / 100.0)
+}
+
+/// A controller as a process of its own; agents in this process.
+struct ControllerProc {
+    child: std::process::Child,
+    fleet: Fleet,
+}
+
+impl Drop for ControllerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn controller_process() -> Result<ControllerProc> {
+    let bin = std::env::current_exe()?.with_file_name("stagehand-under-test");
+    let dir = tempfile::Builder::new().prefix("stagehand-bench-").tempdir()?;
+    let ctl_dir = dir.path().join("controller");
+    let d = ctl_dir.to_str().unwrap_or_default().to_string();
+    let ok = std::process::Command::new(&bin)
+        .args(["controller", "init", "--data-dir", &d, "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !ok.success() {
+        bail!("{} controller init failed (build it with: cargo build --release -p stagehand-tests)", bin.display());
+    }
+    let log = std::fs::File::create(dir.path().join("controller.log"))?;
+    let child = std::process::Command::new(&bin)
+        .args(["controller", "serve", "--data-dir", &d])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let addr_file = ctl_dir.join("controller.addr");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        if let Some(a) = std::fs::read_to_string(&addr_file).ok().and_then(|s| s.trim().parse().ok()) {
+            break a;
+        }
+        if Instant::now() > deadline {
+            bail!("the controller process did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let fleet = Fleet { admin: ctl_dir.join("admin"), addr, ctl_dir, dir, controller: None };
+    Ok(ControllerProc { child, fleet })
+}
+
+/// Starts a rollout and follows it to its end; returns the makespan.
+async fn timed_rollout(fleet: &Fleet, version: &str, waves: Option<&str>) -> Result<Duration> {
+    let client = fleet.client().await?;
+    let spec = RolloutSpec {
+        app: "small".into(),
+        version: Some(version.into()),
+        env: "prod".into(),
+        waves: waves.map(str::to_string),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let resp = client.call(&AdminRequest::Rollout(spec)).await?;
+    let AdminResponse::Rollout { mut rollout, .. } = resp else { bail!("unexpected {resp:?}") };
+    while !stagehand_tests::is_final(&rollout) {
+        let req =
+            AdminRequest::RolloutStatus { id: rollout.id.clone(), after_revision: rollout.revision, timeout_secs: 60 };
+        let AdminResponse::Rollout { rollout: next, .. } = client.call(&req).await? else { bail!("unexpected answer") };
+        rollout = next;
+    }
+    let t = start.elapsed();
+    client.close().await;
+    check_succeeded(&rollout)?;
+    Ok(t)
+}
+
+fn check_succeeded(r: &RolloutView) -> Result<()> {
+    if r.state != "succeeded" {
+        bail!("rollout {} {}: {}", r.id, r.state, r.reason);
+    }
+    Ok(())
+}
+
+/// A 3-wave rollout (no bake) against one all-at-once rollout to the same agents.
+async fn rollout_bench(n: usize, runs: usize) -> Result<()> {
+    println!("## Rollouts: 3 waves (1,10%,100%, no bake) ÷ all at once, {n} agents, {runs} runs each\n");
+    let ctl = controller_process().await?;
+    let pid = ctl.child.id();
+    let fleet = &ctl.fleet;
+    let mut agents = Vec::new();
+    for i in 0..n {
+        agents.push(fleet.agent("prod", &format!("w{i}")).await?);
+    }
+    stage_small(fleet, "1", 2).await?;
+    stage_small(fleet, "2", 3).await?;
+    // Warm up: the first activation of an app creates its journal.
+    timed_rollout(fleet, "1", None).await?;
+    let (mut once, mut waved, mut cpu_once, mut cpu_waved) = (vec![], vec![], vec![], vec![]);
+    let mut version = "1";
+    for _ in 0..runs {
+        for waves in [None, Some("1,10%,100%")] {
+            version = if version == "1" { "2" } else { "1" };
+            settle()?;
+            let cpu = proc_cpu(pid)?;
+            let t = timed_rollout(fleet, version, waves).await?;
+            let used = proc_cpu(pid)? - cpu;
+            match waves {
+                None => {
+                    once.push(t);
+                    cpu_once.push(used)
+                }
+                Some(_) => {
+                    waved.push(t);
+                    cpu_waved.push(used)
+                }
+            }
+        }
+    }
+    once.sort();
+    waved.sort();
+    let med = |v: &Vec<Duration>| v[v.len() / 2];
+    let medf = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!("| rollout | makespan p50 | min | max | controller CPU-s per rollout p50 |");
+    println!("|---|---|---|---|---|");
+    for (name, t, c) in [("all at once (1 wave)", &once, &mut cpu_once), ("3 waves, no bake", &waved, &mut cpu_waved)] {
+        println!(
+            "| {name} | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} |",
+            med(t).as_secs_f64() * 1e3,
+            t[0].as_secs_f64() * 1e3,
+            t[t.len() - 1].as_secs_f64() * 1e3,
+            medf(c)
+        );
+    }
+    println!(
+        "\n3 waves ÷ all at once, makespan p50: {:.2}× (goal: at most 3.5×)\n",
+        med(&waved).as_secs_f64() / med(&once).as_secs_f64()
+    );
+    for mut a in agents {
+        a.stop().await;
+    }
+    Ok(())
 }

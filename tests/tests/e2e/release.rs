@@ -6,9 +6,9 @@ use ed25519_dalek::SigningKey;
 use stagehand_agent::host::Host;
 use stagehand_common::activate::{self, Activate, Refusal, SignedActivate, Targets};
 use stagehand_common::ids::now_secs;
-use stagehand_common::protocol::{AdminRequest, AdminResponse, ReceiptOutcome};
+use stagehand_common::protocol::{AdminRequest, AdminResponse, ReceiptOutcome, RolloutSpec};
 use stagehand_common::{AgentId, Digest};
-use stagehand_tests::{random_file, run_cli, wait_for, Fleet, TestAgent};
+use stagehand_tests::{random_file, run_cli, wait_for, Fleet, Progress, TestAgent};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,7 +167,7 @@ async fn release_switches_one_environment_and_rollback_switches_back() {
     let src = version_tree(fleet.path(), "v3", None);
     fleet.push("web", "v3", &src).await.unwrap();
     let err = fleet.release("web", "v3", "prod").await.unwrap_err();
-    assert!(format!("{err:#}").contains("not staged on every agent"), "{err:#}");
+    assert!(format!("{err:#}").contains("v3 not staged"), "{err:#}");
 
     for v in ["v1", "v2"] {
         assert!(fleet.release("web", v, "prod").await.unwrap().all_done());
@@ -176,9 +176,9 @@ async fn release_switches_one_environment_and_rollback_switches_back() {
         }
         assert!(s1.current("web").is_none(), "release to prod touched staging");
     }
-    let (version, seq) = fleet.rollback("web", "prod").await.unwrap();
+    let (version, id) = fleet.rollback("web", "prod").await.unwrap();
     assert_eq!(version, "v1");
-    assert!(fleet.wait_release("web", "prod", seq).await.unwrap().all_done());
+    assert!(Progress::of(&fleet.wait_rollout(&id).await.unwrap()).all_done());
     for a in [&p1, &p2] {
         assert_eq!(a.current("web").unwrap(), Path::new("releases/v1"));
     }
@@ -187,7 +187,7 @@ async fn release_switches_one_environment_and_rollback_switches_back() {
     else {
         panic!()
     };
-    assert_eq!(status.desired, Some(("v1".into(), seq)));
+    assert_eq!(status.desired.map(|d| d.0), Some("v1".into()));
     assert!(status.agents.iter().all(|a| a.active.as_deref() == Some("v1")));
 }
 
@@ -239,22 +239,12 @@ async fn an_agent_away_during_a_release_converges_when_it_returns() {
     fleet.push("web", "v1", &src).await.unwrap();
     assert!(fleet.deploy("web", "v1", "prod", 60).await.unwrap().all_done());
     away.stop().await;
-    let AdminResponse::Released { seq, .. } = fleet
-        .call(AdminRequest::Release {
-            app: "web".into(),
-            version: "v1".into(),
-            env: "prod".into(),
-            export: false,
-            ttl_secs: 0,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
+    // The rollout waits for the host that is away (--offline wait, the default).
+    let spec = RolloutSpec { app: "web".into(), version: Some("v1".into()), env: "prod".into(), ..Default::default() };
+    let r = fleet.rollout(spec).await.unwrap();
     assert!(away.current("web").is_none());
     away.start().await.unwrap();
-    assert!(fleet.wait_release("web", "prod", seq).await.unwrap().all_done());
+    assert!(Progress::of(&fleet.wait_rollout(&r.id).await.unwrap()).all_done());
     assert_eq!(away.current("web").unwrap(), Path::new("releases/v1"));
 
     // A host that joins later stages and activates the desired version by itself.

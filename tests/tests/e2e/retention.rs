@@ -101,9 +101,9 @@ async fn old_releases_go_and_the_live_and_rollback_versions_stay() {
     fleet.push("web", "7", &tree(fleet.path(), "7")).await.unwrap();
     assert!(fleet.deploy("web", "7", "prod", 60).await.unwrap().all_done());
     settles(&fleet, &agent, &["1", "5", "6", "7"]).await;
-    let (version, seq) = fleet.rollback("web", "prod").await.unwrap();
+    let (version, id) = fleet.rollback("web", "prod").await.unwrap();
     assert_eq!(version, "1");
-    assert!(fleet.wait_release("web", "prod", seq).await.unwrap().all_done());
+    assert!(stagehand_tests::Progress::of(&fleet.wait_rollout(&id).await.unwrap()).all_done());
     assert_eq!(agent.current("web").unwrap(), Path::new("releases/1"));
 
     // A version removed here and deployed again comes back.

@@ -1,0 +1,185 @@
+//! Fleet-wide decisions that are not one rollout's: whether a returning agent must be
+//! caught up and how, which environment a release must have been promoted from, and where
+//! a rollback goes. Pure functions, table-tested.
+
+use std::collections::HashSet;
+
+/// The environment order when the controller's config names none.
+pub const DEFAULT_ORDER: [&str; 4] = ["dev", "test", "staging", "prod"];
+
+/// What is known of one agent and one app, for catch-up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentApp<'a> {
+    /// What it runs.
+    pub active: Option<&'a str>,
+    /// The last seq it applied.
+    pub last_seq: Option<u64>,
+    /// The environment's version is staged there with the right digest.
+    pub staged: bool,
+    /// Its latest receipt for the app: (seq, refused for want of the bytes or of time).
+    pub last_receipt: Option<(u64, bool)>,
+}
+
+/// What the environment should run for an app.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired<'a> {
+    pub version: &'a str,
+    pub seq: u64,
+    /// The environment's message names this agent and is valid for a while yet.
+    pub message_usable: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Nothing to do.
+    Nothing,
+    /// Send the environment's own message.
+    Resend,
+    /// Sign a fresh message for this agent alone (new, higher seq).
+    SignFresh,
+}
+
+/// Whether an agent that (re)connected, or just staged something (`staged_now`), is behind
+/// its environment and how to bring it there. A rollout of the app in the environment
+/// that has not ended decides for its hosts: catch-up waits until it has.
+pub fn catch_up(desired: &Desired, agent: &AgentApp, rollout_running: bool, staged_now: bool) -> CatchUp {
+    if rollout_running || !agent.staged || agent.active == Some(desired.version) {
+        return CatchUp::Nothing;
+    }
+    // It has handled the environment's message (or a later one): not pestered again.
+    if agent.last_seq.is_some_and(|s| s >= desired.seq) {
+        return CatchUp::Nothing;
+    }
+    // It answered this (or a later) seq already: again only if it lacked the bytes (or
+    // the time) then and has just staged them.
+    if let Some((seq, for_want_of_bytes)) = agent.last_receipt {
+        if seq >= desired.seq && !(staged_now && for_want_of_bytes) {
+            return CatchUp::Nothing;
+        }
+    }
+    if desired.message_usable {
+        CatchUp::Resend
+    } else {
+        CatchUp::SignFresh
+    }
+}
+
+/// The environment a release to `env` must have completed in first: the nearest one before
+/// it in `order` that has agents. None when `env` is unordered or first among those with
+/// agents.
+pub fn promoted_from<'a>(order: &'a [String], with_agents: &HashSet<String>, env: &str) -> Option<&'a str> {
+    let at = order.iter().position(|e| e == env)?;
+    order[..at].iter().rev().find(|e| with_agents.contains(*e)).map(String::as_str)
+}
+
+/// Where a rollback goes: the named version, or the one released before the current.
+/// `history` holds versions released before the current one, oldest first.
+pub fn rollback_target(app: &str, env: &str, current: Option<&str>, history: &[String]) -> Result<String, String> {
+    let Some(current) = current else {
+        return Err(format!("{app} has never been released to {env}, so there is nothing to roll back to"));
+    };
+    match history.iter().rev().find(|v| *v != current) {
+        Some(v) => Ok(v.clone()),
+        None => Err(format!(
+            "{app} {current} is live in {env} and no version was released there before it that is not rolled back \
+             already; name one with --to"
+        )),
+    }
+}
+
+/// The history after a rollout of `version` succeeds in an environment that ran
+/// `previous`: a release appends what it replaced; a rollback walks back, dropping what
+/// came after its target.
+pub fn next_history(history: &[String], previous: Option<&str>, version: &str, rollback: bool) -> Vec<String> {
+    let mut h = history.to_vec();
+    if rollback {
+        if let Some(i) = h.iter().rposition(|v| v == version) {
+            h.truncate(i);
+        }
+    } else if let Some(p) = previous.filter(|p| *p != version) {
+        h.retain(|v| v != p);
+        h.push(p.to_string());
+    }
+    h.retain(|v| v != version);
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(active: Option<&str>, last_seq: Option<u64>) -> AgentApp<'_> {
+        AgentApp { active, last_seq, staged: true, last_receipt: None }
+    }
+
+    const DESIRED: Desired = Desired { version: "v2", seq: 10, message_usable: true };
+
+    #[test]
+    fn catch_up_brings_only_agents_that_are_behind() {
+        use CatchUp::*;
+        let cases: Vec<(&str, AgentApp, bool, bool, CatchUp)> = vec![
+            ("behind", agent(Some("v1"), Some(5)), false, false, Resend),
+            ("never ran anything", agent(None, None), false, false, Resend),
+            ("already runs it", agent(Some("v2"), Some(4)), false, false, Nothing),
+            ("a rollout decides", agent(Some("v1"), Some(5)), true, false, Nothing),
+            ("handled the message", agent(Some("v1"), Some(10)), false, false, Nothing),
+            ("not staged", AgentApp { staged: false, ..agent(Some("v1"), None) }, false, false, Nothing),
+            (
+                "answered it, not for want of bytes",
+                AgentApp { last_receipt: Some((10, false)), ..agent(Some("v1"), Some(5)) },
+                false,
+                true,
+                Nothing,
+            ),
+            (
+                "refused for want of bytes, then staged",
+                AgentApp { last_receipt: Some((10, true)), ..agent(Some("v1"), Some(5)) },
+                false,
+                true,
+                Resend,
+            ),
+            (
+                "refused for want of bytes, nothing new",
+                AgentApp { last_receipt: Some((10, true)), ..agent(Some("v1"), Some(5)) },
+                false,
+                false,
+                Nothing,
+            ),
+        ];
+        for (what, a, running, staged_now, want) in cases {
+            assert_eq!(catch_up(&DESIRED, &a, running, staged_now), want, "{what}");
+        }
+        let stale = Desired { message_usable: false, ..DESIRED };
+        assert_eq!(catch_up(&stale, &agent(Some("v1"), Some(5)), false, false), SignFresh);
+    }
+
+    #[test]
+    fn promotion_comes_from_the_nearest_earlier_environment_with_agents() {
+        let order: Vec<String> = DEFAULT_ORDER.iter().map(|s| s.to_string()).collect();
+        let with = |envs: &[&str]| envs.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
+        assert_eq!(promoted_from(&order, &with(&["staging", "prod"]), "prod"), Some("staging"));
+        assert_eq!(promoted_from(&order, &with(&["dev", "prod"]), "prod"), Some("dev"));
+        assert_eq!(promoted_from(&order, &with(&["dev", "staging", "prod"]), "dev"), None);
+        assert_eq!(promoted_from(&order, &with(&["prod"]), "prod"), None);
+        assert_eq!(promoted_from(&order, &with(&["dev", "qa"]), "qa"), None, "unordered");
+    }
+
+    #[test]
+    fn rollback_walks_the_history_backwards() {
+        let h = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(rollback_target("web", "prod", Some("v3"), &h(&["v1", "v2"])), Ok("v2".into()));
+        assert!(rollback_target("web", "prod", None, &[]).unwrap_err().contains("never been released"));
+        let only = rollback_target("web", "prod", Some("v1"), &[]).unwrap_err();
+        assert!(only.contains("--to"), "{only}");
+        // Released v1, v2, v3; rolled back to v2, then to v1.
+        let after_v3 = next_history(&h(&["v1"]), Some("v2"), "v3", false);
+        assert_eq!(after_v3, h(&["v1", "v2"]));
+        let back_to_v2 = next_history(&after_v3, Some("v3"), "v2", true);
+        assert_eq!(back_to_v2, h(&["v1"]));
+        assert_eq!(rollback_target("web", "prod", Some("v2"), &back_to_v2), Ok("v1".into()));
+        let back_to_v1 = next_history(&back_to_v2, Some("v2"), "v1", true);
+        assert!(back_to_v1.is_empty());
+        // Releasing the same version again changes nothing.
+        assert_eq!(next_history(&h(&["v1"]), Some("v2"), "v2", false), h(&["v1"]));
+    }
+}

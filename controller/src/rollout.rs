@@ -1,0 +1,515 @@
+//! The rollout driver: plans a rollout from the registry, persists it, and performs what the
+//! planner (`plan::rollout`) decides: signs messages, sends them, feeds receipts back, and
+//! records the environment's released version when a rollout succeeds. Every decision is
+//! the planner's; this module only reads, writes and sends.
+//!
+//! Durability: a message's seq and bytes are flushed inside the rollout record before the
+//! message leaves, and a host is only ever sent a message the record holds. After a
+//! restart the driver sends the same messages again (an agent that applied one answers
+//! with its earlier receipt), so no host is activated twice by one rollout and no wave is
+//! skipped or repeated.
+
+use crate::plan::fleet::{promoted_from, rollback_target};
+use crate::plan::rollout::{
+    parse_max_unhealthy, parse_waves, split, Action, Control, Host, HostObs, HostState, Kind, Observed, Offline,
+    Purpose, Rollout, Staging, State, Wave, DEFAULT_TIMEOUT_MS, RECORD_VERSION,
+};
+use crate::release::{sign_for, Refused};
+use crate::server::Controller;
+use crate::store::{DesiredRecord, StageState};
+use anyhow::Result;
+use stagehand_common::ids::check_name;
+use stagehand_common::protocol::{HostView, ReleaseDown, RolloutAction, RolloutSpec, RolloutView, WaveView};
+use stagehand_common::AgentId;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Bounds what a rollout keeps of each receipt's hook output (the full last receipt of
+/// every agent is kept apart).
+const RECEIPT_LOG_LIMIT: usize = 512;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A rollout started (or planned) and what the operator should know about it.
+pub type Started = (RolloutView, Vec<String>);
+
+fn refused(message: impl Into<String>, hint: impl Into<String>) -> Refused {
+    Refused { message: message.into(), hint: hint.into() }
+}
+
+/// Plans a rollout from `spec`; unless it is a dry run, stores it for the driver. Refuses,
+/// changing nothing and consuming no seq, when it cannot start.
+pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::result::Result<Started, Refused>> {
+    let (app, env) = (spec.app.as_str(), spec.env.as_str());
+    for (kind, v) in
+        [("app", app), ("environment", env)].into_iter().chain(spec.version.as_deref().map(|v| ("version", v)))
+    {
+        if let Err(e) = check_name(kind, v) {
+            return Ok(Err(refused(e, "fix the name and run the command again")));
+        }
+    }
+    let agents = ctl.store.agents_in(env)?;
+    if agents.is_empty() {
+        let why =
+            if ctl.config.environments.knows(env) { "has no agents" } else { "has no agents and is not configured" };
+        return Ok(Err(refused(
+            format!("environment {env:?} {why}; nothing was released"),
+            format!("check the name with `stagehand agents list`, or enrol a host: stagehand token create --env {env}"),
+        )));
+    }
+    let _one_at_a_time = ctl.rollout_lock();
+    if let Some(id) = ctl.store.active_rollout(env, app)? {
+        return Ok(Err(refused(
+            format!("rollout {id} of {app} in {env} has not ended; one rollout per app and environment runs at a time"),
+            format!("stagehand rollout status {id} --watch   (or stagehand rollout abort {id})"),
+        )));
+    }
+    let desired = ctl.store.desired(env, app)?;
+    let version = match (&spec.version, spec.rollback) {
+        (Some(v), _) => v.clone(),
+        (None, true) => {
+            let current = desired.as_ref().map(|d| d.version.as_str());
+            let history = desired.as_ref().map(|d| d.history.as_slice()).unwrap_or_default();
+            match rollback_target(app, env, current, history) {
+                Ok(v) => v,
+                Err(why) => {
+                    return Ok(Err(refused(why, format!("stagehand rollback {app} --env {env} --to VERSION"))));
+                }
+            }
+        }
+        (None, false) => {
+            return Ok(Err(refused("no version named", format!("stagehand release {app} VERSION --env {env}"))))
+        }
+    };
+    let Some(artifact) = ctl.store.artifact(app, &version)? else {
+        return Ok(Err(refused(
+            format!("{app} {version} has not been pushed"),
+            format!("stagehand push {app} {version} PATH"),
+        )));
+    };
+    let mut notes = Vec::new();
+    let mut forced = false;
+    // Promotion: a rollback to a version that was live here is always allowed.
+    let was_live = desired.as_ref().is_some_and(|d| d.version == version || d.history.contains(&version));
+    if !(spec.rollback && was_live) {
+        let with_agents: HashSet<String> =
+            ctl.store.agents()?.into_iter().filter(|a| !a.revoked).map(|a| a.env).collect();
+        if let Some(from) = promoted_from(&ctl.config.environments.order, &with_agents, env) {
+            if ctl.store.promoted(from, app, &artifact.digest)?.is_none() {
+                let why = format!(
+                    "{app} {version} ({}) has not completed a rollout in {from}, which comes before {env}",
+                    artifact.digest.short()
+                );
+                if !spec.force {
+                    return Ok(Err(refused(
+                        format!("{why}; nothing was released"),
+                        format!(
+                            "stagehand release {app} {version} --env {from} --wait   (or add --force to release anyway; it is recorded)"
+                        ),
+                    )));
+                }
+                forced = true;
+                notes.push(format!("forced past promotion: {why}"));
+            }
+        }
+    }
+    let mut targets: Vec<_> =
+        agents.into_iter().filter(|a| spec.selectors.iter().all(|(k, v)| a.labels.get(k) == Some(v))).collect();
+    if targets.is_empty() {
+        let sel: Vec<String> = spec.selectors.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        return Ok(Err(refused(
+            format!("no agent of {env} carries the labels {}; nothing was released", sel.join(", ")),
+            "stagehand agents list   (selectors match the labels bound by join tokens)",
+        )));
+    }
+    targets.sort_by(|a, b| (&a.name, &a.id.0).cmp(&(&b.name, &b.id.0)));
+    let env_cfg = ctl.config.environments.get(env);
+    // A rollback is one wave by default, and takes only what its own flags say.
+    let defaults = if spec.rollback { Default::default() } else { env_cfg };
+    let offline = match spec.offline.as_deref().or(defaults.offline.as_deref()).map(Offline::parse).transpose() {
+        Ok(o) => o.unwrap_or(Offline::Wait),
+        Err(e) => return Ok(Err(refused(e, "stagehand release --help"))),
+    };
+    let mut planned = Vec::new();
+    let mut skipped = Vec::new();
+    let mut refusing = Vec::new();
+    for a in targets {
+        let connected = ctl.fleet.is_connected(&a.id);
+        let stage = ctl.store.stage(&a.id, app, &version)?;
+        let staged = stage.as_ref().is_some_and(|s| s.state == StageState::Staged && s.digest == artifact.digest);
+        let host = Host::new(a.id.clone(), a.name.clone());
+        if !connected {
+            match offline {
+                Offline::Skip => {
+                    notes.push(format!("{}: offline, skipped (--offline skip)", a.name));
+                    skipped.push(Host { state: HostState::Skipped("offline".into()), ..host });
+                    continue;
+                }
+                Offline::Fail => refusing.push(format!("{}: offline (--offline fail)", a.name)),
+                Offline::Wait => notes.push(format!("{}: offline; its wave waits for it (--offline wait)", a.name)),
+            }
+        } else if !staged {
+            let why = match stage.map(|s| s.state) {
+                Some(StageState::Failed(why)) => format!("staging failed: {why}"),
+                Some(StageState::Pending) => "still staging".to_string(),
+                _ => "not staged".to_string(),
+            };
+            refusing.push(format!("{}: {version} {why}", a.name));
+        }
+        planned.push(host);
+    }
+    let sizes = match spec.waves.as_deref().or(defaults.waves.as_deref()).map(parse_waves).transpose() {
+        Ok(s) => s.unwrap_or_default(),
+        Err(e) => return Ok(Err(refused(e, "stagehand release --help"))),
+    };
+    let max_unhealthy = match parse_max_unhealthy(
+        spec.max_unhealthy.as_deref().or(defaults.max_unhealthy.as_deref()).unwrap_or("0"),
+        planned.len(),
+    ) {
+        Ok(n) => n,
+        Err(e) => return Ok(Err(refused(e, "stagehand release --help"))),
+    };
+    let bake_ms = spec.bake_secs.map(|s| s * 1000).or(defaults.bake.map(|d| d.as_millis() as u64)).unwrap_or(0);
+    let mut hosts = planned.into_iter();
+    let waves = split(hosts.len(), &sizes)
+        .into_iter()
+        .map(|n| Wave { hosts: hosts.by_ref().take(n).collect(), ..Wave::default() })
+        .collect();
+    let mut rollout = Rollout {
+        v: RECORD_VERSION,
+        id: String::new(),
+        app: app.to_string(),
+        version: version.clone(),
+        digest: artifact.digest,
+        env: env.to_string(),
+        kind: if spec.rollback { Kind::Rollback } else { Kind::Release },
+        requested_by: who.to_string(),
+        forced,
+        created: now_ms(),
+        ended: None,
+        not_before: spec.at,
+        bake_ms,
+        max_unhealthy,
+        offline,
+        timeout_ms: if spec.timeout_secs == 0 { DEFAULT_TIMEOUT_MS } else { spec.timeout_secs * 1000 },
+        ttl_secs: if spec.ttl_secs == 0 { ctl.config.message_ttl.as_secs() } else { spec.ttl_secs },
+        state: State::Running,
+        reason: String::new(),
+        pause_requested: false,
+        wave: 0,
+        waves,
+        skipped,
+        rollback_since: None,
+        messages: vec![],
+        revision: 1,
+    };
+    if spec.dry_run {
+        for r in &refusing {
+            notes.push(format!("would refuse: {r}"));
+        }
+        rollout.id = "dry-run".into();
+        let mut view = view(ctl, &rollout);
+        view.state = "planned".into();
+        return Ok(Ok((view, notes)));
+    }
+    if !refusing.is_empty() {
+        return Ok(Err(refused(
+            format!("{app} {version} cannot be released to every target of {env}; nothing was sent: {}", refusing.join("; ")),
+            format!(
+                "stagehand deploy {app} {version} --env {env} --wait   (offline hosts: --offline skip; see the plan with --dry-run)"
+            ),
+        )));
+    }
+    if rollout.waves.is_empty() {
+        return Ok(Err(refused(
+            format!("every target of {env} is offline; nothing was released"),
+            "stagehand agents list   (or --offline wait to wait for them)",
+        )));
+    }
+    rollout.id = ctl.store.next_rollout_id()?;
+    ctl.store.put_rollout(&rollout)?;
+    ctl.store.flush()?;
+    if forced {
+        warn!(rollout = %rollout.id, %app, %version, %env, by = %who, "Released past the promotion rule (--force).");
+    }
+    info!(rollout = %rollout.id, %app, %version, %env, waves = rollout.waves.len(), by = %who, "Rollout started.");
+    ctl.fleet.bump();
+    Ok(Ok((view(ctl, &rollout), notes)))
+}
+
+/// Pause, resume or abort.
+pub fn control(
+    ctl: &Controller,
+    id: &str,
+    action: RolloutAction,
+    who: &str,
+) -> Result<std::result::Result<Started, Refused>> {
+    let _one_at_a_time = ctl.rollout_lock();
+    let Some(mut r) = ctl.store.rollout(id)? else {
+        return Ok(Err(refused(format!("no rollout {id}"), "stagehand rollout list")));
+    };
+    let action = match action {
+        RolloutAction::Pause => Control::Pause,
+        RolloutAction::Resume => Control::Resume,
+        RolloutAction::Abort => Control::Abort,
+    };
+    match r.control(action, who, now_ms()) {
+        Ok(said) => {
+            r.revision += 1;
+            ctl.store.put_rollout(&r)?;
+            ctl.store.flush()?;
+            info!(rollout = %id, ?action, by = %who, "{said}");
+            ctl.fleet.bump();
+            Ok(Ok((view(ctl, &r), vec![said.to_string()])))
+        }
+        Err(why) => Ok(Err(refused(why, format!("stagehand rollout status {id}")))),
+    }
+}
+
+/// What the CLI shows of a rollout.
+pub fn view(ctl: &Controller, r: &Rollout) -> RolloutView {
+    let host = |h: &Host| {
+        let scheduled = matches!(h.state, HostState::Sent { .. })
+            && h.receipt
+                .as_ref()
+                .is_some_and(|r| matches!(r.outcome, stagehand_common::protocol::ReceiptOutcome::Scheduled { .. }));
+        HostView {
+            id: h.id.clone(),
+            name: h.name.clone(),
+            state: if scheduled { "scheduled".into() } else { h.state.name().into() },
+            detail: h.state.detail().to_string(),
+            previous: h.previous.clone(),
+            connected: ctl.fleet.is_connected(&h.id),
+            receipt: h.receipt.clone(),
+        }
+    };
+    let last = r.waves.len().saturating_sub(1);
+    let waves = r
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let state = match (w.started, w.passed) {
+                (None, _) if r.state.is_final() || matches!(r.state, State::RollingBack(_)) => "untouched",
+                (None, _) if i == r.wave && w.gate_since.is_some() => "staging-gate",
+                (None, _) => "waiting",
+                (Some(_), None) => "in-progress",
+                (Some(_), Some(_)) if i == r.wave && i != last && !r.state.is_final() => "baking",
+                (Some(_), Some(_)) => "passed",
+            };
+            WaveView { state: state.into(), hosts: w.hosts.iter().map(host).collect() }
+        })
+        .collect();
+    RolloutView {
+        id: r.id.clone(),
+        app: r.app.clone(),
+        version: r.version.clone(),
+        digest: r.digest,
+        env: r.env.clone(),
+        kind: match r.kind {
+            Kind::Release => "release".into(),
+            Kind::Rollback => "rollback".into(),
+        },
+        state: r.state.name().into(),
+        reason: r.reason.clone(),
+        requested_by: r.requested_by.clone(),
+        forced: r.forced,
+        created_at: r.created / 1000,
+        ended_at: r.ended.map(|e| e / 1000),
+        not_before: r.not_before,
+        bake_secs: r.bake_ms / 1000,
+        max_unhealthy: r.max_unhealthy,
+        offline: r.offline.name().into(),
+        pause_requested: r.pause_requested,
+        wave: r.wave as u32,
+        waves,
+        skipped: r.skipped.iter().map(host).collect(),
+        revision: r.revision,
+    }
+}
+
+/// What is known of a rollout's hosts right now.
+fn observe(ctl: &Controller, r: &Rollout) -> Result<Observed> {
+    let mut obs = HashMap::new();
+    for h in r.hosts() {
+        let Some(agent) = ctl.store.agent(&h.id)? else { continue };
+        let staging = match ctl.store.stage(&h.id, &r.app, &r.version)? {
+            Some(s) if s.digest != r.digest => Staging::Missing,
+            Some(s) => match s.state {
+                StageState::Staged => Staging::Staged,
+                StageState::Pending => Staging::Pending,
+                StageState::Failed(why) => Staging::Failed(why),
+            },
+            None => Staging::Missing,
+        };
+        obs.insert(
+            h.id.clone(),
+            HostObs {
+                connected: ctl.fleet.is_connected(&h.id),
+                revoked: agent.revoked,
+                staging,
+                active: ctl.store.appstate(&h.id, &r.app)?.active,
+                receipt: ctl.store.receipt(&h.id, &r.app)?,
+            },
+        );
+    }
+    Ok(obs)
+}
+
+/// Which session each awaited message was last sent on: (agent, seq) → session token.
+type SentOn = HashMap<(AgentId, u64), u64>;
+
+/// Runs every rollout that has not ended until the task is aborted.
+pub async fn drive(ctl: Arc<Controller>) {
+    let mut changes = ctl.fleet.subscribe();
+    let mut sent_on = SentOn::new();
+    loop {
+        changes.borrow_and_update();
+        let c = ctl.clone();
+        let (wake, back) = match tokio::task::spawn_blocking(move || {
+            let wake = tick(&c, &mut sent_on);
+            (wake, sent_on)
+        })
+        .await
+        {
+            Ok((Ok(wake), back)) => (wake, back),
+            Ok((Err(e), back)) => {
+                warn!(error = %format!("{e:#}"), "Rollout step failed; trying again shortly.");
+                (Some(now_ms() + 1000), back)
+            }
+            Err(e) => {
+                warn!(error = %e, "Rollout step panicked; the driver stops.");
+                return;
+            }
+        };
+        sent_on = back;
+        // Timers of the planner, and a slow heartbeat so that nothing waits on a lost wake-up.
+        let sleep = wake.map_or(5000, |at| at.saturating_sub(now_ms())).clamp(1, 5000);
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(sleep)) => {}
+        }
+    }
+}
+
+/// One step of every running rollout; returns when the planner next needs to look.
+fn tick(ctl: &Controller, sent_on: &mut SentOn) -> Result<Option<u64>> {
+    let _one_at_a_time = ctl.rollout_lock();
+    let mut wake: Option<u64> = None;
+    let mut awaited = HashSet::new();
+    for (env, app, id) in ctl.store.active_rollouts()? {
+        let Some(mut r) = ctl.store.rollout(&id)?.filter(|r| !r.state.is_final()) else {
+            ctl.store.clear_active_rollout(&env, &app)?;
+            continue;
+        };
+        let before = r.clone();
+        let step = r.advance(&observe(ctl, &r)?, now_ms());
+        for Action::Send { purpose, version, hosts, not_before } in step.actions {
+            let digest = match ctl.store.artifact(&r.app, &version)? {
+                Some(a) => a.digest,
+                None => anyhow::bail!("{} {version} is no longer in the artifact store", r.app),
+            };
+            let seq = ctl.store.next_seq(&r.app)?;
+            let (message, _) =
+                sign_for(ctl, &r.app, &version, digest, &r.env, hosts.clone(), seq, &r.id, not_before, r.ttl_secs)?;
+            r.record_sent(purpose, &hosts, seq, &version, message);
+            match purpose {
+                Purpose::Wave(w) => info!(rollout = %r.id, wave = w + 1, hosts = hosts.len(), seq, "Wave started."),
+                Purpose::Revert => info!(rollout = %r.id, %version, hosts = hosts.len(), seq, "Sending hosts back."),
+            }
+        }
+        for h in r.hosts_mut() {
+            if let Some(rec) = h.receipt.as_mut() {
+                truncate(&mut rec.log, RECEIPT_LOG_LIMIT);
+            }
+        }
+        if r != before {
+            r.revision += 1;
+            if r.state == State::Succeeded {
+                complete(ctl, &r)?;
+            }
+            ctl.store.put_rollout(&r)?;
+            // Messages leave only after the record that holds them is durable.
+            ctl.store.flush()?;
+            if r.state != before.state {
+                info!(rollout = %r.id, state = r.state.name(), reason = %r.reason, "Rollout {}.", r.state.name());
+            }
+            if r.state.is_final() {
+                // Hosts it skipped, or could not put back, are brought to the released version.
+                catch_up_env(ctl, &r.env)?;
+            }
+            ctl.fleet.bump();
+        }
+        // Every host waiting on a message gets it once per session (again after a reconnect
+        // or a controller restart: the same seq, so an agent that applied it changes nothing).
+        for h in r.hosts() {
+            let Some(seq) = h.state.awaited_seq() else { continue };
+            awaited.insert((h.id.clone(), seq));
+            let Some(m) = r.message(seq) else { continue };
+            let session = ctl.fleet.release_session(&h.id);
+            if session.is_some() && sent_on.get(&(h.id.clone(), seq)) != session.as_ref() {
+                if let Some(token) = ctl.fleet.send_release_on(&h.id, ReleaseDown::Activate(m.message.clone())) {
+                    sent_on.insert((h.id.clone(), seq), token);
+                }
+            }
+        }
+        if let Some(at) = step.wake_at {
+            wake = Some(wake.map_or(at, |w: u64| w.min(at)));
+        }
+    }
+    sent_on.retain(|k, _| awaited.contains(k));
+    Ok(wake)
+}
+
+/// A rollout succeeded: its version is the environment's released version (catch-up brings
+/// skipped and new agents to it) and its digest is promoted from this environment.
+fn complete(ctl: &Controller, r: &Rollout) -> Result<()> {
+    let previous = ctl.store.desired(&r.env, &r.app)?;
+    let history = crate::plan::fleet::next_history(
+        previous.as_ref().map(|p| p.history.as_slice()).unwrap_or_default(),
+        previous.as_ref().map(|p| p.version.as_str()),
+        &r.version,
+        r.kind == Kind::Rollback,
+    );
+    let targets: Vec<AgentId> = r.hosts().map(|h| h.id.clone()).collect();
+    let last = r.messages.iter().rev().find(|m| matches!(m.purpose, Purpose::Wave(_)));
+    let (seq, message) = match last {
+        Some(m) => (m.seq, m.message.clone()),
+        None => {
+            // Every host was skipped: a message for all of them, for catch-up to hand out.
+            let seq = ctl.store.next_seq(&r.app)?;
+            let all: Vec<AgentId> = r.skipped.iter().map(|h| h.id.clone()).chain(targets.clone()).collect();
+            let (m, _) = sign_for(ctl, &r.app, &r.version, r.digest, &r.env, all, seq, &r.id, 0, r.ttl_secs)?;
+            (seq, m)
+        }
+    };
+    ctl.store.put_desired(
+        &r.env,
+        &r.app,
+        &DesiredRecord { v: 1, version: r.version.clone(), digest: r.digest, seq, message, targets, history },
+    )?;
+    ctl.store.put_promoted(&r.env, &r.app, &r.digest, &r.id)?;
+    Ok(())
+}
+
+fn truncate(s: &mut String, limit: usize) {
+    if s.len() > limit {
+        let cut = (0..=limit).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+        s.truncate(cut);
+        s.push('…');
+    }
+}
+
+/// Brings every agent of `env` that is behind to its released version, after a rollout
+/// ended (hosts it skipped, or a host a failed rollout could not put back).
+pub fn catch_up_env(ctl: &Controller, env: &str) -> Result<()> {
+    for a in ctl.store.agents_in(env)? {
+        crate::release::catch_up(ctl, &a.id, false)?;
+    }
+    Ok(())
+}
