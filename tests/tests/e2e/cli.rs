@@ -112,7 +112,11 @@ async fn an_operator_session_from_init_to_air_gapped_release() {
     assert!(current(&s1).is_none() && current(&p1).is_none());
 
     // Release, then a second version, then rollback.
-    ok(sh(&env, &["release", "web", "1.0", "--env", "prod", "--wait"]));
+    // Nothing went through staging: promotion refuses prod until forced.
+    let err = fails(sh(&env, &["release", "web", "1.0", "--env", "prod", "--wait"]));
+    assert!(err.contains("has not completed a rollout in staging") && err.contains("--force"), "{err}");
+    let out = ok(sh(&env, &["release", "web", "1.0", "--env", "prod", "--wait", "--force"]));
+    assert!(out.contains("forced past promotion") && out.contains("succeeded"), "{out}");
     assert_eq!(current(&p1).unwrap(), Path::new("releases/1.0"));
     assert_eq!(current(&p2).unwrap(), Path::new("releases/1.0"));
     assert!(current(&s1).is_none());
@@ -120,7 +124,7 @@ async fn an_operator_session_from_init_to_air_gapped_release() {
     tree(&v2, "2.0");
     ok(sh(&env, &["push", "web", "2.0", v2.to_str().unwrap()]));
     ok(sh(&env, &["deploy", "web", "2.0", "--env", "prod", "--wait"]));
-    ok(sh(&env, &["release", "web", "2.0", "--env", "prod", "--wait"]));
+    ok(sh(&env, &["release", "web", "2.0", "--env", "prod", "--wait", "--force"]));
     assert_eq!(current(&p2).unwrap(), Path::new("releases/2.0"));
     ok(sh(&env, &["rollback", "web", "--env", "prod", "--wait"]));
     assert_eq!(current(&p1).unwrap(), Path::new("releases/1.0"));
@@ -208,6 +212,7 @@ async fn stagehand_dev_starts_a_fleet_the_cli_can_use() {
     let status: serde_json::Value =
         serde_json::from_str(&ok(sh(&env, &["status", "hello", "--env", "dev", "-o", "json"]))).unwrap();
     assert_eq!(status["agents"][0]["active"], "1.0.0");
+    ok(sh(&env, &["release", "hello", "1.0.0", "--env", "staging", "--wait"]));
     ok(sh(&env, &["release", "hello", "1.0.0", "--env", "prod", "--wait"]));
 
     std::process::Command::new("kill").args(["-INT", &dev.child.id().to_string()]).status().unwrap();

@@ -106,9 +106,12 @@ async fn certificates_only_open_their_own_channels() {
     let cfg = stagehand_common::net::client_config(agent_creds.client_config(ALPN_DEPLOY).unwrap()).unwrap();
     let conn = stagehand_common::net::connect(&ep, fleet.addr, cfg).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    stagehand_common::frame::write_msg(&mut send, &stagehand_common::protocol::DeployUp::Hello { protocol_version: 1 })
-        .await
-        .unwrap();
+    stagehand_common::frame::write_msg(
+        &mut send,
+        &stagehand_common::protocol::DeployUp::Hello { protocol_version: stagehand_common::protocol::PROTOCOL_VERSION },
+    )
+    .await
+    .unwrap();
     let hello: Option<stagehand_common::protocol::DeployDown> =
         stagehand_common::frame::read_msg::<_, _, 1024>(&mut recv).await.unwrap();
     assert!(matches!(hello, Some(stagehand_common::protocol::DeployDown::Hello { .. })));

@@ -75,7 +75,12 @@ async fn a_peer_sending_garbage_is_dropped_and_others_are_served() {
     // Another connection with a valid hello and then a fetch request of a lying length.
     let liar = net::connect(&ep, fleet.addr, cfg).await.unwrap();
     let (mut s, mut r) = liar.open_bi().await.unwrap();
-    frame::write_msg(&mut s, &stagehand_common::protocol::DeployUp::Hello { protocol_version: 1 }).await.unwrap();
+    frame::write_msg(
+        &mut s,
+        &stagehand_common::protocol::DeployUp::Hello { protocol_version: stagehand_common::protocol::PROTOCOL_VERSION },
+    )
+    .await
+    .unwrap();
     let _: Option<stagehand_common::protocol::DeployDown> = frame::read_msg::<_, _, 1024>(&mut r).await.unwrap();
     let (mut s2, _r2) = liar.open_bi().await.unwrap();
     s2.write_all(&[0, 0, 0, 8, 0, 0, 0, 4, 0xFF, 0xFF, 0xFF, 0xFF]).await.unwrap();
@@ -113,7 +118,9 @@ async fn an_agent_fetches_only_what_its_environment_was_given() {
     let cfg = net::client_config(creds.client_config(ALPN_DEPLOY).unwrap()).unwrap();
     let conn = net::connect(&ep, fleet.addr, cfg).await.unwrap();
     let (mut s, mut r) = conn.open_bi().await.unwrap();
-    frame::write_msg(&mut s, &DeployUp::Hello { protocol_version: 1 }).await.unwrap();
+    frame::write_msg(&mut s, &DeployUp::Hello { protocol_version: stagehand_common::protocol::PROTOCOL_VERSION })
+        .await
+        .unwrap();
     let _: Option<DeployDown> = frame::read_msg::<_, _, 1024>(&mut r).await.unwrap();
     let ask = |req: DeployUp| {
         let conn = conn.clone();

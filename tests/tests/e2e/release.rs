@@ -68,6 +68,11 @@ fn body(fleet_key: &SigningKey, me: &AgentId, version: &str, digest: Digest, seq
     }
 }
 
+/// A release of web `version` to prod with the defaults.
+fn spec(version: &str) -> RolloutSpec {
+    RolloutSpec { app: "web".into(), version: Some(version.into()), env: "prod".into(), ..Default::default() }
+}
+
 async fn refused(host: &Arc<Host>, msg: SignedActivate) -> Refusal {
     let before = std::fs::read_link(host.layout.current("web")).ok();
     let r = stagehand_agent::activate::handle(host, msg).await;
@@ -166,11 +171,17 @@ async fn release_switches_one_environment_and_rollback_switches_back() {
     // Not staged anywhere: refused, nothing sent.
     let src = version_tree(fleet.path(), "v3", None);
     fleet.push("web", "v3", &src).await.unwrap();
-    let err = fleet.release("web", "v3", "prod").await.unwrap_err();
+    // Staging has agents and never ran it: refused for prod unless forced.
+    let force = |v: &str| RolloutSpec { force: true, ..spec(v) };
+    let err = fleet.rollout(spec("v3")).await.unwrap_err();
+    assert!(format!("{err:#}").contains("has not completed a rollout in staging"), "{err:#}");
+    let err = fleet.rollout(force("v3")).await.unwrap_err();
     assert!(format!("{err:#}").contains("v3 not staged"), "{err:#}");
 
     for v in ["v1", "v2"] {
-        assert!(fleet.release("web", v, "prod").await.unwrap().all_done());
+        let r = fleet.rollout(force(v)).await.unwrap();
+        assert!(r.forced);
+        assert!(Progress::of(&fleet.wait_rollout(&r.id).await.unwrap()).all_done());
         for a in [&p1, &p2] {
             assert_eq!(a.current("web").unwrap(), Path::new("releases").join(v));
         }
