@@ -52,12 +52,60 @@ pub fn transport() -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
-/// A QUIC server endpoint.
-pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Endpoint, NetError> {
+/// The key a server signs stateless resets with. A server restarted with the same key
+/// answers packets of connections it no longer knows with a reset their peers accept, so
+/// they reconnect at once instead of at the idle timeout (a `kill -9` sends no close).
+struct ResetKey(blake3::Hash);
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        signature_out.copy_from_slice(blake3::keyed_hash(self.0.as_bytes(), data).as_bytes());
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let expected = blake3::keyed_hash(self.0.as_bytes(), data);
+        // blake3::Hash compares in constant time.
+        match <[u8; 32]>::try_from(signature) {
+            Ok(sig) if blake3::Hash::from(sig) == expected => Ok(()),
+            _ => Err(quinn::crypto::CryptoError),
+        }
+    }
+}
+
+/// Random 8-byte connection ids; any id is answered (a stateless reset for unknown ones).
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// A QUIC server endpoint. `reset_secret` must stay the same across restarts (it is
+/// derived from a secret the server keeps) and be known to nobody else.
+pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig, reset_secret: &[u8]) -> Result<Endpoint, NetError> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| NetError::Crypto(e.to_string()))?;
     let mut config = ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
-    Ok(Endpoint::new(EndpointConfig::default(), Some(config), udp_socket(addr)?, Arc::new(quinn::TokioRuntime))?)
+    let key = ResetKey(blake3::Hash::from(blake3::derive_key("stagehand 2026 quic stateless reset key", reset_secret)));
+    let mut endpoint_config = EndpointConfig::new(Arc::new(key));
+    // quinn's default generator rejects connection ids of an earlier process (its key is
+    // random per process), so a restarted server would drop their packets instead of
+    // answering them with a reset.
+    endpoint_config.cid_generator(|| Box::new(RandomCids));
+    Ok(Endpoint::new(endpoint_config, Some(config), udp_socket(addr)?, Arc::new(quinn::TokioRuntime))?)
 }
 
 /// A client endpoint for peers of `family_of`'s address family.

@@ -116,6 +116,10 @@ pub fn catch_up(ctl: &Controller, id: &AgentId, staged_now: bool) -> Result<()> 
     };
     let now = now_secs();
     for (app, desired) in ctl.store.desired_in(&agent.env)? {
+        // A release to some hosts (selectors) is not what the others should run.
+        if !desired.selectors.iter().all(|(k, v)| agent.labels.get(k) == Some(v)) {
+            continue;
+        }
         let state = ctl.store.appstate(id, &app)?;
         let staged = ctl
             .store

@@ -193,6 +193,7 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
         created: now_ms(),
         ended: None,
         not_before: spec.at,
+        selectors: spec.selectors.clone(),
         bake_ms,
         max_unhealthy,
         offline,
@@ -409,6 +410,7 @@ fn tick(ctl: &Controller, sent_on: &mut SentOn) -> Result<Option<u64>> {
         };
         let before = r.clone();
         let step = r.advance(&observe(ctl, &r)?, now_ms());
+        let mut signed = Vec::new();
         for Action::Send { purpose, version, hosts, not_before } in step.actions {
             let digest = match ctl.store.artifact(&r.app, &version)? {
                 Some(a) => a.digest,
@@ -418,10 +420,7 @@ fn tick(ctl: &Controller, sent_on: &mut SentOn) -> Result<Option<u64>> {
             let (message, _) =
                 sign_for(ctl, &r.app, &version, digest, &r.env, hosts.clone(), seq, &r.id, not_before, r.ttl_secs)?;
             r.record_sent(purpose, &hosts, seq, &version, message);
-            match purpose {
-                Purpose::Wave(w) => info!(rollout = %r.id, wave = w + 1, hosts = hosts.len(), seq, "Wave started."),
-                Purpose::Revert => info!(rollout = %r.id, %version, hosts = hosts.len(), seq, "Sending hosts back."),
-            }
+            signed.push((purpose, version, hosts.len(), seq));
         }
         for h in r.hosts_mut() {
             if let Some(rec) = h.receipt.as_mut() {
@@ -436,6 +435,12 @@ fn tick(ctl: &Controller, sent_on: &mut SentOn) -> Result<Option<u64>> {
             ctl.store.put_rollout(&r)?;
             // Messages leave only after the record that holds them is durable.
             ctl.store.flush()?;
+            for (purpose, version, hosts, seq) in signed {
+                match purpose {
+                    Purpose::Wave(w) => info!(rollout = %r.id, wave = w + 1, hosts, seq, "Wave started."),
+                    Purpose::Revert => info!(rollout = %r.id, %version, hosts, seq, "Sending hosts back."),
+                }
+            }
             if r.state != before.state {
                 info!(rollout = %r.id, state = r.state.name(), reason = %r.reason, "Rollout {}.", r.state.name());
             }
@@ -491,7 +496,16 @@ fn complete(ctl: &Controller, r: &Rollout) -> Result<()> {
     ctl.store.put_desired(
         &r.env,
         &r.app,
-        &DesiredRecord { v: 1, version: r.version.clone(), digest: r.digest, seq, message, targets, history },
+        &DesiredRecord {
+            v: 2,
+            version: r.version.clone(),
+            digest: r.digest,
+            seq,
+            message,
+            targets,
+            history,
+            selectors: r.selectors.clone(),
+        },
     )?;
     ctl.store.put_promoted(&r.env, &r.app, &r.digest, &r.id)?;
     Ok(())

@@ -78,7 +78,9 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
     let chunks = ChunkStore::open(&layout.store()).context("opening the chunk store")?;
     let ca_fingerprint = tls::fingerprint(&tls::cert_der(&ca.cert_pem)?);
     let tls = tls::server_config(&ca.cert_pem, &server.me, &[ALPN_ADMIN, ALPN_DEPLOY, ALPN_RELEASE, ALPN_JOIN])?;
-    let endpoint = net::server_endpoint(listen, tls).with_context(|| format!("listening on {listen}"))?;
+    // Derived from the server's private key: stable across restarts, known to nobody else.
+    let endpoint = net::server_endpoint(listen, tls, server.me.key_pem.as_bytes())
+        .with_context(|| format!("listening on {listen}"))?;
     let addr = endpoint.local_addr()?;
     stagehand_common::fsx::write_atomic(&layout.addr_file(), addr.to_string().as_bytes(), 0o644)?;
     let controller = Arc::new(Controller {

@@ -137,6 +137,37 @@ pub struct DesiredRecord {
     pub targets: Vec<AgentId>,
     /// Versions released before this one, oldest first (for rollback).
     pub history: Vec<String>,
+    /// The selectors of the rollout that released it: catch-up brings only agents they
+    /// match (by token labels) to this version.
+    pub selectors: Labels,
+}
+
+/// What an environment should run, as version 1 stored it (released to every agent).
+#[derive(Deserialize)]
+struct DesiredRecordV1 {
+    _v: u8,
+    version: String,
+    digest: Digest,
+    seq: u64,
+    message: SignedActivate,
+    targets: Vec<AgentId>,
+    history: Vec<String>,
+}
+
+fn dec_desired(k: &[u8], bytes: &[u8]) -> Result<DesiredRecord> {
+    match bytes.first() {
+        Some(1) => dec::<DesiredRecordV1>(k, bytes).map(|d| DesiredRecord {
+            v: 2,
+            version: d.version,
+            digest: d.digest,
+            seq: d.seq,
+            message: d.message,
+            targets: d.targets,
+            history: d.history,
+            selectors: Labels::new(),
+        }),
+        _ => dec(k, bytes),
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -371,12 +402,19 @@ impl Store {
     }
 
     pub fn desired(&self, env: &str, app: &str) -> Result<Option<DesiredRecord>> {
-        get(&self.desired, &key(&[env, app]))
+        let k = key(&[env, app]);
+        self.desired.get(&k)?.map(|v| dec_desired(&k, &v)).transpose()
     }
 
     /// Desired records of an environment: (app, record).
     pub fn desired_in(&self, env: &str) -> Result<Vec<(String, DesiredRecord)>> {
-        Ok(scan(&self.desired, &key(&[env, ""]))?.into_iter().map(|(k, d)| (last_part(&k), d)).collect())
+        self.desired
+            .scan_prefix(key(&[env, ""]))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((last_part(&k), dec_desired(&k, &v)?))
+            })
+            .collect()
     }
 
     pub fn put_receipt(&self, r: &Receipt) -> Result<()> {

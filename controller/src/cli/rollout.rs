@@ -229,7 +229,7 @@ fn changes(before: Option<&RolloutView>, now: &RolloutView) -> Vec<String> {
     if before.is_none_or(|b| b.state != now.state) {
         let why = if now.reason.is_empty() { String::new() } else { format!(": {}", clean(&now.reason)) };
         out.push(format!(
-            "{id} {} {} {} → {}: {}{why}",
+            "{id}: {} of {} {} to {}: {}{why}",
             now.kind,
             clean(&now.app),
             clean(&now.version),

@@ -214,6 +214,8 @@ pub struct Rollout {
     pub created: u64,
     pub ended: Option<u64>,
     pub not_before: u64,
+    /// Targets were the agents whose token labels include all of these.
+    pub selectors: stagehand_common::protocol::Labels,
     pub bake_ms: u64,
     pub max_unhealthy: u32,
     pub offline: Offline,
@@ -675,6 +677,7 @@ mod tests {
             created: 0,
             ended: None,
             not_before: 0,
+            selectors: Default::default(),
             bake_ms: 0,
             max_unhealthy: 0,
             offline: Offline::Wait,

@@ -313,8 +313,11 @@ async fn bare_quinn(bytes: u64, streams: usize) -> Result<Duration> {
     let ca = tls::new_ca()?;
     let server = tls::issue_with_key(&ca, &Role::Controller)?;
     let client = tls::issue_with_key(&ca, &Role::Admin("bench".into()))?;
-    let server_ep =
-        net::server_endpoint("127.0.0.1:0".parse()?, tls::server_config(&ca.cert_pem, &server, &[b"bench"])?)?;
+    let server_ep = net::server_endpoint(
+        "127.0.0.1:0".parse()?,
+        tls::server_config(&ca.cert_pem, &server, &[b"bench"])?,
+        b"bench",
+    )?;
     let addr = server_ep.local_addr()?;
     let receiver = tokio::spawn(async move {
         let conn = server_ep.accept().await.expect("incoming").await?;

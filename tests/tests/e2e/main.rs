@@ -6,6 +6,7 @@ mod enrol;
 mod faults;
 mod release;
 mod retention;
+mod rollout;
 mod stage;
 
 pub const STAGEHAND: &str = env!("CARGO_BIN_EXE_stagehand-under-test");

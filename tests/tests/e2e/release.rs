@@ -78,6 +78,8 @@ async fn refused(host: &Arc<Host>, msg: SignedActivate) -> Refusal {
     let r = stagehand_agent::activate::handle(host, msg).await;
     let after = std::fs::read_link(host.layout.current("web")).ok();
     assert_eq!(before, after, "a refused message changed current");
+    // Every refusal before the intent says the seq was not applied: it may be offered again.
+    assert!(!r.applied, "{r:?} claims its seq was applied");
     match r.outcome {
         ReceiptOutcome::Refused(why) => why,
         other => panic!("expected a refusal, got {other:?}"),
@@ -153,6 +155,24 @@ async fn every_rule_refuses_on_a_real_agent() {
     std::fs::write(&f, "v1").unwrap();
     let ok = stagehand_agent::activate::handle(&host, activate::sign(&body(&key, &agent.id, "v1", v1, 12), &key)).await;
     assert_eq!(ok.outcome, ReceiptOutcome::Committed, "identical bytes again are intact");
+    assert!(ok.applied && first.applied);
+
+    // A host error before the intent (the journal cannot be read) is not applied either,
+    // and the same message applies once the host is repaired.
+    let journal = host.layout.journal("web");
+    let saved = journal.with_extension("saved");
+    std::fs::rename(&journal, &saved).unwrap();
+    std::fs::create_dir(&journal).unwrap();
+    let msg = activate::sign(&body(&key, &agent.id, "v2", v2, 13), &key);
+    assert_eq!(refused(&host, msg.clone()).await, Refusal::HostError);
+    std::fs::remove_dir(&journal).unwrap();
+    std::fs::rename(&saved, &journal).unwrap();
+    let r = stagehand_agent::activate::handle(&host, msg).await;
+    assert_eq!((r.outcome, r.applied), (ReceiptOutcome::Committed, true));
+    // A message for later is not applied until it is: an offline `activate` refuses it.
+    let mut later = body(&key, &agent.id, "v1", v1, 14);
+    later.not_before = now_secs() + 3600;
+    assert_eq!(refused(&host, activate::sign(&later, &key)).await, Refusal::NotYetValid);
 }
 
 #[tokio::test]
