@@ -130,23 +130,17 @@ fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
     Ok(())
 }
 
-/// What an agent of `env` should hold: per app, the newest `catch_up_versions` deploys and
-/// the released version.
+/// What an agent of `env` should hold (`plan::fleet::wanted` decides): (app, version,
+/// digest, size).
 pub fn wanted(ctl: &Controller, env: &str) -> Result<Vec<(String, String, Digest, u64)>> {
-    let mut deploys = ctl.store.deploys_in(env)?;
-    deploys.sort_by(|a, b| (&a.0, b.2.at).cmp(&(&b.0, a.2.at)));
+    let deploys: Vec<_> =
+        ctl.store.deploys_in(env)?.into_iter().map(|(a, v, d)| (a, v, d.at, (d.digest, d.size))).collect();
     let desired: HashSet<(String, String)> =
         ctl.store.desired_in(env)?.into_iter().map(|(app, d)| (app, d.version)).collect();
-    let mut per_app: std::collections::HashMap<String, usize> = Default::default();
-    let mut out = Vec::new();
-    for (app, version, d) in deploys {
-        let n = per_app.entry(app.clone()).or_default();
-        *n += 1;
-        if *n <= ctl.config.catch_up_versions || desired.contains(&(app.clone(), version.clone())) {
-            out.push((app, version, d.digest, d.size));
-        }
-    }
-    Ok(out)
+    Ok(crate::plan::fleet::wanted(deploys, &desired, ctl.config.catch_up_versions)
+        .into_iter()
+        .map(|(app, version, (digest, size))| (app, version, digest, size))
+        .collect())
 }
 
 /// Brings the controller's records in line with what an agent holds, then sends it the

@@ -67,8 +67,8 @@ pub struct PlanArgs {
     /// Print the plan (waves, hosts, who would refuse or is offline) and change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// How long a wave waits for its hosts to be staged, connected and to answer; also how
-    /// long --wait waits for each change.
+    /// How long a wave waits for its hosts to be staged, connected and to answer; --wait
+    /// gives up after this long without any change (plus the bake).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 }

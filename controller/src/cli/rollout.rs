@@ -159,7 +159,12 @@ pub async fn follow(client: &Client, ctx: &Ctx, mut r: RolloutView, timeout: Dur
     let live = !ctx.json() && std::io::stdout().is_terminal();
     let mut drawn = 0usize;
     let mut last: Option<RolloutView> = None;
-    let deadline = tokio::time::Instant::now() + timeout;
+    // Gives up only after `timeout` without any change (beyond a bake or a scheduled time).
+    let quiet_limit = |r: &RolloutView| {
+        let until_at = r.not_before.saturating_sub(stagehand_common::ids::now_secs());
+        timeout + Duration::from_secs(r.bake_secs.max(until_at))
+    };
+    let mut deadline = tokio::time::Instant::now() + quiet_limit(&r);
     loop {
         if live {
             let table = render(&r);
@@ -182,7 +187,7 @@ pub async fn follow(client: &Client, ctx: &Ctx, mut r: RolloutView, timeout: Dur
                 super::print_json(&json(&r));
             }
             eprintln!(
-                "error: rollout {} is still {} after {}; it goes on without you",
+                "error: rollout {} is still {} and nothing changed for {}; it goes on without you",
                 r.id,
                 r.state,
                 humantime::format_duration(timeout)
@@ -193,6 +198,9 @@ pub async fn follow(client: &Client, ctx: &Ctx, mut r: RolloutView, timeout: Dur
         let req = AdminRequest::RolloutStatus { id: r.id.clone(), after_revision: r.revision, timeout_secs: 30 };
         let resp = client.call(&req).await?;
         let AdminResponse::Rollout { rollout, .. } = resp else { bail!("unexpected answer: {resp:?}") };
+        if rollout.revision != r.revision {
+            deadline = tokio::time::Instant::now() + quiet_limit(&rollout);
+        }
         last = Some(std::mem::replace(&mut r, rollout));
     }
     if ctx.json() {

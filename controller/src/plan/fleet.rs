@@ -64,6 +64,27 @@ pub fn catch_up(desired: &Desired, agent: &AgentApp, rollout_running: bool, stag
     }
 }
 
+/// What an agent of an environment should hold: per app, the newest `keep` deploys and the
+/// released version. `deploys` are (app, version, deployed at, payload); the answer keeps
+/// each payload, newest first per app.
+pub fn wanted<T>(
+    mut deploys: Vec<(String, String, u64, T)>,
+    released: &HashSet<(String, String)>,
+    keep: usize,
+) -> Vec<(String, String, T)> {
+    deploys.sort_by(|a, b| (&a.0, b.2).cmp(&(&b.0, a.2)));
+    let mut per_app: std::collections::HashMap<String, usize> = Default::default();
+    let mut out = Vec::new();
+    for (app, version, _, payload) in deploys {
+        let n = per_app.entry(app.clone()).or_default();
+        *n += 1;
+        if *n <= keep || released.contains(&(app.clone(), version.clone())) {
+            out.push((app, version, payload));
+        }
+    }
+    out
+}
+
 /// The environment a release to `env` must have completed in first: the nearest one before
 /// it in `order` that has agents. None when `env` is unordered or first among those with
 /// agents.
@@ -151,6 +172,16 @@ mod tests {
         }
         let stale = Desired { message_usable: false, ..DESIRED };
         assert_eq!(catch_up(&stale, &agent(Some("v1"), Some(5)), false, false), SignFresh);
+    }
+
+    #[test]
+    fn an_agent_holds_the_newest_deploys_and_the_released_version() {
+        let d = |app: &str, v: &str, at: u64| (app.to_string(), v.to_string(), at, ());
+        let deploys = vec![d("web", "1", 1), d("web", "3", 3), d("web", "2", 2), d("api", "9", 5), d("web", "4", 4)];
+        let released = HashSet::from([("web".to_string(), "1".to_string())]);
+        let got: Vec<(String, String)> = wanted(deploys, &released, 2).into_iter().map(|(a, v, ())| (a, v)).collect();
+        let want = [("api", "9"), ("web", "4"), ("web", "3"), ("web", "1")];
+        assert_eq!(got, want.map(|(a, v)| (a.to_string(), v.to_string())));
     }
 
     #[test]

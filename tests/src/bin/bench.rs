@@ -568,6 +568,10 @@ async fn timed_rollout(fleet: &Fleet, version: &str, waves: Option<&str>) -> Res
     let t = start.elapsed();
     client.close().await;
     check_succeeded(&rollout)?;
+    let sizes: Vec<usize> = rollout.waves.iter().map(|w| w.hosts.len()).collect();
+    if waves.is_some() && sizes.len() != 3 {
+        bail!("expected 3 waves, got {sizes:?}");
+    }
     Ok(t)
 }
 
