@@ -96,6 +96,7 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
             ctl.store.put_appstate(id, &r.app, &state)?;
             // Not flushed: agents re-send their last receipts on reconnect.
             ctl.store.put_receipt(&r)?;
+            ctl.store.put_recent_receipt(&r)?;
             ctl.fleet.bump();
         }
         ReleaseUp::Hello { .. } => bail!("second hello"),
@@ -108,6 +109,13 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
 /// is still valid, otherwise a fresh message for this agent alone with a new, higher seq.
 /// `staged_now`: the agent has just staged something it may have lacked before.
 pub fn catch_up(ctl: &Controller, id: &AgentId, staged_now: bool) -> Result<()> {
+    // Decided under the rollout lock: a rollout starting or ending meanwhile is seen whole.
+    let _one_at_a_time = ctl.rollout_lock();
+    catch_up_holding_lock(ctl, id, staged_now)
+}
+
+/// [`catch_up`] for a caller that holds the rollout lock.
+pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -> Result<()> {
     if !ctl.fleet.is_connected(id) {
         return Ok(());
     }
@@ -125,23 +133,19 @@ pub fn catch_up(ctl: &Controller, id: &AgentId, staged_now: bool) -> Result<()> 
             .store
             .stage(id, &app, &desired.version)?
             .is_some_and(|s| s.state == StageState::Staged && s.digest == desired.digest);
-        let receipt = ctl.store.receipt(id, &app)?.map(|r| {
-            let for_want_of_bytes = matches!(
+        let receipt = ctl.store.receipt(id, &app)?;
+        let last_receipt = receipt.as_ref().map(|r| fleet::LastReceipt {
+            version: &r.version,
+            for_want_of_bytes: matches!(
                 r.outcome,
                 ReceiptOutcome::Refused(Refusal::NotStaged | Refusal::DigestMismatch | Refusal::Expired)
-            );
-            (r.seq, for_want_of_bytes)
+            ),
         });
         let body = activate::verify(&desired.message, &ctl.release_keys).ok();
         let usable = body.is_some_and(|b| b.targets.includes(id) && b.expires_at > now + 60 && b.not_before <= now);
         let decision = fleet::catch_up(
             &fleet::Desired { version: &desired.version, seq: desired.seq, message_usable: usable },
-            &fleet::AgentApp {
-                active: state.active.as_deref(),
-                last_seq: state.last_seq,
-                staged,
-                last_receipt: receipt,
-            },
+            &fleet::AgentApp { active: state.active.as_deref(), last_seq: state.last_seq, staged, last_receipt },
             ctl.store.active_rollout(&agent.env, &app)?.is_some(),
             staged_now,
         );

@@ -95,7 +95,8 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
     let mut notes = Vec::new();
     let mut forced = false;
     // Promotion: a rollback to a version that was live here is always allowed.
-    let was_live = desired.as_ref().is_some_and(|d| d.version == version || d.history.contains(&version));
+    let was_live = ctl.store.promoted(env, app, &artifact.digest)?.is_some()
+        || desired.as_ref().is_some_and(|d| d.version == version || d.history.contains(&version));
     if !(spec.rollback && was_live) {
         let with_agents: HashSet<String> =
             ctl.store.agents()?.into_iter().filter(|a| !a.revoked).map(|a| a.env).collect();
@@ -335,8 +336,8 @@ pub fn view(ctl: &Controller, r: &Rollout) -> RolloutView {
 }
 
 /// What is known of a rollout's hosts right now.
-fn observe(ctl: &Controller, r: &Rollout) -> Result<Observed> {
-    let mut obs = HashMap::new();
+fn observe(ctl: &Controller, r: &Rollout, grace_until: u64) -> Result<Observed> {
+    let mut obs = Observed { hosts: HashMap::new(), grace_until };
     for h in r.hosts() {
         let Some(agent) = ctl.store.agent(&h.id)? else { continue };
         let staging = match ctl.store.stage(&h.id, &r.app, &r.version)? {
@@ -355,7 +356,12 @@ fn observe(ctl: &Controller, r: &Rollout) -> Result<Observed> {
                 revoked: agent.revoked,
                 staging,
                 active: ctl.store.appstate(&h.id, &r.app)?.active,
-                receipt: ctl.store.receipt(&h.id, &r.app)?,
+                // The answer to the message it waits on, if it came; else its latest.
+                receipt: match h.state.awaited_seq() {
+                    Some(seq) => ctl.store.receipt_for(&h.id, &r.app, seq)?,
+                    None => None,
+                }
+                .map_or_else(|| ctl.store.receipt(&h.id, &r.app), |r| Ok(Some(r)))?,
             },
         );
     }
@@ -365,15 +371,20 @@ fn observe(ctl: &Controller, r: &Rollout) -> Result<Observed> {
 /// Which session each awaited message was last sent on: (agent, seq) → session token.
 type SentOn = HashMap<(AgentId, u64), u64>;
 
+/// After the controller starts, how long hosts get to reconnect (and re-send the receipts
+/// it may have missed) before offline policies and timeouts apply to them.
+pub const RECONNECT_GRACE_MS: u64 = 20_000;
+
 /// Runs every rollout that has not ended until the task is aborted.
 pub async fn drive(ctl: Arc<Controller>) {
     let mut changes = ctl.fleet.subscribe();
     let mut sent_on = SentOn::new();
+    let grace_until = now_ms() + RECONNECT_GRACE_MS;
     loop {
         changes.borrow_and_update();
         let c = ctl.clone();
         let (wake, back) = match tokio::task::spawn_blocking(move || {
-            let wake = tick(&c, &mut sent_on);
+            let wake = tick(&c, &mut sent_on, grace_until);
             (wake, sent_on)
         })
         .await
@@ -384,8 +395,9 @@ pub async fn drive(ctl: Arc<Controller>) {
                 (Some(now_ms() + 1000), back)
             }
             Err(e) => {
-                warn!(error = %e, "Rollout step panicked; the driver stops.");
-                return;
+                // A panic is a bug; the next step starts from the stored records again.
+                warn!(error = %e, "Rollout step panicked; trying again shortly.");
+                (Some(now_ms() + 1000), SentOn::new())
             }
         };
         sent_on = back;
@@ -398,77 +410,111 @@ pub async fn drive(ctl: Arc<Controller>) {
     }
 }
 
-/// One step of every running rollout; returns when the planner next needs to look.
-fn tick(ctl: &Controller, sent_on: &mut SentOn) -> Result<Option<u64>> {
+/// One step of every running rollout; returns when the planner next needs to look. One
+/// rollout's failure is logged and does not hold up the others.
+fn tick(ctl: &Controller, sent_on: &mut SentOn, grace_until: u64) -> Result<Option<u64>> {
     let _one_at_a_time = ctl.rollout_lock();
     let mut wake: Option<u64> = None;
     let mut awaited = HashSet::new();
     for (env, app, id) in ctl.store.active_rollouts()? {
-        let Some(mut r) = ctl.store.rollout(&id)?.filter(|r| !r.state.is_final()) else {
-            ctl.store.clear_active_rollout(&env, &app)?;
-            continue;
-        };
-        let before = r.clone();
-        let step = r.advance(&observe(ctl, &r)?, now_ms());
-        let mut signed = Vec::new();
-        for Action::Send { purpose, version, hosts, not_before } in step.actions {
-            let digest = match ctl.store.artifact(&r.app, &version)? {
-                Some(a) => a.digest,
-                None => anyhow::bail!("{} {version} is no longer in the artifact store", r.app),
-            };
-            let seq = ctl.store.next_seq(&r.app)?;
-            let (message, _) =
-                sign_for(ctl, &r.app, &version, digest, &r.env, hosts.clone(), seq, &r.id, not_before, r.ttl_secs)?;
-            r.record_sent(purpose, &hosts, seq, &version, message);
-            signed.push((purpose, version, hosts.len(), seq));
-        }
-        for h in r.hosts_mut() {
-            if let Some(rec) = h.receipt.as_mut() {
-                truncate(&mut rec.log, RECEIPT_LOG_LIMIT);
+        match step_one(ctl, &env, &app, &id, sent_on, &mut awaited, grace_until) {
+            Ok(Some(at)) => wake = Some(wake.map_or(at, |w: u64| w.min(at))),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(rollout = %id, error = %format!("{e:#}"), "Rollout step failed; trying again shortly.");
+                let again = now_ms() + 1000;
+                wake = Some(wake.map_or(again, |w: u64| w.min(again)));
+                // What it was waiting on stays awaited: nothing is sent twice on a session.
+                awaited.extend(sent_on.keys().cloned());
             }
-        }
-        if r != before {
-            r.revision += 1;
-            if r.state == State::Succeeded {
-                complete(ctl, &r)?;
-            }
-            ctl.store.put_rollout(&r)?;
-            // Messages leave only after the record that holds them is durable.
-            ctl.store.flush()?;
-            for (purpose, version, hosts, seq) in signed {
-                match purpose {
-                    Purpose::Wave(w) => info!(rollout = %r.id, wave = w + 1, hosts, seq, "Wave started."),
-                    Purpose::Revert => info!(rollout = %r.id, %version, hosts, seq, "Sending hosts back."),
-                }
-            }
-            if r.state != before.state {
-                info!(rollout = %r.id, state = r.state.name(), reason = %r.reason, "Rollout {}.", r.state.name());
-            }
-            if r.state.is_final() {
-                // Hosts it skipped, or could not put back, are brought to the released version.
-                catch_up_env(ctl, &r.env)?;
-            }
-            ctl.fleet.bump();
-        }
-        // Every host waiting on a message gets it once per session (again after a reconnect
-        // or a controller restart: the same seq, so an agent that applied it changes nothing).
-        for h in r.hosts() {
-            let Some(seq) = h.state.awaited_seq() else { continue };
-            awaited.insert((h.id.clone(), seq));
-            let Some(m) = r.message(seq) else { continue };
-            let session = ctl.fleet.release_session(&h.id);
-            if session.is_some() && sent_on.get(&(h.id.clone(), seq)) != session.as_ref() {
-                if let Some(token) = ctl.fleet.send_release_on(&h.id, ReleaseDown::Activate(m.message.clone())) {
-                    sent_on.insert((h.id.clone(), seq), token);
-                }
-            }
-        }
-        if let Some(at) = step.wake_at {
-            wake = Some(wake.map_or(at, |w: u64| w.min(at)));
         }
     }
     sent_on.retain(|k, _| awaited.contains(k));
     Ok(wake)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn step_one(
+    ctl: &Controller,
+    env: &str,
+    app: &str,
+    id: &str,
+    sent_on: &mut SentOn,
+    awaited: &mut HashSet<(AgentId, u64)>,
+    grace_until: u64,
+) -> Result<Option<u64>> {
+    let Some(mut r) = ctl.store.rollout(id)?.filter(|r| !r.state.is_final()) else {
+        ctl.store.clear_active_rollout(env, app)?;
+        return Ok(None);
+    };
+    let before = r.clone();
+    // Only a rollout that was under way when the controller started needs the grace: one
+    // started since sees every host as it is.
+    let grace_until = if r.created + RECONNECT_GRACE_MS >= grace_until { 0 } else { grace_until };
+    let step = r.advance(&observe(ctl, &r, grace_until)?, now_ms());
+    let mut signed = Vec::new();
+    for Action::Send { purpose, version, hosts, not_before } in step.actions {
+        let digest = match ctl.store.artifact(&r.app, &version)? {
+            Some(a) => a.digest,
+            None => anyhow::bail!("{} {version} is no longer in the artifact store", r.app),
+        };
+        let seq = ctl.store.next_seq(&r.app)?;
+        let (message, _) =
+            sign_for(ctl, &r.app, &version, digest, &r.env, hosts.clone(), seq, &r.id, not_before, r.ttl_secs)?;
+        r.record_sent(purpose, &hosts, seq, &version, message);
+        signed.push((purpose, version, hosts.len(), seq));
+    }
+    for h in r.hosts_mut() {
+        if let Some(rec) = h.receipt.as_mut() {
+            truncate(&mut rec.log, RECEIPT_LOG_LIMIT);
+        }
+    }
+    if r != before {
+        r.revision += 1;
+        if r.state == State::Succeeded {
+            complete(ctl, &r)?;
+        }
+        ctl.store.put_rollout(&r)?;
+    }
+    // Messages leave only after the record that holds them is durable: flushed now, even
+    // when nothing changed in this step (an earlier flush may have failed).
+    let mut to_send = Vec::new();
+    for h in r.hosts() {
+        let Some(seq) = h.state.awaited_seq() else { continue };
+        awaited.insert((h.id.clone(), seq));
+        let session = ctl.fleet.release_session(&h.id);
+        if session.is_some() && sent_on.get(&(h.id.clone(), seq)) != session.as_ref() {
+            to_send.push((h.id.clone(), seq));
+        }
+    }
+    if r != before || !to_send.is_empty() {
+        ctl.store.flush()?;
+    }
+    for (purpose, version, hosts, seq) in signed {
+        match purpose {
+            Purpose::Wave(w) => info!(rollout = %r.id, wave = w + 1, hosts, seq, "Wave started."),
+            Purpose::Revert => info!(rollout = %r.id, %version, hosts, seq, "Sending hosts back."),
+        }
+    }
+    if r != before {
+        if r.state != before.state {
+            info!(rollout = %r.id, state = r.state.name(), reason = %r.reason, "Rollout {}.", r.state.name());
+        }
+        if r.state.is_final() {
+            // Hosts it skipped, or could not put back, are brought to the released version.
+            catch_up_env(ctl, &r.env)?;
+        }
+        ctl.fleet.bump();
+    }
+    // Every host waiting on a message gets it once per session (again after a reconnect or
+    // a controller restart: the same seq, so an agent that applied it changes nothing).
+    for (host, seq) in to_send {
+        let Some(m) = r.message(seq) else { continue };
+        if let Some(token) = ctl.fleet.send_release_on(&host, ReleaseDown::Activate(m.message.clone())) {
+            sent_on.insert((host, seq), token);
+        }
+    }
+    Ok(step.wake_at)
 }
 
 /// A rollout succeeded: its version is the environment's released version (catch-up brings
@@ -507,7 +553,10 @@ fn complete(ctl: &Controller, r: &Rollout) -> Result<()> {
             selectors: r.selectors.clone(),
         },
     )?;
-    ctl.store.put_promoted(&r.env, &r.app, &r.digest, &r.id)?;
+    // Promotion needs the artifact to have run somewhere here, not only a rollout of skips.
+    if r.hosts().any(|h| h.state == crate::plan::rollout::HostState::Committed) {
+        ctl.store.put_promoted(&r.env, &r.app, &r.digest, &r.id)?;
+    }
     Ok(())
 }
 
@@ -521,9 +570,10 @@ fn truncate(s: &mut String, limit: usize) {
 
 /// Brings every agent of `env` that is behind to its released version, after a rollout
 /// ended (hosts it skipped, or a host a failed rollout could not put back).
-pub fn catch_up_env(ctl: &Controller, env: &str) -> Result<()> {
+/// The caller holds the rollout lock.
+fn catch_up_env(ctl: &Controller, env: &str) -> Result<()> {
     for a in ctl.store.agents_in(env)? {
-        crate::release::catch_up(ctl, &a.id, false)?;
+        crate::release::catch_up_holding_lock(ctl, &a.id, false)?;
     }
     Ok(())
 }

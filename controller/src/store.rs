@@ -10,7 +10,8 @@ use stagehand_common::protocol::{Labels, Receipt};
 use stagehand_common::{AgentId, Digest};
 use std::path::Path;
 
-const RECORD_LIMIT: usize = 4 << 20;
+/// Records are read whole: a rollout of some thousands of hosts is the largest.
+const RECORD_LIMIT: usize = 32 << 20;
 
 /// What can go wrong with the state database.
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +194,7 @@ pub struct Store {
     meta: sled::Tree,
     rollouts: sled::Tree,
     promoted: sled::Tree,
+    recent_receipts: sled::Tree,
 }
 
 fn key(parts: &[&str]) -> Vec<u8> {
@@ -243,6 +245,7 @@ impl Store {
             meta: db.open_tree("meta")?,
             rollouts: db.open_tree("rollouts")?,
             promoted: db.open_tree("promoted")?,
+            recent_receipts: db.open_tree("recent-receipts")?,
             db,
         })
     }
@@ -424,6 +427,29 @@ impl Store {
 
     pub fn receipt(&self, agent: &AgentId, app: &str) -> Result<Option<Receipt>> {
         get(&self.receipts, &key(&[&agent.0, app]))
+    }
+
+    /// Keeps a receipt by its seq too, with the few before it of the same agent and app: a
+    /// rollout finds the answer to its own message even when a later one came first.
+    pub fn put_recent_receipt(&self, r: &Receipt) -> Result<()> {
+        const KEEP: usize = 4;
+        let prefix = key(&[&r.agent_id.0, &r.app, ""]);
+        let mut k = prefix.clone();
+        k.extend_from_slice(&r.seq.to_be_bytes());
+        self.recent_receipts.insert(k, enc(r))?;
+        let keys: Vec<sled::IVec> =
+            self.recent_receipts.scan_prefix(&prefix).keys().collect::<std::result::Result<_, _>>()?;
+        for old in keys.iter().rev().skip(KEEP) {
+            self.recent_receipts.remove(old)?;
+        }
+        Ok(())
+    }
+
+    /// The receipt an agent sent for one seq, if it is among the recent ones.
+    pub fn receipt_for(&self, agent: &AgentId, app: &str, seq: u64) -> Result<Option<Receipt>> {
+        let mut k = key(&[&agent.0, app, ""]);
+        k.extend_from_slice(&seq.to_be_bytes());
+        get(&self.recent_receipts, &k)
     }
 
     pub fn put_appstate(&self, agent: &AgentId, app: &str, s: &AppStateRecord) -> Result<()> {

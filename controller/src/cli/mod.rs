@@ -134,9 +134,10 @@ pub fn main() -> i32 {
 
 /// Prints an error: what failed, why, and what to run next.
 pub fn report(e: &anyhow::Error) {
-    eprintln!("error: {e:#}");
+    // Errors may quote what a peer sent (an agent's staging failure): never printed raw.
+    eprintln!("error: {}", clean(&format!("{e:#}")));
     if let Some(op) = e.chain().find_map(|c| c.downcast_ref::<OpError>()) {
-        eprintln!("  next: {}", op.hint);
+        eprintln!("  next: {}", clean(&op.hint));
     }
 }
 

@@ -21,7 +21,7 @@ pub struct ReleaseArgs {
     pub plan: PlanArgs,
     /// Release even though this artifact has not completed a rollout in the environment
     /// before this one (the promotion rule); the rollout records it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "export")]
     pub force: bool,
     #[command(flatten)]
     pub send: SendArgs,
@@ -35,6 +35,10 @@ pub struct RollbackArgs {
     /// The staged version to go back to (default: the one released before the current).
     #[arg(long)]
     pub to: Option<String>,
+    /// Go back even to a version that never completed a rollout here nor in the environment
+    /// before (with --to); the rollout records it.
+    #[arg(long, conflicts_with = "export")]
+    pub force: bool,
     #[command(flatten)]
     pub plan: PlanArgs,
     #[command(flatten)]
@@ -46,13 +50,13 @@ pub struct RollbackArgs {
 pub struct PlanArgs {
     /// Cumulative wave sizes, counts or percentages of the targets (rounded up), e.g.
     /// `1,25%,100%` (default: the environment's `waves`, or one wave).
-    #[arg(long)]
+    #[arg(long, value_parser = waves_arg)]
     pub waves: Option<String>,
     /// How long a wave stays healthy before the next starts (default: the environment's `bake`, or 0).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub bake: Option<Duration>,
     /// How many hosts (N) or what share (P%) may fail before the rollout stops and rolls back (default 0).
-    #[arg(long, value_name = "N|P%")]
+    #[arg(long, value_name = "N|P%", value_parser = max_unhealthy_arg)]
     pub max_unhealthy: Option<String>,
     /// Only agents whose join-token labels include K=V (repeatable).
     #[arg(long = "selector", value_name = "K=V", value_parser = super::parse_label)]
@@ -81,11 +85,21 @@ pub struct SendArgs {
     pub wait: bool,
     /// Write one signed message for every agent of the environment to FILE instead of
     /// starting a rollout (for `stagehand-agent activate`).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["wait", "waves", "bake", "max_unhealthy", "selectors", "offline", "at", "dry_run"])]
     pub export: Option<PathBuf>,
     /// How long the signed messages stay valid (default: the controller's message_ttl).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub valid_for: Option<Duration>,
+}
+
+/// `--waves`, checked before anything is sent (a bad list is a usage error).
+fn waves_arg(s: &str) -> Result<String, String> {
+    crate::plan::rollout::parse_waves(s).map(|_| s.to_string())
+}
+
+/// `--max-unhealthy`, checked before anything is sent.
+fn max_unhealthy_arg(s: &str) -> Result<String, String> {
+    crate::plan::rollout::parse_max_unhealthy(s, 100).map(|_| s.to_string())
 }
 
 /// `--at`: RFC 3339 (UTC) or `+DURATION`, as Unix seconds.
@@ -146,7 +160,7 @@ pub async fn run_rollback(a: RollbackArgs, ctx: &Ctx) -> Result<i32> {
         };
         return export(ctx, req, &a.app, &a.env, path).await;
     }
-    let spec = a.plan.spec(&a.app, a.to.clone(), &a.env, true, &a.send);
+    let spec = RolloutSpec { force: a.force, ..a.plan.spec(&a.app, a.to.clone(), &a.env, true, &a.send) };
     start(ctx, spec, a.send.wait, a.plan.timeout).await
 }
 

@@ -217,8 +217,32 @@ pub async fn follow(client: &Client, ctx: &Ctx, mut r: RolloutView, timeout: Dur
             _ => format!("Rollout {} {}: {}", r.id, r.state, clean(&r.reason)),
         };
         println!("{verdict}");
-        if r.state != "succeeded" {
-            eprintln!("error: rollout {} {}; hosts it switched were sent back to what they ran before", r.id, r.state);
+        let stranded: Vec<String> = r
+            .waves
+            .iter()
+            .flat_map(|w| &w.hosts)
+            .filter(|h| h.state == "not-reverted")
+            .map(|h| format!("{} ({})", clean(&h.name), clean(&h.detail)))
+            .collect();
+        if !stranded.is_empty() {
+            eprintln!(
+                "error: rollout {} {}; these hosts could not be sent back: {}",
+                r.id,
+                r.state,
+                stranded.join(", ")
+            );
+            eprintln!(
+                "  next: stagehand status {} --env {}   (they are brought back when they return; or stagehand rollback {} --env {} --to VERSION)",
+                clean(&r.app),
+                clean(&r.env),
+                clean(&r.app),
+                clean(&r.env)
+            );
+        } else if r.state != "succeeded" {
+            eprintln!(
+                "error: rollout {} {}; every host it switched was sent back to what it ran before",
+                r.id, r.state
+            );
             eprintln!(
                 "  next: stagehand rollout status {}   (each host's receipt), stagehand status {} --env {}",
                 r.id,

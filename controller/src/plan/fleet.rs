@@ -16,8 +16,15 @@ pub struct AgentApp<'a> {
     pub last_seq: Option<u64>,
     /// The environment's version is staged there with the right digest.
     pub staged: bool,
-    /// Its latest receipt for the app: (seq, refused for want of the bytes or of time).
-    pub last_receipt: Option<(u64, bool)>,
+    /// Its latest receipt for the app.
+    pub last_receipt: Option<LastReceipt<'a>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastReceipt<'a> {
+    pub version: &'a str,
+    /// Refused for want of the bytes (not staged, digest mismatch) or of time (expired).
+    pub for_want_of_bytes: bool,
 }
 
 /// What the environment should run for an app.
@@ -42,22 +49,21 @@ pub enum CatchUp {
 /// Whether an agent that (re)connected, or just staged something (`staged_now`), is behind
 /// its environment and how to bring it there. A rollout of the app in the environment
 /// that has not ended decides for its hosts: catch-up waits until it has.
+///
+/// Decided by versions, not seqs: a host a failed rollout switched and could not put back
+/// has applied a higher seq than the environment's message, and must still come back.
 pub fn catch_up(desired: &Desired, agent: &AgentApp, rollout_running: bool, staged_now: bool) -> CatchUp {
     if rollout_running || !agent.staged || agent.active == Some(desired.version) {
         return CatchUp::Nothing;
     }
-    // It has handled the environment's message (or a later one): not pestered again.
-    if agent.last_seq.is_some_and(|s| s >= desired.seq) {
-        return CatchUp::Nothing;
-    }
-    // It answered this (or a later) seq already: again only if it lacked the bytes (or
-    // the time) then and has just staged them.
-    if let Some((seq, for_want_of_bytes)) = agent.last_receipt {
-        if seq >= desired.seq && !(staged_now && for_want_of_bytes) {
+    // It tried the released version already and it did not stay (refused, unhealthy): it
+    // is not pestered again, unless it lacked the bytes then and has just staged them.
+    if let Some(r) = &agent.last_receipt {
+        if r.version == desired.version && !(staged_now && r.for_want_of_bytes) {
             return CatchUp::Nothing;
         }
     }
-    if desired.message_usable {
+    if desired.message_usable && agent.last_seq.is_none_or(|s| s < desired.seq) {
         CatchUp::Resend
     } else {
         CatchUp::SignFresh
@@ -133,6 +139,10 @@ mod tests {
         AgentApp { active, last_seq, staged: true, last_receipt: None }
     }
 
+    fn tried<'a>(version: &'a str, for_want_of_bytes: bool, a: AgentApp<'a>) -> AgentApp<'a> {
+        AgentApp { last_receipt: Some(LastReceipt { version, for_want_of_bytes }), ..a }
+    }
+
     const DESIRED: Desired = Desired { version: "v2", seq: 10, message_usable: true };
 
     #[test]
@@ -143,25 +153,20 @@ mod tests {
             ("never ran anything", agent(None, None), false, false, Resend),
             ("already runs it", agent(Some("v2"), Some(4)), false, false, Nothing),
             ("a rollout decides", agent(Some("v1"), Some(5)), true, false, Nothing),
-            ("handled the message", agent(Some("v1"), Some(10)), false, false, Nothing),
             ("not staged", AgentApp { staged: false, ..agent(Some("v1"), None) }, false, false, Nothing),
-            (
-                "answered it, not for want of bytes",
-                AgentApp { last_receipt: Some((10, false)), ..agent(Some("v1"), Some(5)) },
-                false,
-                true,
-                Nothing,
-            ),
+            // A failed rollout switched it to v3 (seq 12) and could not put it back.
+            ("left on another version", tried("v3", false, agent(Some("v3"), Some(12))), false, false, SignFresh),
+            ("tried it, unhealthy", tried("v2", false, agent(Some("v1"), Some(11))), false, true, Nothing),
             (
                 "refused for want of bytes, then staged",
-                AgentApp { last_receipt: Some((10, true)), ..agent(Some("v1"), Some(5)) },
+                tried("v2", true, agent(Some("v1"), Some(5))),
                 false,
                 true,
                 Resend,
             ),
             (
                 "refused for want of bytes, nothing new",
-                AgentApp { last_receipt: Some((10, true)), ..agent(Some("v1"), Some(5)) },
+                tried("v2", true, agent(Some("v1"), Some(5))),
                 false,
                 false,
                 Nothing,

@@ -262,7 +262,34 @@ pub enum Staging {
     Missing,
 }
 
-pub type Observed = HashMap<AgentId, HostObs>;
+/// What is known of a rollout's hosts right now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub hosts: HashMap<AgentId, HostObs>,
+    /// Until this time (ms) a host seen offline may only not have reconnected yet to a
+    /// controller that just (re)started, and receipts sent while it was down may still come:
+    /// offline policies and timeouts wait until then.
+    pub grace_until: u64,
+}
+
+impl std::ops::Deref for Observed {
+    type Target = HashMap<AgentId, HostObs>;
+    fn deref(&self) -> &Self::Target {
+        &self.hosts
+    }
+}
+
+impl std::ops::DerefMut for Observed {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.hosts
+    }
+}
+
+impl FromIterator<(AgentId, HostObs)> for Observed {
+    fn from_iter<I: IntoIterator<Item = (AgentId, HostObs)>>(iter: I) -> Self {
+        Observed { hosts: iter.into_iter().collect(), grace_until: 0 }
+    }
+}
 
 /// What the driver must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -407,10 +434,14 @@ impl Rollout {
             (Control::Resume, _) => {
                 self.state = State::Running;
                 self.pause_requested = false;
-                // A paused rollout bakes its last wave again from now: a pause never shortens it.
+                // A paused rollout bakes its last wave again from now: a pause never shortens it;
+                // and a gate it held at waits its full time again.
                 if let Some(w) = self.waves.get_mut(self.wave) {
                     if w.passed.is_some() {
                         w.passed = Some(now);
+                    }
+                    if w.started.is_none() {
+                        w.gate_since = None;
                     }
                 }
                 Ok("resumed")
@@ -442,7 +473,7 @@ impl Rollout {
         for _ in 0..(4 * self.waves.len() + 8) {
             let progressed = match self.state {
                 State::Running => self.run(obs, now, &mut step),
-                State::RollingBack(ending) => self.roll_back(ending, now, &mut step),
+                State::RollingBack(ending) => self.roll_back(ending, obs, now, &mut step),
                 State::Paused | State::Succeeded | State::Failed | State::Aborted => false,
             };
             if !progressed {
@@ -515,7 +546,8 @@ impl Rollout {
                 return true;
             }
             let since = *wave.gate_since.get_or_insert(now);
-            let mut ready = true;
+            let in_grace = now < obs.grace_until;
+            let mut unready = Vec::new();
             let mut offline_fail = None;
             for h in wave.hosts.iter_mut().filter(|h| h.state == HostState::Waiting) {
                 match obs.get(&h.id) {
@@ -524,15 +556,17 @@ impl Rollout {
                     Some(HostObs { staging: Staging::Failed(why), .. }) => {
                         h.state = HostState::Failed(format!("staging failed: {why}"))
                     }
+                    Some(o) if !o.connected && in_grace => unready.push(h.id.clone()),
                     Some(o) if !o.connected => match offline {
                         Offline::Skip => h.state = HostState::Skipped("offline".into()),
                         Offline::Fail => offline_fail = Some(h.name.clone()),
-                        Offline::Wait => ready = false,
+                        Offline::Wait => unready.push(h.id.clone()),
                     },
-                    Some(o) if o.staging != Staging::Staged => ready = false,
+                    Some(o) if o.staging != Staging::Staged => unready.push(h.id.clone()),
                     Some(_) => {}
                 }
             }
+            let ready = unready.is_empty();
             if let Some(name) = offline_fail {
                 self.begin_rollback(Ending::Failed, format!("{name} is offline (--offline fail)"), now);
                 return true;
@@ -554,17 +588,29 @@ impl Rollout {
                 }
                 return true;
             }
-            if now >= since + timeout {
-                for h in wave.hosts.iter_mut().filter(|h| h.state == HostState::Waiting) {
+            let deadline = (since + timeout).max(obs.grace_until);
+            if in_grace {
+                // Offline policies apply once the grace is over.
+                step.wake(obs.grace_until);
+            }
+            if now >= deadline {
+                // Only the hosts that are not ready fail; the others go ahead if that is allowed.
+                for h in wave.hosts.iter_mut().filter(|h| unready.contains(&h.id)) {
                     h.state = HostState::Failed("not connected with the version staged within the timeout".into());
                 }
                 return true;
             }
-            step.wake(since + timeout);
+            step.wake(deadline);
             return false;
         }
         let started = wave.started.unwrap_or(now);
         if wave.passed.is_none() {
+            // A host revoked on the way can be sent nothing more: it leaves the rollout.
+            for h in wave.hosts.iter_mut().filter(|h| matches!(h.state, HostState::Sent { .. })) {
+                if obs.get(&h.id).is_none_or(|o| o.revoked) {
+                    h.state = HostState::Skipped("revoked during the rollout".into());
+                }
+            }
             let settled = wave.hosts.iter().all(|h| {
                 matches!(
                     h.state,
@@ -576,7 +622,7 @@ impl Rollout {
                 return true;
             }
             // A scheduled message is answered at its time: the wait counts from then.
-            let deadline = started.max(not_before.saturating_mul(1000)) + timeout;
+            let deadline = (started.max(not_before.saturating_mul(1000)) + timeout).max(obs.grace_until);
             if now >= deadline {
                 for h in wave.hosts.iter_mut().filter(|h| matches!(h.state, HostState::Sent { .. })) {
                     h.state = HostState::NoAnswer;
@@ -606,11 +652,18 @@ impl Rollout {
 
     /// Every host this rollout switched (or may have: sent, no answer) goes back to what it
     /// ran before; then the rollout ends.
-    fn roll_back(&mut self, ending: Ending, now: u64, step: &mut Step) -> bool {
+    fn roll_back(&mut self, ending: Ending, obs: &Observed, now: u64, step: &mut Step) -> bool {
         let version = self.version.clone();
         let mut groups: BTreeMap<String, Vec<AgentId>> = BTreeMap::new();
         for h in self.hosts_mut() {
-            if !matches!(h.state, HostState::Committed | HostState::Sent { .. } | HostState::NoAnswer) {
+            // A host that failed but says it still runs the version could not switch back itself.
+            let stuck = matches!(h.state, HostState::Failed(_))
+                && h.receipt.as_ref().is_some_and(|r| r.active.as_deref() == Some(version.as_str()));
+            if !(stuck || matches!(h.state, HostState::Committed | HostState::Sent { .. } | HostState::NoAnswer)) {
+                continue;
+            }
+            if obs.get(&h.id).is_none_or(|o| o.revoked) {
+                h.state = HostState::NotReverted("revoked".into());
                 continue;
             }
             match &h.previous {
@@ -628,8 +681,13 @@ impl Rollout {
         if !step.actions.is_empty() {
             return false;
         }
+        for h in self.hosts_mut().filter(|h| matches!(h.state, HostState::Reverting { .. })) {
+            if obs.get(&h.id).is_none_or(|o| o.revoked) {
+                h.state = HostState::NotReverted("revoked".into());
+            }
+        }
         let pending = self.hosts().any(|h| matches!(h.state, HostState::Reverting { .. }));
-        let deadline = self.rollback_since.unwrap_or(now) + self.timeout_ms;
+        let deadline = (self.rollback_since.unwrap_or(now) + self.timeout_ms).max(obs.grace_until);
         if pending && now < deadline {
             step.wake(deadline);
             return false;
@@ -1085,5 +1143,86 @@ mod tests {
         r.advance(&obs, 60_000);
         assert_eq!(r.state, State::Aborted);
         assert_eq!(r.waves[0].hosts[0].state, HostState::NotReverted("no answer within the timeout".into()));
+    }
+
+    #[test]
+    fn after_a_restart_hosts_get_time_to_reconnect() {
+        // --offline skip, the controller just restarted: p1 is not back yet.
+        let mut r = rollout(2, &[2]);
+        r.offline = Offline::Skip;
+        let mut obs = fleet(2);
+        obs.grace_until = 20_000;
+        obs.get_mut(&id(1)).unwrap().connected = false;
+        assert_eq!(r.advance(&obs, 0).wake_at, Some(20_000), "not skipped while it may be reconnecting");
+        assert_eq!(r.waves[0].hosts[1].state, HostState::Waiting);
+        obs.get_mut(&id(1)).unwrap().connected = true;
+        assert_eq!(r.advance(&obs, 1_000).actions.len(), 1);
+        // A wave whose receipts were due while the controller was down waits for them.
+        let mut r = rollout(1, &[1]);
+        let mut obs = fleet(1);
+        let mut seq = 0;
+        let s = r.advance(&obs, 0);
+        perform(&mut r, &s, &mut seq);
+        obs.grace_until = 100_000;
+        assert_eq!(r.advance(&obs, 90_000).wake_at, Some(100_000));
+        answer(&mut obs, &[id(0)], 1, ReceiptOutcome::Committed);
+        r.advance(&obs, 95_000);
+        assert_eq!(r.state, State::Succeeded);
+    }
+
+    #[test]
+    fn at_the_gate_timeout_only_hosts_that_are_not_ready_fail() {
+        let mut r = rollout(3, &[3]);
+        r.max_unhealthy = 1;
+        let mut obs = fleet(3);
+        obs.get_mut(&id(2)).unwrap().connected = false;
+        r.advance(&obs, 0);
+        let s = r.advance(&obs, 60_000);
+        let states: Vec<_> = r.hosts().map(|h| h.state.name()).collect();
+        assert_eq!(states, ["sent", "sent", "failed"]);
+        assert!(matches!(&s.actions[..], [Action::Send { hosts, .. }] if hosts == &[id(0), id(1)]));
+    }
+
+    #[test]
+    fn resume_gives_a_held_gate_its_full_time_again() {
+        let mut r = rollout(1, &[1]);
+        let mut obs = fleet(1);
+        obs.get_mut(&id(0)).unwrap().staging = Staging::Pending;
+        r.advance(&obs, 0);
+        r.control(Control::Pause, "ops", 10).unwrap();
+        r.advance(&obs, 10);
+        assert_eq!(r.state, State::Paused);
+        r.control(Control::Resume, "ops", 500_000).unwrap();
+        assert_eq!(r.advance(&obs, 500_000).wake_at, Some(560_000));
+        assert_eq!(r.state, State::Running);
+    }
+
+    #[test]
+    fn a_host_revoked_on_the_way_leaves_the_rollout() {
+        let mut r = rollout(2, &[2]);
+        let mut obs = fleet(2);
+        let mut seq = 0;
+        let s = r.advance(&obs, 0);
+        perform(&mut r, &s, &mut seq);
+        obs.get_mut(&id(1)).unwrap().revoked = true;
+        answer(&mut obs, &[id(0)], 1, ReceiptOutcome::Committed);
+        r.advance(&obs, 10);
+        assert_eq!(r.state, State::Succeeded);
+        assert_eq!(r.waves[0].hosts[1].state, HostState::Skipped("revoked during the rollout".into()));
+    }
+
+    #[test]
+    fn a_host_that_could_not_switch_back_itself_is_sent_back() {
+        let mut r = rollout(1, &[1]);
+        let mut obs = fleet(1);
+        let mut seq = 0;
+        let s = r.advance(&obs, 0);
+        perform(&mut r, &s, &mut seq);
+        // Unhealthy, but the switch back failed: it still runs v2.
+        let mut stuck = receipt(0, 1, ReceiptOutcome::Refused(Refusal::Unhealthy));
+        stuck.active = Some("v2".into());
+        obs.get_mut(&id(0)).unwrap().receipt = Some(stuck);
+        let s = r.advance(&obs, 10);
+        assert_eq!(perform(&mut r, &s, &mut seq), vec![(Purpose::Revert, "v1".into(), vec![id(0)], 2)]);
     }
 }

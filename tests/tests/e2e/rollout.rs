@@ -97,6 +97,38 @@ async fn a_failed_wave_sends_every_switched_host_back_and_later_waves_stay_untou
 }
 
 #[tokio::test]
+async fn a_host_a_failed_rollout_could_not_send_back_returns_to_the_released_version() {
+    let fleet = Fleet::start().await.unwrap();
+    let mut agents = prod(&fleet, 3).await;
+    std::fs::write(agents[2].app_root("web").join("unhealthy"), "").unwrap();
+    let r = fleet
+        .rollout(RolloutSpec { waves: Some("1,2,3".into()), bake_secs: Some(1), timeout_secs: 3, ..spec("v2") })
+        .await
+        .unwrap();
+    // p2 switches, then goes away before the last wave fails.
+    fleet
+        .wait_rollout_until(&r.id, "baking wave 2", Duration::from_secs(30), |r| r.waves[1].state == "baking")
+        .await
+        .unwrap();
+    agents[1].stop().await;
+    let done = fleet.wait_rollout(&r.id).await.unwrap();
+    assert_eq!(done.state, "failed");
+    assert_eq!(hosts(&done, 0)[0].1, "reverted");
+    assert_eq!(
+        (hosts(&done, 1)[0].1.as_str(), done.waves[1].hosts[0].detail.as_str()),
+        ("not-reverted", "no answer within the timeout")
+    );
+    assert_eq!(current(&agents[1]).as_deref(), Some("v2"));
+    // When it returns, catch-up brings it back to what the environment runs.
+    agents[1].start().await.unwrap();
+    let p2 = &agents[1];
+    wait_for("p2 back on v1", Duration::from_secs(30), || async { current(p2).as_deref() == Some("v1") })
+        .await
+        .unwrap();
+    assert!(agents.iter().all(|a| current(a).as_deref() == Some("v1")));
+}
+
+#[tokio::test]
 async fn a_healthy_rollout_passes_its_waves_in_order_after_each_bake() {
     let fleet = Fleet::start().await.unwrap();
     let agents = prod(&fleet, 3).await;
