@@ -106,16 +106,19 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
                     "{app} {version} ({}) has not completed a rollout in {from}, which comes before {env}",
                     artifact.digest.short()
                 );
-                if !spec.force {
+                if !spec.force && spec.dry_run {
+                    notes.push(format!("would refuse: {why} (--force releases anyway)"));
+                } else if !spec.force {
                     return Ok(Err(refused(
                         format!("{why}; nothing was released"),
                         format!(
                             "stagehand release {app} {version} --env {from} --wait   (or add --force to release anyway; it is recorded)"
                         ),
                     )));
+                } else {
+                    forced = true;
+                    notes.push(format!("forced past promotion: {why}"));
                 }
-                forced = true;
-                notes.push(format!("forced past promotion: {why}"));
             }
         }
     }

@@ -108,8 +108,8 @@ pub fn rollback_target(app: &str, env: &str, current: Option<&str>, history: &[S
     match history.iter().rev().find(|v| *v != current) {
         Some(v) => Ok(v.clone()),
         None => Err(format!(
-            "{app} {current} is live in {env} and no version was released there before it that is not rolled back \
-             already; name one with --to"
+            "{env} has no version of {app} released before {current} (versions rolled back from leave its history), \
+             so there is nothing earlier to go back to; name a staged version with --to"
         )),
     }
 }

@@ -480,7 +480,11 @@ async fn acceptance_through_the_cli() {
     })
     .await
     .unwrap();
-    // good2 is staged everywhere but has not been through staging: the plan runs with --force.
+    // good2 is staged everywhere but has not been through staging: the plan says it would be
+    // refused (exit 1), and runs with --force.
+    let (code, out, _) = cli(&fleet, &["release", "web", "good2", "--env", "prod", "--dry-run"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("would refuse: web good2") && out.contains("has not completed a rollout in staging"), "{out}");
     let (code, out, err) = cli(&fleet, &["release", "web", "good2", "--env", "prod", "--force", "--dry-run"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("planned") && out.contains("p4: offline; its wave waits for it"), "{out}");
@@ -501,5 +505,5 @@ async fn acceptance_through_the_cli() {
     assert!(out.contains("rollback of web good to prod") && out.contains("succeeded"), "{out}");
     let (code, _, err) = cli(&fleet, &["rollback", "web", "--env", "prod", "--offline", "skip", "--wait"]).await;
     assert_eq!(code, 1);
-    assert!(err.contains("web good is live in prod") && err.contains("--to"), "{err}");
+    assert!(err.contains("prod has no version of web released before good") && err.contains("--to"), "{err}");
 }
