@@ -108,10 +108,12 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
 /// (`plan::fleet::catch_up` decides): the environment's message if it names the agent and
 /// is still valid, otherwise a fresh message for this agent alone with a new, higher seq.
 /// `staged_now`: the agent has just staged something it may have lacked before.
+///
+/// Asked for here, done by the rollout driver on the blocking pool under the rollout lock
+/// (a rollout starting or ending meanwhile is seen whole, and no async thread waits).
 pub fn catch_up(ctl: &Controller, id: &AgentId, staged_now: bool) -> Result<()> {
-    // Decided under the rollout lock: a rollout starting or ending meanwhile is seen whole.
-    let _one_at_a_time = ctl.rollout_lock();
-    catch_up_holding_lock(ctl, id, staged_now)
+    ctl.ask_catch_up(id, staged_now);
+    Ok(())
 }
 
 /// [`catch_up`] for a caller that holds the rollout lock.
@@ -129,13 +131,20 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
             continue;
         }
         let state = ctl.store.appstate(id, &app)?;
+        if state.active.as_deref() == Some(desired.version.as_str()) && desired.owed.contains(id) {
+            let mut d = desired.clone();
+            d.owed.retain(|x| x != id);
+            ctl.store.put_desired(&agent.env, &app, &d)?;
+        }
         let staged = ctl
             .store
             .stage(id, &app, &desired.version)?
             .is_some_and(|s| s.state == StageState::Staged && s.digest == desired.digest);
         let receipt = ctl.store.receipt(id, &app)?;
         let last_receipt = receipt.as_ref().map(|r| fleet::LastReceipt {
+            seq: r.seq,
             version: &r.version,
+            applied: r.applied,
             for_want_of_bytes: matches!(
                 r.outcome,
                 ReceiptOutcome::Refused(Refusal::NotStaged | Refusal::DigestMismatch | Refusal::Expired)
@@ -144,8 +153,19 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
         let body = activate::verify(&desired.message, &ctl.release_keys).ok();
         let usable = body.is_some_and(|b| b.targets.includes(id) && b.expires_at > now + 60 && b.not_before <= now);
         let decision = fleet::catch_up(
-            &fleet::Desired { version: &desired.version, seq: desired.seq, message_usable: usable },
-            &fleet::AgentApp { active: state.active.as_deref(), last_seq: state.last_seq, staged, last_receipt },
+            &fleet::Desired {
+                version: &desired.version,
+                seq: desired.seq,
+                since_seq: desired.since_seq,
+                message_usable: usable,
+            },
+            &fleet::AgentApp {
+                active: state.active.as_deref(),
+                last_seq: state.last_seq,
+                staged,
+                last_receipt,
+                owed: desired.owed.contains(id),
+            },
             ctl.store.active_rollout(&agent.env, &app)?.is_some(),
             staged_now,
         );

@@ -419,6 +419,11 @@ fn tick(ctl: &Controller, sent_on: &mut SentOn, grace_until: u64) -> Result<Opti
     let _one_at_a_time = ctl.rollout_lock();
     let mut wake: Option<u64> = None;
     let mut awaited = HashSet::new();
+    for (id, staged_now) in ctl.take_catch_ups() {
+        if let Err(e) = crate::release::catch_up_holding_lock(ctl, &id, staged_now) {
+            warn!(agent = %id, error = %format!("{e:#}"), "Catch-up failed; it is tried again when the agent reconnects.");
+        }
+    }
     for (env, app, id) in ctl.store.active_rollouts()? {
         match step_one(ctl, &env, &app, &id, sent_on, &mut awaited, grace_until) {
             Ok(Some(at)) => wake = Some(wake.map_or(at, |w: u64| w.min(at))),
@@ -476,6 +481,8 @@ fn step_one(
         r.revision += 1;
         if r.state == State::Succeeded {
             complete(ctl, &r)?;
+        } else if r.state.is_final() {
+            owe(ctl, &r)?;
         }
         ctl.store.put_rollout(&r)?;
     }
@@ -505,7 +512,7 @@ fn step_one(
         }
         if r.state.is_final() {
             // Hosts it skipped, or could not put back, are brought to the released version.
-            catch_up_env(ctl, &r.env)?;
+            catch_up_env(ctl, &r.env);
         }
         ctl.fleet.bump();
     }
@@ -554,12 +561,34 @@ fn complete(ctl: &Controller, r: &Rollout) -> Result<()> {
             targets,
             history,
             selectors: r.selectors.clone(),
+            since_seq: r.messages.first().map_or(seq, |m| m.seq),
+            owed: vec![],
         },
     )?;
     // Promotion needs the artifact to have run somewhere here, not only a rollout of skips.
     if r.hosts().any(|h| h.state == crate::plan::rollout::HostState::Committed) {
         ctl.store.put_promoted(&r.env, &r.app, &r.digest, &r.id)?;
     }
+    Ok(())
+}
+
+/// A rollout that failed or was aborted left hosts on its version: the environment's
+/// released version is owed to them (catch-up brings them back when they return).
+fn owe(ctl: &Controller, r: &Rollout) -> Result<()> {
+    let stranded: Vec<AgentId> = r
+        .hosts()
+        .filter(|h| matches!(h.state, crate::plan::rollout::HostState::NotReverted(_)))
+        .map(|h| h.id.clone())
+        .collect();
+    let Some(mut desired) = ctl.store.desired(&r.env, &r.app)?.filter(|_| !stranded.is_empty()) else {
+        return Ok(());
+    };
+    for id in stranded {
+        if !desired.owed.contains(&id) {
+            desired.owed.push(id);
+        }
+    }
+    ctl.store.put_desired(&r.env, &r.app, &desired)?;
     Ok(())
 }
 
@@ -573,10 +602,18 @@ fn truncate(s: &mut String, limit: usize) {
 
 /// Brings every agent of `env` that is behind to its released version, after a rollout
 /// ended (hosts it skipped, or a host a failed rollout could not put back).
-/// The caller holds the rollout lock.
-fn catch_up_env(ctl: &Controller, env: &str) -> Result<()> {
-    for a in ctl.store.agents_in(env)? {
-        crate::release::catch_up_holding_lock(ctl, &a.id, false)?;
+/// The caller holds the rollout lock. One agent's failure does not hold up the others.
+fn catch_up_env(ctl: &Controller, env: &str) {
+    let agents = match ctl.store.agents_in(env) {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(%env, error = %e, "Cannot list agents to catch up.");
+            return;
+        }
+    };
+    for a in agents {
+        if let Err(e) = crate::release::catch_up_holding_lock(ctl, &a.id, false) {
+            warn!(agent = %a.id, error = %format!("{e:#}"), "Catch-up failed; it is tried again when the agent reconnects.");
+        }
     }
-    Ok(())
 }

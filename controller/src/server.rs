@@ -31,14 +31,27 @@ pub struct Controller {
     pub release_keys: Vec<ReleaseKey>,
     pub config: ControllerConfig,
     pub ca_fingerprint: String,
-    /// Serialises changes to rollouts (the driver's steps, operators' controls).
+    /// Serialises changes to rollouts (the driver's steps, operators' controls, catch-up).
     pub rollouts: std::sync::Mutex<()>,
+    /// Agents to catch up, and whether each has just staged something; the driver drains it.
+    pub catch_ups: std::sync::Mutex<std::collections::HashMap<AgentId, bool>>,
 }
 
 impl Controller {
     /// Holds off every other change to rollouts while held.
     pub fn rollout_lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.rollouts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the rollout driver to catch an agent up (bounded: one entry per agent).
+    pub fn ask_catch_up(&self, id: &AgentId, staged_now: bool) {
+        *self.catch_ups.lock().unwrap_or_else(|p| p.into_inner()).entry(id.clone()).or_default() |= staged_now;
+        self.fleet.bump();
+    }
+
+    /// The agents asked to be caught up since the last call.
+    pub fn take_catch_ups(&self) -> std::collections::HashMap<AgentId, bool> {
+        std::mem::take(&mut *self.catch_ups.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -93,6 +106,7 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         config,
         ca_fingerprint,
         rollouts: std::sync::Mutex::new(()),
+        catch_ups: Default::default(),
     });
     info!(%addr, "Controller listening.");
     let task = tokio::spawn(accept_loop(controller.clone(), endpoint.clone()));

@@ -141,6 +141,11 @@ pub struct DesiredRecord {
     /// The selectors of the rollout that released it: catch-up brings only agents they
     /// match (by token labels) to this version.
     pub selectors: Labels,
+    /// The first seq of the rollout that released it.
+    pub since_seq: u64,
+    /// Agents a later rollout that failed or was aborted could not send back: catch-up
+    /// brings them to this version whatever seq they applied since.
+    pub owed: Vec<AgentId>,
 }
 
 /// What an environment should run, as version 1 stored it (released to every agent).
@@ -166,6 +171,8 @@ fn dec_desired(k: &[u8], bytes: &[u8]) -> Result<DesiredRecord> {
             targets: d.targets,
             history: d.history,
             selectors: Labels::new(),
+            since_seq: d.seq,
+            owed: vec![],
         }),
         _ => dec(k, bytes),
     }

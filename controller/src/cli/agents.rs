@@ -7,7 +7,8 @@ use stagehand_common::protocol::{AdminRequest, AdminResponse};
 
 #[derive(Subcommand, Debug)]
 pub enum AgentsCommand {
-    /// Every agent: id, name, environment, labels, connected, versions per app.
+    /// Every agent: id, name, environment, labels (`own:` marks labels the agent asked for
+    /// itself, which rollout selectors never match), connected, versions per app.
     List,
     /// Refuse an agent everywhere from now on and close its connections.
     Revoke(RevokeArgs),
@@ -36,16 +37,28 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
             }
             println!("{:<20} {:<16} {:<10} {:<10} {:<20} APPS", "ID", "NAME", "ENV", "CONNECTED", "LABELS");
             for a in agents {
-                let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                // Token labels select the agent; the ones it asked for itself are marked `own:`.
+                let labels: Vec<String> = a
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .chain(
+                        a.own_labels
+                            .iter()
+                            .filter(|(k, _)| !a.labels.contains_key(*k))
+                            .map(|(k, v)| format!("own:{k}={v}")),
+                    )
+                    .map(|l| super::clean(&l))
+                    .collect();
                 let apps: Vec<String> = a
                     .apps
                     .iter()
                     .map(|x| {
                         format!(
                             "{}: active={} staged=[{}]",
-                            x.app,
-                            x.active.as_deref().unwrap_or("-"),
-                            x.staged.join(",")
+                            super::clean(&x.app),
+                            super::clean(x.active.as_deref().unwrap_or("-")),
+                            super::clean(&x.staged.join(","))
                         )
                     })
                     .collect();

@@ -18,11 +18,17 @@ pub struct AgentApp<'a> {
     pub staged: bool,
     /// Its latest receipt for the app.
     pub last_receipt: Option<LastReceipt<'a>>,
+    /// A rollout that failed or was aborted could not send it back: it is owed the
+    /// environment's version whatever seq it applied since.
+    pub owed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LastReceipt<'a> {
+    pub seq: u64,
     pub version: &'a str,
+    /// The agent recorded the seq as applied (it tried: switched, or refused after its intent).
+    pub applied: bool,
     /// Refused for want of the bytes (not staged, digest mismatch) or of time (expired).
     pub for_want_of_bytes: bool,
 }
@@ -31,7 +37,11 @@ pub struct LastReceipt<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired<'a> {
     pub version: &'a str,
+    /// The seq of the environment's message (the last wave's).
     pub seq: u64,
+    /// The first seq of the rollout that released it: a receipt for the version from
+    /// this seq on is an answer to this release, not to an older one.
+    pub since_seq: u64,
     /// The environment's message names this agent and is valid for a while yet.
     pub message_usable: bool,
 }
@@ -49,18 +59,23 @@ pub enum CatchUp {
 /// Whether an agent that (re)connected, or just staged something (`staged_now`), is behind
 /// its environment and how to bring it there. A rollout of the app in the environment
 /// that has not ended decides for its hosts: catch-up waits until it has.
-///
-/// Decided by versions, not seqs: a host a failed rollout switched and could not put back
-/// has applied a higher seq than the environment's message, and must still come back.
 pub fn catch_up(desired: &Desired, agent: &AgentApp, rollout_running: bool, staged_now: bool) -> CatchUp {
     if rollout_running || !agent.staged || agent.active == Some(desired.version) {
         return CatchUp::Nothing;
     }
-    // It tried the released version already and it did not stay (refused, unhealthy): it
-    // is not pestered again, unless it lacked the bytes then and has just staged them.
-    if let Some(r) = &agent.last_receipt {
-        if r.version == desired.version && !(staged_now && r.for_want_of_bytes) {
+    if !agent.owed {
+        // It applied the environment's message or something newer (a message exported and
+        // applied by hand): what it runs now was decided after the release.
+        if agent.last_seq.is_some_and(|s| s >= desired.seq) {
             return CatchUp::Nothing;
+        }
+        // It tried this release already and it did not stay (refused after its intent,
+        // unhealthy): not pestered again, unless it lacked the bytes then and has them now.
+        if let Some(r) = &agent.last_receipt {
+            let tried = r.version == desired.version && r.seq >= desired.since_seq && r.applied;
+            if tried && !(staged_now && r.for_want_of_bytes) {
+                return CatchUp::Nothing;
+            }
         }
     }
     if desired.message_usable && agent.last_seq.is_none_or(|s| s < desired.seq) {
@@ -136,14 +151,15 @@ mod tests {
     use super::*;
 
     fn agent(active: Option<&str>, last_seq: Option<u64>) -> AgentApp<'_> {
-        AgentApp { active, last_seq, staged: true, last_receipt: None }
+        AgentApp { active, last_seq, staged: true, last_receipt: None, owed: false }
     }
 
-    fn tried<'a>(version: &'a str, for_want_of_bytes: bool, a: AgentApp<'a>) -> AgentApp<'a> {
-        AgentApp { last_receipt: Some(LastReceipt { version, for_want_of_bytes }), ..a }
+    fn tried<'a>(version: &'a str, seq: u64, applied: bool, for_want_of_bytes: bool, a: AgentApp<'a>) -> AgentApp<'a> {
+        AgentApp { last_receipt: Some(LastReceipt { seq, version, applied, for_want_of_bytes }), ..a }
     }
 
-    const DESIRED: Desired = Desired { version: "v2", seq: 10, message_usable: true };
+    /// v2 released by a rollout whose messages had seqs 8 to 10.
+    const DESIRED: Desired = Desired { version: "v2", seq: 10, since_seq: 8, message_usable: true };
 
     #[test]
     fn catch_up_brings_only_agents_that_are_behind() {
@@ -154,19 +170,47 @@ mod tests {
             ("already runs it", agent(Some("v2"), Some(4)), false, false, Nothing),
             ("a rollout decides", agent(Some("v1"), Some(5)), true, false, Nothing),
             ("not staged", AgentApp { staged: false, ..agent(Some("v1"), None) }, false, false, Nothing),
+            ("applied something newer by hand", agent(Some("v3"), Some(15)), false, false, Nothing),
+            ("handled the message", agent(Some("v1"), Some(10)), false, false, Nothing),
             // A failed rollout switched it to v3 (seq 12) and could not put it back.
-            ("left on another version", tried("v3", false, agent(Some("v3"), Some(12))), false, false, SignFresh),
-            ("tried it, unhealthy", tried("v2", false, agent(Some("v1"), Some(11))), false, true, Nothing),
+            (
+                "owed by a failed rollout",
+                AgentApp { owed: true, ..agent(Some("v3"), Some(12)) },
+                false,
+                false,
+                SignFresh,
+            ),
+            (
+                "tried this release, unhealthy",
+                tried("v2", 8, true, false, agent(Some("v1"), Some(8))),
+                false,
+                true,
+                Nothing,
+            ),
+            (
+                "failed an older release of it",
+                tried("v2", 3, true, false, agent(Some("v1"), Some(5))),
+                false,
+                false,
+                Resend,
+            ),
+            (
+                "refused before its intent",
+                tried("v2", 9, false, false, agent(Some("v1"), Some(5))),
+                false,
+                false,
+                Resend,
+            ),
             (
                 "refused for want of bytes, then staged",
-                tried("v2", true, agent(Some("v1"), Some(5))),
+                tried("v2", 9, true, true, agent(Some("v1"), Some(5))),
                 false,
                 true,
                 Resend,
             ),
             (
                 "refused for want of bytes, nothing new",
-                tried("v2", true, agent(Some("v1"), Some(5))),
+                tried("v2", 9, true, true, agent(Some("v1"), Some(5))),
                 false,
                 false,
                 Nothing,
