@@ -504,4 +504,44 @@ mod tests {
         let outcome = encode(&ReceiptOutcome::Refused(crate::activate::Refusal::StaleSeq));
         assert_eq!(hex::encode(outcome), "0000000100000005");
     }
+
+    /// Protocol 2: a receipt ends with `applied`; the rollout requests follow the older ones.
+    #[test]
+    fn golden_bytes_of_protocol_2() {
+        let receipt = Receipt {
+            agent_id: AgentId("a".into()),
+            app: "w".into(),
+            version: "1".into(),
+            seq: 2,
+            outcome: ReceiptOutcome::Committed,
+            active: None,
+            log: String::new(),
+            check_us: 3,
+            switch_us: 4,
+            total_us: 5,
+            at: 6,
+            applied: true,
+        };
+        let expected = [
+            "000000000000000161", // agent_id
+            "000000000000000177", // app
+            "000000000000000131", // version
+            "0000000000000002",   // seq
+            "00000000",           // Committed
+            "00",                 // active: None
+            "0000000000000000",   // log
+            "0000000000000003",
+            "0000000000000004",
+            "0000000000000005",
+            "0000000000000006",
+            "01", // applied
+        ]
+        .concat();
+        assert_eq!(hex::encode(encode(&receipt)), expected);
+        let status = AdminRequest::RolloutStatus { id: "r-1".into(), after_revision: 7, timeout_secs: 0 };
+        assert_eq!(hex::encode(encode(&status)), "0000000f0000000000000003722d3100000000000000070000000000000000");
+        let control = AdminRequest::ControlRollout { id: "r".into(), action: RolloutAction::Abort };
+        assert_eq!(hex::encode(encode(&control)), "0000001000000000000000017200000002");
+        assert!(hex::encode(encode(&AdminRequest::Rollout(RolloutSpec::default()))).starts_with("0000000d"));
+    }
 }

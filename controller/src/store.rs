@@ -231,6 +231,17 @@ fn scan<T: DeserializeOwned>(tree: &sled::Tree, prefix: &[u8]) -> Result<Vec<(Ve
         .collect()
 }
 
+/// A rollout record of another layout is refused, not misread.
+fn checked_rollout(k: &[u8], r: Rollout) -> Result<Rollout> {
+    if r.v != crate::plan::rollout::RECORD_VERSION {
+        return Err(StoreError::Corrupt {
+            key: format!("rollout {}", hex::encode(k)),
+            why: format!("record version {} is not {}", r.v, crate::plan::rollout::RECORD_VERSION),
+        });
+    }
+    Ok(r)
+}
+
 fn last_part(k: &[u8]) -> String {
     let s = String::from_utf8_lossy(k);
     s.rsplit('\0').next().unwrap_or_default().to_string()
@@ -513,12 +524,13 @@ impl Store {
     }
 
     pub fn rollout(&self, id: &str) -> Result<Option<Rollout>> {
-        get(&self.rollouts, &Self::rollout_key(id))
+        let k = Self::rollout_key(id);
+        get::<Rollout>(&self.rollouts, &k)?.map(|r| checked_rollout(&k, r)).transpose()
     }
 
     /// Every rollout, oldest first.
     pub fn rollouts(&self) -> Result<Vec<Rollout>> {
-        Ok(scan(&self.rollouts, b"")?.into_iter().map(|(_, r)| r).collect())
+        scan::<Rollout>(&self.rollouts, b"")?.into_iter().map(|(k, r)| checked_rollout(&k, r)).collect()
     }
 
     /// The id of the rollout of (env, app) that has not ended, if any.
