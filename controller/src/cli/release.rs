@@ -181,7 +181,8 @@ async fn start(ctx: &Ctx, spec: RolloutSpec, wait: bool, timeout: Duration) -> R
             println!("note: {}", super::clean(n));
         }
     }
-    let code = follow(&client, ctx, rollout, timeout).await?;
+    let mut client = client;
+    let code = follow(&mut client, ctx, rollout, timeout).await?;
     client.close().await;
     Ok(code)
 }

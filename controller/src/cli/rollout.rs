@@ -85,7 +85,10 @@ pub async fn run(c: RolloutCommand, ctx: &Ctx) -> Result<i32> {
                 client.call(&AdminRequest::RolloutStatus { id: a.id, after_revision: 0, timeout_secs: 0 }).await?;
             let AdminResponse::Rollout { rollout, .. } = resp else { bail!("unexpected answer: {resp:?}") };
             if a.watch {
-                follow(&client, ctx, rollout, a.timeout).await?
+                let mut client = client;
+                let code = follow(&mut client, ctx, rollout, a.timeout).await?;
+                client.close().await;
+                return Ok(code);
             } else {
                 if ctx.json() {
                     super::print_json(&json(&rollout));
@@ -155,7 +158,7 @@ pub fn print_started(ctx: &Ctx, r: &RolloutView, notes: &[String]) {
 
 /// Follows a rollout until it ends: a live table on a terminal, a line per change
 /// otherwise, the final view with `-o json`. Exit status as [`exit_code`].
-pub async fn follow(client: &Client, ctx: &Ctx, mut r: RolloutView, timeout: Duration) -> Result<i32> {
+pub async fn follow(client: &mut Client, ctx: &Ctx, mut r: RolloutView, timeout: Duration) -> Result<i32> {
     let live = !ctx.json() && std::io::stdout().is_terminal();
     let mut drawn = 0usize;
     let mut last: Option<RolloutView> = None;
@@ -196,7 +199,19 @@ pub async fn follow(client: &Client, ctx: &Ctx, mut r: RolloutView, timeout: Dur
             return Ok(1);
         }
         let req = AdminRequest::RolloutStatus { id: r.id.clone(), after_revision: r.revision, timeout_secs: 30 };
-        let resp = client.call(&req).await?;
+        let resp = match client.call(&req).await {
+            Ok(resp) => resp,
+            // The rollout goes on in the controller: a restart of it (or a lost connection)
+            // is waited out, not reported as the rollout's failure.
+            Err(e) if e.downcast_ref::<crate::client::OpError>().is_none() => {
+                if !ctx.json() {
+                    eprintln!("warning: lost the controller ({e:#}); reconnecting…");
+                }
+                *client = reconnect(ctx, deadline).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let AdminResponse::Rollout { rollout, .. } = resp else { bail!("unexpected answer: {resp:?}") };
         if rollout.revision != r.revision {
             deadline = tokio::time::Instant::now() + quiet_limit(&rollout);
@@ -252,6 +267,21 @@ pub async fn follow(client: &Client, ctx: &Ctx, mut r: RolloutView, timeout: Dur
         }
     }
     Ok(exit_code(&r))
+}
+
+/// Connects again, with backoff, until `deadline`.
+async fn reconnect(ctx: &Ctx, deadline: tokio::time::Instant) -> Result<Client> {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match ctx.client().await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() + pause >= deadline => return Err(e),
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// Lines for what changed between two views of a rollout (plain output).

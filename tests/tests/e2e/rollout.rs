@@ -241,8 +241,18 @@ fn serve(ctl_dir: &Path, listen: Option<&str>, log: PathBuf) -> Proc {
 async fn a_rollout_survives_kill_9_of_the_controller_and_activates_no_host_twice() {
     let mut ctl = CtlProc::start().await;
     let agents = prod(&ctl.fleet, 3).await;
-    let r =
-        ctl.fleet.rollout(RolloutSpec { waves: Some("1,2,3".into()), bake_secs: Some(2), ..spec("v2") }).await.unwrap();
+    // Started and followed by the CLI, which waits the restarts out.
+    let addr = ctl.fleet.addr.to_string();
+    let admin = ctl.fleet.admin.to_str().unwrap().to_string();
+    let env = [("STAGEHAND_CONTROLLER", addr.as_str()), ("STAGEHAND_CREDENTIALS", admin.as_str())];
+    let args = ["release", "web", "v2", "--env", "prod", "--waves", "1,2,3", "--bake", "2s", "--wait"];
+    let mut cli = Proc::spawn(STAGEHAND, &args, &env, ctl.fleet.path().join("cli.log")).unwrap();
+    let fleet = &ctl.fleet;
+    wait_for("the rollout to start", Duration::from_secs(30), || async { fleet.rollout_status("r-2").await.is_ok() })
+        .await
+        .unwrap();
+    let r = ctl.fleet.rollout_status("r-2").await.unwrap();
+    assert_eq!(r.version, "v2");
     // Killed at once (the first wave being signed or sent), then while the second wave bakes.
     ctl.kill9_and_restart().await;
     let fleet = &ctl.fleet;
@@ -265,6 +275,9 @@ async fn a_rollout_survives_kill_9_of_the_controller_and_activates_no_host_twice
         .collect();
     let waves = log.lines().filter(|l| l.contains("Wave started.") && l.contains(&format!("rollout={}", r.id))).count();
     assert_eq!(waves, 3, "{log}");
+    let status = cli.wait_exit(Duration::from_secs(60)).await.unwrap();
+    assert!(status.success(), "release --wait did not see the rollout through: {}", cli.log_text());
+    assert!(cli.log_text().contains("Rollout r-2 succeeded"), "{}", cli.log_text());
 }
 
 #[tokio::test]
