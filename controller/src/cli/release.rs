@@ -12,9 +12,12 @@ use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct ReleaseArgs {
+    /// The app, as pushed.
     pub app: String,
+    /// The version to make live; it must be staged on the targets (`stagehand deploy`).
     #[arg(id = "artifact_version", value_name = "VERSION")]
     pub version: String,
+    /// The environment whose agents it goes to.
     #[arg(long)]
     pub env: String,
     #[command(flatten)]
@@ -29,7 +32,9 @@ pub struct ReleaseArgs {
 
 #[derive(Args, Debug)]
 pub struct RollbackArgs {
+    /// The app to roll back.
     pub app: String,
+    /// The environment to roll back.
     #[arg(long)]
     pub env: String,
     /// The staged version to go back to (default: the one released before the current).
