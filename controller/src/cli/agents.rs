@@ -32,10 +32,10 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
                 return Ok(0);
             }
             if agents.is_empty() {
-                println!("No agents yet. Enrol one: stagehand token create --env ENV, then stagehand-agent join on the host.");
+                outln!("No agents yet. Enrol one: stagehand token create --env ENV, then stagehand-agent join on the host.");
                 return Ok(0);
             }
-            println!("{:<20} {:<16} {:<10} {:<10} {:<20} APPS", "ID", "NAME", "ENV", "CONNECTED", "LABELS");
+            outln!("{:<20} {:<16} {:<10} {:<10} {:<20} APPS", "ID", "NAME", "ENV", "CONNECTED", "LABELS");
             for a in agents {
                 // Token labels select the agent; the ones it asked for itself are marked `own:`.
                 let labels: Vec<String> = a
@@ -69,7 +69,7 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
                 } else {
                     "no"
                 };
-                println!(
+                outln!(
                     "{:<20} {:<16} {:<10} {:<10} {:<20} {}",
                     a.id,
                     a.name,
@@ -87,7 +87,7 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
             if ctx.json() {
                 super::print_json(&serde_json::json!({ "revoked": agent }));
             } else {
-                println!("Revoked {agent}.");
+                outln!("Revoked {agent}.");
             }
         }
     }

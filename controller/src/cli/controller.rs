@@ -44,12 +44,12 @@ pub async fn run(cmd: ControllerCommand, ctx: &Ctx) -> Result<i32> {
                     "ca_fingerprint": done.ca_fingerprint, "release_key_id": done.release_key_id,
                 }));
             } else {
-                println!("Initialised controller in {}", a.data_dir.display());
-                println!("  config:            {}", done.config.display());
-                println!("  admin credentials: {}", done.admin_dir.display());
-                println!("  CA fingerprint:    {}", done.ca_fingerprint);
-                println!("  release key:       {}", done.release_key_id);
-                println!("Next: stagehand controller serve --data-dir {}", a.data_dir.display());
+                outln!("Initialised controller in {}", a.data_dir.display());
+                outln!("  config:            {}", done.config.display());
+                outln!("  admin credentials: {}", done.admin_dir.display());
+                outln!("  CA fingerprint:    {}", done.ca_fingerprint);
+                outln!("  release key:       {}", done.release_key_id);
+                outln!("Next: stagehand controller serve --data-dir {}", a.data_dir.display());
             }
             Ok(0)
         }

@@ -37,7 +37,7 @@ pub async fn run(a: DeployArgs, ctx: &Ctx) -> Result<i32> {
                 &serde_json::json!({ "app": a.app, "version": a.version, "env": a.env, "digest": digest.to_string(), "targets": targets }),
             );
         } else {
-            println!(
+            outln!(
                 "Staging {} {} on {} agent(s) of {}. Follow with: stagehand status {} --env {}",
                 a.app,
                 a.version,
@@ -77,19 +77,19 @@ pub async fn wait_and_report(
     } else {
         let ids = |v: &[AgentId]| v.iter().map(|x| x.0.clone()).collect::<Vec<_>>().join(", ");
         if ok {
-            println!("{what}: {done_word} on all {} agent(s).", done.len());
+            outln!("{what}: {done_word} on all {} agent(s).", done.len());
         } else {
-            println!(
+            outln!(
                 "{what}: {done_word} on {} agent(s), failed on {}, still pending on {}.",
                 done.len(),
                 failed.len(),
                 pending.len()
             );
             for (id, why) in &failed {
-                println!("  failed  {id}: {why}");
+                outln!("  failed  {id}: {why}");
             }
             if !pending.is_empty() {
-                println!("  pending {}", ids(&pending));
+                outln!("  pending {}", ids(&pending));
             }
         }
     }

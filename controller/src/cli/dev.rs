@@ -109,15 +109,15 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
     if ctx.output == Output::Json {
         super::print_json(&serde_json::json!({ "controller": addr, "credentials": admin, "data_dir": root }));
     } else {
-        println!("Stagehand dev fleet is up in {}", root.display());
-        println!("  controller {addr}; agents dev-1, staging-1, prod-1 (one per environment)");
-        println!("  sample app hello 1.0.0: staged in every environment, live in dev\n");
-        println!("In another terminal:\n");
-        println!("  {exports}");
-        println!("  stagehand agents list");
-        println!("  stagehand status hello --env prod");
-        println!("  stagehand release hello 1.0.0 --env staging --wait");
-        println!("\nCtrl-C stops everything.");
+        outln!("Stagehand dev fleet is up in {}", root.display());
+        outln!("  controller {addr}; agents dev-1, staging-1, prod-1 (one per environment)");
+        outln!("  sample app hello 1.0.0: staged in every environment, live in dev\n");
+        outln!("In another terminal:\n");
+        outln!("  {exports}");
+        outln!("  stagehand agents list");
+        outln!("  stagehand status hello --env prod");
+        outln!("  stagehand release hello 1.0.0 --env staging --wait");
+        outln!("\nCtrl-C stops everything.");
     }
     super::controller::shutdown_signal().await;
     eprintln!("Stopping.");

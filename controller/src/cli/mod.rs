@@ -1,5 +1,16 @@
 //! The `stagehand` command line: the controller daemon and the operator's client commands.
 
+/// `println!` for command output: a reader that goes away (`stagehand agents list | head -1`)
+/// ends the command quietly instead of a panic.
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::cli::write_out(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// `print!` for command output, as [`outln!`].
+macro_rules! out {
+    ($($t:tt)*) => { $crate::cli::write_out(format_args!($($t)*)) };
+}
+
 mod agents;
 mod controller;
 mod deploy;
@@ -84,9 +95,23 @@ impl Ctx {
     }
 }
 
+/// Writes command output; when stdout's reader is gone (a closed pipe), the command has done
+/// its work and nobody reads the rest: exit 0 quietly.
+pub fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Prints a JSON value on stdout.
 pub fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialise"));
+    outln!("{}", serde_json::to_string_pretty(v).expect("JSON values serialise"));
 }
 
 /// Runs the CLI; returns the process exit code.

@@ -127,7 +127,7 @@ fn print(ctx: &Ctx, a: &PushArgs, p: &Pushed) {
         }));
         return;
     }
-    println!("{}", p.digest);
+    outln!("{}", p.digest);
     if p.already_present {
         eprintln!("{} {} is already present with this content; nothing uploaded.", a.app, a.version);
     } else {

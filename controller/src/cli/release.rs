@@ -183,7 +183,7 @@ async fn start(ctx: &Ctx, spec: RolloutSpec, wait: bool, timeout: Duration) -> R
     }
     if !ctx.json() {
         for n in &notes {
-            println!("note: {}", super::clean(n));
+            outln!("note: {}", super::clean(n));
         }
     }
     let mut client = client;
@@ -205,7 +205,7 @@ async fn export(ctx: &Ctx, req: AdminRequest, app: &str, env: &str, path: &PathB
             &serde_json::json!({ "app": app, "version": version, "env": env, "seq": seq, "file": path, "targets": targets }),
         );
     } else {
-        println!(
+        outln!(
             "Wrote the activate message for {app} {version} (seq {seq}, {} target(s)) to {}. Apply it on a host with: stagehand-agent activate --data-dir DIR --file {}",
             targets.len(),
             path.display(),

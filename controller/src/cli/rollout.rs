@@ -58,14 +58,20 @@ pub async fn run(c: RolloutCommand, ctx: &Ctx) -> Result<i32> {
             if ctx.json() {
                 super::print_json(&serde_json::Value::Array(rollouts.iter().map(json).collect()));
             } else if rollouts.is_empty() {
-                println!("No rollouts yet. Start one with: stagehand release APP VERSION --env ENV");
+                outln!("No rollouts yet. Start one with: stagehand release APP VERSION --env ENV");
             } else {
-                println!(
+                outln!(
                     "{:<8} {:<14} {:<14} {:<10} {:<9} {:<13} {:<7} REASON",
-                    "ID", "APP", "VERSION", "ENV", "KIND", "STATE", "WAVE"
+                    "ID",
+                    "APP",
+                    "VERSION",
+                    "ENV",
+                    "KIND",
+                    "STATE",
+                    "WAVE"
                 );
                 for r in &rollouts {
-                    println!(
+                    outln!(
                         "{:<8} {:<14} {:<14} {:<10} {:<9} {:<13} {:<7} {}",
                         r.id,
                         clean(&r.app),
@@ -93,7 +99,7 @@ pub async fn run(c: RolloutCommand, ctx: &Ctx) -> Result<i32> {
                 if ctx.json() {
                     super::print_json(&json(&rollout));
                 } else {
-                    print!("{}", render(&rollout));
+                    out!("{}", render(&rollout));
                 }
                 exit_code(&rollout)
             }
@@ -114,7 +120,7 @@ async fn control(client: &Client, ctx: &Ctx, id: String, action: RolloutAction) 
         v["notes"] = serde_json::json!(notes);
         super::print_json(&v);
     } else {
-        println!("{id}: {}. Follow with: stagehand rollout status {id} --watch", notes.join("; "));
+        outln!("{id}: {}. Follow with: stagehand rollout status {id} --watch", notes.join("; "));
     }
     Ok(0)
 }
@@ -147,12 +153,12 @@ pub fn print_started(ctx: &Ctx, r: &RolloutView, notes: &[String]) {
         super::print_json(&v);
         return;
     }
-    print!("{}", render(r));
+    out!("{}", render(r));
     for n in notes {
-        println!("note: {}", clean(n));
+        outln!("note: {}", clean(n));
     }
     if r.state != "planned" {
-        println!("Follow with: stagehand rollout status {} --watch", r.id);
+        outln!("Follow with: stagehand rollout status {} --watch", r.id);
     }
 }
 
@@ -173,13 +179,13 @@ pub async fn follow(client: &mut Client, ctx: &Ctx, mut r: RolloutView, timeout:
             let table = render(&r);
             if drawn > 0 {
                 // Up over the previous table, and clear to the end of the screen.
-                print!("\x1b[{drawn}A\x1b[J");
+                out!("\x1b[{drawn}A\x1b[J");
             }
-            print!("{table}");
+            out!("{table}");
             drawn = table.lines().count();
         } else if !ctx.json() {
             for line in changes(last.as_ref(), &r) {
-                println!("{line}");
+                outln!("{line}");
             }
         }
         if is_final(&r) {
@@ -231,7 +237,7 @@ pub async fn follow(client: &mut Client, ctx: &Ctx, mut r: RolloutView, timeout:
             ),
             _ => format!("Rollout {} {}: {}", r.id, r.state, clean(&r.reason)),
         };
-        println!("{verdict}");
+        outln!("{verdict}");
         let stranded: Vec<String> = r
             .waves
             .iter()

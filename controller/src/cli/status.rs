@@ -22,13 +22,13 @@ pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
         return Ok(0);
     }
     match &status.desired {
-        Some((v, seq)) => println!("{} in {}: desired {v} (seq {seq})", status.app, status.env),
-        None => println!("{} in {}: never released", status.app, status.env),
+        Some((v, seq)) => outln!("{} in {}: desired {v} (seq {seq})", status.app, status.env),
+        None => outln!("{} in {}: never released", status.app, status.env),
     }
     if status.agents.is_empty() {
-        println!("No agents in {}.", status.env);
+        outln!("No agents in {}.", status.env);
     }
-    println!("{:<16} {:<20} {:<10} {:<12} {:<24} LAST RECEIPT", "NAME", "ID", "CONNECTED", "ACTIVE", "STAGED");
+    outln!("{:<16} {:<20} {:<10} {:<12} {:<24} LAST RECEIPT", "NAME", "ID", "CONNECTED", "ACTIVE", "STAGED");
     for ag in &status.agents {
         let receipt = match &ag.last_receipt {
             None => "-".to_string(),
@@ -48,7 +48,7 @@ pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
         for (v, why) in &ag.staging_failed {
             staged.push_str(&format!(" {v}:FAILED({why})"));
         }
-        println!(
+        outln!(
             "{:<16} {:<20} {:<10} {:<12} {:<24} {}",
             ag.name,
             ag.id,

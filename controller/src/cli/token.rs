@@ -44,7 +44,7 @@ pub async fn run(cmd: TokenCommand, ctx: &Ctx) -> Result<i32> {
     if ctx.json() {
         super::print_json(&serde_json::json!({ "token": token, "env": a.env, "expires_at": expires_at }));
     } else {
-        println!("{token}");
+        outln!("{token}");
     }
     Ok(0)
 }

@@ -512,6 +512,29 @@ async fn acceptance_through_the_cli() {
     assert!(prod[..3].iter().all(|a| current(a).as_deref() == Some("good2")));
     assert_eq!(current(&prod[3]).as_deref(), Some("good"));
 
+    // A reader that goes away early (`| head -1`) ends the command quietly, not with a panic.
+    for args in [&["rollout", "list"][..], &["agents", "list"][..], &["rollout", "status", "r-1", "-o", "json"][..]] {
+        let (addr, admin) = (fleet.addr.to_string(), fleet.admin.clone());
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let out = tokio::task::spawn_blocking(move || {
+            let mut child = std::process::Command::new(STAGEHAND)
+                .args(&args)
+                .env("STAGEHAND_CONTROLLER", addr)
+                .env("STAGEHAND_CREDENTIALS", admin)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            drop(child.stdout.take());
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+
     // A rollback says what it does; a second one says why it cannot go further back.
     let (code, out, err) = cli(&fleet, &["rollback", "web", "--env", "prod", "--offline", "skip", "--wait"]).await;
     assert_eq!(code, 0, "{out}{err}");
