@@ -303,6 +303,7 @@ pub fn view(ctl: &Controller, r: &Rollout) -> RolloutView {
                 (None, _) if r.state.is_final() || matches!(r.state, State::RollingBack(_)) => "untouched",
                 (None, _) if i == r.wave && w.gate_since.is_some() => "staging-gate",
                 (None, _) => "waiting",
+                (Some(_), None) if r.state.is_final() => "stopped",
                 (Some(_), None) => "in-progress",
                 (Some(_), Some(_)) if i == r.wave && i != last && !r.state.is_final() => "baking",
                 (Some(_), Some(_)) => "passed",

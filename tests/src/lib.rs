@@ -253,13 +253,6 @@ impl Fleet {
         let r = self.rollout(spec).await?;
         Ok((r.version, r.id))
     }
-
-    pub async fn wait_release(&self, app: &str, env: &str, seq: u64) -> Result<Progress> {
-        match self.call(AdminRequest::WaitRelease { app: app.into(), env: env.into(), seq, timeout_secs: 60 }).await? {
-            AdminResponse::Waited { done, failed, pending } => Ok(Progress { done, failed, pending }),
-            other => bail!("unexpected answer {other:?}"),
-        }
-    }
 }
 
 /// A rollout that has ended.

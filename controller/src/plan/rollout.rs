@@ -672,7 +672,19 @@ impl Rollout {
                     h.state = HostState::Reverting { seq: 0 };
                 }
                 Some(_) => h.state = HostState::Reverted,
-                None => h.state = HostState::NotReverted("nothing was live before this rollout".into()),
+                None => {
+                    // No version to send it back to; a message it holds for later still fires.
+                    let scheduled = match h.receipt.as_ref().map(|r| &r.outcome) {
+                        Some(ReceiptOutcome::Scheduled { until }) => format!(
+                            "; it still switches at {}, as its message was scheduled",
+                            humantime::format_rfc3339_seconds(
+                                std::time::UNIX_EPOCH + std::time::Duration::from_secs(*until)
+                            )
+                        ),
+                        _ => String::new(),
+                    };
+                    h.state = HostState::NotReverted(format!("nothing was live before this rollout{scheduled}"));
+                }
             }
         }
         for (version, hosts) in groups {
@@ -1224,5 +1236,28 @@ mod tests {
         obs.get_mut(&id(0)).unwrap().receipt = Some(stuck);
         let s = r.advance(&obs, 10);
         assert_eq!(perform(&mut r, &s, &mut seq), vec![(Purpose::Revert, "v1".into(), vec![id(0)], 2)]);
+    }
+
+    #[test]
+    fn an_aborted_scheduled_release_says_when_a_host_with_nothing_before_still_switches() {
+        let mut r = rollout(1, &[1]);
+        r.not_before = 100;
+        let mut obs = fleet(1);
+        obs.get_mut(&id(0)).unwrap().active = None;
+        let mut seq = 0;
+        let s = r.advance(&obs, 0);
+        perform(&mut r, &s, &mut seq);
+        answer(&mut obs, &[id(0)], 1, ReceiptOutcome::Scheduled { until: 100 });
+        r.advance(&obs, 10);
+        r.control(Control::Abort, "ops", 20).unwrap();
+        assert!(r.advance(&obs, 30).actions.is_empty());
+        assert_eq!(r.state, State::Aborted);
+        assert_eq!(
+            r.waves[0].hosts[0].state,
+            HostState::NotReverted(
+                "nothing was live before this rollout; it still switches at 1970-01-01T00:01:40Z, as its message was scheduled"
+                    .into()
+            )
+        );
     }
 }
