@@ -85,14 +85,26 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
     if let Err(e) = host.store.set_latest_time(now) {
         warn!(error = %e, "Could not record the latest time seen.");
     }
+    let staged = host.intact(&body.app, &body.version);
+    let damage = match &staged {
+        Some(Err(why)) => Some(format!("{} {} was modified on this host: {why}", body.app, body.version)),
+        _ => None,
+    };
     let view = AgentView {
         agent_id: &host.identity.id,
         env: &host.identity.env,
         last_seq: journal.last_seq,
-        staged: host.intact(&body.app, &body.version),
+        staged: staged.map(|s| s.map_err(|_| ())),
     };
     match activate::check(&body, &view, now) {
-        Err(r) => return refuse(Some(&body), r),
+        Err(r) => {
+            let mut answer = refuse(Some(&body), r.clone());
+            if let (Refusal::DigestMismatch, Some(why), Prepared::Answer(receipt)) = (&r, damage, &mut answer) {
+                // What was modified, and where: the receipt says it to the operator.
+                receipt.log = why;
+            }
+            return answer;
+        }
         Ok(Verdict::AlreadyApplied) => {
             let earlier = journal.last_receipt.clone().filter(|r| r.seq == body.seq).unwrap_or_else(|| {
                 // The receipt file did not survive (a power cut): say what is true now.

@@ -40,6 +40,23 @@ pub struct AppConfig {
     pub env: BTreeMap<String, String>,
     /// Overrides `keep_releases` for this app.
     pub keep_releases: Option<usize>,
+    /// How files a new version has in common with a staged one are reused.
+    #[serde(default)]
+    pub reuse: Reuse,
+}
+
+/// How a new version reuses files it has in common with a staged version of the same app.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reuse {
+    /// Share them: a reflink where the filesystem has them, else a hard link (one inode in
+    /// several versions), else a copy.
+    #[default]
+    Share,
+    /// Give every version files of its own, copied in the kernel (`copy_file_range`, which
+    /// a filesystem with reflinks turns into one). For apps that write into their release
+    /// tree, so that such a write stays in the version it was made in.
+    Copy,
 }
 
 impl AgentConfig {
@@ -55,7 +72,8 @@ impl AgentConfig {
         let text = format!(
             "# Stagehand agent configuration, written by `stagehand-agent join`.\n\
              # keep_releases: staged versions each app keeps besides the live one (0 keeps all).\n\
-             # Per-app settings go under [apps.<name>]: root = \"/srv/web\", env = {{ KEY = \"value\" }}, keep_releases = N\n{}",
+             # Per-app settings go under [apps.<name>]: root = \"/srv/web\", env = {{ KEY = \"value\" }}, keep_releases = N,\n\
+             # reuse = \"copy\" (files of its own for every version, for apps that write into their release tree)\n{}",
             toml::to_string(self)?
         );
         fsx::write_atomic(&data_dir.join("agent.toml"), text.as_bytes(), 0o644)?;
@@ -140,6 +158,8 @@ mod tests {
         assert_eq!(c.apps["web"].env["PORT"], "8080");
         assert_eq!(c.keep_releases, 5);
         assert_eq!(c.apps["billing-worker"].keep_releases, Some(10));
+        assert_eq!(c.apps["billing-worker"].reuse, Reuse::Copy);
+        assert_eq!(c.apps["web"].reuse, Reuse::Share);
         let unit = std::fs::read_to_string(dir.join("stagehand-agent.service")).unwrap();
         assert!(unit.contains("stagehand-agent run --data-dir"));
     }

@@ -2,13 +2,14 @@
 //! identity, the index of staged versions, and the recovery done at start-up.
 
 use crate::config::{AgentConfig, AppConfig, Identity};
+use crate::share::Ledger;
 use crate::store::{StagedRecord, Store};
 use crate::tree;
 use anyhow::{Context, Result};
 use stagehand_common::activate::{Activate, SignedActivate};
 use stagehand_common::ids::check_name;
 use stagehand_common::manifest::Manifest;
-use stagehand_common::protocol::{DeployUp, ReleaseUp, StagedArtifact};
+use stagehand_common::protocol::{DeployUp, ReleaseUp, StageOutcome, StagedArtifact};
 use stagehand_common::{frame, fsx, Digest};
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -120,6 +121,8 @@ pub struct Host {
     pub layout: Layout,
     pub identity: Identity,
     pub store: Store,
+    /// Inodes shared between versions, and the seal checks that know about them.
+    pub ledger: Ledger,
     /// One activation at a time on this host.
     pub activation: std::sync::Arc<tokio::sync::Mutex<()>>,
     staging: Mutex<Staging>,
@@ -145,6 +148,7 @@ impl Host {
         let host = Host {
             layout,
             identity,
+            ledger: Ledger::new(store.clone()),
             store,
             activation: std::sync::Arc::new(tokio::sync::Mutex::new(())),
             staging: Mutex::default(),
@@ -174,8 +178,8 @@ impl Host {
                 }
                 let dir = l.release_dir(&app, &version);
                 let checked = l.read_manifest(&app, &version).map_err(|e| format!("{e:#}")).and_then(|m| {
-                    tree::verify(&dir, &m)?;
-                    let seal = tree::seal(&dir, &m).map_err(|e| e.to_string())?;
+                    tree::verify(&dir, &m).map_err(|d| d.to_string())?;
+                    let seal = self.ledger.reseal(&app, &dir, &m).map_err(|e| e.to_string())?;
                     Ok((m.digest(), seal))
                 });
                 match checked {
@@ -189,10 +193,16 @@ impl Host {
                 }
             }
         }
-        for (app, version, _) in self.store.all_staged()? {
+        let mut held: std::collections::HashMap<String, HashSet<u64>> = Default::default();
+        for (app, version, r) in self.store.all_staged()? {
             if !l.release_dir(&app, &version).is_dir() {
                 self.store.remove_staged(&app, &version)?;
+                continue;
             }
+            held.entry(app).or_default().extend(r.seal.iter().map(|s| s.ino));
+        }
+        for app in l.apps() {
+            self.ledger.forget_unheld(&app, held.get(&app).unwrap_or(&HashSet::new()))?;
         }
         self.store.flush()?;
         Ok(())
@@ -210,35 +220,77 @@ impl Host {
             .collect()
     }
 
-    /// Rule 5's input: the digest a version was staged with, if it is staged and intact.
-    /// The seal makes the common case a few `stat`s; if it is broken the tree is re-read.
-    pub fn intact(&self, app: &str, version: &str) -> Option<Result<Digest, ()>> {
+    /// Rule 5's input: the digest a version was staged with, if it is staged and intact,
+    /// or why it is not. The seal makes the common case a few `stat`s; if it is broken the
+    /// tree is read in full.
+    pub fn intact(&self, app: &str, version: &str) -> Option<Result<Digest, String>> {
         let rec = self.store.staged(app, version).ok().flatten()?;
         let dir = self.layout.release_dir(app, version);
         if !dir.is_dir() {
             return None;
         }
-        if tree::seal_holds(&dir, &rec.seal) {
-            return Some(Ok(rec.digest));
-        }
-        let verified = self
-            .layout
-            .read_manifest(app, version)
-            .ok()
-            .filter(|m| m.digest() == rec.digest)
-            .and_then(|m| tree::verify(&dir, &m).ok().map(|_| m));
-        match verified {
-            Some(m) => {
-                if let Ok(seal) = tree::seal(&dir, &m) {
+        let changed = match self.ledger.check(app, &dir, &rec.seal) {
+            Ok(()) => return Some(Ok(rec.digest)),
+            Err(why) => why,
+        };
+        info!(%app, %version, %changed, "The seal of a staged version no longer holds; reading it in full.");
+        let m = match self.layout.read_manifest(app, version) {
+            Ok(m) if m.digest() == rec.digest => m,
+            Ok(_) => {
+                return Some(Err(format!(
+                    "its manifest in {} was changed",
+                    self.layout.manifest_file(app, version).display()
+                )))
+            }
+            Err(e) => return Some(Err(format!("its manifest cannot be read: {e:#}"))),
+        };
+        match tree::verify(&dir, &m) {
+            Ok(()) => {
+                if let Ok(seal) = self.ledger.reseal(app, &dir, &m) {
                     let _ = self.store.update_staged(app, version, |r| StagedRecord { seal: seal.clone(), ..r });
                 }
                 Some(Ok(rec.digest))
             }
-            None => {
-                warn!(%app, %version, "The staged tree no longer matches its digest.");
-                Some(Err(()))
+            Err(damage) => {
+                let why = format!("{damage}{}", self.shared_with(app, version, &dir, &damage.path));
+                warn!(%app, %version, %why, "The staged tree no longer matches its digest.");
+                // Staged no more, as far as the controller is concerned: a deploy stages it
+                // afresh.
+                self.send_deploy(DeployUp::StageReport {
+                    app: app.to_string(),
+                    version: version.to_string(),
+                    digest: rec.digest,
+                    outcome: StageOutcome::Failed { reason: format!("modified on this host: {why}") },
+                });
+                Some(Err(why))
             }
         }
+    }
+
+    /// For a damaged file that other versions hold too (a hard link): which, and what to do.
+    fn shared_with(&self, app: &str, version: &str, dir: &Path, rel: &str) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(md) = std::fs::symlink_metadata(stagehand_common::manifest::join(dir, rel)) else {
+            return String::new();
+        };
+        if rel.is_empty() || !md.is_file() || md.nlink() < 2 {
+            return String::new();
+        }
+        let mut others: Vec<String> = self
+            .store
+            .all_staged()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(a, v, r)| a == app && v != version && r.seal.iter().any(|s| s.ino == md.ino()))
+            .map(|(_, v, _)| v)
+            .collect();
+        others.sort();
+        let held =
+            if others.is_empty() { "other versions".to_string() } else { format!("{app} {}", others.join(", ")) };
+        format!(
+            "; the file is one inode shared (hard-linked) with {held}, so a write through any of them changes them all; \
+             an app that writes into its release tree needs `reuse = \"copy\"` under [apps.{app}] in agent.toml"
+        )
     }
 
     /// Marks (app, version) as being staged; false if it already is, in which case the

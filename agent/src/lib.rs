@@ -11,6 +11,7 @@ pub mod join;
 pub mod journal;
 pub mod prune;
 pub mod run;
+pub mod share;
 pub mod sink;
 pub mod stage;
 pub mod store;

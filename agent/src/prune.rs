@@ -8,10 +8,13 @@
 //! activation, versions a scheduled message will activate, the version just staged and any
 //! being staged; it stops if it cannot read `current` or the journal. A version leaves the
 //! index first, only if its record did not change since it was read, and only then its
-//! tree is renamed out of `releases/`; the tree is deleted after the lock is released.
+//! tree is renamed out of `releases/`; the tree is deleted after the lock is released,
+//! through the ledger: a file other versions share loses one link, and their seals
+//! still hold.
 
 use crate::host::Host;
 use crate::journal::Journal;
+use crate::store::SealEntry;
 use anyhow::{Context, Result};
 use stagehand_common::fsx;
 use stagehand_common::protocol::DeployUp;
@@ -43,9 +46,11 @@ pub async fn after_staging(host: &Arc<Host>, app: &str, just_staged: &str) {
             return;
         }
     };
+    let host = host.clone();
+    let app = app.to_string();
     let _ = tokio::task::spawn_blocking(move || {
-        for dir in aside {
-            if let Err(e) = fsx::remove_tree(&dir) {
+        for (dir, seal) in aside {
+            if let Err(e) = host.ledger.remove_tree(&app, &dir, Some(&seal)) {
                 warn!(path = %dir.display(), error = %e, "Could not delete a removed release; retried at the next start.");
             }
         }
@@ -54,9 +59,9 @@ pub async fn after_staging(host: &Arc<Host>, app: &str, just_staged: &str) {
 }
 
 /// Takes the versions of `app` beyond `keep` out of the index and `releases/`, reporting
-/// each to the controller; returns where their trees were moved, for the caller to delete.
-/// The caller holds the activation lock.
-pub fn prune(host: &Host, app: &str, just_staged: &str, keep: usize) -> Result<Vec<PathBuf>> {
+/// each to the controller; returns where their trees were moved, with their seals, for the
+/// caller to delete. The caller holds the activation lock.
+pub fn prune(host: &Host, app: &str, just_staged: &str, keep: usize) -> Result<Vec<(PathBuf, Vec<SealEntry>)>> {
     let layout = &host.layout;
     let current = layout.current(app);
     let mut protected: HashSet<String> = host.scheduled_versions(app);
@@ -89,7 +94,7 @@ pub fn prune(host: &Host, app: &str, just_staged: &str, keep: usize) -> Result<V
             Ok(Some(dir)) => {
                 info!(%app, %version, keep, "Removed an old release.");
                 host.send_deploy(DeployUp::Pruned { app: app.to_string(), version });
-                aside.push(dir);
+                aside.push((dir, record.seal));
             }
             Ok(None) => {}
             Err(e) => warn!(%app, %version, error = %format!("{e:#}"), "Could not remove an old release; it stays."),
@@ -132,7 +137,7 @@ pub fn leftovers(host: &Host) {
                 let name = e.file_name().to_string_lossy().into_owned();
                 // Versions cannot start with a dot, so these are never a staging in progress.
                 if name.starts_with(".pruned-") || name.starts_with(".damaged-") {
-                    if let Err(err) = fsx::remove_tree(&e.path()) {
+                    if let Err(err) = host.ledger.remove_tree(&app, &e.path(), None) {
                         warn!(path = %e.path().display(), error = %err, "Could not remove a leftover tree.");
                     }
                 }

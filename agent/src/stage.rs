@@ -2,11 +2,17 @@
 //! temporary tree beside `releases/`, fsync, and rename it into place. A half-written
 //! version is never visible under `releases/`; a restarted stage resumes from what the
 //! temporary tree already holds.
+//!
+//! What another staged version of the app already has is not fetched: whole files are
+//! shared with it (`share.rs`), and chunks of changed files are copied from it in the
+//! kernel, without hashing them again while that version's seal holds.
 
+use crate::config::Reuse;
 use crate::failpoint;
 use crate::host::Host;
+use crate::share::{self, Ledger, Reused, Stamp};
 use crate::sink::{self, Edge, Sink};
-use crate::store::StagedRecord;
+use crate::store::{SealEntry, StagedRecord};
 use crate::tree;
 use anyhow::{bail, Context, Result};
 use stagehand_common::frame::{self, read_blob, write_msg};
@@ -16,7 +22,7 @@ use stagehand_common::protocol::{DeployUp, StageOutcome};
 use stagehand_common::{fsx, Digest};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -68,10 +74,10 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
                 host.store.touch(app, version)?;
                 return Ok((0, 0));
             }
-            Some(Err(())) if layout.active(app).as_deref() == Some(version.as_str()) => {
-                bail!("the live copy of {app} {version} was modified on this host; release another version, then deploy again to repair it")
+            Some(Err(why)) if layout.active(app).as_deref() == Some(version.as_str()) => {
+                bail!("the live copy of {app} {version} was modified on this host ({why}); release another version, then deploy again to repair it")
             }
-            Some(Err(())) => {
+            Some(Err(_)) => {
                 // Damaged and not live: move it out of releases/ and stage it afresh.
                 warn!(%app, %version, "The staged copy was modified; staging it again.");
                 let aside =
@@ -81,7 +87,7 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
                     .with_context(|| format!("moving {} aside", release_dir.display()))?;
                 fsx::fsync_dir(&layout.releases(app))?;
                 host.store.remove_staged(app, version)?;
-                if let Err(e) = fsx::remove_tree(&aside) {
+                if let Err(e) = host.ledger.remove_tree(app, &aside, None) {
                     warn!(path = %aside.display(), error = %e, "Could not remove the damaged copy; it is removed at the next start.");
                 }
             }
@@ -98,22 +104,28 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
     }
     let manifest = Arc::new(Manifest::decode(&bytes).context("the artifact's manifest is unacceptable")?);
     let staging = layout.staging(app).join(format!("{version}-{}", digest.short()));
-    let donors = donors(host, app, version);
 
     let t0 = Instant::now();
     let plan = {
+        let (host, app, version) = (host.clone(), app.clone(), version.clone());
         let (staging, manifest) = (staging.clone(), manifest.clone());
-        tokio::task::spawn_blocking(move || prepare(&staging, &manifest, &donors)).await??
+        tokio::task::spawn_blocking(move || {
+            let donors = donors(&host, &app, &version);
+            let reuse = host.layout.app_config(&app).reuse;
+            prepare(&host.ledger, &app, reuse, &staging, &manifest, &donors)
+        })
+        .await??
     };
     let reused = plan.reused;
     let t1 = Instant::now();
-    let fetched = fetch(conn, plan.need, plan.files.clone(), plan.direct.clone(), &staging).await?;
+    let fetched = fetch(host, app, conn, plan.need, plan.files.clone(), plan.direct.clone(), &staging).await?;
     let t2 = Instant::now();
 
     let (host2, app2, version2, manifest_file) =
         (host.clone(), app.clone(), version.clone(), layout.manifest_file(app, version));
     tokio::task::spawn_blocking(move || {
-        let seal = finish(&staging, &release_dir, &manifest_file, &bytes, &manifest, &plan.files)?;
+        let target = Target { staging: &staging, release_dir: &release_dir, manifest_file: &manifest_file };
+        let seal = finish(&host2.ledger, &app2, &target, &bytes, &manifest, &plan.files, &plan.made)?;
         host2.store.put_staged(
             &app2,
             &version2,
@@ -127,6 +139,9 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
         prepare_ms = (t1 - t0).as_millis() as u64,
         fetch_ms = (t2 - t1).as_millis() as u64,
         finish_ms = t2.elapsed().as_millis() as u64,
+        linked = plan.counts[0],
+        cloned = plan.counts[1],
+        copied = plan.counts[2],
         "Staging phases."
     );
     Ok((fetched, reused))
@@ -142,10 +157,43 @@ async fn fetch_manifest(conn: &quinn::Connection, digest: Digest) -> Result<Vec<
     }
 }
 
-/// Chunks available locally, from other staged versions of the same app.
-fn donors(host: &Host, app: &str, version: &str) -> HashMap<Digest, (PathBuf, u64)> {
-    let mut out = HashMap::new();
-    for (a, v, _) in host.store.all_staged().unwrap_or_default() {
+/// What the other staged versions of the app offer a new one.
+#[derive(Default)]
+struct Donors {
+    /// Whole files of versions whose seal holds, by mode and content.
+    files: HashMap<(u32, u64, Digest), Donor>,
+    /// Chunks wherever they are: first those of versions whose seal holds.
+    chunks: HashMap<Digest, ChunkAt>,
+}
+
+/// A file of a staged version whose seal held when staging began.
+struct Donor {
+    path: PathBuf,
+    sealed: Arc<SealEntry>,
+}
+
+/// Where a chunk is; `sealed` when its version's seal held when staging began, so that its
+/// bytes may be copied without hashing them while the file still holds.
+struct ChunkAt {
+    path: PathBuf,
+    offset: u64,
+    sealed: Option<Arc<SealEntry>>,
+}
+
+/// A file's identity for sharing: its mode, its size and the digest of its chunk list
+/// (content-defined chunks: the same content has the same list).
+fn file_key(mode: u32, size: u64, chunks: &[manifest::ChunkRef]) -> (u32, u64, Digest) {
+    let mut list = Vec::with_capacity(chunks.len() * 36);
+    for c in chunks {
+        list.extend_from_slice(&c.digest.0);
+        list.extend_from_slice(&c.len.to_be_bytes());
+    }
+    (mode, size, Digest::of(&list))
+}
+
+fn donors(host: &Host, app: &str, version: &str) -> Donors {
+    let mut versions = Vec::new();
+    for (a, v, rec) in host.store.all_staged().unwrap_or_default() {
         if a != app || v == version {
             continue;
         }
@@ -153,10 +201,30 @@ fn donors(host: &Host, app: &str, version: &str) -> HashMap<Digest, (PathBuf, u6
             continue;
         };
         let root = host.layout.release_dir(&a, &v);
-        for (path, _, _, chunks) in m.files() {
+        let trusted = m.digest() == rec.digest && host.ledger.check(app, &root, &rec.seal).is_ok();
+        versions.push((!trusted, root, m, rec.seal));
+    }
+    // Versions whose seal holds first: their chunks are found before the others'.
+    versions.sort_by_key(|v| v.0);
+    let mut out = Donors::default();
+    for (untrusted, root, m, seal) in versions {
+        let mut sealed: HashMap<String, Arc<SealEntry>> =
+            if untrusted { HashMap::new() } else { seal.into_iter().map(|s| (s.path.clone(), Arc::new(s))).collect() };
+        for (path, mode, size, chunks) in m.files() {
+            let file = manifest::join(&root, path);
+            let entry = sealed.remove(path);
+            if let Some(s) = &entry {
+                out.files
+                    .entry(file_key(mode, size, chunks))
+                    .or_insert_with(|| Donor { path: file.clone(), sealed: s.clone() });
+            }
             let mut offset = 0u64;
             for c in chunks {
-                out.entry(c.digest).or_insert_with(|| (manifest::join(&root, path), offset));
+                out.chunks.entry(c.digest).or_insert_with(|| ChunkAt {
+                    path: file.clone(),
+                    offset,
+                    sealed: entry.clone(),
+                });
                 offset += u64::from(c.len);
             }
         }
@@ -171,24 +239,41 @@ struct Need {
     places: Vec<(usize, u64)>,
 }
 
+/// How a file of the new version is being made.
+enum Made {
+    /// Written here, chunk by chunk: fetched, copied from another version, or found from an
+    /// earlier attempt.
+    Written,
+    /// Reused whole from another version, sealed there as this.
+    Reused(Reused, Arc<SealEntry>),
+}
+
 struct Plan {
     files: Arc<Vec<PathBuf>>,
+    made: Vec<Made>,
     /// Per file: written with direct I/O (`sink::wants_direct`).
     direct: Arc<Vec<bool>>,
     need: Vec<Need>,
     reused: u64,
+    /// Files linked, cloned and copied whole.
+    counts: [usize; 3],
 }
 
-/// Lays out the temporary tree and decides, chunk by chunk, what is already there (from an
-/// interrupted attempt), what can be copied from another staged version, and what to fetch.
-fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)>) -> Result<Plan> {
+/// Lays out the temporary tree and decides, file by file and chunk by chunk, what is
+/// already there (from an interrupted attempt), what is reused from another staged
+/// version, and what to fetch.
+fn prepare(ledger: &Ledger, app: &str, reuse: Reuse, staging: &Path, m: &Manifest, donors: &Donors) -> Result<Plan> {
     let resumed = staging.exists();
     std::fs::create_dir_all(staging).with_context(|| format!("creating {}", staging.display()))?;
     let mut files = Vec::new();
+    let mut made = Vec::new();
     let mut direct = Vec::new();
     let mut need: Vec<Need> = Vec::new();
     let mut index: HashMap<Digest, usize> = HashMap::new();
     let mut reused = 0u64;
+    let mut counts = [0; 3];
+    let mut reflinks = true;
+    let mut sources = Sources::default();
     let mut buf = Vec::new();
     for e in &m.entries {
         let path = manifest::join(staging, &e.path);
@@ -204,20 +289,51 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
                 }
                 std::os::unix::fs::symlink(target, &path).with_context(|| format!("creating {}", path.display()))?;
             }
-            EntryKind::File { size, chunks, .. } => {
+            EntryKind::File { mode, size, chunks } => {
+                files.push(path.clone());
+                if resumed {
+                    // Never write into what an earlier attempt linked: it is another
+                    // version's inode.
+                    let shared = std::fs::symlink_metadata(&path).is_ok_and(|md| !md.is_file() || md.nlink() > 1);
+                    if shared {
+                        ledger.unlink(app, &path, None).with_context(|| format!("removing {}", path.display()))?;
+                    }
+                }
+                if let Some(d) = donors.files.get(&file_key(*mode, *size, chunks)) {
+                    if resumed {
+                        ledger.unlink(app, &path, None).with_context(|| format!("removing {}", path.display()))?;
+                    }
+                    let how = ledger
+                        .reuse(app, &d.path, &d.sealed, &path, reuse, &mut reflinks)
+                        .with_context(|| format!("reusing {} for {}", d.path.display(), path.display()))?;
+                    if let Some(how) = how {
+                        counts[match how {
+                            Reused::Linked => 0,
+                            Reused::Cloned => 1,
+                            Reused::Copied => 2,
+                        }] += 1;
+                        reused += size;
+                        made.push(Made::Reused(how, d.sealed.clone()));
+                        direct.push(false);
+                        failpoint::hit_n("stage-reuse", (counts[0] + counts[1] + counts[2]) as u64);
+                        continue;
+                    }
+                }
+                made.push(Made::Written);
                 let f = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create(true)
                     .truncate(false)
                     .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
                     .open(&path)
                     .with_context(|| format!("creating {}", path.display()))?;
                 let had = f.metadata()?.len();
                 if had != *size {
                     f.set_len(*size)?;
                 }
-                let idx = files.len();
+                let idx = files.len() - 1;
                 let reused_before = reused;
                 let mut offset = 0u64;
                 for c in chunks {
@@ -228,10 +344,12 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
                         && f.read_exact_at(&mut buf, offset).is_ok()
                         && Digest::of(&buf) == c.digest;
                     let copied = !present
-                        && donors.get(&c.digest).is_some_and(|(p, off)| {
-                            File::open(p).and_then(|d| d.read_exact_at(&mut buf, *off)).is_ok()
-                                && Digest::of(&buf) == c.digest
-                                && f.write_all_at(&buf, offset).is_ok()
+                        && donors.chunks.get(&c.digest).is_some_and(|at| {
+                            // Kernel-side while the donor holds as sealed; else read and hashed.
+                            sources.copy(ledger, app, at, &f, offset, c.len)
+                                || File::open(&at.path).and_then(|d| d.read_exact_at(&mut buf, at.offset)).is_ok()
+                                    && Digest::of(&buf) == c.digest
+                                    && f.write_all_at(&buf, offset).is_ok()
                         });
                     if present || copied {
                         reused += u64::from(c.len);
@@ -253,17 +371,58 @@ fn prepare(staging: &Path, m: &Manifest, donors: &HashMap<Digest, (PathBuf, u64)
                     sink::forget_cached(&f).with_context(|| format!("syncing {}", path.display()))?;
                 }
                 direct.push(is_direct);
-                files.push(path.clone());
             }
         }
     }
-    Ok(Plan { files: Arc::new(files), direct: Arc::new(direct), need, reused })
+    sources.check(ledger, app)?;
+    Ok(Plan { files: Arc::new(files), made, direct: Arc::new(direct), need, reused, counts })
+}
+
+/// Donor files whose chunks were copied without hashing them, as they were when first
+/// opened: each must still hold as sealed once staging is done reading from it.
+#[derive(Default)]
+struct Sources {
+    open: HashMap<PathBuf, Option<(File, Stamp, Arc<SealEntry>)>>,
+}
+
+impl Sources {
+    /// Copies `len` bytes of a chunk from where `at` says to `dst` at `to`, in the kernel;
+    /// false if `at` is not of a sealed version, or no longer holds, or the copy failed.
+    fn copy(&mut self, ledger: &Ledger, app: &str, at: &ChunkAt, dst: &File, to: u64, len: u32) -> bool {
+        let Some(sealed) = &at.sealed else { return false };
+        if self.open.len() >= 64 && !self.open.contains_key(&at.path) && self.check(ledger, app).is_err() {
+            return false;
+        }
+        let src = self.open.entry(at.path.clone()).or_insert_with(|| {
+            let f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&at.path).ok()?;
+            let pre = Stamp::of(&f).ok()?;
+            ledger.holds(app, sealed, &pre.entry(&sealed.path)).then(|| (f, pre, sealed.clone()))
+        });
+        match src {
+            Some((f, _, _)) => share::copy_range(f, at.offset, dst, to, u64::from(len)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Fails if a donor changed while it was read from (its copied bytes cannot be trusted).
+    fn check(&mut self, ledger: &Ledger, app: &str) -> Result<()> {
+        for (path, src) in self.open.drain() {
+            let Some((f, pre, sealed)) = src else { continue };
+            let now = Stamp::of(&f)?;
+            if now.ino != pre.ino || !ledger.holds(app, &sealed, &now.entry(&sealed.path)) {
+                bail!("{} changed while this version was copying from it; deploy again", path.display());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Fetches the needed chunks over several streams; each stream's chunks are verified and
 /// written on a blocking thread while the next ones arrive. The partial blocks of direct
 /// files are written once every stream is done.
 async fn fetch(
+    host: &Arc<Host>,
+    app: &str,
     conn: &quinn::Connection,
     need: Vec<Need>,
     files: Arc<Vec<PathBuf>>,
@@ -320,7 +479,7 @@ async fn fetch(
     }
     if let Err(e) = flushed {
         // After a failed fsync the page cache cannot be trusted: start this version over.
-        if let Err(r) = fsx::remove_tree(staging) {
+        if let Err(r) = host.ledger.remove_tree(app, staging, None) {
             warn!(path = %staging.display(), error = %r, "Could not discard the partial copy.");
         }
         bail!("writing back staged files failed: {e}; the partial copy was discarded, deploy again to retry");
@@ -523,23 +682,42 @@ impl Incoming {
     }
 }
 
+/// Where a staged tree goes: the temporary tree, its place under `releases/`, and its
+/// manifest's file.
+struct Target<'a> {
+    staging: &'a Path,
+    release_dir: &'a Path,
+    manifest_file: &'a Path,
+}
+
 /// Sets modes, fsyncs every file and directory, records the manifest, renames the tree into
 /// `releases/` and fsyncs both parents. Returns the seal of the staged tree.
 fn finish(
-    staging: &Path,
-    release_dir: &Path,
-    manifest_file: &Path,
+    ledger: &Ledger,
+    app: &str,
+    to: &Target,
     manifest_bytes: &[u8],
     m: &Manifest,
     files: &[PathBuf],
-) -> Result<Vec<crate::store::SealEntry>> {
+    made: &[Made],
+) -> Result<Vec<SealEntry>> {
+    let staging = to.staging;
     let fail = |what: String| {
         // After a failed fsync the page cache cannot be trusted: start this version over.
-        let _ = std::fs::remove_dir_all(staging);
+        let _ = ledger.remove_tree(app, staging, None);
         anyhow::anyhow!("{what}; the partial copy was discarded, deploy again to retry")
     };
-    let modes = m.files().map(|(_, mode, _, _)| mode);
-    for (path, mode) in files.iter().zip(modes) {
+    let mut shared = HashMap::new();
+    for ((path, made), (rel, mode, _, _)) in files.iter().zip(made).zip(m.files()) {
+        if let Made::Reused(Reused::Linked, sealed) = made {
+            // Another version's inode, durable and of this mode already: a chmod would move
+            // its ctime in every version. It must still be as that version sealed it.
+            let Some(now) = ledger.holding(app, path, sealed) else {
+                return Err(fail(format!("{rel}, shared with an older version, changed while this one was staged")));
+            };
+            shared.insert(rel, now);
+            continue;
+        }
         let f = File::open(path).map_err(|e| fail(format!("opening {}: {e}", path.display())))?;
         f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| fail(format!("chmod: {e}")))?;
         f.sync_all().map_err(|e| fail(format!("fsync: {e}")))?;
@@ -558,17 +736,25 @@ fn finish(
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(*mode)).map_err(|e| fail(format!("chmod: {e}")))?;
         fsx::fsync_dir(d).map_err(|e| fail(format!("fsync {}: {e}", d.display())))?;
     }
-    if let Some(dir) = manifest_file.parent() {
+    if let Some(dir) = to.manifest_file.parent() {
         fsx::create_dir_all_durable(dir)?;
     }
-    fsx::write_atomic(manifest_file, manifest_bytes, 0o644)?;
-    let releases = release_dir.parent().expect("release dirs have a parent");
+    fsx::write_atomic(to.manifest_file, manifest_bytes, 0o644)?;
+    let releases = to.release_dir.parent().expect("release dirs have a parent");
     fsx::create_dir_all_durable(releases)?;
     failpoint::hit("stage-before-rename");
-    std::fs::rename(staging, release_dir).with_context(|| format!("renaming into {}", release_dir.display()))?;
+    std::fs::rename(staging, to.release_dir).with_context(|| format!("renaming into {}", to.release_dir.display()))?;
     fsx::fsync_dir(releases)?;
     if let Some(p) = staging.parent() {
         fsx::fsync_dir(p)?;
     }
-    Ok(tree::seal(release_dir, m)?)
+    let mut seal = tree::seal(to.release_dir, m)?;
+    // A shared inode is sealed as it was checked above, not as it is now: a write since
+    // then must fail this version's seal too.
+    for s in &mut seal {
+        if let Some(now) = shared.get(s.path.as_str()) {
+            *s = SealEntry { path: s.path.clone(), ..now.clone() };
+        }
+    }
+    Ok(seal)
 }

@@ -1,5 +1,6 @@
 //! The agent's sled index: which versions are staged, with their digest and a seal of the
-//! staged files. The filesystem (`releases/`, `current`, the journal) is the truth; this
+//! staged files, and the ctime the agent's own last link or unlink left on each inode that
+//! versions share (`share.rs`). The filesystem (`releases/`, `current`, the journal) is the truth; this
 //! index is rebuilt from it at start-up when it disagrees. Only this module touches sled.
 
 use serde::{Deserialize, Serialize};
@@ -46,16 +47,23 @@ pub struct Store {
     db: sled::Db,
     staged: sled::Tree,
     meta: sled::Tree,
+    shared: sled::Tree,
 }
 
 fn key(app: &str, version: &str) -> Vec<u8> {
     format!("{app}\0{version}").into_bytes()
 }
 
+fn shared_key(app: &str, ino: u64) -> Vec<u8> {
+    let mut k = format!("{app}\0").into_bytes();
+    k.extend_from_slice(&ino.to_be_bytes());
+    k
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, sled::Error> {
         let db = sled::Config::new().path(dir).cache_capacity(8 << 20).open()?;
-        Ok(Store { staged: db.open_tree("staged")?, meta: db.open_tree("meta")?, db })
+        Ok(Store { staged: db.open_tree("staged")?, meta: db.open_tree("meta")?, shared: db.open_tree("shared")?, db })
     }
 
     pub fn flush(&self) -> Result<(), sled::Error> {
@@ -130,6 +138,33 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The ctime the agent's own last link or unlink left on inode `ino` of `app`'s root.
+    pub fn shared_ctime(&self, app: &str, ino: u64) -> Option<i64> {
+        let v = self.shared.get(shared_key(app, ino)).ok().flatten()?;
+        <[u8; 8]>::try_from(&v[..]).ok().map(i64::from_be_bytes)
+    }
+
+    pub fn set_shared_ctime(&self, app: &str, ino: u64, ctime_ns: i64) -> Result<(), sled::Error> {
+        self.shared.insert(shared_key(app, ino), &ctime_ns.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub fn forget_shared(&self, app: &str, ino: u64) -> Result<(), sled::Error> {
+        self.shared.remove(shared_key(app, ino))?;
+        Ok(())
+    }
+
+    /// Inodes of `app` with a recorded ctime.
+    pub fn shared_inodes(&self, app: &str) -> Vec<u64> {
+        let prefix = format!("{app}\0").into_bytes();
+        self.shared
+            .scan_prefix(&prefix)
+            .keys()
+            .flatten()
+            .filter_map(|k| <[u8; 8]>::try_from(&k[prefix.len()..]).ok().map(u64::from_be_bytes))
+            .collect()
     }
 
     /// The latest wall-clock second this agent has seen: a clock stepped backwards cannot

@@ -1,5 +1,6 @@
 //! Checking a staged tree against its manifest: the full check (every byte hashed) and the
-//! quick one (a seal of inode, size, mtime and ctime taken right after staging).
+//! quick one (a seal of inode, size, mtime and ctime taken right after staging, checked by
+//! `share::Ledger::check`, which knows what the agent's own links did to shared inodes).
 
 use crate::store::SealEntry;
 use stagehand_common::manifest::{self, EntryKind, Manifest};
@@ -20,7 +21,8 @@ pub fn seal(root: &Path, m: &Manifest) -> std::io::Result<Vec<SealEntry>> {
     Ok(out)
 }
 
-fn seal_entry(path: &Path, rel: &str) -> std::io::Result<SealEntry> {
+/// What `path` (`rel` in its tree) looks like now, as a seal records it.
+pub fn seal_entry(path: &Path, rel: &str) -> std::io::Result<SealEntry> {
     let md = std::fs::symlink_metadata(path)?;
     Ok(SealEntry {
         path: rel.to_string(),
@@ -31,55 +33,65 @@ fn seal_entry(path: &Path, rel: &str) -> std::io::Result<SealEntry> {
     })
 }
 
-/// True if every sealed path still looks exactly as it did after staging.
-pub fn seal_holds(root: &Path, seal: &[SealEntry]) -> bool {
-    !seal.is_empty()
-        && seal.iter().all(|s| {
-            let path = if s.path.is_empty() { root.to_path_buf() } else { manifest::join(root, &s.path) };
-            seal_entry(&path, &s.path).is_ok_and(|now| now == *s)
-        })
+/// What the full check found wrong, and where (relative to the tree's root).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    pub path: String,
+    pub what: String,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.what)
+        } else {
+            write!(f, "{}: {}", self.path, self.what)
+        }
+    }
 }
 
 /// Reads the whole tree and checks it against the manifest: entries, kinds, modes, link
 /// targets and every chunk's bytes, and nothing extra.
-pub fn verify(root: &Path, m: &Manifest) -> Result<(), String> {
+pub fn verify(root: &Path, m: &Manifest) -> Result<(), Damage> {
     let mut expected: HashSet<String> = HashSet::new();
     for e in &m.entries {
         expected.insert(e.path.clone());
+        let damage = |what: String| Damage { path: e.path.clone(), what };
         let path = manifest::join(root, &e.path);
-        let md = std::fs::symlink_metadata(&path).map_err(|err| format!("{}: {err}", e.path))?;
+        let md = std::fs::symlink_metadata(&path).map_err(|err| damage(err.to_string()))?;
         match &e.kind {
             EntryKind::Dir { .. } if md.is_dir() => {}
             EntryKind::Symlink { target } if md.file_type().is_symlink() => {
-                let actual = std::fs::read_link(&path).map_err(|err| format!("{}: {err}", e.path))?;
+                let actual = std::fs::read_link(&path).map_err(|err| damage(err.to_string()))?;
                 if actual != Path::new(target) {
-                    return Err(format!("{}: symlink changed", e.path));
+                    return Err(damage("symlink changed".into()));
                 }
             }
             EntryKind::File { mode, size, chunks } if md.is_file() => {
                 if md.len() != *size {
-                    return Err(format!("{}: size changed", e.path));
+                    return Err(damage("size changed".into()));
                 }
                 if md.permissions().mode() & 0o777 != *mode {
-                    return Err(format!("{}: mode changed", e.path));
+                    return Err(damage("mode changed".into()));
                 }
-                let mut f = File::open(&path).map_err(|err| format!("{}: {err}", e.path))?;
+                let mut f = File::open(&path).map_err(|err| damage(err.to_string()))?;
                 let mut buf = Vec::new();
                 for c in chunks.iter() {
                     buf.resize(c.len as usize, 0);
-                    f.read_exact(&mut buf).map_err(|err| format!("{}: {err}", e.path))?;
+                    f.read_exact(&mut buf).map_err(|err| damage(err.to_string()))?;
                     if Digest::of(&buf) != c.digest {
-                        return Err(format!("{}: content does not match the manifest", e.path));
+                        return Err(damage("content does not match the manifest".into()));
                     }
                 }
             }
-            _ => return Err(format!("{}: not the kind of entry the manifest says", e.path)),
+            _ => return Err(damage("not the kind of entry the manifest says".into())),
         }
     }
     let mut found = Vec::new();
-    walk(root, "", &mut found).map_err(|e| format!("listing {}: {e}", root.display()))?;
+    walk(root, "", &mut found)
+        .map_err(|e| Damage { path: String::new(), what: format!("listing {}: {e}", root.display()) })?;
     if let Some(extra) = found.iter().find(|p| !expected.contains(*p)) {
-        return Err(format!("{extra}: not part of the artifact"));
+        return Err(Damage { path: extra.clone(), what: "not part of the artifact".into() });
     }
     Ok(())
 }

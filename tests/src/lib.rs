@@ -426,3 +426,95 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
         }
     }
 }
+
+/// A tree of `files` pseudo-random files of `size` bytes each, spread over a few
+/// directories, with an executable and a symlink: a version 1.
+pub fn versioned_tree(dir: &Path, files: usize, size: usize, seed: u64) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for i in 0..files {
+        let path = dir.join(tree_file(i));
+        std::fs::create_dir_all(path.parent().expect("files are in a directory"))?;
+        random_file(&path, size, seed * 1_000_003 + i as u64)?;
+    }
+    std::fs::create_dir_all(dir.join("bin"))?;
+    std::fs::write(dir.join("bin/run"), "#!/bin/sh\nexit 0\n")?;
+    std::fs::set_permissions(dir.join("bin/run"), std::fs::Permissions::from_mode(0o755))?;
+    std::os::unix::fs::symlink("../d0/f0", dir.join("bin/data"))?;
+    Ok(())
+}
+
+/// The path of the `i`-th file of a [`versioned_tree`].
+pub fn tree_file(i: usize) -> String {
+    format!("d{}/f{i}", i % 4)
+}
+
+/// The next version of a [`versioned_tree`] as its issue describes a 1% change: in `next`,
+/// a tree whose files are hard links to `prev`'s, except four, counted from `first`: two
+/// rewritten, one shifted by an insert at its start, one with four small edits in place.
+/// The changed files are new files, so `prev` stays as it was.
+pub fn next_version(prev: &Path, next: &Path, first: usize, files: usize, seed: u64) -> Result<Vec<String>> {
+    use rand::{Rng, SeedableRng};
+    copy_linked(prev, next)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut changed = Vec::new();
+    for (k, i) in (first..first + 4).map(|i| i % files).enumerate() {
+        let rel = tree_file(i);
+        let path = next.join(&rel);
+        let mut bytes = std::fs::read(&path)?;
+        std::fs::remove_file(&path)?;
+        match k {
+            0 | 1 => rng.fill(&mut bytes[..]),
+            2 => {
+                let insert: Vec<u8> = (0..1000).map(|_| rng.gen()).collect();
+                bytes.splice(0..0, insert);
+            }
+            _ => {
+                for _ in 0..4 {
+                    let at = rng.gen_range(0..bytes.len().saturating_sub(16).max(1));
+                    let end = (at + 16).min(bytes.len());
+                    rng.fill(&mut bytes[at..end]);
+                }
+            }
+        }
+        std::fs::write(&path, &bytes)?;
+        changed.push(rel);
+    }
+    Ok(changed)
+}
+
+/// `cp -al`: the same tree, directories made anew, files hard-linked, symlinks copied.
+pub fn copy_linked(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let kind = e.file_type()?;
+        if kind.is_dir() {
+            copy_linked(&src, &dst)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else {
+            std::fs::hard_link(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+/// Inode numbers of a tree's files by relative path.
+pub fn inodes(root: &Path) -> std::collections::BTreeMap<String, u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let md = std::fs::symlink_metadata(e.path()).expect("listed just now");
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                let rel = e.path().strip_prefix(root).expect("under the root").to_string_lossy().into_owned();
+                out.insert(rel, md.ino());
+            }
+        }
+    }
+    out
+}

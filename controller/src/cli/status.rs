@@ -1,8 +1,9 @@
 //! `stagehand status APP --env ENV`.
 
-use super::Ctx;
+use super::{clean, Ctx};
 use anyhow::{bail, Result};
 use clap::Args;
+use stagehand_common::activate::Refusal;
 use stagehand_common::protocol::{AdminRequest, AdminResponse, ReceiptOutcome};
 
 #[derive(Args, Debug)]
@@ -36,9 +37,13 @@ pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
                 ReceiptOutcome::Committed => {
                     format!("seq {} {} committed in {}us", r.seq, r.version, r.total_us)
                 }
-                ReceiptOutcome::Refused(why) => {
-                    format!("seq {} {} refused: {}", r.seq, r.version, why.code())
-                }
+                ReceiptOutcome::Refused(why) => match r.log.lines().next() {
+                    // The agent's account of what was modified in its staged copy.
+                    Some(first) if *why == Refusal::DigestMismatch => {
+                        format!("seq {} {} refused: {} ({})", r.seq, r.version, why.code(), clean(first))
+                    }
+                    _ => format!("seq {} {} refused: {}", r.seq, r.version, why.code()),
+                },
                 ReceiptOutcome::Scheduled { until } => {
                     format!("seq {} {} scheduled for {until}", r.seq, r.version)
                 }

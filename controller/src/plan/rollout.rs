@@ -11,7 +11,7 @@
 //! a new message back to the version it ran before, and later waves are never touched.
 
 use serde::{Deserialize, Serialize};
-use stagehand_common::activate::SignedActivate;
+use stagehand_common::activate::{Refusal, SignedActivate};
 use stagehand_common::protocol::{Receipt, ReceiptOutcome};
 use stagehand_common::{AgentId, Digest};
 use std::collections::{BTreeMap, HashMap};
@@ -147,6 +147,18 @@ impl HostState {
             HostState::Sent { seq } | HostState::Reverting { seq } if *seq > 0 => Some(*seq),
             _ => None,
         }
+    }
+}
+
+/// A refusal as a host's detail: its code, and for a modified staged tree the agent's
+/// account of what was modified (the first line of the receipt's log).
+fn refusal(why: &Refusal, log: &str) -> String {
+    match (why, log.lines().next()) {
+        (Refusal::DigestMismatch, Some(first)) if !first.is_empty() => {
+            let first: String = first.chars().take(400).collect();
+            format!("{}: {first}", why.code())
+        }
+        _ => why.code().to_string(),
     }
 }
 
@@ -494,8 +506,8 @@ impl Rollout {
                 let next = match (&r.outcome, reverting) {
                     (ReceiptOutcome::Committed, false) => Some(HostState::Committed),
                     (ReceiptOutcome::Committed, true) => Some(HostState::Reverted),
-                    (ReceiptOutcome::Refused(why), false) => Some(HostState::Failed(why.code().to_string())),
-                    (ReceiptOutcome::Refused(why), true) => Some(HostState::NotReverted(why.code().to_string())),
+                    (ReceiptOutcome::Refused(why), false) => Some(HostState::Failed(refusal(why, &r.log))),
+                    (ReceiptOutcome::Refused(why), true) => Some(HostState::NotReverted(refusal(why, &r.log))),
                     (ReceiptOutcome::Scheduled { .. }, _) => None,
                 };
                 h.receipt = Some(r.clone());

@@ -6,6 +6,7 @@ mod enrol;
 mod faults;
 mod release;
 mod retention;
+mod reuse;
 mod rollout;
 mod stage;
 
