@@ -45,9 +45,9 @@ pub struct Order {
 pub async fn stage(host: Arc<Host>, conn: quinn::Connection, order: Order) -> StageOutcome {
     let started = Instant::now();
     match stage_inner(&host, &conn, &order).await {
-        Ok((fetched_bytes, reused_bytes)) => {
+        Ok((fetched_bytes, reused_bytes, [linked, cloned, copied])) => {
             let millis = started.elapsed().as_millis() as u64;
-            info!(app = %order.app, version = %order.version, fetched_bytes, reused_bytes, millis, "Staged.");
+            info!(app = %order.app, version = %order.version, fetched_bytes, reused_bytes, linked, cloned, copied, millis, "Staged.");
             StageOutcome::Staged { fetched_bytes, reused_bytes, millis }
         }
         Err(e) => {
@@ -58,7 +58,8 @@ pub async fn stage(host: Arc<Host>, conn: quinn::Connection, order: Order) -> St
     }
 }
 
-async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) -> Result<(u64, u64)> {
+/// Stages an order: bytes fetched, bytes reused, and files linked, cloned and copied whole.
+async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) -> Result<(u64, u64, [usize; 3])> {
     let (app, version, digest) = (&order.app, &order.version, order.digest);
     check_name("app", app).map_err(anyhow::Error::msg)?;
     check_name("version", version).map_err(anyhow::Error::msg)?;
@@ -72,7 +73,7 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
             Some(Ok(_)) => {
                 // Ordered again: the controller still wants it, so retention keeps it.
                 host.store.touch(app, version)?;
-                return Ok((0, 0));
+                return Ok((0, 0, [0; 3]));
             }
             Some(Err(why)) if layout.active(app).as_deref() == Some(version.as_str()) => {
                 bail!("the live copy of {app} {version} was modified on this host ({why}); release another version, then deploy again to repair it")
@@ -116,7 +117,7 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
         })
         .await??
     };
-    let reused = plan.reused;
+    let (reused, counts) = (plan.reused, plan.counts);
     let t1 = Instant::now();
     let fetched = fetch(host, app, conn, plan.need, plan.files.clone(), plan.direct.clone(), &staging).await?;
     let t2 = Instant::now();
@@ -139,12 +140,9 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
         prepare_ms = (t1 - t0).as_millis() as u64,
         fetch_ms = (t2 - t1).as_millis() as u64,
         finish_ms = t2.elapsed().as_millis() as u64,
-        linked = plan.counts[0],
-        cloned = plan.counts[1],
-        copied = plan.counts[2],
         "Staging phases."
     );
-    Ok((fetched, reused))
+    Ok((fetched, reused, counts))
 }
 
 async fn fetch_manifest(conn: &quinn::Connection, digest: Digest) -> Result<Vec<u8>> {

@@ -12,6 +12,12 @@
 //!
 //! `--rollout-only [--rollout-agents N] [--rollout-runs R]` runs only the last one.
 //!
+//! `--delta-only [--size-mib N] [--delta-files F]` stages four consecutive 1%-changed
+//! versions of a tree onto an agent (a process of its own) holding the one before, each
+//! paired with rsync over ssh moving the same change onto a copy of the previous tree
+//! (needs rsync and sshd: `apt-get install rsync openssh-server`): times, bytes on the
+//! loopback wire as a share of the full version, and `du` of the five staged versions.
+//!
 //! Run: `cargo run --release -p stagehand-tests --bin stagehand-bench -- [--size-mib N]`
 
 use anyhow::{bail, Result};
@@ -19,7 +25,7 @@ use stagehand_common::activate::{self, Activate, ReleaseKey, Targets};
 use stagehand_common::protocol::{AdminRequest, AdminResponse, ReceiptOutcome, RolloutSpec, RolloutView};
 use stagehand_common::tls::{self, Role};
 use stagehand_common::{fsx, net, AgentId, Digest};
-use stagehand_tests::{random_file, Fleet};
+use stagehand_tests::{next_version, random_file, versioned_tree, Fleet, Proc};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -35,6 +41,10 @@ async fn main() -> Result<()> {
         .find(|w| w[0] == "--release-agents")
         .map(|w| w[1].split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 10, 100]);
+    if args.iter().any(|a| a == "--delta-only") {
+        let files = args.windows(2).find(|w| w[0] == "--delta-files").and_then(|w| w[1].parse().ok()).unwrap_or(256);
+        return delta_bench(size_mib, files).await;
+    }
     if args.iter().any(|a| a == "--rollout-only") {
         let n = args.windows(2).find(|w| w[0] == "--rollout-agents").and_then(|w| w[1].parse().ok()).unwrap_or(100);
         let runs = args.windows(2).find(|w| w[0] == "--rollout-runs").and_then(|w| w[1].parse().ok()).unwrap_or(5);
@@ -642,5 +652,162 @@ async fn rollout_bench(n: usize, runs: usize) -> Result<()> {
     for mut a in agents {
         a.stop().await;
     }
+    Ok(())
+}
+
+/// Bytes received on the loopback interface so far: what crossed the wire, whoever sent it.
+fn loopback_bytes() -> Result<u64> {
+    let dev = std::fs::read_to_string("/proc/net/dev")?;
+    let line = dev.lines().find(|l| l.trim_start().starts_with("lo:")).ok_or_else(|| anyhow::anyhow!("no lo"))?;
+    Ok(line.split_once(':').map(|(_, r)| r).unwrap_or("").split_whitespace().next().unwrap_or("0").parse()?)
+}
+
+/// An sshd of its own on a loopback port, and the rsync command line that reaches it.
+struct Sshd {
+    _proc: Proc,
+    ssh: String,
+}
+
+impl Sshd {
+    async fn start(dir: &Path) -> Result<Sshd> {
+        let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"].into_iter().find(|p| Path::new(p).exists());
+        let (Some(sshd), true) = (sshd, std::process::Command::new("rsync").arg("--version").output().is_ok()) else {
+            bail!("the delta benchmark needs rsync and sshd: apt-get install rsync openssh-server");
+        };
+        std::fs::create_dir_all(dir)?;
+        for key in ["host", "client"] {
+            let path = dir.join(key);
+            let ok = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&path)
+                .status()?;
+            if !ok.success() {
+                bail!("ssh-keygen failed");
+            }
+        }
+        std::fs::copy(dir.join("client.pub"), dir.join("authorized_keys"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let d = dir.display();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nStrictModes no\n\
+             PidFile {d}/sshd.pid\n"
+        );
+        std::fs::write(dir.join("sshd_config"), config)?;
+        std::fs::create_dir_all("/run/sshd")?;
+        let cfg = dir.join("sshd_config");
+        let proc = Proc::spawn(sshd, &["-D", "-e", "-f", cfg.to_str().unwrap_or_default()], &[], dir.join("sshd.log"))?;
+        let ssh = format!(
+            "ssh -p {port} -i {d}/client -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("sshd did not start: {}", proc.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Sshd { _proc: proc, ssh })
+    }
+
+    /// `rsync -a --delete` of `from/` onto `to/` over ssh; the time it took.
+    fn rsync(&self, from: &Path, to: &Path) -> Result<Duration> {
+        let start = Instant::now();
+        let out = std::process::Command::new("rsync")
+            .args(["-a", "--delete", "-e", &self.ssh])
+            .arg(format!("{}/", from.display()))
+            .arg(format!("root@127.0.0.1:{}/", to.display()))
+            .output()?;
+        if !out.status.success() {
+            bail!("rsync failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(start.elapsed())
+    }
+}
+
+/// `du -s` in bytes: hard links counted once.
+fn du(path: &Path) -> Result<u64> {
+    let out = std::process::Command::new("du").args(["-s", "-B1"]).arg(path).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.split_whitespace().next().unwrap_or("0").parse()?)
+}
+
+/// Staging in proportion to what changed, against rsync over ssh in the same run.
+async fn delta_bench(size_mib: u64, files: usize) -> Result<()> {
+    let file_size = (size_mib * MIB) as usize / files;
+    println!(
+        "# Delta staging: {files} files of {} KiB ({size_mib} MiB), 1% changed per version, {} cores\n",
+        file_size >> 10,
+        std::thread::available_parallelism()?.get()
+    );
+    let fleet = Fleet::start().await?;
+    let agent = fleet.enrol("prod", "delta").await?;
+    let bin = std::env::current_exe()?.with_file_name("stagehand-agent-under-test");
+    let agent_dir = agent.dir.to_str().unwrap_or_default().to_string();
+    let log = fleet.path().join("agent.log");
+    let proc = Proc::spawn(
+        bin.to_str().unwrap_or_default(),
+        &["run", "--data-dir", &agent_dir],
+        &[("STAGEHAND_LOG", "info"), ("NO_COLOR", "1")],
+        log,
+    )?;
+    let sshd = Sshd::start(&fleet.path().join("ssh")).await?;
+
+    let src: Vec<std::path::PathBuf> = (1..=5).map(|v| fleet.path().join(format!("src-{v}"))).collect();
+    versioned_tree(&src[0], files, file_size, 1)?;
+    for v in 1..5 {
+        next_version(&src[v - 1], &src[v], 4 * v, files, v as u64 + 1)?;
+    }
+    let full: u64 = stagehand_common::manifest::build(&src[0])?.0.total_size();
+    fleet.push("web", "1", &src[0]).await?;
+    if !fleet.deploy("web", "1", "prod", 600).await?.all_done() {
+        bail!("staging version 1 failed:\n{}", proc.log_text());
+    }
+    let rsync_dst = fleet.path().join("rsync-dst");
+    let ok = std::process::Command::new("cp").arg("-a").arg(&src[0]).arg(&rsync_dst).status()?;
+    if !ok.success() {
+        bail!("cp -a failed");
+    }
+
+    println!("| version | stagehand staging | wire (of full) | rsync over ssh | wire (of full) | time ratio |");
+    println!("|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for v in 2..=5 {
+        let version = v.to_string();
+        fleet.push("web", &version, &src[v - 1]).await?;
+        settle()?;
+        let (lo, start) = (loopback_bytes()?, Instant::now());
+        if !fleet.deploy("web", &version, "prod", 600).await?.all_done() {
+            bail!("staging version {v} failed:\n{}", proc.log_text());
+        }
+        let (ours, our_wire) = (start.elapsed(), loopback_bytes()? - lo);
+        settle()?;
+        let lo = loopback_bytes()?;
+        let theirs = sshd.rsync(&src[v - 1], &rsync_dst)?;
+        let their_wire = loopback_bytes()? - lo;
+        let ratio = ours.as_secs_f64() / theirs.as_secs_f64();
+        ratios.push(ratio);
+        println!(
+            "| {v} | {:.0} ms | {:.1} MiB ({:.2}%) | {:.0} ms | {:.1} MiB ({:.2}%) | {ratio:.2}x |",
+            ours.as_secs_f64() * 1000.0,
+            our_wire as f64 / MIB as f64,
+            our_wire as f64 * 100.0 / full as f64,
+            theirs.as_secs_f64() * 1000.0,
+            their_wire as f64 / MIB as f64,
+            their_wire as f64 * 100.0 / full as f64,
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    let releases = agent.app_root("web").join("releases");
+    let disk = du(&releases)?;
+    println!(
+        "\nMedian staging time ÷ rsync's: {:.2}x. Five staged versions take {:.2} GiB on disk (du), one is {:.2} GiB: {:.2}x.",
+        (ratios[1] + ratios[2]) / 2.0,
+        disk as f64 / (1u64 << 30) as f64,
+        full as f64 / (1u64 << 30) as f64,
+        disk as f64 / full as f64
+    );
+    let fs = std::process::Command::new("findmnt").args(["-n", "-o", "FSTYPE", "-T"]).arg(&releases).output()?;
+    println!("Filesystem of the agent's releases: {}", String::from_utf8_lossy(&fs.stdout).trim());
     Ok(())
 }
