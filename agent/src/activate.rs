@@ -57,12 +57,15 @@ enum Prepared {
 
 /// The rules, then the durable intent: synchronous file work, run off the async threads.
 fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
-    let refuse = |body: Option<&Activate>, r: Refusal| {
+    // A refusal, with what the operator should know (the receipt's log) when there is more
+    // to say than its code.
+    let refuse_why = |body: Option<&Activate>, r: Refusal, why: String| {
         let desc =
             body.map(|b| format!("{} {} seq {}", b.app, b.version, b.seq)).unwrap_or_else(|| "undecodable".into());
-        warn!(message = %desc, reason = %r, "Refused an activate message.");
-        Prepared::Answer(receipt(host, body, ReceiptOutcome::Refused(r), started, false))
+        warn!(message = %desc, reason = %r, %why, "Refused an activate message.");
+        Prepared::Answer(Receipt { log: why, ..receipt(host, body, ReceiptOutcome::Refused(r), started, false) })
     };
+    let refuse = |body: Option<&Activate>, r: Refusal| refuse_why(body, r, String::new());
     // Rule 1, before anything else is read from the message.
     let body = match activate::verify(msg, &host.identity.release_keys) {
         Ok(b) => b,
@@ -80,6 +83,24 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
             return refuse(Some(&body), Refusal::HostError);
         }
     };
+    // `current` exists, so this app was activated, and its journal is gone: the last applied
+    // seq is unknown, and an old message could take the host back. Fail closed.
+    if !journal_path.exists() && std::fs::symlink_metadata(layout.current(&body.app)).is_ok() {
+        let why = format!(
+            "the activation journal {} is missing while {} exists: the last applied seq is unknown, so no message \
+             can be checked against it; repair it with `stagehand-agent repair-journal --data-dir {} --app {} --seq N` \
+             (N: the last seq of {} in `stagehand status {} --env {}`)",
+            journal_path.display(),
+            layout.current(&body.app).display(),
+            layout.data_dir.display(),
+            body.app,
+            body.app,
+            body.app,
+            body.env
+        );
+        error!(app = %body.app, "The activation journal is missing while current exists.");
+        return refuse_why(Some(&body), Refusal::HostError, why);
+    }
     // A clock stepped backwards cannot revive an expired message.
     let now = now_secs().max(host.store.latest_time());
     if let Err(e) = host.store.set_latest_time(now) {
@@ -97,14 +118,11 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
         staged: staged.map(|s| s.map_err(|_| ())),
     };
     match activate::check(&body, &view, now) {
-        Err(r) => {
-            let mut answer = refuse(Some(&body), r.clone());
-            if let (Refusal::DigestMismatch, Some(why), Prepared::Answer(receipt)) = (&r, damage, &mut answer) {
-                // What was modified, and where: the receipt says it to the operator.
-                receipt.log = why;
-            }
-            return answer;
+        // What was modified, and where: the receipt says it to the operator.
+        Err(Refusal::DigestMismatch) => {
+            return refuse_why(Some(&body), Refusal::DigestMismatch, damage.unwrap_or_default());
         }
+        Err(r) => return refuse(Some(&body), r),
         Ok(Verdict::AlreadyApplied) => {
             let earlier = journal.last_receipt.clone().filter(|r| r.seq == body.seq).unwrap_or_else(|| {
                 // The receipt file did not survive (a power cut): say what is true now.

@@ -38,6 +38,21 @@ pub enum Command {
     Status(DataDir),
     /// Apply a signed activate message from a file (offline or air-gapped release).
     Activate(ActivateArgs),
+    /// Recreate an app's missing activation journal with the last seq the controller issued
+    /// for it (activation refuses while it is missing and `current` exists).
+    RepairJournal(RepairArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RepairArgs {
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    #[arg(long)]
+    pub app: String,
+    /// The app's last seq: `stagehand status APP --env ENV` shows it. Messages up to it are
+    /// refused from now on.
+    #[arg(long)]
+    pub seq: u64,
 }
 
 #[derive(Args, Debug)]
@@ -131,7 +146,25 @@ async fn run(cmd: Command, json: bool) -> Result<i32> {
         }
         Command::Status(a) => status(&a.data_dir, json),
         Command::Activate(a) => activate(&a.data_dir, &a.file, json).await,
+        Command::RepairJournal(a) => repair_journal(&a),
     }
+}
+
+/// Writes the journal of an app with `last_seq` raised to the given seq; never lowers it.
+fn repair_journal(a: &RepairArgs) -> Result<i32> {
+    stagehand_common::ids::check_name("app", &a.app).map_err(anyhow::Error::msg)?;
+    let layout = crate::host::Layout::load(&a.data_dir)?;
+    let path = layout.journal(&a.app);
+    let mut journal = crate::journal::Journal::load(&path)?;
+    if let Some(last) = journal.last_seq.filter(|last| *last >= a.seq) {
+        println!("The journal of {} already has seq {last}; nothing changed.", a.app);
+        return Ok(0);
+    }
+    journal.last_seq = Some(a.seq);
+    stagehand_common::fsx::create_dir_all_durable(path.parent().expect("journal files have a parent"))?;
+    journal.save_durable(&path)?;
+    println!("The journal of {} now has seq {}: messages up to it are refused.", a.app, a.seq);
+    Ok(0)
 }
 
 /// Completes on SIGINT or SIGTERM.

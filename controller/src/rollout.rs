@@ -322,7 +322,10 @@ pub fn view(ctl: &Controller, r: &Rollout) -> RolloutView {
             Kind::Rollback => "rollback".into(),
         },
         state: r.state.name().into(),
-        reason: r.reason.clone(),
+        reason: match ctl.stalled.lock().unwrap_or_else(|p| p.into_inner()).get(&r.id) {
+            Some(why) if !r.state.is_final() => format!("stalled, trying again every second: {why}"),
+            _ => r.reason.clone(),
+        },
         requested_by: r.requested_by.clone(),
         forced: r.forced,
         created_at: r.created / 1000,
@@ -426,7 +429,17 @@ fn tick(ctl: &Controller, sent_on: &mut SentOn, grace_until: u64) -> Result<Opti
         }
     }
     for (env, app, id) in ctl.store.active_rollouts()? {
-        match step_one(ctl, &env, &app, &id, sent_on, &mut awaited, grace_until) {
+        let step = step_one(ctl, &env, &app, &id, sent_on, &mut awaited, grace_until);
+        let mut stalled = ctl.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        let was_stalled = match &step {
+            Ok(_) => stalled.remove(&id).is_some(),
+            Err(e) => stalled.insert(id.clone(), format!("{e:#}")).is_none(),
+        };
+        drop(stalled);
+        if was_stalled {
+            ctl.fleet.bump();
+        }
+        match step {
             Ok(Some(at)) => wake = Some(wake.map_or(at, |w: u64| w.min(at))),
             Ok(None) => {}
             Err(e) => {

@@ -35,6 +35,8 @@ pub struct Controller {
     pub rollouts: std::sync::Mutex<()>,
     /// Agents to catch up, and whether each has just staged something; the driver drains it.
     pub catch_ups: std::sync::Mutex<std::collections::HashMap<AgentId, bool>>,
+    /// Rollouts whose last step failed, with why (shown in their status until a step succeeds).
+    pub stalled: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Controller {
@@ -107,6 +109,7 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         ca_fingerprint,
         rollouts: std::sync::Mutex::new(()),
         catch_ups: Default::default(),
+        stalled: Default::default(),
     });
     info!(%addr, "Controller listening.");
     let task = tokio::spawn(accept_loop(controller.clone(), endpoint.clone()));

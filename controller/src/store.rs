@@ -408,13 +408,38 @@ impl Store {
 
     /// The next seq for an app. Callers flush before a message carrying it leaves.
     pub fn next_seq(&self, app: &str) -> Result<u64> {
-        let k = key(&["seq", app]);
-        let v = self.meta.update_and_fetch(&k, |old| {
-            let n = old.map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(0);
-            Some((n + 1).to_be_bytes().to_vec())
-        })?;
-        let bytes: [u8; 8] = v.as_deref().and_then(|b| b.try_into().ok()).unwrap_or([0; 8]);
-        Ok(u64::from_be_bytes(bytes))
+        self.bump(&key(&["seq", app]), &format!("the seq counter of {app}"))
+    }
+
+    /// Adds one to a counter in `meta` and returns the new value. A counter that is there and
+    /// unreadable fails closed: reading it as 0 would issue numbers already used.
+    fn bump(&self, k: &[u8], what: &str) -> Result<u64> {
+        loop {
+            let old = self.meta.get(k)?;
+            let n = match old.as_deref() {
+                None => 0,
+                Some(b) => match <[u8; 8]>::try_from(b) {
+                    Ok(b) => u64::from_be_bytes(b),
+                    Err(_) => {
+                        return Err(StoreError::Corrupt {
+                            key: String::from_utf8_lossy(k).replace('\0', "/"),
+                            why: format!(
+                                "{what} is {} bytes, not 8; refusing to issue a number that may have been used \
+                                 already. The database is damaged: restore it from a backup",
+                                b.len()
+                            ),
+                        })
+                    }
+                },
+            };
+            let new = n.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+                key: String::from_utf8_lossy(k).into_owned(),
+                why: format!("{what} is exhausted"),
+            })?;
+            if self.meta.compare_and_swap(k, old, Some(&new.to_be_bytes()[..]))?.is_ok() {
+                return Ok(new);
+            }
+        }
     }
 
     pub fn put_desired(&self, env: &str, app: &str, d: &DesiredRecord) -> Result<()> {
@@ -488,12 +513,7 @@ impl Store {
 
     /// A new rollout id, `r-<n>`; never reused (callers flush before it is shown).
     pub fn next_rollout_id(&self) -> Result<String> {
-        let v = self.meta.update_and_fetch(b"rollout-id", |old| {
-            let n = old.and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
-            Some((n + 1).to_be_bytes().to_vec())
-        })?;
-        let n = v.as_deref().and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
-        Ok(format!("r-{n}"))
+        Ok(format!("r-{}", self.bump(b"rollout-id", "the rollout id counter")?))
     }
 
     /// Rollouts are keyed by their number, big-endian, so a scan is in creation order.

@@ -417,3 +417,71 @@ async fn a_hook_that_starts_a_daemon_does_not_hang_the_release() {
     };
     assert!(status.agents[0].last_receipt.as_ref().unwrap().log.contains("started"));
 }
+
+/// Hardening (#9, finding 7): with an app's journal deleted, an old exported message (a lower
+/// seq) was applied over a newer one. Now, while `current` exists and the journal does not,
+/// every message is refused, saying how to repair; after the repair the old one is stale.
+#[tokio::test]
+async fn a_missing_journal_refuses_every_message_until_it_is_repaired() {
+    let fleet = Fleet::start().await.unwrap();
+    let (agent, host) = staged_host(&fleet).await;
+    drop(host);
+    let dir = agent.dir.to_str().unwrap().to_string();
+    let (old, new) = (fleet.path().join("old.json"), fleet.path().join("new.json"));
+    fleet_export(&fleet, "v1", &old).await;
+    let new_seq = fleet_export(&fleet, "v2", &new).await;
+    let apply = |file: &Path| {
+        let out =
+            run_cli(AGENT, None, &["activate", "--data-dir", &dir, "--file", file.to_str().unwrap(), "-o", "json"])
+                .unwrap();
+        serde_json::from_slice::<stagehand_common::protocol::Receipt>(&out.stdout).unwrap()
+    };
+    assert_eq!(apply(&new).outcome, ReceiptOutcome::Committed);
+
+    std::fs::remove_file(agent.dir.join("journal/web.journal")).unwrap();
+    for file in [&old, &new] {
+        let r = apply(file);
+        assert_eq!(r.outcome, ReceiptOutcome::Refused(Refusal::HostError), "{file:?}");
+        assert!(r.log.contains("stagehand-agent repair-journal"), "{}", r.log);
+        assert_eq!(agent.current("web").unwrap(), Path::new("releases/v2"));
+    }
+
+    let seq = new_seq.to_string();
+    let out = run_cli(AGENT, None, &["repair-journal", "--data-dir", &dir, "--app", "web", "--seq", &seq]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(apply(&old).outcome, ReceiptOutcome::Refused(Refusal::StaleSeq));
+    assert_eq!(agent.current("web").unwrap(), Path::new("releases/v2"));
+}
+
+/// Hardening (#9, finding 4): an unreadable seq counter was read as 0, so the next release
+/// reused seq 1. Now the release fails, saying why, and issues nothing.
+#[tokio::test]
+async fn an_unreadable_seq_counter_fails_closed() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let (mut agent, host) = staged_host(&fleet).await;
+    drop(host);
+    agent.start().await.unwrap();
+    fleet.stop_controller().await;
+    {
+        let db = sled::open(fleet.ctl_dir.join("state")).unwrap();
+        db.open_tree("meta").unwrap().insert(b"seq\0web", &[0xff, 0x01, 0x02][..]).unwrap();
+        db.flush().unwrap();
+    }
+    fleet.restart_controller().await.unwrap();
+    let r = fleet
+        .rollout(RolloutSpec {
+            app: "web".into(),
+            version: Some("v2".into()),
+            env: "prod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = fleet
+        .wait_rollout_until(&r.id, "stalled", Duration::from_secs(30), |r| r.reason.contains("seq counter of web"))
+        .await
+        .unwrap();
+    assert!(r.reason.contains("restore it from a backup"), "{}", r.reason);
+    assert_eq!(r.state, "running", "nothing was sent");
+    assert_eq!(agent.current("web").unwrap(), Path::new("releases/v1"));
+}
