@@ -75,6 +75,9 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
         return refuse(Some(&body), Refusal::Malformed);
     }
     let layout = &host.layout;
+    if let Err(why) = layout.check_root(&body.app) {
+        return refuse_why(Some(&body), Refusal::HostError, why);
+    }
     let journal_path = layout.journal(&body.app);
     let mut journal = match Journal::load(&journal_path) {
         Ok(j) => j,

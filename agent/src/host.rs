@@ -103,10 +103,63 @@ impl Layout {
         out
     }
 
+    /// Refuses an app root that someone other than the agent's user (or root) could change:
+    /// the root itself writable by group or others, or an ancestor writable by them without
+    /// the sticky bit. A local user who can write there could plant symlinks that redirect
+    /// the agent's writes and chmods, which run as root.
+    pub fn check_root(&self, app: &str) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let root = self.app_root(app);
+        let me = rustix::process::geteuid().as_raw();
+        // Where it really is: the directories above a symlinked root are the ones that count.
+        let real = std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone());
+        let mut path = Some(real.as_path());
+        while let Some(p) = path {
+            path = p.parent();
+            let md = match std::fs::metadata(p) {
+                Ok(md) => md,
+                // Not created yet: the agent creates it, as its own user.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("cannot check {}: {e}", p.display())),
+            };
+            let mode = md.mode();
+            let writable = mode & 0o022 != 0 && (p == real || mode & 0o1000 == 0);
+            if (md.uid() != me && md.uid() != 0) || writable {
+                return Err(unsafe_path(p, mode, md.uid(), me, &root));
+            }
+        }
+        // What the agent keeps under the root: its own directories, or they were planted.
+        for name in [".staging", "releases", ".manifests"] {
+            let p = root.join(name);
+            let md = match std::fs::symlink_metadata(&p) {
+                Ok(md) => md,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("cannot check {}: {e}", p.display())),
+            };
+            if !md.is_dir() || (md.uid() != me && md.uid() != 0) || md.mode() & 0o022 != 0 {
+                return Err(unsafe_path(&p, md.mode(), md.uid(), me, &root));
+            }
+        }
+        Ok(())
+    }
+
     pub fn read_manifest(&self, app: &str, version: &str) -> Result<Manifest> {
         let bytes = fsx::read_limited(&self.manifest_file(app, version), frame::MANIFEST_LIMIT as u64)?;
         Ok(Manifest::decode(&bytes)?)
     }
+}
+
+/// Why a path under or above an app root is not safe to stage into, and the repair.
+fn unsafe_path(p: &Path, mode: u32, uid: u32, me: u32, root: &Path) -> String {
+    let kind = if mode & 0o170000 == 0o120000 { "a symlink" } else { "a path" };
+    format!(
+        "{} ({kind}, mode {:o}, owner uid {uid}) can be changed by users other than the agent's, who could plant \
+         symlinks that redirect the agent's writes under the app root {}; make it a directory owned by root or uid \
+         {me} and not writable by group or others (chmod go-w), or remove what was planted",
+        p.display(),
+        mode & 0o7777,
+        root.display()
+    )
 }
 
 /// Stagings in progress, and those asked for again while running.

@@ -64,6 +64,7 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
     check_name("app", app).map_err(anyhow::Error::msg)?;
     check_name("version", version).map_err(anyhow::Error::msg)?;
     let layout = &host.layout;
+    layout.check_root(app).map_err(anyhow::Error::msg)?;
     let release_dir = layout.release_dir(app, version);
     if let Some(rec) = host.store.staged(app, version)? {
         if rec.digest != digest {
@@ -278,7 +279,9 @@ fn prepare(ledger: &Ledger, app: &str, reuse: Reuse, staging: &Path, m: &Manifes
         match &e.kind {
             EntryKind::Dir { .. } => match std::fs::create_dir(&path) {
                 Ok(()) => {}
-                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
+                Err(err)
+                    if err.kind() == std::io::ErrorKind::AlreadyExists
+                        && std::fs::symlink_metadata(&path).is_ok_and(|md| md.is_dir()) => {}
                 Err(err) => return Err(err).with_context(|| format!("creating {}", path.display())),
             },
             EntryKind::Symlink { target } => {
@@ -716,7 +719,11 @@ fn finish(
             shared.insert(rel, now);
             continue;
         }
-        let f = File::open(path).map_err(|e| fail(format!("opening {}: {e}", path.display())))?;
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| fail(format!("opening {}: {e}", path.display())))?;
         f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| fail(format!("chmod: {e}")))?;
         f.sync_all().map_err(|e| fail(format!("fsync: {e}")))?;
     }

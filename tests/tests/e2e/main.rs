@@ -4,6 +4,7 @@
 mod cli;
 mod enrol;
 mod faults;
+mod hardening;
 mod release;
 mod retention;
 mod reuse;
