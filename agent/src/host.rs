@@ -231,8 +231,8 @@ impl Host {
                 }
                 let dir = l.release_dir(&app, &version);
                 let checked = l.read_manifest(&app, &version).map_err(|e| format!("{e:#}")).and_then(|m| {
-                    tree::verify(&dir, &m).map_err(|d| d.to_string())?;
-                    let seal = self.ledger.reseal(&app, &dir, &m).map_err(|e| e.to_string())?;
+                    let seal = tree::verify(&dir, &m).map_err(|d| d.to_string())?;
+                    self.ledger.record_verified(&app, &dir, &seal).map_err(|e| e.to_string())?;
                     Ok((m.digest(), seal))
                 });
                 match checked {
@@ -298,8 +298,8 @@ impl Host {
             Err(e) => return Some(Err(format!("its manifest cannot be read: {e:#}"))),
         };
         match tree::verify(&dir, &m) {
-            Ok(()) => {
-                if let Ok(seal) = self.ledger.reseal(app, &dir, &m) {
+            Ok(seal) => {
+                if self.ledger.record_verified(app, &dir, &seal).is_ok() {
                     let _ = self.store.update_staged(app, version, |r| StagedRecord { seal: seal.clone(), ..r });
                 }
                 Some(Ok(rec.digest))
@@ -429,6 +429,12 @@ impl Host {
     pub fn scheduled_versions(&self, app: &str) -> HashSet<String> {
         let s = self.scheduled.lock().unwrap_or_else(|p| p.into_inner());
         s.keys().filter(|(a, _)| a == app).map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Whether any version of `app` is being staged right now.
+    pub fn is_staging_app(&self, app: &str) -> bool {
+        let s = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        s.running.iter().any(|(a, _)| a == app)
     }
 
     /// Whether (app, version) is being staged right now.

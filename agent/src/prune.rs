@@ -62,6 +62,12 @@ pub async fn after_staging(host: &Arc<Host>, app: &str, just_staged: &str) {
 /// each to the controller; returns where their trees were moved, with their seals, for the
 /// caller to delete. The caller holds the activation lock.
 pub fn prune(host: &Host, app: &str, just_staged: &str, keep: usize) -> Result<Vec<(PathBuf, Vec<SealEntry>)>> {
+    // A staging in progress may be copying from any staged version: retention waits for
+    // it (its own completion applies retention).
+    if host.is_staging_app(app) {
+        tracing::debug!(%app, "Retention waits for the staging in progress.");
+        return Ok(Vec::new());
+    }
     let layout = &host.layout;
     let current = layout.current(app);
     let mut protected: HashSet<String> = host.scheduled_versions(app);

@@ -148,25 +148,36 @@ impl Ledger {
         })
     }
 
-    /// Seals a tree just read in full and found right, and records the ctime of each of its
-    /// shared inodes, so that the other versions holding them need no full read.
-    pub fn reseal(&self, app: &str, root: &Path, m: &manifest::Manifest) -> io::Result<Vec<SealEntry>> {
+    /// Records the shared inodes of a tree just read in full and found right, as `seal`
+    /// (from `tree::verify`) stamped them, so that the other versions holding them need no
+    /// full read. An inode whose ctime moved since it was read is left out.
+    pub fn record_verified(&self, app: &str, root: &Path, seal: &[SealEntry]) -> io::Result<()> {
         let _g = self.guard();
-        let seal = tree::seal(root, m)?;
         for s in seal.iter().filter(|s| !s.path.is_empty()) {
             let md = std::fs::symlink_metadata(manifest::join(root, &s.path))?;
             if md.is_file() && md.nlink() > 1 && md.ino() == s.ino && ctime_ns(&md) == s.ctime_ns {
                 self.store.set_shared_ctime(app, s.ino, s.ctime_ns).map_err(io::Error::other)?;
             }
         }
-        Ok(seal)
+        Ok(())
+    }
+
+    /// Whether an open donor file still holds as `sealed`; a failure is checked again under
+    /// the lock (a link in progress may have moved its ctime).
+    pub fn still_holds(&self, app: &str, f: &File, sealed: &SealEntry) -> bool {
+        let now = || Stamp::of(f).is_ok_and(|st| self.holds(app, sealed, &st.entry(&sealed.path)));
+        now() || {
+            let _g = self.guard();
+            now()
+        }
     }
 
     /// Makes `dst`, which must not exist, a file with the content and mode of `donor`, a
     /// file of a staged version of `app` sealed as `sealed`, without reading it: a reflink
     /// (while `reflinks` says the filesystem takes them), else a hard link; a kernel-side copy
-    /// with `Reuse::Copy` or where neither works. `None` when the donor is not as sealed:
-    /// the caller then builds the file from verified chunks.
+    /// with `Reuse::Copy` or where neither works. `None` when the donor is not as sealed (it
+    /// changed) or the copy failed: the caller then builds the file from verified chunks.
+    /// Only the hard link, which moves the donor's ctime, takes the lock.
     pub fn reuse(
         &self,
         app: &str,
@@ -183,7 +194,6 @@ impl Ledger {
                 return Ok(None);
             }
         };
-        let _g = self.guard();
         let pre = Stamp::of(&src)?;
         if !pre.is_file() || !self.holds(app, sealed, &pre.entry(&sealed.path)) {
             return Ok(None);
@@ -194,44 +204,62 @@ impl Ledger {
             match rustix::fs::ioctl_ficlone(&f, &src) {
                 Ok(()) => made = Some(Reused::Cloned),
                 Err(e) => {
-                    debug!(error = %e, "No reflinks here; hard links instead.");
-                    *reflinks = false;
+                    use rustix::io::Errno;
+                    if [Errno::OPNOTSUPP, Errno::NOTTY, Errno::XDEV, Errno::INVAL, Errno::NOSYS].contains(&e) {
+                        debug!(error = %e, "No reflinks here; hard links instead.");
+                        *reflinks = false;
+                    }
                     std::fs::remove_file(dst)?;
                 }
             }
         }
         if how == Reuse::Share && made.is_none() {
-            match std::fs::hard_link(donor, dst) {
-                Ok(()) => {
-                    if std::fs::symlink_metadata(dst)?.ino() != pre.ino {
-                        // The donor's path was swapped meanwhile: not the inode just checked.
-                        std::fs::remove_file(dst)?;
-                        return Ok(None);
-                    }
-                    made = Some(Reused::Linked);
-                }
-                // Another filesystem, too many links, or links refused: copy instead.
-                Err(e) => debug!(error = %e, "No hard link; copying instead."),
+            if let Some(linked) = self.link(app, donor, &src, sealed, dst)? {
+                return Ok(linked.then_some(Reused::Linked));
             }
         }
         if made.is_none() {
             let f = create_new(dst)?;
-            copy_range(&src, 0, &f, 0, pre.size)?;
+            if let Err(e) = copy_range(&src, 0, &f, 0, pre.size) {
+                debug!(path = %donor.display(), error = %e, "A kernel-side copy failed; fetching instead.");
+                std::fs::remove_file(dst)?;
+                return Ok(None);
+            }
             made = Some(Reused::Copied);
         }
+        // A clone or a copy leaves the donor as it was: it must still be, or what was read
+        // may be a write's.
         let post = Stamp::of(&src)?;
-        let linked = made == Some(Reused::Linked);
-        let untouched = post.same_but_ctime(&pre)
-            && if linked { post.nlink == pre.nlink + 1 } else { post.ctime_ns == pre.ctime_ns };
-        if !untouched {
-            // The donor changed while it was being shared: neither trusted nor recorded.
+        if !post.same_but_ctime(&pre) || !self.still_holds(app, &src, sealed) {
             std::fs::remove_file(dst)?;
             return Ok(None);
         }
-        if linked {
-            self.store.set_shared_ctime(app, post.ino, post.ctime_ns).map_err(io::Error::other)?;
-        }
         Ok(made)
+    }
+
+    /// Hard-links `donor` (open as `src`) at `dst` and records the ctime the link left, under
+    /// the lock. `Some(false)`: the donor changed, nothing is left at `dst`; `None`: no hard
+    /// link possible here (another filesystem, too many links, links refused).
+    fn link(&self, app: &str, donor: &Path, src: &File, sealed: &SealEntry, dst: &Path) -> io::Result<Option<bool>> {
+        let _g = self.guard();
+        let pre = Stamp::of(src)?;
+        if !self.holds(app, sealed, &pre.entry(&sealed.path)) {
+            return Ok(Some(false));
+        }
+        if let Err(e) = std::fs::hard_link(donor, dst) {
+            debug!(error = %e, "No hard link; copying instead.");
+            return Ok(None);
+        }
+        let post = Stamp::of(src)?;
+        if std::fs::symlink_metadata(dst)?.ino() != pre.ino || !post.same_but_ctime(&pre) || post.nlink != pre.nlink + 1
+        {
+            // The donor's path was swapped, or the inode written, meanwhile: not what was
+            // checked. Neither trusted nor recorded.
+            std::fs::remove_file(dst)?;
+            return Ok(Some(false));
+        }
+        self.store.set_shared_ctime(app, post.ino, post.ctime_ns).map_err(io::Error::other)?;
+        Ok(Some(true))
     }
 
     /// Removes the file at `path` (a missing one is not an error), keeping the record of its

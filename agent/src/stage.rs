@@ -201,18 +201,21 @@ fn donors(host: &Host, app: &str, version: &str) -> Donors {
         };
         let root = host.layout.release_dir(&a, &v);
         let trusted = m.digest() == rec.digest && host.ledger.check(app, &root, &rec.seal).is_ok();
-        versions.push((!trusted, root, m, rec.seal));
+        versions.push((!trusted, std::cmp::Reverse(rec.used_at), root, m, rec.seal));
     }
-    // Versions whose seal holds first: their chunks are found before the others'.
-    versions.sort_by_key(|v| v.0);
+    // Versions whose seal holds first, then the most recently used (the last retention
+    // removes): their files and chunks are found before the others'.
+    versions.sort_by_key(|v| (v.0, v.1));
     let mut out = Donors::default();
-    for (untrusted, root, m, seal) in versions {
+    for (untrusted, _, root, m, seal) in versions {
         let mut sealed: HashMap<String, Arc<SealEntry>> =
             if untrusted { HashMap::new() } else { seal.into_iter().map(|s| (s.path.clone(), Arc::new(s))).collect() };
         for (path, mode, size, chunks) in m.files() {
             let file = manifest::join(&root, path);
             let entry = sealed.remove(path);
-            if let Some(s) = &entry {
+            // Empty files are made, not shared: one inode for every empty file would alias
+            // them all.
+            if let Some(s) = entry.as_ref().filter(|_| size > 0) {
                 out.files
                     .entry(file_key(mode, size, chunks))
                     .or_insert_with(|| Donor { path: file.clone(), sealed: s.clone() });
@@ -344,14 +347,16 @@ fn prepare(ledger: &Ledger, app: &str, reuse: Reuse, staging: &Path, m: &Manifes
                         && had == *size
                         && f.read_exact_at(&mut buf, offset).is_ok()
                         && Digest::of(&buf) == c.digest;
-                    let copied = !present
-                        && donors.chunks.get(&c.digest).is_some_and(|at| {
-                            // Kernel-side while the donor holds as sealed; else read and hashed.
-                            sources.copy(ledger, app, at, &f, offset, c.len)
+                    let copied = match donors.chunks.get(&c.digest).filter(|_| !present) {
+                        None => false,
+                        // Kernel-side while the donor holds as sealed; else read and hashed.
+                        Some(at) => {
+                            sources.copy(ledger, app, at, &f, offset, c.len)?
                                 || File::open(&at.path).and_then(|d| d.read_exact_at(&mut buf, at.offset)).is_ok()
                                     && Digest::of(&buf) == c.digest
                                     && f.write_all_at(&buf, offset).is_ok()
-                        });
+                        }
+                    };
                     if present || copied {
                         reused += u64::from(c.len);
                     } else {
@@ -387,34 +392,43 @@ struct Sources {
 }
 
 impl Sources {
+    /// At most this many donor files open at once.
+    const OPEN_MAX: usize = 64;
+
     /// Copies `len` bytes of a chunk from where `at` says to `dst` at `to`, in the kernel;
-    /// false if `at` is not of a sealed version, or no longer holds, or the copy failed.
-    fn copy(&mut self, ledger: &Ledger, app: &str, at: &ChunkAt, dst: &File, to: u64, len: u32) -> bool {
-        let Some(sealed) = &at.sealed else { return false };
-        if self.open.len() >= 64 && !self.open.contains_key(&at.path) && self.check(ledger, app).is_err() {
-            return false;
+    /// false if `at` is not of a sealed version, or no longer holds, or the copy failed. An
+    /// error: a donor already copied from changed, and what came from it cannot be trusted.
+    fn copy(&mut self, ledger: &Ledger, app: &str, at: &ChunkAt, dst: &File, to: u64, len: u32) -> Result<bool> {
+        let Some(sealed) = &at.sealed else { return Ok(false) };
+        if self.open.len() >= Self::OPEN_MAX && !self.open.contains_key(&at.path) {
+            self.check(ledger, app)?;
         }
         let src = self.open.entry(at.path.clone()).or_insert_with(|| {
             let f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&at.path).ok()?;
             let pre = Stamp::of(&f).ok()?;
             ledger.holds(app, sealed, &pre.entry(&sealed.path)).then(|| (f, pre, sealed.clone()))
         });
-        match src {
+        Ok(match src {
             Some((f, _, _)) => share::copy_range(f, at.offset, dst, to, u64::from(len)).is_ok(),
             None => false,
-        }
+        })
     }
 
-    /// Fails if a donor changed while it was read from (its copied bytes cannot be trusted).
+    /// Checks every donor read from and closes them; fails if one changed meanwhile (its
+    /// copied bytes cannot be trusted).
     fn check(&mut self, ledger: &Ledger, app: &str) -> Result<()> {
+        let mut changed = None;
         for (path, src) in self.open.drain() {
             let Some((f, pre, sealed)) = src else { continue };
-            let now = Stamp::of(&f)?;
-            if now.ino != pre.ino || !ledger.holds(app, &sealed, &now.entry(&sealed.path)) {
-                bail!("{} changed while this version was copying from it; deploy again", path.display());
+            let same = Stamp::of(&f).is_ok_and(|now| now.ino == pre.ino) && ledger.still_holds(app, &f, &sealed);
+            if !same && changed.is_none() {
+                changed = Some(path);
             }
         }
-        Ok(())
+        match changed {
+            Some(path) => bail!("{} changed while this version was copying from it; deploy again", path.display()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -762,4 +776,41 @@ fn finish(
         }
     }
     Ok(seal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    /// Bytes copied from a donor that is written afterwards must fail the staging, however
+    /// many other donors are opened after it (the 65th once closed them all unchecked).
+    #[test]
+    fn a_donor_changed_after_a_copy_fails_the_staging() {
+        let (db, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ledger = Ledger::new(Store::open(db.path()).unwrap());
+        let donors: Vec<(PathBuf, Arc<SealEntry>)> = (0..Sources::OPEN_MAX + 2)
+            .map(|i| {
+                let p = dir.path().join(format!("f{i}"));
+                std::fs::write(&p, [i as u8; 8]).unwrap();
+                let sealed = Arc::new(tree::seal_entry(&p, &format!("f{i}")).unwrap());
+                (p, sealed)
+            })
+            .collect();
+        let dst =
+            File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("dst")).unwrap();
+        let at = |i: usize| ChunkAt { path: donors[i].0.clone(), offset: 0, sealed: Some(donors[i].1.clone()) };
+        let mut sources = Sources::default();
+        assert!(sources.copy(&ledger, "web", &at(0), &dst, 0, 4).unwrap());
+        std::fs::OpenOptions::new().write(true).open(&donors[0].0).unwrap().write_all_at(b"XXXX", 4).unwrap();
+        assert!(sources.copy(&ledger, "web", &at(0), &dst, 4, 4).unwrap(), "still open: copied");
+        let mut failed = false;
+        for i in 1..donors.len() {
+            if sources.copy(&ledger, "web", &at(i), &dst, 8, 4).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed || sources.check(&ledger, "web").is_err(), "copies from a changed donor were trusted");
+    }
 }

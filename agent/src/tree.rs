@@ -6,9 +6,8 @@ use crate::store::SealEntry;
 use stagehand_common::manifest::{self, EntryKind, Manifest};
 use stagehand_common::Digest;
 use std::collections::HashSet;
-use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Takes the seal of a staged tree (the root and every entry).
@@ -23,14 +22,7 @@ pub fn seal(root: &Path, m: &Manifest) -> std::io::Result<Vec<SealEntry>> {
 
 /// What `path` (`rel` in its tree) looks like now, as a seal records it.
 pub fn seal_entry(path: &Path, rel: &str) -> std::io::Result<SealEntry> {
-    let md = std::fs::symlink_metadata(path)?;
-    Ok(SealEntry {
-        path: rel.to_string(),
-        ino: md.ino(),
-        size: md.size(),
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-    })
+    Ok(stamp(&std::fs::symlink_metadata(path)?, rel))
 }
 
 /// What the full check found wrong, and where (relative to the tree's root).
@@ -51,8 +43,13 @@ impl std::fmt::Display for Damage {
 }
 
 /// Reads the whole tree and checks it against the manifest: entries, kinds, modes, link
-/// targets and every chunk's bytes, and nothing extra.
-pub fn verify(root: &Path, m: &Manifest) -> Result<(), Damage> {
+/// targets and every chunk's bytes, and nothing extra. Returns the tree's seal as it was
+/// read: each file is stamped (`fstat`) before its bytes are read and must look the same
+/// after, so a write racing the read can never be sealed as good.
+pub fn verify(root: &Path, m: &Manifest) -> Result<Vec<SealEntry>, Damage> {
+    let whole = |what: String| Damage { path: String::new(), what };
+    let root_before = seal_entry(root, "").map_err(|e| whole(e.to_string()))?;
+    let mut seal = vec![root_before.clone()];
     let mut expected: HashSet<String> = HashSet::new();
     for e in &m.entries {
         expected.insert(e.path.clone());
@@ -60,21 +57,27 @@ pub fn verify(root: &Path, m: &Manifest) -> Result<(), Damage> {
         let path = manifest::join(root, &e.path);
         let md = std::fs::symlink_metadata(&path).map_err(|err| damage(err.to_string()))?;
         match &e.kind {
-            EntryKind::Dir { .. } if md.is_dir() => {}
+            EntryKind::Dir { .. } if md.is_dir() => seal.push(stamp(&md, &e.path)),
             EntryKind::Symlink { target } if md.file_type().is_symlink() => {
                 let actual = std::fs::read_link(&path).map_err(|err| damage(err.to_string()))?;
                 if actual != Path::new(target) {
                     return Err(damage("symlink changed".into()));
                 }
+                seal.push(stamp(&md, &e.path));
             }
             EntryKind::File { mode, size, chunks } if md.is_file() => {
-                if md.len() != *size {
+                let mut f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+                    .map_err(|err| damage(err.to_string()))?;
+                let before = f.metadata().map_err(|err| damage(err.to_string()))?;
+                if before.len() != *size {
                     return Err(damage("size changed".into()));
                 }
-                if md.permissions().mode() & 0o777 != *mode {
+                if before.permissions().mode() & 0o777 != *mode {
                     return Err(damage("mode changed".into()));
                 }
-                let mut f = File::open(&path).map_err(|err| damage(err.to_string()))?;
                 let mut buf = Vec::new();
                 for c in chunks.iter() {
                     buf.resize(c.len as usize, 0);
@@ -83,17 +86,35 @@ pub fn verify(root: &Path, m: &Manifest) -> Result<(), Damage> {
                         return Err(damage("content does not match the manifest".into()));
                     }
                 }
+                let after = f.metadata().map_err(|err| damage(err.to_string()))?;
+                let (b, a) = (stamp(&before, &e.path), stamp(&after, &e.path));
+                if a != b {
+                    return Err(damage("changed while it was being read".into()));
+                }
+                seal.push(b);
             }
             _ => return Err(damage("not the kind of entry the manifest says".into())),
         }
     }
     let mut found = Vec::new();
-    walk(root, "", &mut found)
-        .map_err(|e| Damage { path: String::new(), what: format!("listing {}: {e}", root.display()) })?;
+    walk(root, "", &mut found).map_err(|e| whole(format!("listing {}: {e}", root.display())))?;
     if let Some(extra) = found.iter().find(|p| !expected.contains(*p)) {
         return Err(Damage { path: extra.clone(), what: "not part of the artifact".into() });
     }
-    Ok(())
+    if seal_entry(root, "").map_err(|e| whole(e.to_string()))? != root_before {
+        return Err(whole("the release directory changed while it was being read".into()));
+    }
+    Ok(seal)
+}
+
+fn stamp(md: &std::fs::Metadata, rel: &str) -> SealEntry {
+    SealEntry {
+        path: rel.to_string(),
+        ino: md.ino(),
+        size: md.size(),
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+    }
 }
 
 fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> std::io::Result<()> {
