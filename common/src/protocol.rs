@@ -278,6 +278,10 @@ pub enum AdminRequest {
         id: String,
         action: RolloutAction,
     },
+    /// Forgets a revoked agent: its record, stagings, receipts. Its certificate stays refused.
+    RemoveAgent {
+        agent: String,
+    },
 }
 
 /// What an operator asks of a rollout.
@@ -427,6 +431,9 @@ pub enum AdminResponse {
     },
     Rollouts {
         rollouts: Vec<RolloutView>,
+    },
+    Removed {
+        agent: AgentId,
     },
 }
 

@@ -214,6 +214,24 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
             info!(agent = %id, "Agent revoked.");
             AdminResponse::Revoked { agent: id }
         }
+        AdminRequest::RemoveAgent { agent } => {
+            let id = AgentId(agent);
+            match ctl.store.agent(&id)? {
+                None => return Ok(error(format!("no agent {id}"), "stagehand agents list")),
+                Some(rec) if !rec.revoked => {
+                    return Ok(error(
+                        format!("{id} is not revoked; only a revoked agent can be removed"),
+                        format!("stagehand agents revoke {id}, then stagehand agents remove {id}"),
+                    ))
+                }
+                Some(_) => {}
+            }
+            ctl.store.remove_agent(&id)?;
+            ctl.store.flush()?;
+            ctl.fleet.bump();
+            info!(agent = %id, "Revoked agent removed.");
+            AdminResponse::Removed { agent: id }
+        }
         AdminRequest::Hello { .. }
         | AdminRequest::PushChunks { .. }
         | AdminRequest::WaitStaged { .. }

@@ -6,7 +6,7 @@ use crate::server::Controller;
 use crate::store::{StageRecord, StageState};
 use anyhow::{bail, Result};
 use stagehand_common::frame::{self, read_msg, write_blob, write_msg};
-use stagehand_common::ids::now_secs;
+use stagehand_common::ids::{check_name, now_secs};
 use stagehand_common::manifest::Manifest;
 use stagehand_common::protocol::{DeployDown, DeployUp, StageOutcome, StagedArtifact, PROTOCOL_VERSION};
 use stagehand_common::{AgentId, Digest};
@@ -91,12 +91,43 @@ pub fn is_disconnect(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Bytes of peer text (a staging failure's reason, a receipt's log) the controller keeps.
+pub const PEER_TEXT_LIMIT: usize = 1024;
+
+/// What an agent reports is checked before anything is kept: names must be names (a peer
+/// that sends others is dropped), and only artifacts the controller knows are recorded.
+pub fn check_names(what: &[(&str, &str)]) -> Result<()> {
+    for (kind, name) in what {
+        if let Err(e) = check_name(kind, name) {
+            bail!("the agent reported an invalid {kind}: {e}");
+        }
+    }
+    Ok(())
+}
+
 fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
     match msg {
         DeployUp::Inventory { staged } => {
-            reconcile(ctl, id, &staged)?;
+            for s in &staged {
+                check_names(&[("app", &s.app), ("version", &s.version)])?;
+            }
+            // Only artifacts pushed here, with the digest they were pushed with.
+            let known: Vec<StagedArtifact> = staged
+                .into_iter()
+                .filter(|s| ctl.store.artifact(&s.app, &s.version).ok().flatten().is_some_and(|a| a.digest == s.digest))
+                .collect();
+            reconcile(ctl, id, &known)?;
         }
-        DeployUp::StageReport { app, version, digest, outcome } => {
+        DeployUp::StageReport { app, version, digest, mut outcome } => {
+            check_names(&[("app", &app), ("version", &version)])?;
+            // Only for what the controller ordered (or recorded as staged) here.
+            if ctl.store.stage(id, &app, &version)?.is_none() {
+                warn!(agent = %id, %app, %version, "A stage report for nothing ordered; ignored.");
+                return Ok(());
+            }
+            if let StageOutcome::Failed { reason } = &mut outcome {
+                crate::rollout::truncate(reason, PEER_TEXT_LIMIT);
+            }
             let state = match &outcome {
                 StageOutcome::Staged { fetched_bytes, reused_bytes, millis } => {
                     info!(agent = %id, %app, %version, fetched_bytes, reused_bytes, millis, "Staged.");
@@ -120,6 +151,7 @@ fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
             }
         }
         DeployUp::Pruned { app, version } => {
+            check_names(&[("app", &app), ("version", &version)])?;
             info!(agent = %id, %app, %version, "Removed an old release (agent retention).");
             ctl.store.remove_stage(id, &app, &version)?;
             ctl.store.flush()?;

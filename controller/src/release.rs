@@ -64,17 +64,39 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
 fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
     match msg {
         ReleaseUp::State { apps } => {
-            for a in apps {
+            for a in &apps {
+                crate::deploy::check_names(&[("app", &a.app)])?;
+                if let Some(v) = &a.active {
+                    crate::deploy::check_names(&[("version", v)])?;
+                }
+            }
+            // Only apps the controller knows.
+            for a in apps.into_iter().filter(|a| ctl.store.knows_app(&a.app).is_ok_and(|known| known)) {
                 ctl.store.put_appstate(id, &a.app, &AppStateRecord { v: 1, active: a.active, last_seq: a.last_seq })?;
             }
             // Informational: the agent is the truth and re-sends its state on reconnect.
             ctl.fleet.bump();
             catch_up(ctl, id, false)?;
         }
-        ReleaseUp::Receipt(r) => {
+        ReleaseUp::Receipt(mut r) => {
             if r.agent_id != *id {
                 bail!("receipt names agent {} on the connection of {id}", r.agent_id);
             }
+            if r.app.is_empty() {
+                // The answer to a message the agent could not decode: nothing to record.
+                warn!(agent = %id, outcome = ?r.outcome, "A receipt for an undecodable message.");
+                return Ok(());
+            }
+            crate::deploy::check_names(&[("app", &r.app), ("version", &r.version)])?;
+            if let Some(v) = &r.active {
+                crate::deploy::check_names(&[("version", v)])?;
+            }
+            // Receipts answer messages this controller signed, for artifacts it holds.
+            if ctl.store.artifact(&r.app, &r.version)?.is_none() {
+                warn!(agent = %id, app = %r.app, version = %r.version, "A receipt for an unknown artifact; ignored.");
+                return Ok(());
+            }
+            crate::rollout::truncate(&mut r.log, crate::deploy::PEER_TEXT_LIMIT * 8);
             match &r.outcome {
                 ReceiptOutcome::Committed => {
                     info!(agent = %id, app = %r.app, version = %r.version, seq = r.seq, total_us = r.total_us, "Committed.")

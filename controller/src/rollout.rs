@@ -606,7 +606,8 @@ fn owe(ctl: &Controller, r: &Rollout) -> Result<()> {
     Ok(())
 }
 
-fn truncate(s: &mut String, limit: usize) {
+/// Cuts `s` to at most `limit` bytes (at a character boundary), marking the cut.
+pub fn truncate(s: &mut String, limit: usize) {
     if s.len() > limit {
         let cut = (0..=limit).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
         s.truncate(cut);

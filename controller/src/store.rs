@@ -282,6 +282,19 @@ impl Store {
         Ok(())
     }
 
+    /// Removes an agent's record and everything kept about it (stagings, app states,
+    /// receipts). A certificate naming an unknown agent is refused everywhere.
+    pub fn remove_agent(&self, id: &AgentId) -> Result<()> {
+        let prefix = key(&[&id.0, ""]);
+        for tree in [&self.stage, &self.appstate, &self.receipts, &self.recent_receipts] {
+            for k in tree.scan_prefix(&prefix).keys() {
+                tree.remove(k?)?;
+            }
+        }
+        self.agents.remove(id.0.as_bytes())?;
+        Ok(())
+    }
+
     pub fn agent(&self, id: &AgentId) -> Result<Option<AgentRecord>> {
         self.agents.get(id.0.as_bytes())?.map(|v| dec_agent(id.0.as_bytes(), &v)).transpose()
     }
@@ -353,6 +366,11 @@ impl Store {
 
     pub fn artifact(&self, app: &str, version: &str) -> Result<Option<ArtifactRecord>> {
         get(&self.artifacts, &key(&[app, version]))
+    }
+
+    /// Whether any version of `app` was pushed.
+    pub fn knows_app(&self, app: &str) -> Result<bool> {
+        Ok(self.artifacts.scan_prefix(key(&[app, ""])).next().transpose()?.is_some())
     }
 
     pub fn put_deploy(&self, env: &str, app: &str, version: &str, d: &DeployRecord) -> Result<()> {

@@ -1,4 +1,4 @@
-//! `stagehand agents list|revoke`.
+//! `stagehand agents list|revoke|remove`.
 
 use super::Ctx;
 use anyhow::{bail, Result};
@@ -12,6 +12,9 @@ pub enum AgentsCommand {
     List,
     /// Refuse an agent everywhere from now on and close its connections.
     Revoke(RevokeArgs),
+    /// Forget a revoked agent: it leaves `agents list` and `status`; its certificate stays
+    /// refused.
+    Remove(RevokeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -72,7 +75,7 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
                 outln!(
                     "{:<20} {:<16} {:<10} {:<10} {:<20} {}",
                     a.id,
-                    a.name,
+                    super::clean(&a.name),
                     a.env,
                     connected,
                     if labels.is_empty() { "-".into() } else { labels.join(",") },
@@ -88,6 +91,17 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
                 super::print_json(&serde_json::json!({ "revoked": agent }));
             } else {
                 outln!("Revoked {agent}.");
+                outln!("It stays listed as revoked; `stagehand agents remove {agent}` forgets it.");
+            }
+        }
+        AgentsCommand::Remove(a) => {
+            let resp = client.call(&AdminRequest::RemoveAgent { agent: a.agent }).await?;
+            client.close().await;
+            let AdminResponse::Removed { agent } = resp else { bail!("unexpected answer: {resp:?}") };
+            if ctx.json() {
+                super::print_json(&serde_json::json!({ "removed": agent }));
+            } else {
+                outln!("Removed {agent}.");
             }
         }
     }

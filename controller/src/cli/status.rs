@@ -40,7 +40,7 @@ pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
                 ReceiptOutcome::Refused(why) => match r.log.lines().next() {
                     // The agent's account of what was modified in its staged copy.
                     Some(first) if *why == Refusal::DigestMismatch => {
-                        format!("seq {} {} refused: {} ({})", r.seq, r.version, why.code(), clean(first))
+                        format!("seq {} {} refused: {} ({first})", r.seq, r.version, why.code())
                     }
                     _ => format!("seq {} {} refused: {}", r.seq, r.version, why.code()),
                 },
@@ -53,14 +53,15 @@ pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
         for (v, why) in &ag.staging_failed {
             staged.push_str(&format!(" {v}:FAILED({why})"));
         }
+        // Everything an agent reported is printed escaped: it may carry control characters.
         outln!(
             "{:<16} {:<20} {:<10} {:<12} {:<24} {}",
-            ag.name,
+            clean(&ag.name),
             ag.id,
             if ag.connected { "yes" } else { "no" },
-            ag.active.as_deref().unwrap_or("-"),
-            if staged.is_empty() { "-".into() } else { staged },
-            receipt
+            clean(ag.active.as_deref().unwrap_or("-")),
+            if staged.is_empty() { "-".into() } else { clean(&staged) },
+            clean(&receipt)
         );
     }
     Ok(0)

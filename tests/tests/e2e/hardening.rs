@@ -1,8 +1,17 @@
 //! Hardening (#9): each finding of the adversarial review, reproduced as it was done.
 
+use crate::STAGEHAND;
 use stagehand_agent::config::AgentConfig;
-use stagehand_tests::{assert_same_tree, versioned_tree, Fleet};
+use stagehand_common::activate::Refusal;
+use stagehand_common::protocol::{
+    AdminRequest, AdminResponse, DeployDown, DeployUp, Receipt, ReceiptOutcome, ReleaseDown, ReleaseUp, StageOutcome,
+    ALPN_DEPLOY, ALPN_RELEASE, PROTOCOL_VERSION,
+};
+use stagehand_common::tls::Credentials;
+use stagehand_common::{frame, net};
+use stagehand_tests::{assert_same_tree, run_cli, versioned_tree, Fleet, TestAgent};
 use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
 
 /// Finding 3: a local user who can write to an app root planted a symlink where the root
 /// agent stages, and got a file of their choice overwritten and chmod-ed as root. Now an
@@ -54,4 +63,118 @@ async fn an_app_root_others_can_write_is_refused_and_nothing_is_redirected() {
     assert_same_tree(&src, &root.join("releases/1"));
     assert_eq!(std::fs::read_to_string(victim.join("d0/f0")).unwrap(), "precious");
     assert_eq!(std::fs::metadata(victim.join("f0")).unwrap().permissions().mode() & 0o777, 0o600);
+}
+
+/// A session on one of an enrolled agent's channels, past the hello: its control stream
+/// (the receiving side is kept open, as an agent's is, unread).
+async fn session(
+    fleet: &Fleet,
+    agent: &TestAgent,
+    alpn: &[u8],
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let creds = Credentials::load(&agent.dir.join("identity")).unwrap();
+    let ep = net::client_endpoint(fleet.addr).unwrap();
+    let cfg = net::client_config(creds.client_config(alpn).unwrap()).unwrap();
+    let conn = net::connect(&ep, fleet.addr, cfg).await.unwrap();
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    if alpn == ALPN_DEPLOY {
+        frame::write_msg(&mut s, &DeployUp::Hello { protocol_version: PROTOCOL_VERSION }).await.unwrap();
+        let _: Option<DeployDown> = frame::read_msg::<_, _, 1024>(&mut r).await.unwrap();
+    } else {
+        frame::write_msg(&mut s, &ReleaseUp::Hello { protocol_version: PROTOCOL_VERSION }).await.unwrap();
+        let _: Option<ReleaseDown> = frame::read_msg::<_, _, 1024>(&mut r).await.unwrap();
+    }
+    (conn, s, r)
+}
+
+/// Finding 2: one enrolled agent sent 76 stage reports for versions nobody ordered, each
+/// with a reason of about 1 MiB; they were all kept, and `agents list` and `status` broke
+/// for every operator, for good. Names with escape sequences reached operators' terminals.
+/// Revoked agents stayed listed forever. Now: reports for nothing ordered are ignored,
+/// reasons are capped, a peer reporting a name that is no name is dropped, every text
+/// output escapes control characters, and `agents remove` forgets a revoked agent.
+// Several threads: the CLI runs as a process and waits while the controller serves it here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_flood_or_garble_what_operators_see() {
+    let fleet = Fleet::start().await.unwrap();
+    let good = fleet.agent("prod", "good").await.unwrap();
+    let src = fleet.path().join("src");
+    versioned_tree(&src, 2, 70 << 10, 4).unwrap();
+    let pushed = fleet.push("web", "1", &src).await.unwrap();
+    assert!(fleet.deploy("web", "1", "prod", 60).await.unwrap().all_done());
+    let bad = fleet.enrol("prod", "bad").await.unwrap();
+
+    let (deploy, mut control, _orders) = session(&fleet, &bad, ALPN_DEPLOY).await;
+    // As an agent does: what it holds (nothing), so the controller orders version 1.
+    frame::write_msg(&mut control, &DeployUp::Inventory { staged: vec![] }).await.unwrap();
+    for i in 0..76 {
+        let report = DeployUp::StageReport {
+            app: "web".into(),
+            version: format!("junk-{i}"),
+            digest: pushed.digest,
+            outcome: StageOutcome::Failed { reason: "x".repeat((1 << 20) - 200) },
+        };
+        frame::write_msg(&mut control, &report).await.unwrap();
+    }
+    // A report for the version that was ordered, with a reason of 1 MiB: kept, but cut.
+    let report = DeployUp::StageReport {
+        app: "web".into(),
+        version: "1".into(),
+        digest: pushed.digest,
+        outcome: StageOutcome::Failed { reason: format!("\x1b[31mred{}", "y".repeat((1 << 20) - 200)) },
+    };
+    frame::write_msg(&mut control, &report).await.unwrap();
+    // And a name that is no name: the peer is dropped.
+    let junk = DeployUp::Pruned { app: "web".into(), version: "\x1b]0;pwned\x07".into() };
+    frame::write_msg(&mut control, &junk).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), deploy.closed()).await.expect("the lying peer is dropped");
+
+    // On the release channel, a receipt whose `active` is an escape sequence: dropped too.
+    let (release, mut control, _messages) = session(&fleet, &bad, ALPN_RELEASE).await;
+    let receipt = Receipt {
+        agent_id: bad.id.clone(),
+        app: "web".into(),
+        version: "1".into(),
+        seq: 1,
+        outcome: ReceiptOutcome::Refused(Refusal::HostError),
+        active: Some("\x1b[2J".into()),
+        log: String::new(),
+        check_us: 0,
+        switch_us: 0,
+        total_us: 0,
+        at: 0,
+        applied: false,
+    };
+    frame::write_msg(&mut control, &ReleaseUp::Receipt(receipt)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), release.closed()).await.expect("the lying peer is dropped");
+
+    let AdminResponse::Agents { agents } = fleet.call(AdminRequest::ListAgents).await.unwrap() else { panic!() };
+    let seen = agents.iter().find(|a| a.id == bad.id).unwrap();
+    let reported: Vec<String> = seen.apps.iter().flat_map(|a| a.staged.clone()).collect();
+    assert!(reported.iter().all(|v| !v.starts_with("junk")), "{reported:?}");
+    for args in [&["agents", "list"][..], &["status", "web", "--env", "prod"][..]] {
+        let out = run_cli(STAGEHAND, Some(&fleet), args).unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(!out.stdout.contains(&0x1b), "{args:?} printed an escape sequence");
+        assert!(out.stdout.len() < 64 << 10, "{args:?} printed {} bytes", out.stdout.len());
+    }
+    let out = run_cli(STAGEHAND, Some(&fleet), &["status", "web", "--env", "prod"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\\u{1b}[31mred"), "the reason, escaped");
+
+    // Revoked, then removed: gone from the list, and its certificate is still refused.
+    for (cmd, want) in [("revoke", "Revoked"), ("remove", "Removed")] {
+        let out = run_cli(STAGEHAND, Some(&fleet), &["agents", cmd, &bad.id.0]).unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains(want), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = run_cli(STAGEHAND, Some(&fleet), &["agents", "list"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains(&bad.id.0) && text.contains(&good.id.0), "{text}");
+    let creds = Credentials::load(&bad.dir.join("identity")).unwrap();
+    let ep = net::client_endpoint(fleet.addr).unwrap();
+    let cfg = net::client_config(creds.client_config(ALPN_DEPLOY).unwrap()).unwrap();
+    let refused = match net::connect(&ep, fleet.addr, cfg).await {
+        Err(_) => true,
+        Ok(conn) => tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.is_ok(),
+    };
+    assert!(refused, "a removed agent's certificate was accepted");
 }
