@@ -48,7 +48,9 @@ pub fn transport() -> Arc<TransportConfig> {
     t.stream_receive_window(VarInt::from_u32(16 << 20));
     t.receive_window(VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
-    t.max_concurrent_bidi_streams(VarInt::from_u32(256));
+    // Enough for every use (an agent fetches on a few, an upload on four); a peer that opens
+    // more waits.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(32));
     Arc::new(t)
 }
 

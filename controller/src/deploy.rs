@@ -17,6 +17,12 @@ use tracing::{debug, info, warn};
 
 /// Largest number of chunks one fetch request may name.
 pub const MAX_FETCH_BATCH: usize = 8192;
+/// Fetch streams served at once per agent session (an agent fetches on two, plus a
+/// manifest). With the read-ahead below, what one agent can make the controller hold is
+/// bounded: FETCH_STREAMS × READ_AHEAD chunks, plus the connection's send window.
+pub const FETCH_STREAMS: usize = 4;
+/// Chunks read ahead of the wire per fetch stream.
+const READ_AHEAD: usize = 8;
 
 pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -> Result<()> {
     let (mut send, mut recv) = conn.accept_bi().await?;
@@ -49,11 +55,16 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
         }
         anyhow::Ok(())
     };
+    // At most FETCH_STREAMS fetches of this session at once: the next stream is accepted
+    // only when one ends, and the peer waits (QUIC limits how many it may open).
+    let slots = Arc::new(tokio::sync::Semaphore::new(FETCH_STREAMS));
     let fetches = async {
         loop {
+            let slot = slots.clone().acquire_owned().await?;
             let (send, recv) = conn.accept_bi().await?;
             let (ctl, conn, allowed) = (ctl.clone(), conn.clone(), allowed.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = serve_fetch(&ctl, &allowed, send, recv).await {
                     debug!(error = %e, "Fetch stream failed; dropping the peer.");
                     conn.close(crate::server::CLOSE_PROTOCOL.into(), b"bad fetch request");
@@ -258,8 +269,15 @@ async fn serve_fetch(
             let mut bytes = None;
             if allowed.manifest(ctl, &digest)? {
                 if let Ok(b) = ctl.chunks.manifest(&digest) {
-                    let m = Manifest::decode(&b)?;
-                    allowed.add(m.files().flat_map(|(_, _, _, c)| c.iter().map(|c| c.digest)));
+                    // Decoding a large manifest is work for the blocking pool.
+                    let (b, digests) = tokio::task::spawn_blocking(move || {
+                        let m = Manifest::decode(&b)?;
+                        let digests: Vec<Digest> =
+                            m.files().flat_map(|(_, _, _, c)| c.iter().map(|c| c.digest)).collect();
+                        anyhow::Ok((b, digests))
+                    })
+                    .await??;
+                    allowed.add(digests.into_iter());
                     bytes = Some(b);
                 }
             } else {
@@ -272,7 +290,7 @@ async fn serve_fetch(
                 bail!("fetch of {} chunks exceeds the batch limit of {MAX_FETCH_BATCH}", digests.len());
             }
             // Read ahead on a blocking thread while the previous chunk is on the wire.
-            let (tx, mut rx) = mpsc::channel::<Option<Vec<u8>>>(8);
+            let (tx, mut rx) = mpsc::channel::<Option<Vec<u8>>>(READ_AHEAD);
             let store = ctl.chunks.clone();
             let permitted: Vec<bool> = digests.iter().map(|d| allowed.chunk(d)).collect();
             let reader = tokio::task::spawn_blocking(move || {

@@ -9,7 +9,7 @@ use stagehand_common::protocol::{
 };
 use stagehand_common::tls::Credentials;
 use stagehand_common::{frame, net};
-use stagehand_tests::{assert_same_tree, run_cli, versioned_tree, Fleet, TestAgent};
+use stagehand_tests::{assert_same_tree, random_file, run_cli, versioned_tree, Fleet, TestAgent};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -177,4 +177,78 @@ async fn an_agent_cannot_flood_or_garble_what_operators_see() {
         Ok(conn) => tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.is_ok(),
     };
     assert!(refused, "a removed agent's certificate was accepted");
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+/// Finding 1: one enrolled agent opened 250 fetch streams, each asking 64 times for the
+/// largest chunk, and never read them: the controller grew from 247 MB to 2.34 GB in 8 s.
+/// Now an agent's session serves a few fetch streams at once with a bounded read-ahead:
+/// the controller (a process of its own) grows by less than 256 MiB while the streams stay
+/// open, and another agent stages meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_unread_fetch_streams_from_one_agent_cannot_exhaust_the_controller() {
+    let ctl = crate::rollout::CtlProc::start().await;
+    let fleet = &ctl.fleet;
+    let good = fleet.agent("prod", "good").await.unwrap();
+    let bad = fleet.enrol("lab", "bad").await.unwrap();
+    let src = fleet.path().join("src-1");
+    std::fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("data"), 64 << 20, 7).unwrap();
+    let pushed = fleet.push("web", "1", &src).await.unwrap();
+    fleet.call(AdminRequest::Deploy { app: "web".into(), version: "1".into(), env: "lab".into() }).await.unwrap();
+
+    // The attacker's session, and the manifest, which makes the chunks its to fetch.
+    let (conn, _control, _orders) = session(fleet, &bad, ALPN_DEPLOY).await;
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    frame::write_msg(&mut s, &DeployUp::FetchManifest { digest: pushed.digest }).await.unwrap();
+    s.finish().unwrap();
+    let bytes = frame::read_blob::<_, { frame::MANIFEST_LIMIT }>(&mut r).await.unwrap().unwrap().unwrap();
+    let manifest = stagehand_common::manifest::Manifest::decode(&bytes).unwrap();
+    let largest = manifest.files().flat_map(|(_, _, _, c)| c.iter()).max_by_key(|c| c.len).unwrap();
+    assert!(largest.len > 512 << 10, "a large chunk to ask for");
+
+    let before = rss(ctl.proc.child.id());
+    let (keep_tx, mut keep_rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..250 {
+        let (conn, keep_tx, digest) = (conn.clone(), keep_tx.clone(), largest.digest);
+        tokio::spawn(async move {
+            let Ok((mut s, r)) = conn.open_bi().await else { return };
+            let ask = DeployUp::FetchChunks { digests: vec![digest; 64] };
+            if frame::write_msg(&mut s, &ask).await.is_ok() {
+                let _ = keep_tx.send((s, r));
+            }
+        });
+    }
+    drop(keep_tx);
+
+    // Meanwhile another agent stages a new version.
+    let src2 = fleet.path().join("src-2");
+    std::fs::create_dir_all(&src2).unwrap();
+    random_file(&src2.join("data"), 32 << 20, 8).unwrap();
+    fleet.push("web", "2", &src2).await.unwrap();
+    let p = fleet.deploy("web", "2", "prod", 120).await.unwrap();
+    assert!(p.all_done(), "{p:?}");
+    assert_same_tree(&src2, &good.release_dir("web", "2"));
+
+    // The streams stay open, unread: watch the controller for three seconds more.
+    let mut peak = rss(ctl.proc.child.id());
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss(ctl.proc.child.id()));
+    }
+    let grew = peak.saturating_sub(before);
+    assert!(grew < 256 << 20, "the controller grew by {} MiB", grew >> 20);
+    assert!(keep_rx.try_recv().is_ok(), "the attacker's streams were opened");
+    eprintln!("controller RSS: {} MiB before, {} MiB at the peak", before >> 20, peak >> 20);
 }

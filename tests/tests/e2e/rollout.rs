@@ -194,14 +194,15 @@ async fn control(fleet: &Fleet, id: &str, action: RolloutAction) {
 }
 
 /// A controller run as a process (so it can be killed with SIGKILL), agents in this process.
-struct CtlProc {
-    proc: Proc,
-    fleet: Fleet,
+/// A controller running as a process of its own.
+pub struct CtlProc {
+    pub proc: Proc,
+    pub fleet: Fleet,
     n: usize,
 }
 
 impl CtlProc {
-    async fn start() -> CtlProc {
+    pub async fn start() -> CtlProc {
         let dir = tempfile::Builder::new().prefix("stagehand-test-").tempdir().unwrap();
         let ctl_dir = dir.path().join("controller");
         stagehand_controller::init::init(&ctl_dir, "127.0.0.1:0".parse().unwrap()).unwrap();
