@@ -1,6 +1,6 @@
 //! Applying an activate message: the rules of SPEC §4 (`common::activate::check`), then
 //! durable intent → pre-activate hook → atomic switch → post-activate hook → health check
-//! → commit, or switch back by itself. One activation at a time per host.
+//! → commit, or switch back by itself. One activation at a time per app.
 
 use crate::failpoint;
 use crate::hooks::{self, ArtifactConfig};
@@ -20,7 +20,10 @@ use tracing::{error, info, warn};
 /// anything, and sent to the controller when the release channel is up).
 pub async fn handle(host: &Arc<Host>, msg: SignedActivate) -> Receipt {
     let started = Instant::now();
-    let _one_at_a_time = host.activation.lock().await;
+    // One activation at a time per app: one app's slow health check holds back no other.
+    let app = Activate::decode_unverified(&msg.body).map(|b| b.app).unwrap_or_default();
+    let lock = host.activation(&app);
+    let _one_at_a_time = lock.lock().await;
     let receipt = apply(host, &msg, started).await;
     host.send_release(stagehand_common::protocol::ReleaseUp::Receipt(receipt.clone()));
     receipt
@@ -261,9 +264,15 @@ impl Activation {
     }
 
     async fn hook(&mut self, what: &str, cmd: &str, config: &ArtifactConfig) -> Result<(), ()> {
-        let env = hook_env(&self.host.layout, &self.app, &self.version, self.previous.as_deref());
+        let exec = match hook_exec(&self.host.layout, &self.app, &self.version, self.previous.as_deref()) {
+            Ok(exec) => exec,
+            Err(e) => {
+                self.note(what, &e);
+                return Err(());
+            }
+        };
         let timeout = config.hook_timeout().unwrap_or(std::time::Duration::from_secs(60));
-        match hooks::run(cmd, &self.release_dir(), &env, timeout).await {
+        match hooks::run(cmd, &self.release_dir(), &exec, timeout).await {
             Ok(out) => {
                 self.note(what, &out);
                 Ok(())
@@ -282,8 +291,12 @@ impl Activation {
             None => Ok(()),
         };
         if let (Ok(()), Some(h)) = (healthy, &config.health) {
-            let env = hook_env(&self.host.layout, &self.app, &self.version, self.previous.as_deref());
-            healthy = match hooks::check_health(h, &self.release_dir(), &env).await {
+            let exec = hook_exec(&self.host.layout, &self.app, &self.version, self.previous.as_deref());
+            let checked = match exec {
+                Ok(exec) => hooks::check_health(h, &self.release_dir(), &exec).await,
+                Err(e) => Err(e),
+            };
+            healthy = match checked {
                 Ok(out) => {
                     self.note("health", &out);
                     Ok(())
@@ -404,22 +417,30 @@ async fn revert(host: &Arc<Host>, app: &str, previous: Option<&str>, log: &mut S
     let dir = host.layout.release_dir(app, prev);
     if let Ok(config) = ArtifactConfig::load(&dir) {
         if let Some(cmd) = &config.hooks.post_activate {
-            let env = hook_env(&host.layout, app, prev, None);
             let timeout = config.hook_timeout().unwrap_or(std::time::Duration::from_secs(60));
-            if let Err(e) = hooks::run(cmd, &dir, &env, timeout).await {
+            let ran = match hook_exec(&host.layout, app, prev, None) {
+                Ok(exec) => hooks::run(cmd, &dir, &exec, timeout).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ran {
                 append(log, "revert post_activate", &e);
             }
         }
     }
 }
 
-fn hook_env(layout: &Layout, app: &str, version: &str, previous: Option<&str>) -> BTreeMap<String, String> {
-    let mut env = layout.app_config(app).env;
+/// How an app's hooks run on this host: the SPEC's variables and the app's configured
+/// `env` (with `PATH`, nothing else of the agent's), as the app's `user`, under the
+/// host's `[limits]`.
+fn hook_exec(layout: &Layout, app: &str, version: &str, previous: Option<&str>) -> Result<hooks::Exec, String> {
+    let config = layout.app_config(app);
+    let mut env: BTreeMap<String, String> = config.env;
     env.insert("STAGEHAND_APP".into(), app.into());
     env.insert("STAGEHAND_VERSION".into(), version.into());
     env.insert("STAGEHAND_RELEASE_DIR".into(), layout.release_dir(app, version).display().to_string());
     env.insert("STAGEHAND_PREVIOUS_VERSION".into(), previous.unwrap_or("").into());
-    env
+    let user = config.user.as_deref().map(crate::config::lookup_user).transpose()?;
+    Ok(hooks::Exec { env, user, limits: layout.config.limits.clone() })
 }
 
 /// At start-up, an activation that was interrupted (an intent with no outcome) is finished:

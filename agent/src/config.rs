@@ -23,6 +23,50 @@ pub struct AgentConfig {
     /// Per-app settings of this host.
     #[serde(default)]
     pub apps: BTreeMap<String, AppConfig>,
+    /// Ceilings on what an artifact's `stagehand.toml` may ask of this host.
+    #[serde(default, skip_serializing_if = "Limits::is_default")]
+    pub limits: Limits,
+}
+
+/// `[limits]`: the most any artifact's hooks and health checks get on this host, whatever
+/// they ask. Durations in humantime form ("90s", "5m").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Per hook (default 10m).
+    pub hook_timeout: Option<String>,
+    /// Per health-check try (default 1m).
+    pub health_timeout: Option<String>,
+    /// Health-check tries (default 10).
+    pub health_retries: Option<u32>,
+    /// Between tries (default 30s).
+    pub health_interval: Option<String>,
+}
+
+impl Limits {
+    fn is_default(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    fn get(v: &Option<String>, default: u64) -> std::time::Duration {
+        v.as_deref().and_then(|s| humantime::parse_duration(s).ok()).unwrap_or(std::time::Duration::from_secs(default))
+    }
+
+    pub fn hook_timeout(&self) -> std::time::Duration {
+        Self::get(&self.hook_timeout, 600)
+    }
+
+    pub fn health_timeout(&self) -> std::time::Duration {
+        Self::get(&self.health_timeout, 60)
+    }
+
+    pub fn health_interval(&self) -> std::time::Duration {
+        Self::get(&self.health_interval, 30)
+    }
+
+    pub fn health_retries(&self) -> u32 {
+        self.health_retries.unwrap_or(10).max(1)
+    }
 }
 
 pub fn default_keep() -> usize {
@@ -43,6 +87,20 @@ pub struct AppConfig {
     /// How files a new version has in common with a staged one are reused.
     #[serde(default)]
     pub reuse: Reuse,
+    /// Runs the app's hooks and health checks as this user (a name from /etc/passwd)
+    /// instead of the agent's.
+    pub user: Option<String>,
+}
+
+/// A user's uid and gid, from /etc/passwd.
+pub fn lookup_user(name: &str) -> Result<(u32, u32), String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("reading /etc/passwd: {e}"))?;
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 4 && f[0] == name)
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        .ok_or_else(|| format!("no user {name:?} in /etc/passwd (the app's `user` in agent.toml)"))
 }
 
 /// How a new version reuses files it has in common with a staged version of the same app.

@@ -1,5 +1,8 @@
 //! What an artifact says about itself (`stagehand.toml`, SPEC §5b) and running it: hooks and
-//! health checks with timeouts, their output bounded for the receipt.
+//! health checks with timeouts, their output bounded for the receipt. A hook runs in its own
+//! process group (the whole group is killed at its timeout), with an allow-listed
+//! environment, under the host's ceilings on timeouts and tries, and as the app's `user`
+//! when agent.toml names one.
 
 use serde::Deserialize;
 use stagehand_common::fsx;
@@ -68,22 +71,42 @@ impl ArtifactConfig {
     }
 }
 
-/// Runs `sh -c cmd` in `dir` with `env`; Ok(output) on exit 0, Err(why and output) otherwise.
-/// The hook is done when its process exits: a daemon it started in the background may keep
-/// the output pipes open, so output is collected until the exit and briefly after, not to
-/// the end of the pipes.
-pub async fn run(cmd: &str, dir: &Path, env: &BTreeMap<String, String>, timeout: Duration) -> Result<String, String> {
-    let mut child = tokio::process::Command::new("/bin/sh")
+/// How a hook runs: its whole environment, and the user it runs as (uid, gid).
+#[derive(Clone, Debug, Default)]
+pub struct Exec {
+    pub env: BTreeMap<String, String>,
+    pub user: Option<(u32, u32)>,
+    pub limits: crate::config::Limits,
+}
+
+/// `PATH` for hooks when the agent has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs `sh -c cmd` in `dir` as `exec` says; Ok(output) on exit 0, Err(why and output)
+/// otherwise. The hook is done when its process exits: a daemon it started in the
+/// background may keep the output pipes open, so output is collected until the exit and
+/// briefly after, not to the end of the pipes. At the timeout its whole process group is
+/// killed. `timeout` is capped by the host's ceiling.
+pub async fn run(cmd: &str, dir: &Path, exec: &Exec, timeout: Duration) -> Result<String, String> {
+    let timeout = timeout.min(exec.limits.hook_timeout());
+    let mut command = tokio::process::Command::new("/bin/sh");
+    command
         .arg("-c")
         .arg(cmd)
         .current_dir(dir)
-        .envs(env)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()))
+        .envs(&exec.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some((uid, gid)) = exec.user {
+        command.uid(uid).gid(gid);
+    }
+    let mut child = command.spawn().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let group = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32));
     let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut readers = Vec::new();
     let pipes: [Box<dyn tokio::io::AsyncRead + Unpin + Send>; 2] =
@@ -108,6 +131,10 @@ pub async fn run(cmd: &str, dir: &Path, env: &BTreeMap<String, String>, timeout:
     }
     let status = tokio::time::timeout(timeout, child.wait()).await;
     if status.is_err() {
+        // The hook and everything it started: subshells, their children.
+        if let Some(group) = group {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
         let _ = child.kill().await;
     }
     // Whatever the hook wrote before it exited is in the pipes already: a short grace.
@@ -135,15 +162,16 @@ fn tail(out: &[u8]) -> String {
     String::from_utf8_lossy(&out[start..]).trim_end().to_string()
 }
 
-/// Runs the health check until it passes or its tries run out.
-pub async fn check_health(h: &Health, dir: &Path, env: &BTreeMap<String, String>) -> Result<String, String> {
-    let timeout = duration(&h.timeout, Duration::from_secs(10))?;
-    let interval = duration(&h.interval, Duration::from_secs(1))?;
-    let tries = h.retries.unwrap_or(3).max(1);
+/// Runs the health check until it passes or its tries run out (both capped by the host).
+pub async fn check_health(h: &Health, dir: &Path, exec: &Exec) -> Result<String, String> {
+    let l = &exec.limits;
+    let timeout = duration(&h.timeout, Duration::from_secs(10))?.min(l.health_timeout());
+    let interval = duration(&h.interval, Duration::from_secs(1))?.min(l.health_interval());
+    let tries = h.retries.unwrap_or(3).clamp(1, l.health_retries());
     let mut last = String::new();
     for attempt in 1..=tries {
         let result = match (&h.command, &h.url) {
-            (Some(cmd), _) => run(cmd, dir, env, timeout).await,
+            (Some(cmd), _) => run(cmd, dir, exec, timeout).await,
             (None, Some(url)) => http_get(url, timeout).await,
             (None, None) => return Err("[health] needs `command` or `url`".into()),
         };

@@ -176,8 +176,8 @@ pub struct Host {
     pub store: Store,
     /// Inodes shared between versions, and the seal checks that know about them.
     pub ledger: Ledger,
-    /// One activation at a time on this host.
-    pub activation: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// One activation (or retention pass) at a time per app.
+    activations: Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     staging: Mutex<Staging>,
     deploy: Mutex<Option<(mpsc::UnboundedSender<DeployUp>, quinn::Connection)>>,
     release_tx: Mutex<Option<mpsc::UnboundedSender<ReleaseUp>>>,
@@ -203,7 +203,7 @@ impl Host {
             identity,
             ledger: Ledger::new(store.clone()),
             store,
-            activation: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+            activations: Mutex::default(),
             staging: Mutex::default(),
             deploy: Mutex::default(),
             release_tx: Mutex::default(),
@@ -344,6 +344,12 @@ impl Host {
             "; the file is one inode shared (hard-linked) with {held}, so a write through any of them changes them all; \
              an app that writes into its release tree needs `reuse = \"copy\"` under [apps.{app}] in agent.toml"
         )
+    }
+
+    /// The lock an activation or a retention pass of `app` holds.
+    pub fn activation(&self, app: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.activations.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(app.to_string()).or_default().clone()
     }
 
     /// Marks (app, version) as being staged; false if it already is, in which case the

@@ -80,6 +80,7 @@ pub async fn join(
         controller: controller.to_string(),
         keep_releases: crate::config::default_keep(),
         apps: Default::default(),
+        limits: Default::default(),
     }
     .save(data_dir)?;
     Ok(identity)

@@ -31,7 +31,7 @@ pub async fn after_staging(host: &Arc<Host>, app: &str, just_staged: &str) {
         return;
     }
     let (h, a, j) = (host.clone(), app.to_string(), just_staged.to_string());
-    let lock = host.activation.clone().lock_owned().await;
+    let lock = host.activation(app).lock_owned().await;
     let moved = tokio::task::spawn_blocking(move || {
         let _lock = lock;
         prune(&h, &a, &j, keep)

@@ -375,8 +375,9 @@ fn observe(ctl: &Controller, r: &Rollout, grace_until: u64) -> Result<Observed> 
     Ok(obs)
 }
 
-/// Which session each awaited message was last sent on: (agent, seq) → session token.
-type SentOn = HashMap<(AgentId, u64), u64>;
+/// Which session each awaited message was last sent on: (agent, app, seq) → session
+/// token. Seqs are per app: two apps' rollouts may await the same seq from one host.
+type SentOn = HashMap<(AgentId, String, u64), u64>;
 
 /// After the controller starts, how long hosts get to reconnect (and re-send the receipts
 /// it may have missed) before offline policies and timeouts apply to them.
@@ -462,7 +463,7 @@ fn step_one(
     app: &str,
     id: &str,
     sent_on: &mut SentOn,
-    awaited: &mut HashSet<(AgentId, u64)>,
+    awaited: &mut HashSet<(AgentId, String, u64)>,
     grace_until: u64,
 ) -> Result<Option<u64>> {
     let Some(mut r) = ctl.store.rollout(id)?.filter(|r| !r.state.is_final()) else {
@@ -505,9 +506,10 @@ fn step_one(
     let mut to_send = Vec::new();
     for h in r.hosts() {
         let Some(seq) = h.state.awaited_seq() else { continue };
-        awaited.insert((h.id.clone(), seq));
+        let key = (h.id.clone(), r.app.clone(), seq);
+        awaited.insert(key.clone());
         let session = ctl.fleet.release_session(&h.id);
-        if session.is_some() && sent_on.get(&(h.id.clone(), seq)) != session.as_ref() {
+        if session.is_some() && sent_on.get(&key) != session.as_ref() {
             to_send.push((h.id.clone(), seq));
         }
     }
@@ -535,7 +537,7 @@ fn step_one(
     for (host, seq) in to_send {
         let Some(m) = r.message(seq) else { continue };
         if let Some(token) = ctl.fleet.send_release_on(&host, ReleaseDown::Activate(m.message.clone())) {
-            sent_on.insert((host, seq), token);
+            sent_on.insert((host, r.app.clone(), seq), token);
         }
     }
     Ok(step.wake_at)

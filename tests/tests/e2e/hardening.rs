@@ -4,13 +4,14 @@ use crate::STAGEHAND;
 use stagehand_agent::config::AgentConfig;
 use stagehand_common::activate::Refusal;
 use stagehand_common::protocol::{
-    AdminRequest, AdminResponse, DeployDown, DeployUp, Receipt, ReceiptOutcome, ReleaseDown, ReleaseUp, StageOutcome,
-    ALPN_DEPLOY, ALPN_RELEASE, PROTOCOL_VERSION,
+    AdminRequest, AdminResponse, DeployDown, DeployUp, Receipt, ReceiptOutcome, ReleaseDown, ReleaseUp, RolloutSpec,
+    StageOutcome, ALPN_DEPLOY, ALPN_RELEASE, PROTOCOL_VERSION,
 };
 use stagehand_common::tls::Credentials;
 use stagehand_common::{frame, net};
-use stagehand_tests::{assert_same_tree, random_file, run_cli, versioned_tree, Fleet, TestAgent};
+use stagehand_tests::{assert_same_tree, is_final, random_file, run_cli, versioned_tree, wait_for, Fleet, TestAgent};
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
 
 /// Finding 3: a local user who can write to an app root planted a symlink where the root
@@ -251,4 +252,154 @@ async fn hundreds_of_unread_fetch_streams_from_one_agent_cannot_exhaust_the_cont
     assert!(grew < 256 << 20, "the controller grew by {} MiB", grew >> 20);
     assert!(keep_rx.try_recv().is_ok(), "the attacker's streams were opened");
     eprintln!("controller RSS: {} MiB before, {} MiB at the peak", before >> 20, peak >> 20);
+}
+
+/// An agent with `apps.<app>` settings, staged with one version of each app carrying
+/// `stagehand.toml`; returns its directory's agent, not started.
+async fn hooked_agent(fleet: &Fleet, apps: &[(&str, &str)], f: impl FnOnce(&mut AgentConfig)) -> TestAgent {
+    let agent = fleet.enrol("prod", "p").await.unwrap();
+    let mut c = AgentConfig::load(&agent.dir).unwrap();
+    f(&mut c);
+    c.save(&agent.dir).unwrap();
+    for (app, toml) in apps {
+        let src = fleet.path().join(format!("src-{app}"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("stagehand.toml"), toml).unwrap();
+        fleet.push(app, "1", &src).await.unwrap();
+        fleet
+            .call(AdminRequest::Deploy { app: app.to_string(), version: "1".into(), env: "prod".into() })
+            .await
+            .unwrap();
+    }
+    agent
+}
+
+fn env_of(c: &mut AgentConfig, app: &str, vars: &[(&str, &Path)]) {
+    let a = c.apps.entry(app.into()).or_default();
+    for (k, v) in vars {
+        a.env.insert(k.to_string(), v.display().to_string());
+    }
+}
+
+/// Finding 6, hooks: a hook's timeout killed only its direct child (its subshell's children
+/// lived on), and hooks saw the agent's whole environment (`STAGEHAND_CREDENTIALS`
+/// included). Now the whole process group dies, and a hook sees only the SPEC's variables,
+/// `PATH` and the app's `env`.
+#[tokio::test]
+async fn a_timed_out_hook_takes_its_process_group_along_and_hooks_see_only_their_environment() {
+    let fleet = Fleet::start().await.unwrap();
+    let (out, pidfile) = (fleet.path().join("env.txt"), fleet.path().join("pid"));
+    let toml = "[hooks]\npre_activate = \"env > \\\"$OUT\\\"; sh -c 'sleep 300 & echo $! > \\\"$PIDFILE\\\"; wait'\"\ntimeout = \"1s\"\n";
+    let agent =
+        hooked_agent(&fleet, &[("web", toml)], |c| env_of(c, "web", &[("OUT", &out), ("PIDFILE", &pidfile)])).await;
+    let dir = agent.dir.to_str().unwrap();
+    let env = [("STAGEHAND_CREDENTIALS", "/root/.stagehand/admin"), ("AWS_SECRET_ACCESS_KEY", "hunter2")];
+    let _proc =
+        stagehand_tests::Proc::spawn(crate::AGENT, &["run", "--data-dir", dir], &env, fleet.path().join("agent.log"))
+            .unwrap();
+    assert!(fleet.wait_staged("web", "1", "prod", 60).await.unwrap().all_done());
+
+    let p = fleet.release("web", "1", "prod").await.unwrap();
+    assert!(p.failed.first().is_some_and(|(_, why)| why.starts_with("pre-activate-failed")), "{p:?}");
+    let seen = std::fs::read_to_string(&out).unwrap();
+    for want in ["STAGEHAND_APP=web", "STAGEHAND_VERSION=1", "PATH=", "OUT="] {
+        assert!(seen.contains(want), "{want} missing from the hook's environment:\n{seen}");
+    }
+    for secret in ["STAGEHAND_CREDENTIALS", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(!seen.contains(secret), "the hook saw {secret}:\n{seen}");
+    }
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
+    let gone = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.is_empty() || stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'))
+    };
+    wait_for("the hook's grandchild to be killed", Duration::from_secs(10), || async { gone() }).await.unwrap();
+}
+
+/// Finding 6, ceilings and locks: an artifact set its own timeouts and retries without a
+/// ceiling, while a host-wide lock was held, so one app could block every app's releases
+/// on the host. Now `[limits]` in agent.toml caps them, and each app has its own lock.
+#[tokio::test]
+async fn host_limits_cap_an_artifact_and_one_apps_slow_check_does_not_hold_back_another() {
+    let fleet = Fleet::start().await.unwrap();
+    let go = fleet.path().join("go");
+    let greedy = "[health]\ncommand = \"exit 1\"\nretries = 100000\ninterval = \"10ms\"\n";
+    let slow =
+        "[health]\ncommand = \"while [ ! -f \\\"$GO\\\" ]; do sleep 0.05; done\"\nretries = 1\ntimeout = \"60s\"\n";
+    let apps = [("greedy", greedy), ("slow", slow), ("fast", "")];
+    let mut agent = hooked_agent(&fleet, &apps, |c| {
+        c.limits.health_retries = Some(2);
+        env_of(c, "slow", &[("GO", &go)]);
+    })
+    .await;
+    agent.start().await.unwrap();
+    for (app, _) in apps {
+        assert!(fleet.wait_staged(app, "1", "prod", 60).await.unwrap().all_done());
+    }
+
+    let p = fleet.release("greedy", "1", "prod").await.unwrap();
+    let why = &p.failed.first().expect("an unhealthy release").1;
+    assert!(why.starts_with("unhealthy"), "{why}");
+
+    // `slow` waits in its health check until `go` exists; `fast` is released meanwhile.
+    let slow_rollout = fleet
+        .rollout(RolloutSpec {
+            app: "slow".into(),
+            version: Some("1".into()),
+            env: "prod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_for("slow to switch and wait in its check", Duration::from_secs(30), || async {
+        agent.current("slow").is_some()
+    })
+    .await
+    .unwrap();
+    let fast = fleet
+        .rollout(RolloutSpec {
+            app: "fast".into(),
+            version: Some("1".into()),
+            env: "prod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let fast = fleet.wait_rollout_until(&fast.id, "succeeded", Duration::from_secs(30), is_final).await.unwrap();
+    assert_eq!(fast.state, "succeeded", "{fast:?}");
+    assert_eq!(fleet.rollout_status(&slow_rollout.id).await.unwrap().state, "running", "slow is still checking");
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(fleet.wait_rollout(&slow_rollout.id).await.unwrap().state, "succeeded");
+}
+
+/// Finding 6, `user`: an app's hooks run as the user agent.toml names.
+#[tokio::test]
+async fn hooks_run_as_the_apps_user() {
+    let Ok((uid, _)) = stagehand_agent::config::lookup_user("nobody") else { return };
+    if !std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:\t0")) {
+        eprintln!("skipped: needs root to change users");
+        return;
+    }
+    let fleet = Fleet::start().await.unwrap();
+    let root = fleet.path().join("srv/web");
+    let shared = fleet.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The test's temporary directory is private: let `nobody` reach the shared one.
+    std::fs::set_permissions(fleet.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let out = shared.join("uid");
+    let toml = "[hooks]\npost_activate = \"id -u > \\\"$OUT\\\"\"\n";
+    let mut agent = hooked_agent(&fleet, &[("web", toml)], |c| {
+        env_of(c, "web", &[("OUT", &out)]);
+        let web = c.apps.entry("web".into()).or_default();
+        web.user = Some("nobody".into());
+        // Where `nobody` can reach the release directory (the agent's data directory is private).
+        web.root = Some(root.clone());
+    })
+    .await;
+    agent.start().await.unwrap();
+    assert!(fleet.wait_staged("web", "1", "prod", 60).await.unwrap().all_done());
+    let p = fleet.release("web", "1", "prod").await.unwrap();
+    assert!(p.all_done(), "{p:?}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), uid.to_string());
 }
