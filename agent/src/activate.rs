@@ -114,7 +114,10 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
     }
     let staged = host.intact(&body.app, &body.version);
     let damage = match &staged {
-        Some(Err(why)) => Some(format!("{} {} was modified on this host: {why}", body.app, body.version)),
+        Some(Err(why)) => {
+            host.report_damage(&body.app, &body.version, why);
+            Some(format!("{} {} was modified on this host: {why}", body.app, body.version))
+        }
         _ => None,
     };
     let view = AgentView {

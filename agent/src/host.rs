@@ -307,17 +307,21 @@ impl Host {
             Err(damage) => {
                 let why = format!("{damage}{}", self.shared_with(app, version, &dir, &damage.path));
                 warn!(%app, %version, %why, "The staged tree no longer matches its digest.");
-                // Staged no more, as far as the controller is concerned: a deploy stages it
-                // afresh.
-                self.send_deploy(DeployUp::StageReport {
-                    app: app.to_string(),
-                    version: version.to_string(),
-                    digest: rec.digest,
-                    outcome: StageOutcome::Failed { reason: format!("modified on this host: {why}") },
-                });
                 Some(Err(why))
             }
         }
+    }
+
+    /// Tells the controller that a staged version was found modified: staged no more, as far
+    /// as it is concerned, so that a deploy stages it afresh.
+    pub fn report_damage(&self, app: &str, version: &str, why: &str) {
+        let Some(rec) = self.store.staged(app, version).ok().flatten() else { return };
+        self.send_deploy(DeployUp::StageReport {
+            app: app.to_string(),
+            version: version.to_string(),
+            digest: rec.digest,
+            outcome: StageOutcome::Failed { reason: format!("modified on this host: {why}") },
+        });
     }
 
     /// For a damaged file that other versions hold too (a hard link): which, and what to do.

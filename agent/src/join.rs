@@ -62,9 +62,17 @@ pub async fn join(
         }
         other => bail!("unexpected answer from the controller: {other:?}"),
     };
-    // The CA we were handed must be the one the token vouched for.
+    // The CA we were handed must be the one the token vouched for, and so must the release
+    // key: the only one this agent will ever take a release from (until a rotation signed
+    // by it).
     if tls::fingerprint(&tls::cert_der(&ca_pem)?) != token.ca_fingerprint {
         bail!("the controller sent a CA that does not match the token's fingerprint; refusing to trust it");
+    }
+    if release_keys.len() != 1 || release_keys[0].fingerprint() != token.release_fingerprint {
+        bail!(
+            "the controller offered a release key the token does not vouch for; refusing to pin it (was the \
+             controller's release key replaced since the token was made? create a new token if that was intended)"
+        );
     }
     fsx::create_private_dir(data_dir)?;
     let identity = Identity {

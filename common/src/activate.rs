@@ -65,6 +65,11 @@ impl ReleaseKey {
         format!("rk-{}", hex::encode(&blake3::hash(public).as_bytes()[..8]))
     }
 
+    /// What a join token carries to vouch for this key: BLAKE3 of the public key, hex.
+    pub fn fingerprint(&self) -> String {
+        blake3::hash(&self.public).to_hex().to_string()
+    }
+
     pub fn from_signing(key: &SigningKey) -> Self {
         let public = key.verifying_key().to_bytes();
         ReleaseKey { key_id: Self::id_of(&public), public }

@@ -120,7 +120,7 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
             if let Some(e) = names(&[("environment", &env)]) {
                 return Ok(e);
             }
-            let token = JoinToken::generate(&ctl.ca_fingerprint);
+            let token = JoinToken::generate(&ctl.ca_fingerprint, &ctl.release_keys[0].fingerprint());
             let expires_at = now_secs() + ttl_secs.max(1);
             ctl.store.put_token(
                 &token.id,

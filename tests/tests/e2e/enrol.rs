@@ -117,3 +117,25 @@ async fn certificates_only_open_their_own_channels() {
     assert!(matches!(hello, Some(stagehand_common::protocol::DeployDown::Hello { .. })));
     let _ = ALPN_ADMIN;
 }
+
+/// Hardening (#9, finding 9): the token carried only the CA fingerprint, so whoever held the
+/// controller at join time could have new agents pin a release key of their own. Now the
+/// token names the release key, and an agent refuses any other.
+#[tokio::test]
+async fn an_agent_pins_only_the_release_key_its_token_vouches_for() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let token = fleet.token("dev", 600).await.unwrap();
+    // Someone with the controller host swaps its release key for their own.
+    let theirs = fleet.path().join("theirs");
+    stagehand_controller::init::init(&theirs, "127.0.0.1:0".parse().unwrap()).unwrap();
+    std::fs::copy(theirs.join("release/release.key"), fleet.ctl_dir.join("release/release.key")).unwrap();
+    fleet.restart_controller().await.unwrap();
+    let dir = fleet.path().join("a");
+    let err =
+        stagehand_agent::join::join(&fleet.addr.to_string(), &token, &dir, None, Default::default()).await.unwrap_err();
+    assert!(format!("{err:#}").contains("release key the token does not vouch for"), "{err:#}");
+    assert!(!dir.join("identity/agent.json").exists(), "nothing was pinned");
+    // A token made now names the key the controller has now.
+    let token = fleet.token("dev", 600).await.unwrap();
+    stagehand_agent::join::join(&fleet.addr.to_string(), &token, &dir, None, Default::default()).await.unwrap();
+}

@@ -4,6 +4,7 @@
 
 use crate::AGENT;
 use stagehand_agent::config::{AgentConfig, Reuse};
+use stagehand_common::protocol::{AdminRequest, AdminResponse};
 use stagehand_tests::{
     assert_same_tree, copy_linked, inodes, next_version, tree_file, versioned_tree, wait_for, Fleet, Proc, TestAgent,
 };
@@ -126,6 +127,13 @@ async fn a_write_to_a_shared_file_is_refused_in_every_version_that_holds_it() {
         assert!(agent.current("web").is_none(), "nothing went live");
     }
 
+    // The agent told the controller, which no longer counts version 1 as staged there.
+    wait_for("the controller to learn of the damage", Duration::from_secs(30), || async {
+        let Ok(AdminResponse::Agents { agents }) = fleet.call(AdminRequest::ListAgents).await else { return false };
+        agents[0].apps.iter().any(|a| a.app == "web" && !a.staged.contains(&"1".to_string()))
+    })
+    .await
+    .unwrap();
     // Deploying again repairs a version: it gets a file of its own with the right bytes.
     let p = fleet.deploy("web", "1", "prod", 60).await.unwrap();
     assert!(p.all_done(), "{p:?}");
