@@ -176,6 +176,10 @@ pub struct Host {
     pub store: Store,
     /// Inodes shared between versions, and the seal checks that know about them.
     pub ledger: Ledger,
+    /// The credentials new connections present (renewed over the deploy channel), and the
+    /// key of a renewal asked for.
+    credentials: Mutex<stagehand_common::tls::Credentials>,
+    pending_key: Mutex<Option<String>>,
     /// One activation (or retention pass) at a time per app.
     activations: Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     staging: Mutex<Staging>,
@@ -200,6 +204,8 @@ impl Host {
         })?;
         let host = Host {
             layout,
+            credentials: Mutex::new(identity.credentials.clone()),
+            pending_key: Mutex::default(),
             identity,
             ledger: Ledger::new(store.clone()),
             store,
@@ -348,6 +354,30 @@ impl Host {
             "; the file is one inode shared (hard-linked) with {held}, so a write through any of them changes them all; \
              an app that writes into its release tree needs `reuse = \"copy\"` under [apps.{app}] in agent.toml"
         )
+    }
+
+    /// The credentials to connect with now.
+    pub fn credentials(&self) -> stagehand_common::tls::Credentials {
+        self.credentials.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The key of the certificate just asked for.
+    pub fn set_pending_key(&self, key_pem: String) {
+        *self.pending_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(key_pem);
+    }
+
+    /// Keeps a renewed certificate with the key it was asked for: durably, then for new
+    /// connections.
+    pub fn renewed(&self, cert_pem: String) -> Result<()> {
+        let Some(key_pem) = self.pending_key.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            anyhow::bail!("a certificate came that was not asked for");
+        };
+        stagehand_common::tls::validity(&cert_pem)?;
+        let mut creds = self.credentials();
+        creds.me = stagehand_common::tls::Pair { cert_pem, key_pem };
+        crate::config::Identity::save_renewed(&self.layout.data_dir, &creds)?;
+        *self.credentials.lock().unwrap_or_else(|p| p.into_inner()) = creds;
+        Ok(())
     }
 
     /// The lock an activation or a retention pass of `app` holds.

@@ -126,7 +126,7 @@ async fn channel_loop(host: Arc<Host>, alpn: &'static [u8], session: fn(Arc<Host
 async fn connect(host: &Host, alpn: &[u8]) -> Result<(quinn::Connection, quinn::Endpoint)> {
     let addr = net::resolve(&host.layout.config.controller).await?;
     let endpoint = net::client_endpoint(addr)?;
-    let config = net::client_config(host.identity.credentials.client_config(alpn)?)?;
+    let config = net::client_config(host.credentials().client_config(alpn)?)?;
     let conn = net::connect(&endpoint, addr, config).await?;
     Ok((conn, endpoint))
 }
@@ -186,6 +186,14 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
                         }
                     });
                 }
+                DeployDown::Renewed { cert_pem } => {
+                    let host = host.clone();
+                    tokio::task::spawn_blocking(move || match host.renewed(cert_pem) {
+                        Ok(()) => info!("Certificate renewed; new connections use it."),
+                        Err(e) => warn!(error = %format!("{e:#}"), "Could not keep the renewed certificate."),
+                    })
+                    .await?;
+                }
                 DeployDown::Goodbye { reason } => {
                     bail!("the controller closed the deploy channel: {reason}")
                 }
@@ -197,9 +205,28 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
     let result = tokio::select! {
         r = writer => r,
         r = reader => r,
+        r = renewer(&host) => r,
     };
     host.set_deploy(None);
     result
+}
+
+/// Asks for a new certificate once two thirds of the current one's lifetime have passed
+/// (and again a minute later while no answer came).
+async fn renewer(host: &Host) -> Result<()> {
+    loop {
+        let at = stagehand_common::tls::renew_at(&host.credentials().me.cert_pem)?;
+        let now = stagehand_common::ids::now_secs() as i64;
+        if now < at {
+            tokio::time::sleep(Duration::from_secs((at - now).clamp(1, 3600) as u64)).await;
+            continue;
+        }
+        let (key_pem, csr_der) = stagehand_common::tls::new_csr()?;
+        host.set_pending_key(key_pem);
+        host.send_deploy(DeployUp::Renew { csr_der });
+        info!("Asked the controller for a new certificate.");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
 }
 
 /// Per app: what is live and the last seq applied.

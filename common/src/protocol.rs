@@ -89,6 +89,10 @@ pub enum DeployUp {
         app: String,
         version: String,
     },
+    /// A certificate for a new key, two thirds into the current one's lifetime.
+    Renew {
+        csr_der: Vec<u8>,
+    },
 }
 
 /// Controller → agent on the deploy channel.
@@ -107,6 +111,10 @@ pub enum DeployDown {
     /// The controller refuses this connection (unknown or revoked agent, bad hello).
     Goodbye {
         reason: String,
+    },
+    /// The renewed certificate, for the key of the agent's last `Renew`.
+    Renewed {
+        cert_pem: String,
     },
 }
 

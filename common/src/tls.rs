@@ -16,6 +16,38 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long the CA certificate lives.
+pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86400);
+/// Default lifetime of an agent's certificate; renewed over its channel (SPEC §10).
+pub const AGENT_LIFETIME: Duration = Duration::from_secs(30 * 86400);
+/// Default lifetime of an operator's certificate.
+pub const ADMIN_LIFETIME: Duration = Duration::from_secs(90 * 86400);
+/// The controller's own certificate; reissued at start once two thirds have passed.
+pub const CONTROLLER_LIFETIME: Duration = Duration::from_secs(365 * 86400);
+/// How far back a certificate's validity starts: clocks of hosts differ a little.
+const SKEW: Duration = Duration::from_secs(60);
+
+/// Sets a certificate's validity: from a little before now, for `lifetime`.
+fn valid_for(params: &mut CertificateParams, lifetime: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - SKEW;
+    params.not_after = now + lifetime;
+}
+
+/// A certificate's validity, Unix seconds: (not before, not after).
+pub fn validity(cert_pem: &str) -> Result<(i64, i64), TlsError> {
+    let params = CertificateParams::from_ca_cert_pem(cert_pem)?;
+    Ok((params.not_before.unix_timestamp(), params.not_after.unix_timestamp()))
+}
+
+/// When a certificate should be renewed: two thirds into its lifetime (Unix seconds).
+pub fn renew_at(cert_pem: &str) -> Result<i64, TlsError> {
+    let (from, until) = validity(cert_pem)?;
+    let issued = from + SKEW.as_secs() as i64;
+    Ok(issued + (until - issued) * 2 / 3)
+}
 
 /// What can go wrong building certificates or TLS configurations.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +108,7 @@ pub fn new_ca() -> Result<Pair, TlsError> {
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name = dn("Stagehand CA");
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    valid_for(&mut params, CA_LIFETIME);
     let cert = params.self_signed(&key)?;
     Ok(Pair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
@@ -102,23 +135,32 @@ fn leaf_params(role: &Role) -> Result<CertificateParams, TlsError> {
     Ok(params)
 }
 
-fn issue(ca: &Pair, role: &Role, public: &impl PublicKeyData) -> Result<String, TlsError> {
+fn issue(ca: &Pair, role: &Role, public: &impl PublicKeyData, lifetime: Duration) -> Result<String, TlsError> {
     let ca_key = KeyPair::from_pem(&ca.key_pem)?;
     let ca_cert = CertificateParams::from_ca_cert_pem(&ca.cert_pem)?.self_signed(&ca_key)?;
-    Ok(leaf_params(role)?.signed_by(public, &ca_cert, &ca_key)?.pem())
+    let mut params = leaf_params(role)?;
+    valid_for(&mut params, lifetime);
+    Ok(params.signed_by(public, &ca_cert, &ca_key)?.pem())
 }
 
-/// Issues a certificate and a fresh key for `role` (controller and admin credentials).
-pub fn issue_with_key(ca: &Pair, role: &Role) -> Result<Pair, TlsError> {
+/// Issues a certificate and a fresh key for `role` (controller and admin credentials),
+/// valid for `lifetime`.
+pub fn issue_with_key(ca: &Pair, role: &Role, lifetime: Duration) -> Result<Pair, TlsError> {
     let key = KeyPair::generate()?;
-    Ok(Pair { cert_pem: issue(ca, role, &key)?, key_pem: key.serialize_pem() })
+    Ok(Pair { cert_pem: issue(ca, role, &key, lifetime)?, key_pem: key.serialize_pem() })
 }
 
-/// Issues a certificate for the key in a CSR. The CSR's own names are ignored: the role
-/// (and so the agent id) is chosen by the caller.
-pub fn issue_for_csr(ca: &Pair, role: &Role, csr_der: &[u8]) -> Result<String, TlsError> {
+/// A new certificate for an existing pair's key (the controller's own, at start).
+pub fn reissue(ca: &Pair, role: &Role, me: &Pair, lifetime: Duration) -> Result<Pair, TlsError> {
+    let key = KeyPair::from_pem(&me.key_pem)?;
+    Ok(Pair { cert_pem: issue(ca, role, &key, lifetime)?, key_pem: me.key_pem.clone() })
+}
+
+/// Issues a certificate for the key in a CSR, valid for `lifetime`. The CSR's own names
+/// are ignored: the role (and so the agent id) is chosen by the caller.
+pub fn issue_for_csr(ca: &Pair, role: &Role, csr_der: &[u8], lifetime: Duration) -> Result<String, TlsError> {
     let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))?;
-    issue(ca, role, &csr.public_key)
+    issue(ca, role, &csr.public_key, lifetime)
 }
 
 /// A new key and a CSR for it, as an agent makes at join.
@@ -284,11 +326,13 @@ mod tests {
     fn csr_names_are_ignored() {
         let ca = new_ca().unwrap();
         let (_key, csr) = new_csr().unwrap();
-        let pem = issue_for_csr(&ca, &Role::Agent("a-1".into()), &csr).unwrap();
+        let pem = issue_for_csr(&ca, &Role::Agent("a-1".into()), &csr, AGENT_LIFETIME).unwrap();
+        let (from, until) = validity(&pem).unwrap();
+        assert!(until - from <= (AGENT_LIFETIME + SKEW).as_secs() as i64, "{from}..{until}");
         let der = cert_der(&pem).unwrap();
         // The common name we chose is in the certificate; the CSR asked for another.
         let needle = b"stagehand-agent:a-1";
         assert!(der.windows(needle.len()).any(|w| w == needle));
-        assert!(issue_for_csr(&ca, &Role::Agent("a-1".into()), b"garbage").is_err());
+        assert!(issue_for_csr(&ca, &Role::Agent("a-1".into()), b"garbage", AGENT_LIFETIME).is_err());
     }
 }

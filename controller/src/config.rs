@@ -20,9 +20,23 @@ pub struct ControllerConfig {
     /// or comes back (the released version is always included).
     #[serde(default = "default_catch_up")]
     pub catch_up_versions: usize,
+    /// How long an agent's certificate lives; agents renew theirs two thirds in.
+    #[serde(with = "humantime_serde_compat", default = "default_agent_cert")]
+    pub agent_cert_lifetime: Duration,
+    /// How long an operator's certificate lives (`stagehand admin add`).
+    #[serde(with = "humantime_serde_compat", default = "default_admin_cert")]
+    pub admin_cert_lifetime: Duration,
     /// `[environments]`: the promotion order and per-environment rollout defaults.
     #[serde(default)]
     pub environments: Environments,
+}
+
+fn default_agent_cert() -> Duration {
+    stagehand_common::tls::AGENT_LIFETIME
+}
+
+fn default_admin_cert() -> Duration {
+    stagehand_common::tls::ADMIN_LIFETIME
 }
 
 /// `[environments] order = [...]` and `[environments.NAME]` tables.
@@ -90,6 +104,8 @@ impl ControllerConfig {
             listen,
             message_ttl: default_ttl(),
             catch_up_versions: default_catch_up(),
+            agent_cert_lifetime: default_agent_cert(),
+            admin_cert_lifetime: default_admin_cert(),
             environments: Environments::default(),
         }
     }

@@ -9,6 +9,7 @@ use stagehand_common::frame::{self, read_msg, write_blob, write_msg};
 use stagehand_common::ids::{check_name, now_secs};
 use stagehand_common::manifest::Manifest;
 use stagehand_common::protocol::{DeployDown, DeployUp, StageOutcome, StagedArtifact, PROTOCOL_VERSION};
+use stagehand_common::tls::Role;
 use stagehand_common::{AgentId, Digest};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -160,6 +161,18 @@ fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
             if state == StageState::Staged {
                 crate::release::catch_up(ctl, id, true)?;
             }
+        }
+        DeployUp::Renew { csr_der } => {
+            // The agent is who its current certificate says: the new one names the same id.
+            let Some(mut record) = ctl.store.agent(id)? else { bail!("unknown agent {id}") };
+            let lifetime = ctl.config.agent_cert_lifetime;
+            let cert_pem =
+                stagehand_common::tls::issue_for_csr(&ctl.ca, &Role::Agent(id.0.clone()), &csr_der, lifetime)?;
+            record.cert_fingerprint = stagehand_common::tls::fingerprint(&stagehand_common::tls::cert_der(&cert_pem)?);
+            ctl.store.put_agent(&record)?;
+            ctl.store.flush()?;
+            info!(agent = %id, "Certificate renewed.");
+            ctl.fleet.send_deploy(id, DeployDown::Renewed { cert_pem });
         }
         DeployUp::Pruned { app, version } => {
             check_names(&[("app", &app), ("version", &version)])?;

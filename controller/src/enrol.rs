@@ -87,7 +87,7 @@ fn admit(
     ctl.store.flush().map_err(|e| internal(&e))?;
 
     let id = AgentId::random();
-    let cert_pem = tls::issue_for_csr(&ctl.ca, &Role::Agent(id.0.clone()), csr_der)
+    let cert_pem = tls::issue_for_csr(&ctl.ca, &Role::Agent(id.0.clone()), csr_der, ctl.config.agent_cert_lifetime)
         .map_err(|e| format!("bad certificate request: {e}"))?;
     let fingerprint = tls::fingerprint(&tls::cert_der(&cert_pem).map_err(|e| internal(&e))?);
     // Token labels are what the operator bound: the only ones a rollout selects on. What the

@@ -37,7 +37,7 @@ pub fn init(data_dir: &Path, listen: SocketAddr) -> Result<Initialised> {
     fsx::write_atomic(&ca_dir.join("ca.pem"), ca.cert_pem.as_bytes(), 0o644)?;
     fsx::write_atomic(&ca_dir.join("ca.key"), ca.key_pem.as_bytes(), 0o600)?;
 
-    let server = tls::issue_with_key(&ca, &Role::Controller)?;
+    let server = tls::issue_with_key(&ca, &Role::Controller, tls::CONTROLLER_LIFETIME)?;
     Credentials { me: server, ca_pem: ca.cert_pem.clone() }.save(&layout.tls_dir())?;
 
     let release = SigningKey::generate(&mut rand::rngs::OsRng);
@@ -46,7 +46,7 @@ pub fn init(data_dir: &Path, listen: SocketAddr) -> Result<Initialised> {
     fsx::write_atomic(&key_path, hex::encode(release.to_bytes()).as_bytes(), 0o600)?;
     let public = ReleaseKey::from_signing(&release);
 
-    let admin = tls::issue_with_key(&ca, &Role::Admin("admin".into()))?;
+    let admin = tls::issue_with_key(&ca, &Role::Admin("admin".into()), tls::ADMIN_LIFETIME)?;
     let admin_fp = tls::fingerprint(&tls::cert_der(&admin.cert_pem)?);
     Credentials { me: admin, ca_pem: ca.cert_pem.clone() }.save(&layout.admin_dir())?;
 

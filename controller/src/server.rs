@@ -88,7 +88,13 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
     let listen = listen.unwrap_or(config.listen);
     let ca = init::load_ca(&layout)?;
     let release_key = init::load_release_key(&layout)?;
-    let server = Credentials::load(&layout.tls_dir())?;
+    let mut server = Credentials::load(&layout.tls_dir())?;
+    // The controller's own certificate, reissued for the same key once two thirds have passed.
+    if tls::renew_at(&server.me.cert_pem)? <= stagehand_common::ids::now_secs() as i64 {
+        server.me = tls::reissue(&ca, &tls::Role::Controller, &server.me, tls::CONTROLLER_LIFETIME)?;
+        server.save(&layout.tls_dir())?;
+        info!("Renewed the controller's certificate.");
+    }
     let store = Store::open(&layout.state()).context("opening the state database")?;
     let chunks = ChunkStore::open(&layout.store()).context("opening the chunk store")?;
     let ca_fingerprint = tls::fingerprint(&tls::cert_der(&ca.cert_pem)?);

@@ -321,8 +321,8 @@ fn pct(v: &[u64], p: usize) -> u64 {
 /// 1 GiB over one connection with `streams` streams, same socket and transport settings.
 async fn bare_quinn(bytes: u64, streams: usize) -> Result<Duration> {
     let ca = tls::new_ca()?;
-    let server = tls::issue_with_key(&ca, &Role::Controller)?;
-    let client = tls::issue_with_key(&ca, &Role::Admin("bench".into()))?;
+    let server = tls::issue_with_key(&ca, &Role::Controller, tls::CONTROLLER_LIFETIME)?;
+    let client = tls::issue_with_key(&ca, &Role::Admin("bench".into()), tls::ADMIN_LIFETIME)?;
     let server_ep = net::server_endpoint(
         "127.0.0.1:0".parse()?,
         tls::server_config(&ca.cert_pem, &server, &[b"bench"])?,

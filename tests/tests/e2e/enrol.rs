@@ -139,3 +139,45 @@ async fn an_agent_pins_only_the_release_key_its_token_vouches_for() {
     let token = fleet.token("dev", 600).await.unwrap();
     stagehand_agent::join::join(&fleet.addr.to_string(), &token, &dir, None, Default::default()).await.unwrap();
 }
+
+/// Hardening (#9, finding 5): every certificate was valid from 1975 to 4096. Now an agent's
+/// certificate lives 30 days by default, and the agent renews it over its own channel two
+/// thirds in, without an operator: shown with a controller whose agent certificates live
+/// twelve seconds, by connecting anew after the first certificate has expired.
+#[tokio::test]
+async fn agent_certificates_expire_and_are_renewed_without_an_operator() {
+    use stagehand_common::tls;
+    let mut fleet = Fleet::start().await.unwrap();
+    let cert = |a: &stagehand_tests::TestAgent| std::fs::read_to_string(a.dir.join("identity/cert.pem")).unwrap();
+    let now = || stagehand_common::ids::now_secs() as i64;
+    let default = fleet.enrol("lab", "default").await.unwrap();
+    let (_, until) = tls::validity(&cert(&default)).unwrap();
+    assert!(until - now() <= 30 * 86400 + 5 && until - now() > 29 * 86400, "{until}");
+
+    let config = fleet.ctl_dir.join("controller.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("agent_cert_lifetime = \"30days\""), "init writes the default:\n{text}");
+    std::fs::write(&config, text.replace("agent_cert_lifetime = \"30days\"", "agent_cert_lifetime = \"12s\"")).unwrap();
+    fleet.restart_controller().await.unwrap();
+    let mut agent = fleet.agent("prod", "short").await.unwrap();
+    let first = cert(&agent);
+    let (_, first_until) = tls::validity(&first).unwrap();
+    assert!(first_until - now() <= 13, "a 12-second certificate");
+    wait_for("the agent to renew its certificate", Duration::from_secs(30), || async { cert(&agent) != first })
+        .await
+        .unwrap();
+    assert!(tls::validity(&cert(&agent)).unwrap().1 > first_until);
+
+    // After the first certificate's end, new connections (a restarted agent) still work.
+    wait_for("the first certificate to expire", Duration::from_secs(30), || async { now() > first_until + 1 })
+        .await
+        .unwrap();
+    agent.stop().await;
+    agent.start().await.unwrap();
+    let src = fleet.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "x").unwrap();
+    fleet.push("web", "1", &src).await.unwrap();
+    let p = fleet.deploy("web", "1", "prod", 30).await.unwrap();
+    assert!(p.done.contains(&agent.id), "{p:?}");
+}
