@@ -290,6 +290,30 @@ pub enum AdminRequest {
     RemoveAgent {
         agent: String,
     },
+    /// Issues a new operator identity (owner only): `role` is viewer, deployer, releaser or
+    /// owner; `envs` limits a releaser (empty: every environment).
+    AddAdmin {
+        name: String,
+        role: String,
+        envs: Vec<String>,
+    },
+    ListAdmins,
+    /// Refuses an operator identity from now on, and closes its connections.
+    RevokeAdmin {
+        name: String,
+    },
+}
+
+/// An operator identity as `admin list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminInfo {
+    pub name: String,
+    pub role: String,
+    pub envs: Vec<String>,
+    pub revoked: bool,
+    pub created_at: u64,
+    /// When its newest certificate expires (Unix seconds).
+    pub expires_at: u64,
 }
 
 /// What an operator asks of a rollout.
@@ -442,6 +466,19 @@ pub enum AdminResponse {
     },
     Removed {
         agent: AgentId,
+    },
+    /// A new identity's credentials: written by the CLI into a credentials directory.
+    AdminAdded {
+        admin: AdminInfo,
+        cert_pem: String,
+        key_pem: String,
+        ca_pem: String,
+    },
+    Admins {
+        admins: Vec<AdminInfo>,
+    },
+    AdminRevoked {
+        name: String,
     },
 }
 

@@ -2,13 +2,13 @@
 
 use crate::release::Refused;
 use crate::server::Controller;
-use crate::store::{ArtifactRecord, DeployRecord, StageRecord, StageState, TokenRecord};
+use crate::store::{AdminRecord, ArtifactRecord, DeployRecord, StageRecord, StageState, TokenRecord};
 use anyhow::{bail, Result};
 use stagehand_common::frame::{self, read_blob, read_msg, write_msg};
 use stagehand_common::ids::{check_name, now_secs};
 use stagehand_common::manifest::Manifest;
 use stagehand_common::protocol::{
-    AdminRequest, AdminResponse, AgentAppInfo, AgentAppStatus, AgentInfo, AppStatus, DeployDown, Receipt,
+    AdminInfo, AdminRequest, AdminResponse, AgentAppInfo, AgentAppStatus, AgentInfo, AppStatus, DeployDown, Receipt,
     ReceiptOutcome, RolloutSpec, PROTOCOL_VERSION,
 };
 use stagehand_common::token::JoinToken;
@@ -24,8 +24,19 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, admin: String)
         Some(AdminRequest::Hello { protocol_version: PROTOCOL_VERSION }) => {}
         other => bail!("expected hello, got {other:?}"),
     }
+    // A revoked (or unknown) identity is refused here, and its connections are closed when it
+    // is revoked later.
+    if let Err(why) = identity(&ctl, &admin) {
+        write_msg(&mut send, &error(why, "ask an owner: stagehand admin list")).await?;
+        send.finish()?;
+        // Time for the client to read why before the connection goes.
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        conn.close(crate::server::CLOSE_UNAUTHORISED.into(), b"identity refused");
+        return Ok(());
+    }
     write_msg(&mut send, &AdminResponse::Hello { protocol_version: PROTOCOL_VERSION }).await?;
     send.finish()?;
+    ctl.admin_conns.lock().unwrap_or_else(|p| p.into_inner()).entry(admin.clone()).or_default().push(conn.clone());
     debug!(%admin, "Admin connected.");
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -63,6 +74,17 @@ async fn request(
     let Some(req) = read_msg::<_, AdminRequest, { frame::ADMIN_LIMIT }>(&mut recv).await? else {
         return Ok(());
     };
+    // Every request is authorised against the identity's role, as it is now.
+    let allowed = identity(ctl, admin).and_then(|who| {
+        let need = crate::access::Need::of(&req, |id| ctl.store.rollout(id).ok().flatten().map(|r| r.env));
+        crate::access::check(&who, &need)
+    });
+    if let Err(why) = allowed {
+        tracing::warn!(%admin, %why, "Refused an admin request.");
+        write_msg(&mut send, &error(why, "an owner can grant a role: stagehand admin add NAME --role ROLE")).await?;
+        send.finish()?;
+        return Ok(());
+    }
     let resp = match req {
         AdminRequest::PushChunks { digests } => push_chunks(ctl, &digests, &mut recv).await?,
         AdminRequest::WaitStaged { app, version, env, timeout_secs } => {
@@ -82,6 +104,27 @@ async fn request(
     write_msg(&mut send, &resp).await?;
     send.finish()?;
     Ok(())
+}
+
+/// The identity behind an admin certificate, if it may act at all.
+fn identity(ctl: &Controller, name: &str) -> std::result::Result<AdminRecord, String> {
+    match ctl.store.admin(name) {
+        Ok(Some(a)) if !a.revoked => Ok(a),
+        Ok(Some(_)) => Err(format!("the identity {name} is revoked")),
+        Ok(None) => Err(format!("no identity {name}")),
+        Err(e) => Err(format!("reading the identity {name}: {e}")),
+    }
+}
+
+fn admin_info(a: &AdminRecord) -> AdminInfo {
+    AdminInfo {
+        name: a.name.clone(),
+        role: a.role.clone(),
+        envs: a.envs.clone(),
+        revoked: a.revoked,
+        created_at: a.created_at,
+        expires_at: a.expires_at,
+    }
 }
 
 fn names(pairs: &[(&str, &str)]) -> Option<AdminResponse> {
@@ -231,6 +274,68 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
             ctl.fleet.bump();
             info!(agent = %id, "Revoked agent removed.");
             AdminResponse::Removed { agent: id }
+        }
+        AdminRequest::AddAdmin { name, role, envs } => {
+            if let Some(e) = names(&[("name", &name)]) {
+                return Ok(e);
+            }
+            if let Some(e) = envs.iter().find_map(|env| names(&[("environment", env)])) {
+                return Ok(e);
+            }
+            if !crate::access::ROLES.contains(&role.as_str()) {
+                return Ok(error(format!("no role {role:?}"), format!("one of: {}", crate::access::ROLES.join(", "))));
+            }
+            if ctl.store.admin(&name)?.is_some() {
+                return Ok(error(format!("an identity {name} exists already"), "stagehand admin list"));
+            }
+            let lifetime = ctl.config.admin_cert_lifetime;
+            let pair = stagehand_common::tls::issue_with_key(
+                &ctl.ca,
+                &stagehand_common::tls::Role::Admin(name.clone()),
+                lifetime,
+            )?;
+            let (_, expires_at) = stagehand_common::tls::validity(&pair.cert_pem)?;
+            let record = AdminRecord {
+                v: 1,
+                name: name.clone(),
+                role,
+                envs,
+                revoked: false,
+                created_at: now_secs(),
+                expires_at: expires_at.max(0) as u64,
+            };
+            ctl.store.put_admin(&record)?;
+            ctl.store.put_admin_cert(
+                &stagehand_common::tls::fingerprint(&stagehand_common::tls::cert_der(&pair.cert_pem)?),
+                &name,
+            )?;
+            ctl.store.flush()?;
+            info!(%admin, %name, role = %record.role, "Identity added.");
+            AdminResponse::AdminAdded {
+                admin: admin_info(&record),
+                cert_pem: pair.cert_pem,
+                key_pem: pair.key_pem,
+                ca_pem: ctl.ca.cert_pem.clone(),
+            }
+        }
+        AdminRequest::ListAdmins => {
+            AdminResponse::Admins { admins: ctl.store.admins()?.iter().map(admin_info).collect() }
+        }
+        AdminRequest::RevokeAdmin { name } => {
+            let Some(mut record) = ctl.store.admin(&name)? else {
+                return Ok(error(format!("no identity {name}"), "stagehand admin list"));
+            };
+            if name == admin {
+                return Ok(error("an identity cannot revoke itself", "ask another owner"));
+            }
+            record.revoked = true;
+            ctl.store.put_admin(&record)?;
+            ctl.store.flush()?;
+            for conn in ctl.admin_conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&name).unwrap_or_default() {
+                conn.close(crate::server::CLOSE_UNAUTHORISED.into(), b"identity revoked");
+            }
+            info!(%admin, %name, "Identity revoked.");
+            AdminResponse::AdminRevoked { name }
         }
         AdminRequest::Hello { .. }
         | AdminRequest::PushChunks { .. }

@@ -1,6 +1,7 @@
 //! The Stagehand controller: fleet registry, artifact store, deploys, rollouts and release
 //! signing, and the operator CLI that talks to it. `plan` decides; the rest does.
 
+pub mod access;
 pub mod admin;
 pub mod chunks;
 pub mod cli;

@@ -37,6 +37,8 @@ pub struct Controller {
     pub catch_ups: std::sync::Mutex<std::collections::HashMap<AgentId, bool>>,
     /// Rollouts whose last step failed, with why (shown in their status until a step succeeds).
     pub stalled: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Open admin connections by identity: closed when it is revoked.
+    pub admin_conns: std::sync::Mutex<std::collections::HashMap<String, Vec<quinn::Connection>>>,
 }
 
 impl Controller {
@@ -96,6 +98,19 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         info!("Renewed the controller's certificate.");
     }
     let store = Store::open(&layout.state()).context("opening the state database")?;
+    // A data directory from before identities: its one admin is the owner.
+    if store.admins()?.is_empty() {
+        store.put_admin(&crate::store::AdminRecord {
+            v: 1,
+            name: "admin".into(),
+            role: "owner".into(),
+            envs: Vec::new(),
+            revoked: false,
+            created_at: stagehand_common::ids::now_secs(),
+            expires_at: 0,
+        })?;
+        store.flush()?;
+    }
     let chunks = ChunkStore::open(&layout.store()).context("opening the chunk store")?;
     let ca_fingerprint = tls::fingerprint(&tls::cert_der(&ca.cert_pem)?);
     let tls = tls::server_config(&ca.cert_pem, &server.me, &[ALPN_ADMIN, ALPN_DEPLOY, ALPN_RELEASE, ALPN_JOIN])?;
@@ -116,6 +131,7 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         rollouts: std::sync::Mutex::new(()),
         catch_ups: Default::default(),
         stalled: Default::default(),
+        admin_conns: Default::default(),
     });
     info!(%addr, "Controller listening.");
     let task = tokio::spawn(accept_loop(controller.clone(), endpoint.clone()));

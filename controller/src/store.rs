@@ -26,6 +26,20 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// An operator identity (SPEC §10).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminRecord {
+    pub v: u8,
+    pub name: String,
+    /// viewer, deployer, releaser or owner.
+    pub role: String,
+    /// A releaser's environments; empty: all.
+    pub envs: Vec<String>,
+    pub revoked: bool,
+    pub created_at: u64,
+    pub expires_at: u64,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AgentRecord {
     pub v: u8,
@@ -190,6 +204,7 @@ pub struct AppStateRecord {
 pub struct Store {
     db: sled::Db,
     agents: sled::Tree,
+    admins: sled::Tree,
     certs: sled::Tree,
     tokens: sled::Tree,
     artifacts: sled::Tree,
@@ -264,6 +279,7 @@ impl Store {
             rollouts: db.open_tree("rollouts")?,
             promoted: db.open_tree("promoted")?,
             recent_receipts: db.open_tree("recent-receipts")?,
+            admins: db.open_tree("admins")?,
             db,
         })
     }
@@ -312,6 +328,19 @@ impl Store {
     /// Agents of an environment that are not revoked.
     pub fn agents_in(&self, env: &str) -> Result<Vec<AgentRecord>> {
         Ok(self.agents()?.into_iter().filter(|a| a.env == env && !a.revoked).collect())
+    }
+
+    pub fn put_admin(&self, a: &AdminRecord) -> Result<()> {
+        self.admins.insert(a.name.as_bytes(), enc(a))?;
+        Ok(())
+    }
+
+    pub fn admin(&self, name: &str) -> Result<Option<AdminRecord>> {
+        get(&self.admins, name.as_bytes())
+    }
+
+    pub fn admins(&self) -> Result<Vec<AdminRecord>> {
+        Ok(scan(&self.admins, b"")?.into_iter().map(|(_, a)| a).collect())
     }
 
     pub fn put_admin_cert(&self, fingerprint: &str, name: &str) -> Result<()> {

@@ -11,6 +11,7 @@ macro_rules! out {
     ($($t:tt)*) => { $crate::cli::write_out(format_args!($($t)*)) };
 }
 
+mod admin;
 mod agents;
 mod controller;
 mod deploy;
@@ -63,6 +64,9 @@ pub enum Command {
     /// The fleet's agents.
     #[command(subcommand)]
     Agents(agents::AgentsCommand),
+    /// Operator identities and their roles: add, list, revoke.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Upload a file or directory as an artifact (app, version).
     Push(push::PushArgs),
     /// Stage a version on every agent of an environment.
@@ -140,6 +144,7 @@ pub fn main() -> i32 {
             Command::Dev(a) => dev::run(a, &ctx).await,
             Command::Token(c) => token::run(c, &ctx).await,
             Command::Agents(c) => agents::run(c, &ctx).await,
+            Command::Admin(c) => admin::run(c, &ctx).await,
             Command::Push(a) => push::run(a, &ctx).await,
             Command::Deploy(a) => deploy::run(a, &ctx).await,
             Command::Release(a) => release::run_release(a, &ctx).await,

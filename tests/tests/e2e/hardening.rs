@@ -403,3 +403,61 @@ async fn hooks_run_as_the_apps_user() {
     assert!(p.all_done(), "{p:?}");
     assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), uid.to_string());
 }
+
+/// Finding 5, identities: there was exactly one admin identity, and it could not be revoked,
+/// rotated or limited. Now an owner issues identities with roles, every request is
+/// authorised against the role, and a revoked identity is refused at once, open
+/// connections included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_identities_have_roles_and_a_revoked_one_is_refused_at_once() {
+    let fleet = Fleet::start().await.unwrap();
+    let (viewer, releaser) = (fleet.path().join("vera"), fleet.path().join("rex"));
+    for (name, role, dir, extra) in
+        [("vera", "viewer", &viewer, &[][..]), ("rex", "releaser", &releaser, &["--env", "staging"][..])]
+    {
+        let mut args = vec!["admin", "add", name, "--role", role, "--out", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = run_cli(STAGEHAND, Some(&fleet), &args).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let as_who = |dir: &Path, args: &[&str]| {
+        let out = std::process::Command::new(STAGEHAND)
+            .args(args)
+            .env("STAGEHAND_CONTROLLER", fleet.addr.to_string())
+            .env("STAGEHAND_CREDENTIALS", dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let src = fleet.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "x").unwrap();
+
+    let (ok, text) = as_who(&viewer, &["agents", "list"]);
+    assert!(ok, "a viewer lists: {text}");
+    let (ok, text) = as_who(&viewer, &["push", "web", "1", src.to_str().unwrap()]);
+    assert!(!ok && text.contains("may not push or deploy"), "a viewer pushed: {text}");
+    let (ok, text) = as_who(&viewer, &["token", "create", "--env", "prod"]);
+    assert!(!ok && text.contains("may not manage tokens"), "{text}");
+    fleet.push("web", "1", &src).await.unwrap();
+    let (ok, text) = as_who(&releaser, &["release", "web", "1", "--env", "prod"]);
+    assert!(!ok && text.contains("may not release in prod"), "{text}");
+    let (ok, text) = as_who(&releaser, &["admin", "list"]);
+    assert!(!ok, "{text}");
+    let out = run_cli(STAGEHAND, Some(&fleet), &["admin", "list"]).unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.contains("vera") && list.contains("viewer") && list.contains("staging"), "{list}");
+
+    // An open connection of the viewer's, working; then the identity is revoked.
+    let open =
+        stagehand_controller::client::Client::connect(Some(&fleet.addr.to_string()), Some(&viewer)).await.unwrap();
+    assert!(open.call(&AdminRequest::ListAgents).await.is_ok());
+    let out = run_cli(STAGEHAND, Some(&fleet), &["admin", "revoke", "vera"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(open.call(&AdminRequest::ListAgents).await.is_err(), "a revoked identity's open connection still served");
+    let (ok, text) = as_who(&viewer, &["agents", "list"]);
+    assert!(!ok && text.contains("revoked"), "{text}");
+}

@@ -1,0 +1,90 @@
+//! `stagehand admin add|list|revoke`: operator identities and their roles (SPEC §10).
+
+use super::Ctx;
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use stagehand_common::protocol::{AdminInfo, AdminRequest, AdminResponse};
+use stagehand_common::tls::{Credentials, Pair};
+use std::path::PathBuf;
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Issue a new identity and write its credentials directory.
+    Add(AddArgs),
+    /// Every identity: role, environments, revoked, certificate expiry.
+    List,
+    /// Refuse an identity from now on and close its connections.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AddArgs {
+    /// The identity's name, as the audit and logs will show it.
+    pub name: String,
+    /// viewer (read), deployer (push, deploy), releaser (release, rollback, rollout control),
+    /// owner (all, including tokens, agents and identities).
+    #[arg(long)]
+    pub role: String,
+    /// A releaser's environments (repeatable; none: every environment).
+    #[arg(long = "env")]
+    pub envs: Vec<String>,
+    /// Where to write the credentials (default: ./stagehand-NAME).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RevokeArgs {
+    pub name: String,
+}
+
+fn describe(a: &AdminInfo) -> String {
+    let envs = if a.envs.is_empty() { "all".to_string() } else { a.envs.join(",") };
+    let state = if a.revoked { "revoked" } else { "active" };
+    format!("{:<16} {:<10} {:<16} {:<8} {}", super::clean(&a.name), a.role, envs, state, a.expires_at)
+}
+
+pub async fn run(cmd: AdminCommand, ctx: &Ctx) -> Result<i32> {
+    let client = ctx.client().await?;
+    let resp = match &cmd {
+        AdminCommand::Add(a) => {
+            client
+                .call(&AdminRequest::AddAdmin { name: a.name.clone(), role: a.role.clone(), envs: a.envs.clone() })
+                .await
+        }
+        AdminCommand::List => client.call(&AdminRequest::ListAdmins).await,
+        AdminCommand::Revoke(a) => client.call(&AdminRequest::RevokeAdmin { name: a.name.clone() }).await,
+    };
+    client.close().await;
+    match (cmd, resp?) {
+        (AdminCommand::Add(a), AdminResponse::AdminAdded { admin, cert_pem, key_pem, ca_pem }) => {
+            let dir = a.out.unwrap_or_else(|| PathBuf::from(format!("stagehand-{}", admin.name)));
+            Credentials { me: Pair { cert_pem, key_pem }, ca_pem }.save(&dir)?;
+            if ctx.json() {
+                super::print_json(&serde_json::json!({ "admin": admin, "credentials": dir }));
+            } else {
+                outln!("Added {} ({}); its credentials are in {}.", admin.name, admin.role, dir.display());
+                outln!("Give that directory to its holder: stagehand --credentials {} …", dir.display());
+            }
+        }
+        (AdminCommand::List, AdminResponse::Admins { admins }) => {
+            if ctx.json() {
+                super::print_json(&serde_json::to_value(&admins)?);
+            } else {
+                outln!("{:<16} {:<10} {:<16} {:<8} EXPIRES (unix)", "NAME", "ROLE", "ENVIRONMENTS", "STATE");
+                for a in &admins {
+                    outln!("{}", describe(a));
+                }
+            }
+        }
+        (AdminCommand::Revoke(_), AdminResponse::AdminRevoked { name }) => {
+            if ctx.json() {
+                super::print_json(&serde_json::json!({ "revoked": name }));
+            } else {
+                outln!("Revoked {name}: refused from now on; its open connections were closed.");
+            }
+        }
+        (_, other) => bail!("unexpected answer: {other:?}"),
+    }
+    Ok(0)
+}
