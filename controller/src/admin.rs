@@ -75,12 +75,14 @@ async fn request(
         return Ok(());
     };
     // Every request is authorised against the identity's role, as it is now.
-    let allowed = identity(ctl, admin).and_then(|who| {
-        let need = crate::access::Need::of(&req, |id| ctl.store.rollout(id).ok().flatten().map(|r| r.env));
-        crate::access::check(&who, &need)
-    });
-    if let Err(why) = allowed {
+    let need = crate::access::Need::of(&req, |id| ctl.store.rollout(id).ok().flatten().map(|r| r.env));
+    // What changes anything is recorded in the audit log, with its outcome, before the answer.
+    let audited = (need != crate::access::Need::Read).then(|| audit_entry(&req)).flatten();
+    if let Err(why) = identity(ctl, admin).and_then(|who| crate::access::check(&who, &need)) {
         tracing::warn!(%admin, %why, "Refused an admin request.");
+        if let Some((what, args)) = audited {
+            ctl.audit.record(admin, &what, args, &format!("refused: {why}"))?;
+        }
         write_msg(&mut send, &error(why, "an owner can grant a role: stagehand admin add NAME --role ROLE")).await?;
         send.finish()?;
         return Ok(());
@@ -101,9 +103,51 @@ async fn request(
             Err(e) => error(format!("{e:#}"), "see the controller's log for details"),
         },
     };
+    let mut resp = resp;
+    if let Some((what, mut args)) = audited {
+        let outcome = match &resp {
+            AdminResponse::Error { message, .. } => format!("error: {message}"),
+            AdminResponse::Token { token, .. } => {
+                // The token's id (never its secret): what an enrolment names.
+                if let (Ok(t), Some(obj)) = (JoinToken::parse(token), args.as_object_mut()) {
+                    obj.insert("id".into(), serde_json::Value::String(t.id));
+                }
+                "ok".to_string()
+            }
+            _ => "ok".to_string(),
+        };
+        if let Err(e) = ctl.audit.record(admin, &what, args, &outcome) {
+            tracing::error!(error = %format!("{e:#}"), "Could not write the audit log.");
+            resp = error(
+                format!("done, but it could not be recorded in the audit log: {e:#}"),
+                "check the controller's disk; every action is refused an acknowledgement until it can be recorded",
+            );
+        }
+    }
     write_msg(&mut send, &resp).await?;
     send.finish()?;
     Ok(())
+}
+
+/// A request as the audit log records it: its name (kebab-case) and its arguments. Chunk
+/// uploads are not recorded one by one (their push's begin and commit are).
+fn audit_entry(req: &AdminRequest) -> Option<(String, serde_json::Value)> {
+    if matches!(req, AdminRequest::PushChunks { .. }) {
+        return None;
+    }
+    let (name, args) = match serde_json::to_value(req).ok()? {
+        serde_json::Value::String(name) => (name, serde_json::json!({})),
+        serde_json::Value::Object(map) => map.into_iter().next()?,
+        _ => return None,
+    };
+    let mut kebab = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            kebab.push('-');
+        }
+        kebab.push(c.to_ascii_lowercase());
+    }
+    Some((kebab, args))
 }
 
 /// The identity behind an admin certificate, if it may act at all.

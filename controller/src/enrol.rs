@@ -108,6 +108,8 @@ fn admit(
     };
     ctl.store.put_agent(&record).map_err(|e| internal(&e))?;
     ctl.store.flush().map_err(|e| internal(&e))?;
+    let args = serde_json::json!({ "token": token_id, "agent": id, "name": record.name, "env": record.env });
+    ctl.audit.record(&format!("agent:{id}"), "enrolled", args, "ok").map_err(|e| internal(&e))?;
     ctl.fleet.bump();
     info!(agent = %id, name = %record.name, env = %token.env, "Agent enrolled.");
     Ok(JoinDown::Joined {

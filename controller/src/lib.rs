@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod audit;
 pub mod chunks;
 pub mod cli;
 pub mod client;

@@ -97,6 +97,13 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
                 return Ok(());
             }
             crate::rollout::truncate(&mut r.log, crate::deploy::PEER_TEXT_LIMIT * 8);
+            let outcome = match &r.outcome {
+                ReceiptOutcome::Committed => "committed".to_string(),
+                ReceiptOutcome::Refused(why) => format!("refused: {}", why.code()),
+                ReceiptOutcome::Scheduled { until } => format!("scheduled for {until}"),
+            };
+            let args = serde_json::json!({ "app": r.app, "version": r.version, "seq": r.seq, "receipt": outcome, "active": r.active });
+            ctl.audit.record(&format!("agent:{id}"), "receipt", args, "ok")?;
             match &r.outcome {
                 ReceiptOutcome::Committed => {
                     info!(agent = %id, app = %r.app, version = %r.version, seq = r.seq, total_us = r.total_us, "Committed.")
@@ -248,6 +255,9 @@ pub fn sign_for(
         expires_at: now.max(not_before) + ttl_secs.max(1),
         key_id: ctl.release_keys[0].key_id.clone(),
     };
+    // Every seq signed is in the audit log, durably, before the message can leave.
+    let args = serde_json::json!({ "app": app, "env": env, "version": version, "seq": seq, "rollout": rollout_id });
+    ctl.audit.record("controller", "signed", args, "ok")?;
     Ok((activate::sign(&body, &ctl.release_key), body))
 }
 

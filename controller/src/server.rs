@@ -37,6 +37,8 @@ pub struct Controller {
     pub catch_ups: std::sync::Mutex<std::collections::HashMap<AgentId, bool>>,
     /// Rollouts whose last step failed, with why (shown in their status until a step succeeds).
     pub stalled: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// The audit log: who did what, durable before it is acknowledged.
+    pub audit: crate::audit::Audit,
     /// Open admin connections by identity: closed when it is revoked.
     pub admin_conns: std::sync::Mutex<std::collections::HashMap<String, Vec<quinn::Connection>>>,
 }
@@ -112,6 +114,17 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         store.flush()?;
     }
     let chunks = ChunkStore::open(&layout.store()).context("opening the chunk store")?;
+    let (audit, entries) = crate::audit::Audit::open(&layout.root)
+        .map_err(|e| anyhow::anyhow!("{e:#}; the audit log is the record of who did what: restore it from a backup"))?;
+    let disagreements = crate::audit::disagreements(&store, &crate::audit::Facts::of(&entries))?;
+    if !disagreements.is_empty() {
+        anyhow::bail!(
+            "the state database disagrees with the audit log: {}; it may be damaged. Repair it from the log with \
+             `stagehand controller repair --data-dir {}`",
+            disagreements.join("; "),
+            layout.root.display()
+        );
+    }
     let ca_fingerprint = tls::fingerprint(&tls::cert_der(&ca.cert_pem)?);
     let tls = tls::server_config(&ca.cert_pem, &server.me, &[ALPN_ADMIN, ALPN_DEPLOY, ALPN_RELEASE, ALPN_JOIN])?;
     // Derived from the server's private key: stable across restarts, known to nobody else.
@@ -131,6 +144,7 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         rollouts: std::sync::Mutex::new(()),
         catch_ups: Default::default(),
         stalled: Default::default(),
+        audit,
         admin_conns: Default::default(),
     });
     info!(%addr, "Controller listening.");

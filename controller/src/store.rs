@@ -458,6 +458,24 @@ impl Store {
         self.bump(&key(&["seq", app]), &format!("the seq counter of {app}"))
     }
 
+    /// The last seq issued for an app (0 if none).
+    pub fn seq_counter(&self, app: &str) -> Result<u64> {
+        let k = key(&["seq", app]);
+        match self.meta.get(&k)? {
+            None => Ok(0),
+            Some(b) => <[u8; 8]>::try_from(&b[..]).map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt {
+                key: format!("seq/{app}"),
+                why: format!("the seq counter is {} bytes, not 8", b.len()),
+            }),
+        }
+    }
+
+    /// Sets an app's seq counter (repair from the audit log).
+    pub fn set_seq_counter(&self, app: &str, seq: u64) -> Result<()> {
+        self.meta.insert(key(&["seq", app]), &seq.to_be_bytes())?;
+        Ok(())
+    }
+
     /// Adds one to a counter in `meta` and returns the new value. A counter that is there and
     /// unreadable fails closed: reading it as 0 would issue numbers already used.
     fn bump(&self, k: &[u8], what: &str) -> Result<u64> {

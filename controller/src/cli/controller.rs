@@ -1,7 +1,7 @@
 //! `stagehand controller init|serve`.
 
 use super::Ctx;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +12,17 @@ pub enum ControllerCommand {
     Init(InitArgs),
     /// Run the controller until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Bring the state database back in line with the audit log (revocations, used tokens,
+    /// seq counters), when `serve` refuses to start because they disagree. Run it with the
+    /// controller stopped.
+    Repair(RepairArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RepairArgs {
+    /// Directory made by `stagehand controller init`.
+    #[arg(long)]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -55,6 +66,20 @@ pub async fn run(cmd: ControllerCommand, ctx: &Ctx) -> Result<i32> {
         }
         ControllerCommand::Serve(a) => {
             crate::server::serve(&a.data_dir, a.listen, shutdown_signal()).await?;
+            Ok(0)
+        }
+        ControllerCommand::Repair(a) => {
+            let layout = crate::config::Layout::new(&a.data_dir);
+            let entries = crate::audit::read(&crate::audit::path(&layout.root))?;
+            let store = crate::store::Store::open(&layout.state())
+                .context("opening the state database; is the controller still running?")?;
+            let changed = crate::audit::repair(&store, &crate::audit::Facts::of(&entries))?;
+            if changed.is_empty() {
+                outln!("The state database agrees with the audit log ({} entries); nothing changed.", entries.len());
+            }
+            for c in &changed {
+                outln!("Repaired: {c}.");
+            }
             Ok(0)
         }
     }

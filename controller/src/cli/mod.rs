@@ -13,6 +13,7 @@ macro_rules! out {
 
 mod admin;
 mod agents;
+mod audit;
 mod controller;
 mod deploy;
 mod dev;
@@ -67,6 +68,8 @@ pub enum Command {
     /// Operator identities and their roles: add, list, revoke.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
+    /// The controller's audit log, read on its host: every entry, or --verify its hash chain.
+    Audit(audit::AuditArgs),
     /// Upload a file or directory as an artifact (app, version).
     Push(push::PushArgs),
     /// Stage a version on every agent of an environment.
@@ -145,6 +148,7 @@ pub fn main() -> i32 {
             Command::Token(c) => token::run(c, &ctx).await,
             Command::Agents(c) => agents::run(c, &ctx).await,
             Command::Admin(c) => admin::run(c, &ctx).await,
+            Command::Audit(a) => Ok(audit::run(&a, ctx.json())),
             Command::Push(a) => push::run(a, &ctx).await,
             Command::Deploy(a) => deploy::run(a, &ctx).await,
             Command::Release(a) => release::run_release(a, &ctx).await,

@@ -461,3 +461,64 @@ async fn operator_identities_have_roles_and_a_revoked_one_is_refused_at_once() {
     let (ok, text) = as_who(&viewer, &["agents", "list"]);
     assert!(!ok && text.contains("revoked"), "{text}");
 }
+
+/// Finding 4 and the audit log: byte flips in the controller's database silently brought a
+/// revoked agent back. Now every revocation, used token, signed seq and receipt is in a
+/// hash-chained audit log, durable before it is acknowledged; the controller refuses to start
+/// while its database disagrees with the log, naming the repair, which restores the
+/// revocation from the log. `stagehand audit --verify` exits 0 on an intact log and 1 once
+/// any byte of it is altered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_lost_a_revocation_is_refused_and_repaired_from_the_audit_log() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let mut agent = fleet.agent("prod", "p").await.unwrap();
+    let src = fleet.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "x").unwrap();
+    fleet.push("web", "1", &src).await.unwrap();
+    assert!(fleet.deploy("web", "1", "prod", 60).await.unwrap().all_done());
+    assert!(fleet.release("web", "1", "prod").await.unwrap().all_done());
+    let out = run_cli(STAGEHAND, Some(&fleet), &["agents", "revoke", &agent.id.0]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    agent.stop().await;
+
+    let dir = fleet.ctl_dir.to_str().unwrap().to_string();
+    let out = run_cli(STAGEHAND, None, &["audit", "--data-dir", &dir]).unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    for what in ["enrolled", "create-token", "push-commit", "deploy", "rollout", "signed", "receipt", "revoke-agent"] {
+        assert!(log.contains(what), "no {what} in the audit log:\n{log}");
+    }
+    let verify = || run_cli(STAGEHAND, None, &["audit", "--data-dir", &dir, "--verify"]).unwrap();
+    assert!(verify().status.success(), "{}", String::from_utf8_lossy(&verify().stderr));
+
+    // The database loses the flushed revocation.
+    fleet.stop_controller().await;
+    {
+        let store = stagehand_controller::store::Store::open(&fleet.ctl_dir.join("state")).unwrap();
+        let mut rec = store.agent(&agent.id).unwrap().unwrap();
+        rec.revoked = false;
+        store.put_agent(&rec).unwrap();
+        store.flush().unwrap();
+    }
+    let err = fleet.restart_controller().await.expect_err("a controller that disagrees with its audit log started");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("revoked in the log but not in the database") && err.contains("stagehand controller repair"),
+        "{err}"
+    );
+    let out = run_cli(STAGEHAND, None, &["controller", "repair", "--data-dir", &dir]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("revoked again"), "{out:?}");
+    fleet.restart_controller().await.unwrap();
+    let AdminResponse::Agents { agents } = fleet.call(AdminRequest::ListAgents).await.unwrap() else { panic!() };
+    assert!(agents.iter().find(|a| a.id == agent.id).unwrap().revoked, "the revocation is back");
+
+    // One byte of the log altered: the chain no longer holds.
+    let path = fleet.ctl_dir.join("audit/audit.log");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.iter().position(|b| *b == b'"').unwrap() + 1;
+    bytes[at] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let out = verify();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("entry 1"), "{out:?}");
+}
