@@ -188,8 +188,10 @@ pub fn disagreements(store: &crate::store::Store, f: &Facts) -> crate::store::Re
         }
     }
     for (app, high) in &f.seqs {
-        if store.seq_counter(app)? < *high {
-            out.push(format!("the seq counter of {app} is below {high}, the highest seq signed"));
+        match store.seq_counter(app) {
+            Ok(n) if n >= *high => {}
+            Ok(_) => out.push(format!("the seq counter of {app} is below {high}, the highest seq signed")),
+            Err(e) => out.push(format!("the seq counter of {app} is unreadable ({e})")),
         }
     }
     Ok(out)
@@ -238,7 +240,7 @@ pub fn repair(store: &crate::store::Store, f: &Facts) -> crate::store::Result<Ve
         }
     }
     for (app, high) in &f.seqs {
-        if store.seq_counter(app)? < *high {
+        if store.seq_counter(app).map_or(true, |n| n < *high) {
             store.set_seq_counter(app, *high)?;
             changed.push(format!("the seq counter of {app} raised to {high}"));
         }
