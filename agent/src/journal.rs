@@ -78,13 +78,18 @@ fn decode_slot(bytes: &[u8]) -> Option<Record> {
 impl Journal {
     /// Loads an app's journal; a missing file is an app never activated.
     pub fn load(path: &Path) -> Result<Journal> {
-        let mut j = Journal::default();
         let bytes = match fsx::read_limited(path, FILE_SIZE as u64) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(j),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Journal::default()),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let slots = bytes.get(..RECEIPT_AT).unwrap_or(&bytes);
+        Self::parse(&bytes).with_context(|| path.display().to_string())
+    }
+
+    /// A journal from its file's bytes (at most the file's size).
+    pub fn parse(bytes: &[u8]) -> Result<Journal> {
+        let mut j = Journal::default();
+        let slots = bytes.get(..RECEIPT_AT).unwrap_or(bytes);
         match slots.chunks(SLOT).filter_map(decode_slot).max_by_key(|r| r.generation) {
             Some(r) => {
                 j.generation = r.generation;
@@ -92,7 +97,7 @@ impl Journal {
                 j.intent = r.intent;
             }
             None if slots.iter().all(|&b| b == 0) => {}
-            None => bail!("{} is corrupt in both slots; the last applied seq is unknown", path.display()),
+            None => bail!("corrupt in both slots; the last applied seq is unknown"),
         }
         j.last_receipt = bytes.get(RECEIPT_AT..).and_then(region).and_then(|p| serde_json::from_slice(p).ok());
         Ok(j)

@@ -5,6 +5,7 @@ pub mod activate;
 pub mod cli;
 pub mod config;
 pub mod failpoint;
+pub mod fuzz;
 pub mod hooks;
 pub mod host;
 pub mod join;
