@@ -14,8 +14,11 @@ use stagehand_common::token::JoinToken;
 use stagehand_common::{AgentId, Digest};
 use std::collections::HashMap;
 
+/// An oracle: panics when its property fails for these bytes.
+pub type Oracle = fn(&[u8]);
+
 /// The targets by name, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/` call them.
-pub const TARGETS: [(&str, fn(&[u8])); 6] = [
+pub const TARGETS: [(&str, Oracle); 6] = [
     ("frames", frames),
     ("manifest", manifest),
     ("activate", activate),
@@ -133,7 +136,7 @@ fn pinned() -> (SigningKey, ReleaseKey) {
 pub fn activate(data: &[u8]) {
     let (_, key) = pinned();
     let Ok(msg) = decode::<SignedActivate, CONTROL_LIMIT>(data) else { return };
-    let Ok(body) = activate::verify(&msg, &[key.clone()]) else { return };
+    let Ok(body) = activate::verify(&msg, std::slice::from_ref(&key)) else { return };
     let public = VerifyingKey::from_bytes(&key.public).expect("a valid key");
     let sig = Signature::from_slice(&msg.signature).expect("verify accepted the signature's shape");
     assert!(public.verify_strict(&msg.body, &sig).is_ok(), "a message passed rule 1 without a valid signature");
