@@ -132,8 +132,14 @@ async fn request(
 /// A request as the audit log records it: its name (kebab-case) and its arguments. Chunk
 /// uploads are not recorded one by one (their push's begin and commit are).
 fn audit_entry(req: &AdminRequest) -> Option<(String, serde_json::Value)> {
-    if matches!(req, AdminRequest::PushChunks { .. }) {
-        return None;
+    match req {
+        AdminRequest::PushChunks { .. } => return None,
+        // The manifest itself is in the chunk store; the log names it.
+        AdminRequest::PushBegin { app, version, manifest } => {
+            let args = serde_json::json!({ "app": app, "version": version, "manifest": Digest::of(manifest).to_hex(), "manifest_bytes": manifest.len() });
+            return Some(("push-begin".into(), args));
+        }
+        _ => {}
     }
     let (name, args) = match serde_json::to_value(req).ok()? {
         serde_json::Value::String(name) => (name, serde_json::json!({})),

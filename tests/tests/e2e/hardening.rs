@@ -485,9 +485,23 @@ async fn a_database_that_lost_a_revocation_is_refused_and_repaired_from_the_audi
     let dir = fleet.ctl_dir.to_str().unwrap().to_string();
     let out = run_cli(STAGEHAND, None, &["audit", "--data-dir", &dir]).unwrap();
     let log = String::from_utf8_lossy(&out.stdout);
-    for what in ["enrolled", "create-token", "push-commit", "deploy", "rollout", "signed", "receipt", "revoke-agent"] {
+    for what in [
+        "enrolled",
+        "create-token",
+        "push-begin",
+        "push-commit",
+        "deploy",
+        "rollout",
+        "signed",
+        "receipt",
+        "revoke-agent",
+    ] {
         assert!(log.contains(what), "no {what} in the audit log:\n{log}");
     }
+    assert!(
+        log.contains("manifest_bytes") && log.len() < 64 << 10,
+        "a push records its manifest's digest, not its bytes"
+    );
     let verify = || run_cli(STAGEHAND, None, &["audit", "--data-dir", &dir, "--verify"]).unwrap();
     assert!(verify().status.success(), "{}", String::from_utf8_lossy(&verify().stderr));
 
