@@ -41,7 +41,11 @@ pub struct RevokeArgs {
 fn describe(a: &AdminInfo) -> String {
     let envs = if a.envs.is_empty() { "all".to_string() } else { a.envs.join(",") };
     let state = if a.revoked { "revoked" } else { "active" };
-    format!("{:<16} {:<10} {:<16} {:<8} {}", super::clean(&a.name), a.role, envs, state, a.expires_at)
+    let expires = match a.expires_at {
+        0 => "-".to_string(),
+        at => humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at)).to_string(),
+    };
+    format!("{:<16} {:<10} {:<16} {:<8} {expires}", super::clean(&a.name), a.role, envs, state)
 }
 
 pub async fn run(cmd: AdminCommand, ctx: &Ctx) -> Result<i32> {
@@ -71,7 +75,7 @@ pub async fn run(cmd: AdminCommand, ctx: &Ctx) -> Result<i32> {
             if ctx.json() {
                 super::print_json(&serde_json::to_value(&admins)?);
             } else {
-                outln!("{:<16} {:<10} {:<16} {:<8} EXPIRES (unix)", "NAME", "ROLE", "ENVIRONMENTS", "STATE");
+                outln!("{:<16} {:<10} {:<16} {:<8} CERTIFICATE EXPIRES", "NAME", "ROLE", "ENVIRONMENTS", "STATE");
                 for a in &admins {
                     outln!("{}", describe(a));
                 }
