@@ -91,7 +91,8 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
     };
     // `current` exists, so this app was activated, and its journal is gone: the last applied
     // seq is unknown, and an old message could take the host back. Fail closed.
-    if !journal_path.exists() && std::fs::symlink_metadata(layout.current(&body.app)).is_ok() {
+    // (An empty or zeroed file holds no seq either.)
+    if journal.last_seq.is_none() && std::fs::symlink_metadata(layout.current(&body.app)).is_ok() {
         let why = format!(
             "the activation journal {} is missing while {} exists: the last applied seq is unknown, so no message \
              can be checked against it; repair it with `stagehand-agent repair-journal --data-dir {} --app {} --seq N` \

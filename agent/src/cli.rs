@@ -155,7 +155,16 @@ fn repair_journal(a: &RepairArgs) -> Result<i32> {
     stagehand_common::ids::check_name("app", &a.app).map_err(anyhow::Error::msg)?;
     let layout = crate::host::Layout::load(&a.data_dir)?;
     let path = layout.journal(&a.app);
-    let mut journal = crate::journal::Journal::load(&path)?;
+    let mut journal = match crate::journal::Journal::load(&path) {
+        Ok(j) => j,
+        Err(e) => {
+            // Unreadable: kept aside for a look, and replaced.
+            let aside = path.with_extension(format!("corrupt-{}", stagehand_common::ids::now_secs()));
+            std::fs::rename(&path, &aside)?;
+            println!("The journal of {} was unreadable ({e:#}); moved to {}.", a.app, aside.display());
+            crate::journal::Journal::default()
+        }
+    };
     if let Some(last) = journal.last_seq.filter(|last| *last >= a.seq) {
         println!("The journal of {} already has seq {last}; nothing changed.", a.app);
         return Ok(0);

@@ -183,9 +183,10 @@ impl Identity {
         for name in ["cert.pem", "key.pem"] {
             if next.join(name).exists() {
                 std::fs::rename(next.join(name), dir.join(name)).with_context(|| format!("renewing {name}"))?;
+                // In this order on disk too: the key moves only once the certificate has.
+                fsx::fsync_dir(dir)?;
             }
         }
-        fsx::fsync_dir(dir)?;
         let _ = std::fs::remove_dir_all(&next);
         Ok(())
     }

@@ -111,11 +111,12 @@ impl Layout {
         use std::os::unix::fs::MetadataExt;
         let root = self.app_root(app);
         let me = rustix::process::geteuid().as_raw();
-        // Where it really is: the directories above a symlinked root are the ones that count.
+        // Where it really is, and the path that leads there: a directory on either that
+        // others can change could redirect the agent.
         let real = std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone());
-        let mut path = Some(real.as_path());
-        while let Some(p) = path {
-            path = p.parent();
+        let mut paths: Vec<&Path> = real.ancestors().collect();
+        paths.extend(root.ancestors().skip(1));
+        for p in paths {
             let md = match std::fs::metadata(p) {
                 Ok(md) => md,
                 // Not created yet: the agent creates it, as its own user.
@@ -179,7 +180,7 @@ pub struct Host {
     /// The credentials new connections present (renewed over the deploy channel), and the
     /// key of a renewal asked for.
     credentials: Mutex<stagehand_common::tls::Credentials>,
-    pending_key: Mutex<Option<String>>,
+    pending_key: Mutex<Option<(String, Vec<u8>)>>,
     /// One activation (or retention pass) at a time per app.
     activations: Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     staging: Mutex<Staging>,
@@ -361,15 +362,20 @@ impl Host {
         self.credentials.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The key of the certificate just asked for.
-    pub fn set_pending_key(&self, key_pem: String) {
-        *self.pending_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(key_pem);
+    /// The key (and request) of the certificate asked for.
+    pub fn set_pending(&self, key_pem: String, csr_der: Vec<u8>) {
+        *self.pending_key.lock().unwrap_or_else(|p| p.into_inner()) = Some((key_pem, csr_der));
+    }
+
+    /// The request of a renewal not answered yet.
+    pub fn pending_request(&self) -> Option<Vec<u8>> {
+        self.pending_key.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(_, csr)| csr.clone())
     }
 
     /// Keeps a renewed certificate with the key it was asked for: durably, then for new
     /// connections.
     pub fn renewed(&self, cert_pem: String) -> Result<()> {
-        let Some(key_pem) = self.pending_key.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some((key_pem, _)) = self.pending_key.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             anyhow::bail!("a certificate came that was not asked for");
         };
         stagehand_common::tls::validity(&cert_pem)?;

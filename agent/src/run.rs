@@ -221,8 +221,16 @@ async fn renewer(host: &Host) -> Result<()> {
             tokio::time::sleep(Duration::from_secs((at - now).clamp(1, 3600) as u64)).await;
             continue;
         }
-        let (key_pem, csr_der) = stagehand_common::tls::new_csr()?;
-        host.set_pending_key(key_pem);
+        // The same key and request until an answer comes: whichever session carries the
+        // answer, it is for this key.
+        let csr_der = match host.pending_request() {
+            Some(csr) => csr,
+            None => {
+                let (key_pem, csr_der) = stagehand_common::tls::new_csr()?;
+                host.set_pending(key_pem, csr_der.clone());
+                csr_der
+            }
+        };
         host.send_deploy(DeployUp::Renew { csr_der });
         info!("Asked the controller for a new certificate.");
         tokio::time::sleep(Duration::from_secs(60)).await;

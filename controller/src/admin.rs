@@ -298,11 +298,11 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
         AdminRequest::ControlRollout { id, action } => started(crate::rollout::control(ctl, &id, action, admin)?),
         AdminRequest::RevokeAgent { agent } => {
             let id = AgentId(agent);
-            let Some(mut rec) = ctl.store.agent(&id)? else {
+            let revoked =
+                ctl.store.update_agent::<()>(&id, |rec| Ok(crate::store::AgentRecord { revoked: true, ..rec }))?;
+            if revoked.is_err() {
                 return Ok(error(format!("no agent {id}"), "stagehand agents list"));
-            };
-            rec.revoked = true;
-            ctl.store.put_agent(&rec)?;
+            }
             ctl.store.flush()?;
             ctl.fleet.kick(&id);
             info!(agent = %id, "Agent revoked.");

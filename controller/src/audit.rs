@@ -141,7 +141,9 @@ impl Facts {
                 "revoke-admin" => f.revoked_admins.extend(arg("name")),
                 "create-token" => {
                     if let Some(id) = arg("id") {
-                        f.tokens.entry(id).or_default().0 = e.args.get("uses").and_then(|v| v.as_u64()).unwrap_or(1);
+                        // The controller keeps at least one use, whatever was asked.
+                        f.tokens.entry(id).or_default().0 =
+                            e.args.get("uses").and_then(|v| v.as_u64()).unwrap_or(1).max(1);
                     }
                 }
                 "enrolled" => {

@@ -164,12 +164,21 @@ fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
         }
         DeployUp::Renew { csr_der } => {
             // The agent is who its current certificate says: the new one names the same id.
-            let Some(mut record) = ctl.store.agent(id)? else { bail!("unknown agent {id}") };
             let lifetime = ctl.config.agent_cert_lifetime;
             let cert_pem =
                 stagehand_common::tls::issue_for_csr(&ctl.ca, &Role::Agent(id.0.clone()), &csr_der, lifetime)?;
-            record.cert_fingerprint = stagehand_common::tls::fingerprint(&stagehand_common::tls::cert_der(&cert_pem)?);
-            ctl.store.put_agent(&record)?;
+            let fingerprint = stagehand_common::tls::fingerprint(&stagehand_common::tls::cert_der(&cert_pem)?);
+            // Only the fingerprint changes, atomically: a revocation meanwhile stands, and a
+            // revoked agent gets nothing.
+            let updated = ctl.store.update_agent(id, |rec| {
+                if rec.revoked {
+                    return Err(());
+                }
+                Ok(crate::store::AgentRecord { cert_fingerprint: fingerprint.clone(), ..rec })
+            })?;
+            if updated.is_err() {
+                bail!("a renewal for {id}, which is revoked or unknown");
+            }
             ctl.store.flush()?;
             info!(agent = %id, "Certificate renewed.");
             ctl.fleet.send_deploy(id, DeployDown::Renewed { cert_pem });

@@ -298,6 +298,27 @@ impl Store {
         Ok(())
     }
 
+    /// Changes an agent's record atomically (compare and swap): `f` sees the record as it is
+    /// and returns the new one, or an error that leaves it as it was. A revocation and a
+    /// renewal racing each other can never undo one another.
+    pub fn update_agent<E>(
+        &self,
+        id: &AgentId,
+        f: impl Fn(AgentRecord) -> std::result::Result<AgentRecord, E>,
+    ) -> Result<std::result::Result<AgentRecord, Option<E>>> {
+        loop {
+            let Some(old) = self.agents.get(id.0.as_bytes())? else { return Ok(Err(None)) };
+            let new = match f(dec_agent(id.0.as_bytes(), &old)?) {
+                Ok(n) => n,
+                Err(e) => return Ok(Err(Some(e))),
+            };
+            if self.agents.compare_and_swap(id.0.as_bytes(), Some(&old), Some(enc(&new)))?.is_ok() {
+                self.certs.insert(new.cert_fingerprint.as_bytes(), enc(&CertRole::Agent(new.id.clone())))?;
+                return Ok(Ok(new));
+            }
+        }
+    }
+
     /// Removes an agent's record and everything kept about it (stagings, app states,
     /// receipts). A certificate naming an unknown agent is refused everywhere.
     pub fn remove_agent(&self, id: &AgentId) -> Result<()> {

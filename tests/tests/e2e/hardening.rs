@@ -536,3 +536,29 @@ async fn a_database_that_lost_a_revocation_is_refused_and_repaired_from_the_audi
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("entry 1"), "{out:?}");
 }
+
+/// After the review of finding 3: a root reached through a symlink in a directory others can
+/// write is refused too (they could point the link elsewhere), though its target is safe.
+#[tokio::test]
+async fn a_root_behind_a_symlink_in_a_writable_directory_is_refused() {
+    let fleet = Fleet::start().await.unwrap();
+    let mut agent = fleet.enrol("prod", "p").await.unwrap();
+    let (shared, real) = (fleet.path().join("shared"), fleet.path().join("opt/web"));
+    std::fs::create_dir_all(&real).unwrap();
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::symlink(&real, shared.join("web")).unwrap();
+    let mut c = AgentConfig::load(&agent.dir).unwrap();
+    c.apps.entry("web".into()).or_default().root = Some(shared.join("web"));
+    c.save(&agent.dir).unwrap();
+    agent.start().await.unwrap();
+    let src = fleet.path().join("src");
+    versioned_tree(&src, 2, 70 << 10, 5).unwrap();
+    fleet.push("web", "1", &src).await.unwrap();
+    let p = fleet.deploy("web", "1", "prod", 60).await.unwrap();
+    let why = &p.failed.first().unwrap_or_else(|| panic!("staged under a swappable root: {p:?}")).1;
+    assert!(why.contains(shared.to_str().unwrap()) && why.contains("can be changed by users other"), "{why}");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(fleet.deploy("web", "1", "prod", 60).await.unwrap().all_done());
+    assert_same_tree(&src, &real.join("releases/1"));
+}

@@ -447,10 +447,22 @@ async fn a_missing_journal_refuses_every_message_until_it_is_repaired() {
     }
 
     let seq = new_seq.to_string();
-    let out = run_cli(AGENT, None, &["repair-journal", "--data-dir", &dir, "--app", "web", "--seq", &seq]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let repair = || {
+        let out = run_cli(AGENT, None, &["repair-journal", "--data-dir", &dir, "--app", "web", "--seq", &seq]).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    repair();
     assert_eq!(apply(&old).outcome, ReceiptOutcome::Refused(Refusal::StaleSeq));
     assert_eq!(agent.current("web").unwrap(), Path::new("releases/v2"));
+
+    // A journal zeroed in place holds no seq either: refused the same way, then repaired.
+    let journal = agent.dir.join("journal/web.journal");
+    let len = std::fs::metadata(&journal).unwrap().len() as usize;
+    std::fs::write(&journal, vec![0u8; len]).unwrap();
+    let r = apply(&old);
+    assert_eq!(r.outcome, ReceiptOutcome::Refused(Refusal::HostError), "{}", r.log);
+    repair();
+    assert_eq!(apply(&old).outcome, ReceiptOutcome::Refused(Refusal::StaleSeq));
 }
 
 /// Hardening (#9, finding 4): an unreadable seq counter was read as 0, so the next release
