@@ -43,6 +43,14 @@ impl RunningAgent {
         if let Err(e) = self.host.store.flush() {
             warn!(error = %e, "Could not flush state at shutdown.");
         }
+        // Work on the blocking pool (a removal, a fetch being written) cannot be aborted: the
+        // data directory (and its database's lock) is free once it has let go of the host.
+        let host = Arc::downgrade(&self.host);
+        drop(self.host);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while host.strong_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -61,15 +69,23 @@ pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
     let scheduler = {
         let host = host.clone();
         tokio::spawn(async move {
-            while let Some((until, msg)) = sched_rx.recv().await {
-                let host = host.clone();
-                tokio::spawn(async move {
-                    let wait = until.saturating_sub(stagehand_common::ids::now_secs());
-                    tokio::time::sleep(Duration::from_secs(wait)).await;
-                    // Retention keeps the version until the activation is done with it.
-                    activate::handle(&host, msg.clone()).await;
-                    host.unschedule(&msg);
-                });
+            // Owned here: stopping the scheduler stops the messages it holds.
+            let mut waiting = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    next = sched_rx.recv() => {
+                        let Some((until, msg)) = next else { break };
+                        let host = host.clone();
+                        waiting.spawn(async move {
+                            let wait = until.saturating_sub(stagehand_common::ids::now_secs());
+                            tokio::time::sleep(Duration::from_secs(wait)).await;
+                            // Retention keeps the version until the activation is done with it.
+                            activate::handle(&host, msg.clone()).await;
+                            host.unschedule(&msg);
+                        });
+                    }
+                    Some(_) = waiting.join_next(), if !waiting.is_empty() => {}
+                }
             }
         })
     };
