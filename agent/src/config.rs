@@ -44,10 +44,26 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Every duration must parse: a typo must not quietly become the default.
+    pub fn check(&self) -> Result<()> {
+        for (name, v) in [
+            ("hook_timeout", &self.hook_timeout),
+            ("health_timeout", &self.health_timeout),
+            ("health_interval", &self.health_interval),
+        ] {
+            if let Some(v) = v {
+                humantime::parse_duration(v)
+                    .with_context(|| format!("{name} = {v:?} is not a duration (\"90s\", \"5m\")"))?;
+            }
+        }
+        Ok(())
+    }
+
     fn is_default(&self) -> bool {
         *self == Limits::default()
     }
 
+    /// A duration `check` accepted, or the default.
     fn get(v: &Option<String>, default: u64) -> std::time::Duration {
         v.as_deref().and_then(|s| humantime::parse_duration(s).ok()).unwrap_or(std::time::Duration::from_secs(default))
     }
@@ -123,7 +139,9 @@ impl AgentConfig {
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!("reading {}; has this agent joined? run `stagehand-agent join --controller ADDR --token TOKEN --data-dir {}`", path.display(), data_dir.display())
         })?;
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        let config: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        config.limits.check().with_context(|| format!("{}: [limits]", path.display()))?;
+        Ok(config)
     }
 
     pub fn save(&self, data_dir: &Path) -> Result<()> {
@@ -246,6 +264,8 @@ mod tests {
         assert_eq!(c.apps["billing-worker"].keep_releases, Some(10));
         assert_eq!(c.apps["billing-worker"].reuse, Reuse::Copy);
         assert_eq!(c.apps["web"].reuse, Reuse::Share);
+        let typo = Limits { hook_timeout: Some("10 minutez".into()), ..Limits::default() };
+        assert!(format!("{:#}", typo.check().unwrap_err()).contains("hook_timeout"));
         let unit = std::fs::read_to_string(dir.join("stagehand-agent.service")).unwrap();
         assert!(unit.contains("stagehand-agent run --data-dir"));
     }
