@@ -70,7 +70,7 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
     };
     let refuse = |body: Option<&Activate>, r: Refusal| refuse_why(body, r, String::new());
     // Rule 1, before anything else is read from the message.
-    let body = match activate::verify(msg, &host.identity.release_keys) {
+    let body = match activate::verify(msg, &host.release_keys()) {
         Ok(b) => b,
         Err(r) => return refuse(Activate::decode_unverified(&msg.body).as_ref(), r),
     };

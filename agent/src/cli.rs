@@ -238,7 +238,7 @@ fn status(data_dir: &Path, json: bool) -> Result<i32> {
 async fn activate(data_dir: &Path, file: &Path, json: bool) -> Result<i32> {
     let bytes = fsx::read_limited(file, EXPORT_LIMIT).with_context(|| format!("reading {}", file.display()))?;
     let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{} is not a text file", file.display()))?;
-    let msg = SignedActivate::from_export(&text).map_err(anyhow::Error::msg)?;
+    let (msg, chain) = SignedActivate::from_export_with(&text).map_err(anyhow::Error::msg)?;
     let layout = Layout::load(data_dir)?;
     let receipt = match tokio::net::UnixStream::connect(layout.socket()).await {
         Ok(mut stream) => {
@@ -252,6 +252,7 @@ async fn activate(data_dir: &Path, file: &Path, json: bool) -> Result<i32> {
         }
         Err(_) => {
             let host = Arc::new(Host::open(data_dir)?);
+            host.apply_key_changes(&chain)?;
             crate::activate::recover(&host).await;
             let r = crate::activate::handle(&host, msg).await;
             host.store.flush()?;

@@ -227,6 +227,17 @@ impl Identity {
         })
     }
 
+    /// Pins other release keys: `agent.json` rewritten whole, durably.
+    pub fn save_release_keys(data_dir: &Path, keys: &[ReleaseKey]) -> Result<()> {
+        let path = Self::dir(data_dir).join("agent.json");
+        let bytes = fsx::read_limited(&path, 1 << 20).with_context(|| format!("reading {}", path.display()))?;
+        let mut f: IdentityFile =
+            serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+        f.release_keys = keys.to_vec();
+        fsx::write_atomic(&path, &serde_json::to_vec_pretty(&f)?, 0o600)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
     pub fn save(&self, data_dir: &Path) -> Result<()> {
         let dir = Self::dir(data_dir);
         self.credentials.save(&dir)?;

@@ -180,6 +180,8 @@ pub struct Host {
     /// The credentials new connections present (renewed over the deploy channel), and the
     /// key of a renewal asked for.
     credentials: Mutex<stagehand_common::tls::Credentials>,
+    /// The release keys pinned now: the identity's, moved on by key changes.
+    release_keys: Mutex<Vec<stagehand_common::activate::ReleaseKey>>,
     pending_key: Mutex<Option<(String, Vec<u8>)>>,
     /// One activation (or retention pass) at a time per app.
     activations: Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
@@ -206,6 +208,7 @@ impl Host {
         let host = Host {
             layout,
             credentials: Mutex::new(identity.credentials.clone()),
+            release_keys: Mutex::new(identity.release_keys.clone()),
             pending_key: Mutex::default(),
             identity,
             ledger: Ledger::new(store.clone()),
@@ -219,6 +222,28 @@ impl Host {
         };
         host.rebuild_index()?;
         Ok(host)
+    }
+
+    /// The release keys pinned now.
+    pub fn release_keys(&self) -> Vec<stagehand_common::activate::ReleaseKey> {
+        self.release_keys.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Walks a chain of release key changes (SPEC §10) and pins what it leads to, durably
+    /// before any message is checked against it. Returns whether the pins changed.
+    pub fn apply_key_changes(&self, chain: &[stagehand_common::keychain::SignedKeyChange]) -> Result<bool> {
+        let mut pinned = self.release_keys.lock().unwrap_or_else(|p| p.into_inner());
+        let next = stagehand_common::keychain::apply(&pinned, chain);
+        if next == *pinned {
+            return Ok(false);
+        }
+        Identity::save_release_keys(&self.layout.data_dir, &next)?;
+        let ids = |k: &[stagehand_common::activate::ReleaseKey]| {
+            k.iter().map(|k| k.key_id.as_str()).collect::<Vec<_>>().join(",")
+        };
+        info!(before = %ids(&pinned), after = %ids(&next), "Release keys changed by a signed key change.");
+        *pinned = next;
+        Ok(true)
     }
 
     fn rebuild_index(&self) -> Result<()> {

@@ -305,6 +305,14 @@ async fn release_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()>
                     bail!("the controller closed the release channel: {reason}")
                 }
                 ReleaseDown::Hello { .. } => bail!("second hello"),
+                // Applied before the next message is read: a message the new key signed
+                // finds it pinned.
+                ReleaseDown::KeyChanges(chain) => {
+                    let host = host.clone();
+                    tokio::task::spawn_blocking(move || host.apply_key_changes(&chain))
+                        .await
+                        .context("applying release key changes")??;
+                }
             }
         }
         anyhow::Ok(())
@@ -335,8 +343,11 @@ async fn serve_socket(host: Arc<Host>, listener: tokio::net::UnixListener) {
         let host = host.clone();
         tokio::spawn(async move {
             let reply = match read_blob::<_, { EXPORT_LIMIT as usize }>(&mut stream).await {
-                Ok(Some(Some(bytes))) => match SignedActivate::from_export(&String::from_utf8_lossy(&bytes)) {
-                    Ok(msg) => Ok(activate::handle(&host, msg).await),
+                Ok(Some(Some(bytes))) => match SignedActivate::from_export_with(&String::from_utf8_lossy(&bytes)) {
+                    Ok((msg, chain)) => match host.apply_key_changes(&chain) {
+                        Ok(_) => Ok(activate::handle(&host, msg).await),
+                        Err(e) => Err(format!("pinning the release key changes the file carries: {e:#}")),
+                    },
                     Err(e) => Err(e),
                 },
                 Ok(_) => Err("empty request".to_string()),

@@ -226,6 +226,10 @@ pub struct ExportFile {
     pub signature: String,
     #[serde(default)]
     pub describe: Option<serde_json::Value>,
+    /// Release key changes the agent may not have seen yet (a rotation while it was away),
+    /// applied in order before the message is checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_changes: Vec<crate::keychain::HexKeyChange>,
 }
 
 pub const EXPORT_FORMAT: &str = "stagehand-activate/1";
@@ -235,7 +239,13 @@ pub const EXPORT_LIMIT: u64 = 1 << 20;
 impl SignedActivate {
     /// The JSON text of an export file.
     pub fn to_export(&self, describe: &Activate) -> String {
+        self.to_export_with(describe, &[])
+    }
+
+    /// The JSON text of an export file that also carries the release key changes.
+    pub fn to_export_with(&self, describe: &Activate, key_changes: &[crate::keychain::SignedKeyChange]) -> String {
         let file = ExportFile {
+            key_changes: key_changes.iter().map(Into::into).collect(),
             format: EXPORT_FORMAT.into(),
             body: hex::encode(&self.body),
             signature: hex::encode(&self.signature),
@@ -251,14 +261,21 @@ impl SignedActivate {
 
     /// Parses an export file's text (the caller bounds its size).
     pub fn from_export(text: &str) -> Result<Self, String> {
+        Self::from_export_with(text).map(|(m, _)| m)
+    }
+
+    /// Parses an export file's text: the message and the key changes it carries.
+    pub fn from_export_with(text: &str) -> Result<(Self, Vec<crate::keychain::SignedKeyChange>), String> {
         let file: ExportFile = serde_json::from_str(text).map_err(|e| format!("not an activate message file: {e}"))?;
         if file.format != EXPORT_FORMAT {
             return Err(format!("unknown format {:?}, expected {EXPORT_FORMAT:?}", file.format));
         }
-        Ok(SignedActivate {
+        let message = SignedActivate {
             body: hex::decode(file.body.trim()).map_err(|e| format!("body is not hex: {e}"))?,
             signature: hex::decode(file.signature.trim()).map_err(|e| format!("signature is not hex: {e}"))?,
-        })
+        };
+        let changes = file.key_changes.iter().map(TryInto::try_into).collect::<Result<_, _>>()?;
+        Ok((message, changes))
     }
 }
 

@@ -6,6 +6,7 @@ pub mod activate;
 pub mod frame;
 pub mod fsx;
 pub mod ids;
+pub mod keychain;
 pub mod manifest;
 pub mod net;
 pub mod protocol;

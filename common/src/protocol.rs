@@ -149,9 +149,16 @@ pub enum ReleaseUp {
 /// Controller → agent on the release channel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReleaseDown {
-    Hello { protocol_version: u32 },
+    Hello {
+        protocol_version: u32,
+    },
     Activate(SignedActivate),
-    Goodbye { reason: String },
+    Goodbye {
+        reason: String,
+    },
+    /// Every release key change the controller made, oldest first (SPEC §10): sent before
+    /// any message, and applied by the agent before it reads the next one.
+    KeyChanges(Vec<crate::keychain::SignedKeyChange>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -479,6 +486,14 @@ pub enum AdminResponse {
     },
     AdminRevoked {
         name: String,
+    },
+    /// A message to carry by hand, with the release key changes an agent may lack.
+    Exported {
+        message: SignedActivate,
+        version: String,
+        seq: u64,
+        targets: Vec<AgentId>,
+        key_changes: Vec<crate::keychain::SignedKeyChange>,
     },
 }
 

@@ -246,7 +246,9 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
                 return Ok(started(crate::rollout::start(ctl, spec, admin)?));
             }
             match crate::release::export(ctl, &app, &version, &env, ttl_secs)? {
-                Ok((message, seq, targets)) => AdminResponse::Released { message, version, seq, targets },
+                Ok((message, seq, targets)) => {
+                    AdminResponse::Exported { message, version, seq, targets, key_changes: ctl.key_chain.clone() }
+                }
                 Err(r) => r.into(),
             }
         }
@@ -272,7 +274,9 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
                 },
             };
             match crate::release::export(ctl, &app, &version, &env, ttl_secs)? {
-                Ok((message, seq, targets)) => AdminResponse::Released { message, version, seq, targets },
+                Ok((message, seq, targets)) => {
+                    AdminResponse::Exported { message, version, seq, targets, key_changes: ctl.key_chain.clone() }
+                }
                 Err(r) => r.into(),
             }
         }

@@ -76,11 +76,7 @@ pub fn load_ca(layout: &Layout) -> Result<Pair> {
     })
 }
 
-/// Loads the release signing key.
+/// Loads the release signing key (finishing a rotation a crash interrupted).
 pub fn load_release_key(layout: &Layout) -> Result<SigningKey> {
-    let path = layout.release_key();
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut seed = [0u8; 32];
-    hex::decode_to_slice(text.trim(), &mut seed).with_context(|| format!("{} is not a release key", path.display()))?;
-    Ok(SigningKey::from_bytes(&seed))
+    Ok(crate::keys::load(layout)?.signing)
 }

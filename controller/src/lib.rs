@@ -12,6 +12,7 @@ pub mod deploy;
 pub mod enrol;
 pub mod fleet;
 pub mod init;
+pub mod keys;
 pub mod plan;
 pub mod release;
 pub mod rollout;

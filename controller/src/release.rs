@@ -28,6 +28,10 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
         other => bail!("expected hello, got {other:?}"),
     }
     write_msg(&mut send, &ReleaseDown::Hello { protocol_version: PROTOCOL_VERSION }).await?;
+    // The key changes before any message: one signed by a new key must find it pinned.
+    if !ctl.key_chain.is_empty() {
+        write_msg(&mut send, &ReleaseDown::KeyChanges(ctl.key_chain.clone())).await?;
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let token = ctl.fleet.attach_release(&id, tx, conn.clone());
     // A revocation between the role check and here would have found nothing to close.

@@ -29,6 +29,8 @@ pub struct Controller {
     pub ca: Pair,
     pub release_key: SigningKey,
     pub release_keys: Vec<ReleaseKey>,
+    /// Every release key change made (rotations), oldest first: sent to every agent.
+    pub key_chain: Vec<stagehand_common::keychain::SignedKeyChange>,
     pub config: ControllerConfig,
     pub ca_fingerprint: String,
     /// Serialises changes to rollouts (the driver's steps, operators' controls, catch-up).
@@ -91,7 +93,7 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
     let config = ControllerConfig::load(&layout.config())?;
     let listen = listen.unwrap_or(config.listen);
     let ca = init::load_ca(&layout)?;
-    let release_key = init::load_release_key(&layout)?;
+    let keys = crate::keys::load(&layout)?;
     let mut server = Credentials::load(&layout.tls_dir())?;
     // The controller's own certificate, reissued for the same key once two thirds have passed.
     if tls::renew_at(&server.me.cert_pem)? <= stagehand_common::ids::now_secs() as i64 {
@@ -113,6 +115,10 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         })?;
         store.flush()?;
     }
+    let resigned = crate::keys::resign_stored(&store, &keys)?;
+    if resigned > 0 {
+        info!(messages = resigned, key = %keys.public.key_id, "Signed stored messages again with the new release key.");
+    }
     let chunks = ChunkStore::open(&layout.store()).context("opening the chunk store")?;
     let (audit, entries) = crate::audit::Audit::open(&layout.root)
         .map_err(|e| anyhow::anyhow!("{e:#}; the audit log is the record of who did what: restore it from a backup"))?;
@@ -133,12 +139,13 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
     let addr = endpoint.local_addr()?;
     stagehand_common::fsx::write_atomic(&layout.addr_file(), addr.to_string().as_bytes(), 0o644)?;
     let controller = Arc::new(Controller {
-        release_keys: vec![ReleaseKey::from_signing(&release_key)],
+        release_keys: vec![keys.public],
+        key_chain: keys.chain,
         store,
         chunks,
         fleet: Fleet::default(),
         ca,
-        release_key,
+        release_key: keys.signing,
         config,
         ca_fingerprint,
         rollouts: std::sync::Mutex::new(()),

@@ -549,6 +549,20 @@ impl Store {
             .collect()
     }
 
+    /// Every desired record: (env, app, record).
+    pub fn all_desired(&self) -> Result<Vec<(String, String, DesiredRecord)>> {
+        self.desired
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let text = String::from_utf8_lossy(&k).into_owned();
+                let mut parts = text.split('\0');
+                let (env, app) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+                Ok((env.to_string(), app.to_string(), dec_desired(&k, &v)?))
+            })
+            .collect()
+    }
+
     pub fn put_receipt(&self, r: &Receipt) -> Result<()> {
         self.receipts.insert(key(&[&r.agent_id.0, &r.app]), enc(r))?;
         Ok(())

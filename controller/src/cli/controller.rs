@@ -16,6 +16,10 @@ pub enum ControllerCommand {
     /// seq counters), when `serve` refuses to start because they disagree. Run it with the
     /// controller stopped.
     Repair(RepairArgs),
+    /// Replace the release key. The new key is introduced by a change the current key signs,
+    /// and the current key is retired by a change the new key signs; agents pin the new key
+    /// when they next connect (or from an export file). Run it with the controller stopped.
+    RotateReleaseKey(RepairArgs),
 }
 
 #[derive(Args, Debug)]
@@ -82,7 +86,41 @@ pub async fn run(cmd: ControllerCommand, ctx: &Ctx) -> Result<i32> {
             }
             Ok(0)
         }
+        ControllerCommand::RotateReleaseKey(a) => rotate_release_key(&a, ctx),
     }
+}
+
+fn rotate_release_key(a: &RepairArgs, ctx: &Ctx) -> Result<i32> {
+    let layout = crate::config::Layout::new(&a.data_dir);
+    if !layout.config().exists() {
+        anyhow::bail!(
+            "{} is not a controller's data directory; create one with `stagehand controller init --data-dir {}`",
+            a.data_dir.display(),
+            a.data_dir.display()
+        );
+    }
+    // Holding the state database is holding the controller's data directory.
+    let store = crate::store::Store::open(&layout.state()).with_context(|| {
+        format!(
+            "opening the state database; is the controller still running? Stop it first, then run \
+             `stagehand controller rotate-release-key --data-dir {}` again",
+            a.data_dir.display()
+        )
+    })?;
+    let (audit, _) = crate::audit::Audit::open(&layout.root)?;
+    let (old, new) = crate::keys::rotate(&layout)?;
+    audit.record("local", "rotate-release-key", serde_json::json!({ "old": old, "new": new }), "ok")?;
+    let resigned = crate::keys::resign_stored(&store, &crate::keys::load(&layout)?)?;
+    if ctx.json() {
+        super::print_json(&serde_json::json!({ "old_key_id": old, "new_key_id": new, "messages_resigned": resigned }));
+    } else {
+        outln!("Rotated the release key: {old} -> {new}.");
+        outln!("  Agents pin {new} and retire {old} when they next connect, or from the next export file they apply.");
+        outln!("  {resigned} stored message(s) signed again with {new}.");
+        outln!("  Join tokens made before now vouch for {old} and will be refused: make new ones with `stagehand token create`.");
+        outln!("Next: stagehand controller serve --data-dir {}", a.data_dir.display());
+    }
+    Ok(0)
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -196,9 +196,11 @@ async fn export(ctx: &Ctx, req: AdminRequest, app: &str, env: &str, path: &PathB
     let client = ctx.client().await?;
     let resp = client.call(&req).await?;
     client.close().await;
-    let AdminResponse::Released { message, version, seq, targets } = resp else { bail!("unexpected answer: {resp:?}") };
+    let AdminResponse::Exported { message, version, seq, targets, key_changes } = resp else {
+        bail!("unexpected answer: {resp:?}")
+    };
     let body = Activate::decode_unverified(&message.body).context("the controller sent an undecodable message")?;
-    stagehand_common::fsx::write_atomic(path, message.to_export(&body).as_bytes(), 0o644)
+    stagehand_common::fsx::write_atomic(path, message.to_export_with(&body, &key_changes).as_bytes(), 0o644)
         .with_context(|| format!("writing {}", path.display()))?;
     if ctx.json() {
         super::print_json(

@@ -349,11 +349,16 @@ async fn kill_9_at_every_step_of_an_activation() {
 
 /// Exports a release of `version` to prod into `file`; returns its seq.
 async fn fleet_export(fleet: &Fleet, version: &str, file: &Path) -> u64 {
-    let AdminResponse::Released { message, seq, .. } = fleet
+    fleet_export_to(fleet, version, "prod", file).await
+}
+
+/// Exports a release of `version` to `env` into `file`, as `release --export` writes it.
+async fn fleet_export_to(fleet: &Fleet, version: &str, env: &str, file: &Path) -> u64 {
+    let AdminResponse::Exported { message, seq, key_changes, .. } = fleet
         .call(AdminRequest::Release {
             app: "web".into(),
             version: version.into(),
-            env: "prod".into(),
+            env: env.into(),
             export: true,
             ttl_secs: 0,
         })
@@ -363,8 +368,129 @@ async fn fleet_export(fleet: &Fleet, version: &str, file: &Path) -> u64 {
         panic!()
     };
     let body = Activate::decode_unverified(&message.body).unwrap();
-    std::fs::write(file, message.to_export(&body)).unwrap();
+    std::fs::write(file, message.to_export_with(&body, &key_changes)).unwrap();
     seq
+}
+
+/// The key ids an agent pins, as its identity file says.
+fn pinned(agent: &TestAgent) -> Vec<String> {
+    let text = std::fs::read_to_string(agent.dir.join("identity/agent.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["release_keys"].as_array().unwrap().iter().map(|k| k["key_id"].as_str().unwrap().to_string()).collect()
+}
+
+/// Hardening (#9): `stagehand controller rotate-release-key` introduces a new key in a
+/// change the old key signs, and retires the old key in a change the new one signs. An
+/// agent online when the controller comes back, one away during the rotation, and one that
+/// only ever sees export files all end up pinning the new key alone, and a message the old
+/// key signs is refused after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_release_key_reaches_every_agent_and_the_old_key_is_refused() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let online = fleet.agent("prod", "online").await.unwrap();
+    let mut away = fleet.agent("prod", "away").await.unwrap();
+    let mut gapped = fleet.agent("lab", "gapped").await.unwrap();
+    for v in ["v1", "v2"] {
+        let tree = version_tree(fleet.path(), v, None);
+        fleet.push("web", v, &tree).await.unwrap();
+        for env in ["prod", "lab"] {
+            assert!(fleet.deploy("web", v, env, 60).await.unwrap().all_done());
+        }
+    }
+    assert!(fleet.release("web", "v1", "prod").await.unwrap().all_done());
+    let old = release_key(&fleet);
+    let old_id = stagehand_common::activate::ReleaseKey::from_signing(&old).key_id;
+    assert_eq!(pinned(&online), vec![old_id.clone()]);
+    away.stop().await;
+    gapped.stop().await;
+
+    // While the controller runs, its data directory is not the rotation's to change.
+    let ctl = fleet.ctl_dir.to_str().unwrap().to_string();
+    let busy = run_cli(crate::STAGEHAND, None, &["controller", "rotate-release-key", "--data-dir", &ctl]).unwrap();
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("still running"), "{busy:?}");
+    assert_eq!(release_key(&fleet).to_bytes(), old.to_bytes(), "a refused rotation changes nothing");
+
+    fleet.stop_controller().await;
+    let out = run_cli(crate::STAGEHAND, None, &["controller", "rotate-release-key", "--data-dir", &ctl, "-o", "json"])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let new_id = v["new_key_id"].as_str().unwrap().to_string();
+    assert_eq!(v["old_key_id"], old_id.as_str());
+    assert_ne!(new_id, old_id);
+    assert!(v["messages_resigned"].as_u64().unwrap() >= 1, "prod's desired message: {v}");
+    let audit = run_cli(crate::STAGEHAND, None, &["audit", "--data-dir", &ctl, "--verify"]).unwrap();
+    assert!(audit.status.success(), "{audit:?}");
+    fleet.restart_controller().await.unwrap();
+
+    wait_for("the online agent to pin the new key alone", Duration::from_secs(30), || async {
+        pinned(&online) == [new_id.clone()]
+    })
+    .await
+    .unwrap();
+    wait_for("the online agent to be connected", Duration::from_secs(30), || async {
+        matches!(fleet.call(AdminRequest::ListAgents).await,
+            Ok(AdminResponse::Agents { agents }) if agents.iter().any(|a| a.id == online.id && a.connected))
+    })
+    .await
+    .unwrap();
+    // Released while one agent is away (skipped: it catches up when it is back).
+    let spec = RolloutSpec {
+        app: "web".into(),
+        version: Some("v2".into()),
+        env: "prod".into(),
+        offline: Some("skip".into()),
+        ..Default::default()
+    };
+    let r = fleet.rollout(spec).await.unwrap();
+    assert_eq!(Progress::of(&fleet.wait_rollout(&r.id).await.unwrap()).done, vec![online.id.clone()]);
+    assert_eq!(online.current("web").unwrap(), Path::new("releases/v2"));
+
+    // The agent that was away: the key changes come before the message the new key signed.
+    away.start().await.unwrap();
+    wait_for("the agent that was away to catch up", Duration::from_secs(60), || async {
+        away.current("web").as_deref() == Some(Path::new("releases/v2"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(pinned(&away), vec![new_id.clone()]);
+
+    // An air-gapped agent: the export file carries the key changes.
+    let file = fleet.path().join("lab-v2.json");
+    fleet_export_to(&fleet, "v2", "lab", &file).await;
+    let dir = gapped.dir.to_str().unwrap().to_string();
+    let out = run_cli(AGENT, None, &["activate", "--data-dir", &dir, "--file", file.to_str().unwrap(), "-o", "json"])
+        .unwrap();
+    let receipt: stagehand_common::protocol::Receipt = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(receipt.outcome, ReceiptOutcome::Committed, "{out:?}");
+    assert_eq!(pinned(&gapped), vec![new_id.clone()]);
+
+    // The old key signs nothing any more: a message it signed, with a fresh seq, is refused.
+    let body = Activate {
+        app: "web".into(),
+        version: "v1".into(),
+        digest: digest_of(&fleet, "web", "v1").await,
+        env: "prod".into(),
+        targets: Targets::Agents(vec![online.id.clone()]),
+        rollout_id: "old-key".into(),
+        seq: 1_000,
+        not_before: 0,
+        expires_at: now_secs() + 600,
+        key_id: old_id.clone(),
+    };
+    let forged = fleet.path().join("old-key.json");
+    std::fs::write(&forged, activate::sign(&body, &old).to_export(&body)).unwrap();
+    let online_dir = online.dir.to_str().unwrap().to_string();
+    let out = run_cli(
+        AGENT,
+        None,
+        &["activate", "--data-dir", &online_dir, "--file", forged.to_str().unwrap(), "-o", "json"],
+    )
+    .unwrap();
+    let receipt: stagehand_common::protocol::Receipt = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(receipt.outcome, ReceiptOutcome::Refused(Refusal::UnknownKey), "{out:?}");
+    assert_eq!(online.current("web").unwrap(), Path::new("releases/v2"));
 }
 
 #[tokio::test]
