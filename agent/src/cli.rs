@@ -120,6 +120,10 @@ pub fn main() -> i32 {
     let json = cli.output == Output::Json;
     match runtime.block_on(run(cli.command, json)) {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<crate::run::StoppedForGood>().is_some() => {
+            eprintln!("error: {e:#}");
+            crate::run::EXIT_STOPPED_FOR_GOOD
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             1
@@ -274,10 +278,32 @@ async fn activate(data_dir: &Path, file: &Path, json: bool) -> Result<i32> {
                 if !receipt.log.is_empty() {
                     eprintln!("{}", receipt.log);
                 }
+                eprintln!("  next: {}", next_after(why, &receipt.app));
             }
         }
     }
     Ok(if ok { 0 } else { 1 })
+}
+
+/// What to do after a refusal of a message from a file.
+fn next_after(why: &stagehand_common::activate::Refusal, app: &str) -> String {
+    use stagehand_common::activate::Refusal::*;
+    match why {
+        StaleSeq => format!(
+            "this host already applied a later message for {app}; export a new one: stagehand release {app} VERSION \
+             --env ENV --export FILE"
+        ),
+        Expired => format!("the message expired; export a new one: stagehand release {app} VERSION --env ENV --export FILE"),
+        NotStaged => "stage the version on this host first (stagehand deploy APP VERSION --env ENV), then apply the file again".into(),
+        DigestMismatch => "the staged files were changed on this host; stage the version again (stagehand deploy), then apply the file".into(),
+        UnknownKey | BadSignature => "the file was not signed by a release key this agent pins; export it again from this agent's controller".into(),
+        WrongEnvironment | NotTargeted => "the file is for other hosts; export one for this host's environment (stagehand-agent status shows it)".into(),
+        PreActivateFailed | Unhealthy | Interrupted => {
+            "the version did not prove healthy and the previous one is live; the receipt's log above says why".into()
+        }
+        NotYetValid => "the message is for later; apply it then, or run it through the running agent, which waits".into(),
+        HostError | Malformed => "fix what the log above names on this host, then apply the file again".into(),
+    }
 }
 
 #[cfg(test)]

@@ -180,6 +180,8 @@ pub struct Host {
     /// The credentials new connections present (renewed over the deploy channel), and the
     /// key of a renewal asked for.
     credentials: Mutex<stagehand_common::tls::Credentials>,
+    /// Set once when the agent must stop for good (revoked, certificate expired), with why.
+    stop: tokio::sync::watch::Sender<Option<String>>,
     /// The release keys pinned now: the identity's, moved on by key changes.
     release_keys: Mutex<Vec<stagehand_common::activate::ReleaseKey>>,
     pending_key: Mutex<Option<(String, Vec<u8>)>>,
@@ -209,6 +211,7 @@ impl Host {
             layout,
             credentials: Mutex::new(identity.credentials.clone()),
             release_keys: Mutex::new(identity.release_keys.clone()),
+            stop: tokio::sync::watch::Sender::new(None),
             pending_key: Mutex::default(),
             identity,
             ledger: Ledger::new(store.clone()),
@@ -222,6 +225,22 @@ impl Host {
         };
         host.rebuild_index()?;
         Ok(host)
+    }
+
+    /// Asks the running agent to stop for good, with why (the first reason wins).
+    pub fn stop_for_good(&self, why: String) {
+        self.stop.send_if_modified(|s| {
+            let first = s.is_none();
+            if first {
+                *s = Some(why);
+            }
+            first
+        });
+    }
+
+    /// Watches for [`Host::stop_for_good`].
+    pub fn stopped_for_good(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.stop.subscribe()
     }
 
     /// The release keys pinned now.

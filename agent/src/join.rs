@@ -9,6 +9,9 @@ use stagehand_common::token::JoinToken;
 use stagehand_common::{fsx, net};
 use std::path::Path;
 
+/// How long `join` waits for the controller to answer.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn join(
     controller: &str,
     token: &str,
@@ -17,6 +20,9 @@ pub async fn join(
     labels: Labels,
 ) -> Result<Identity> {
     let token = JoinToken::parse(token).map_err(anyhow::Error::msg)?;
+    if !controller.contains(':') {
+        bail!("the controller address {controller:?} has no port; give HOST:PORT, for example {controller}:7443");
+    }
     if Identity::dir(data_dir).join("agent.json").exists() {
         bail!(
             "{} already holds an enrolled agent; to enrol again, stop it and remove {}",
@@ -28,9 +34,15 @@ pub async fn join(
     let addr = net::resolve(controller).await?;
     let endpoint = net::client_endpoint(addr)?;
     let config = net::client_config(tls::join_client_config(&token.ca_fingerprint, ALPN_JOIN)?)?;
-    let conn = net::connect(&endpoint, addr, config).await.with_context(|| {
-        format!("cannot enrol with {controller}: is it the controller this token was made for, and is it running?")
-    })?;
+    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, net::connect(&endpoint, addr, config)).await {
+        Ok(r) => r.with_context(|| {
+            format!("cannot enrol with {controller}: is it the controller this token was made for, and is it running?")
+        })?,
+        Err(_) => bail!(
+            "no answer from {controller} within {}s: is the controller running there, and does UDP reach it?",
+            CONNECT_TIMEOUT.as_secs()
+        ),
+    };
     let (mut send, mut recv) = conn.open_bi().await?;
     write_msg(&mut send, &JoinUp::Hello { protocol_version: PROTOCOL_VERSION }).await?;
     match read_msg::<_, JoinDown, { frame::CONTROL_LIMIT }>(&mut recv).await? {
@@ -52,7 +64,7 @@ pub async fn join(
     send.finish()?;
     let reply = read_msg::<_, JoinDown, { frame::CONTROL_LIMIT }>(&mut recv).await?;
     conn.close(0u32.into(), b"enrolled");
-    endpoint.wait_idle().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(5), endpoint.wait_idle()).await;
     let (agent_id, env, labels, cert_pem, ca_pem, release_keys) = match reply {
         Some(JoinDown::Joined { agent_id, env, labels, cert_pem, ca_pem, release_keys }) => {
             (agent_id, env, labels, cert_pem, ca_pem, release_keys)

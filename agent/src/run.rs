@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -99,13 +99,66 @@ pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
     Ok(RunningAgent { host, tasks })
 }
 
-/// Runs until `shutdown` completes.
+/// The agent stopped for good: revoked, removed, or its certificate expired. Its exit
+/// status is 3, which the systemd unit does not restart (SPEC §11).
+#[derive(Debug)]
+pub struct StoppedForGood(pub String);
+
+impl std::fmt::Display for StoppedForGood {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoppedForGood {}
+
+/// The exit status of an agent that stopped for good.
+pub const EXIT_STOPPED_FOR_GOOD: i32 = 3;
+
+/// Runs until `shutdown` completes, or until the agent must stop for good
+/// ([`StoppedForGood`]).
 pub async fn run(data_dir: &Path, shutdown: impl Future<Output = ()>) -> Result<()> {
     let agent = start(data_dir).await?;
-    shutdown.await;
-    info!("Shutting down.");
+    let mut stop = agent.host.stopped_for_good();
+    let why = tokio::select! {
+        _ = shutdown => None,
+        why = stop.wait_for(Option::is_some) => why.ok().and_then(|w| w.clone()),
+    };
+    match &why {
+        None => info!("Shutting down."),
+        Some(why) => error!("{why}"),
+    }
     agent.stop().await;
-    Ok(())
+    match why {
+        None => Ok(()),
+        Some(why) => Err(StoppedForGood(why).into()),
+    }
+}
+
+/// Why this agent may never connect again, if so: told it is revoked, or its certificate
+/// has expired (it cannot be renewed any more).
+fn stop_reason(host: &Host, conn: Option<&quinn::Connection>) -> Option<String> {
+    let me = format!("{} ({})", host.identity.id, host.identity.name);
+    let next = format!(
+        "to enrol this host again, create a token (`stagehand token create --env {}`) and run `stagehand-agent join` \
+         with a new data directory",
+        host.identity.env
+    );
+    if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.and_then(|c| c.close_reason()) {
+        if c.error_code == quinn::VarInt::from_u32(stagehand_common::protocol::CLOSE_REVOKED) {
+            return Some(format!(
+                "the controller revoked agent {me}; it stops and does not reconnect (exit status 3); {next}"
+            ));
+        }
+    }
+    let until = stagehand_common::tls::validity(&host.credentials().me.cert_pem).map(|(_, until)| until).ok()?;
+    (until <= stagehand_common::ids::now_secs() as i64).then(|| {
+        format!(
+            "the certificate of agent {me} expired at {} (unix) before it could be renewed; it stops (exit status 3); \
+             {next}",
+            until
+        )
+    })
 }
 
 type Session = std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
@@ -115,10 +168,17 @@ async fn channel_loop(host: Arc<Host>, alpn: &'static [u8], session: fn(Arc<Host
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
+        if let Some(why) = stop_reason(&host, None) {
+            host.stop_for_good(why);
+            return;
+        }
         match connect(&host, alpn).await {
             Ok((conn, endpoint)) => {
-                backoff = BACKOFF_MIN;
                 let result = session(host.clone(), conn.clone()).await;
+                if let Some(why) = stop_reason(&host, Some(&conn)) {
+                    host.stop_for_good(why);
+                    return;
+                }
                 conn.close(0u32.into(), b"session over");
                 match result {
                     Ok(()) => info!(channel = %name, "Channel closed."),

@@ -17,6 +17,10 @@ pub const ALPN_JOIN: &[u8] = b"stagehand-join/1";
 
 /// The name every controller certificate carries and every client checks, whatever
 /// address it dialled.
+/// The QUIC close code with which the controller tells an agent it is revoked (or removed):
+/// the agent stops for good (exit status 3) instead of reconnecting.
+pub const CLOSE_REVOKED: u32 = 3;
+
 pub const CONTROLLER_SERVER_NAME: &str = "stagehand-controller";
 
 pub type Labels = BTreeMap<String, String>;

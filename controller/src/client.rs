@@ -27,8 +27,20 @@ pub struct Client {
     endpoint: quinn::Endpoint,
 }
 
+/// How long a client waits for the controller to answer its handshake, by default.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Client {
     pub async fn connect(addr: Option<&str>, credentials: Option<&Path>) -> Result<Client> {
+        Self::connect_within(addr, credentials, DEFAULT_CONNECT_TIMEOUT).await
+    }
+
+    /// Connects, giving up after `timeout` without an answer.
+    pub async fn connect_within(
+        addr: Option<&str>,
+        credentials: Option<&Path>,
+        timeout: std::time::Duration,
+    ) -> Result<Client> {
         let addr = addr.ok_or_else(|| {
             OpError::new(
                 "no controller address",
@@ -43,15 +55,32 @@ impl Client {
         })?;
         let creds =
             Credentials::load(dir).with_context(|| format!("loading admin credentials from {}", dir.display()))?;
-        let sock = net::resolve(addr).await?;
+        if !addr.contains(':') {
+            return Err(OpError::new(
+                format!("the controller address {addr:?} has no port"),
+                format!("give HOST:PORT, for example --controller {addr}:7443"),
+            )
+            .into());
+        }
+        let sock = net::resolve(addr).await.map_err(|e| {
+            OpError::new(e.to_string(), "give the controller as HOST:PORT (STAGEHAND_CONTROLLER or --controller)")
+        })?;
         let endpoint = net::client_endpoint(sock)?;
         let config = net::client_config(creds.client_config(ALPN_ADMIN)?)?;
-        let conn = net::connect(&endpoint, sock, config).await.map_err(|e| {
+        let unreachable = |why: String| {
             OpError::new(
-                format!("cannot reach the controller at {addr}: {e}"),
-                "check that `stagehand controller serve` runs there and that the address and credentials are right",
+                format!("cannot reach the controller at {addr}: {why}"),
+                "check that `stagehand controller serve` runs there and that the address and credentials are right \
+                 (--connect-timeout waits longer)",
             )
-        })?;
+        };
+        let conn = match tokio::time::timeout(timeout, net::connect(&endpoint, sock, config)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(unreachable(e.to_string()).into()),
+            Err(_) => {
+                return Err(unreachable(format!("no answer within {}", humantime::format_duration(timeout))).into())
+            }
+        };
         let client = Client { conn, endpoint };
         match client.call(&AdminRequest::Hello { protocol_version: PROTOCOL_VERSION }).await {
             Ok(AdminResponse::Hello { .. }) => Ok(client),
@@ -91,8 +120,10 @@ impl Client {
         }
     }
 
+    /// Closes the connection. The close is sent at once; waiting out QUIC's draining period
+    /// (three round-trip timeouts) would only delay the command's exit, so the wait is short.
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");
-        self.endpoint.wait_idle().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(5), self.endpoint.wait_idle()).await;
     }
 }

@@ -46,7 +46,7 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
     // A revocation between the role check and here would have found nothing to close.
     if !crate::server::active_agent(&ctl, &id)? {
         ctl.fleet.detach(&id, Channel::Deploy, token);
-        conn.close(crate::server::CLOSE_UNAUTHORISED.into(), b"revoked");
+        conn.close(stagehand_common::protocol::CLOSE_REVOKED.into(), b"revoked");
         return Ok(());
     }
     info!(agent = %id, "Deploy channel up.");

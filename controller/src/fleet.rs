@@ -108,7 +108,7 @@ impl Fleet {
     pub fn kick(&self, id: &AgentId) {
         if let Some(s) = self.lock().remove(id) {
             for conn in [s.deploy.map(|x| x.conn), s.release.map(|x| x.conn)].into_iter().flatten() {
-                conn.close(1u32.into(), b"revoked");
+                conn.close(stagehand_common::protocol::CLOSE_REVOKED.into(), b"revoked");
             }
         }
         self.bump();

@@ -101,7 +101,16 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         server.save(&layout.tls_dir())?;
         info!("Renewed the controller's certificate.");
     }
-    let store = Store::open(&layout.state()).context("opening the state database")?;
+    let store = Store::open(&layout.state()).map_err(|e| match e {
+        crate::store::StoreError::Locked(_) => anyhow::Error::new(crate::client::OpError::new(
+            e.to_string(),
+            format!(
+                "stop the other controller first (`pgrep -a stagehand`), or serve another data directory than {}",
+                data_dir.display()
+            ),
+        )),
+        e => anyhow::Error::new(e).context("opening the state database"),
+    })?;
     // A data directory from before identities: its one admin is the owner.
     if store.admins()?.is_empty() {
         store.put_admin(&crate::store::AdminRecord {
@@ -134,8 +143,15 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
     let ca_fingerprint = tls::fingerprint(&tls::cert_der(&ca.cert_pem)?);
     let tls = tls::server_config(&ca.cert_pem, &server.me, &[ALPN_ADMIN, ALPN_DEPLOY, ALPN_RELEASE, ALPN_JOIN])?;
     // Derived from the server's private key: stable across restarts, known to nobody else.
-    let endpoint = net::server_endpoint(listen, tls, server.me.key_pem.as_bytes())
-        .with_context(|| format!("listening on {listen}"))?;
+    let endpoint = net::server_endpoint(listen, tls, server.me.key_pem.as_bytes()).map_err(|e| {
+        let in_use = format!("{e}").contains("in use");
+        let next = if in_use {
+            format!("another process listens on {listen}: stop it, or pass --listen ADDR (for example --listen 0.0.0.0:7444)")
+        } else {
+            "pass --listen ADDR with an address of this host".to_string()
+        };
+        anyhow::Error::new(crate::client::OpError::new(format!("cannot listen on {listen}: {e}"), next))
+    })?;
     let addr = endpoint.local_addr()?;
     stagehand_common::fsx::write_atomic(&layout.addr_file(), addr.to_string().as_bytes(), 0o644)?;
     let controller = Arc::new(Controller {
@@ -193,6 +209,13 @@ async fn dispatch(ctl: Arc<Controller>, conn: quinn::Connection) -> Result<()> {
         (ALPN_ADMIN, Some(CertRole::Admin(name))) => admin::serve(ctl, conn, name).await,
         (ALPN_DEPLOY, Some(CertRole::Agent(id))) if active_agent(&ctl, &id)? => deploy::serve(ctl, conn, id).await,
         (ALPN_RELEASE, Some(CertRole::Agent(id))) if active_agent(&ctl, &id)? => release::serve(ctl, conn, id).await,
+        // An agent's certificate the controller revoked, or no longer knows (removed): the
+        // agent is told so once and stops, instead of reconnecting for ever.
+        (ALPN_DEPLOY | ALPN_RELEASE, None | Some(CertRole::Agent(_))) => {
+            debug!(remote = %conn.remote_address(), "Refused a revoked or removed agent.");
+            conn.close(stagehand_common::protocol::CLOSE_REVOKED.into(), b"revoked");
+            Ok(())
+        }
         (alpn, role) => {
             warn!(remote = %conn.remote_address(), alpn = %String::from_utf8_lossy(alpn), ?role, "Refused a connection: its certificate does not grant this channel.");
             conn.close(CLOSE_UNAUTHORISED.into(), b"certificate not allowed on this channel");

@@ -22,6 +22,11 @@ pub enum StoreError {
     /// A record could not be decoded (written by an incompatible version, or corrupted).
     #[error("state database record {key:?} is unreadable: {why}")]
     Corrupt { key: String, why: String },
+    /// Another process holds the database: a controller already runs on this data directory.
+    #[error(
+        "the state database {0} is in use by another process (a controller already running on this data directory?)"
+    )]
+    Locked(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -264,7 +269,15 @@ fn last_part(k: &[u8]) -> String {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).open()?;
+        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).open().map_err(|e| match &e {
+            // sled reports the lock it could not take as an error of its own making.
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock") =>
+            {
+                StoreError::Locked(dir.display().to_string())
+            }
+            _ => StoreError::Sled(e),
+        })?;
         Ok(Store {
             agents: db.open_tree("agents")?,
             certs: db.open_tree("certs")?,

@@ -1,6 +1,7 @@
 //! `stagehand agents list|revoke|remove`.
 
 use super::Ctx;
+use crate::client::OpError;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use stagehand_common::protocol::{AdminRequest, AdminResponse};
@@ -19,8 +20,38 @@ pub enum AgentsCommand {
 
 #[derive(Args, Debug)]
 pub struct RevokeArgs {
-    /// The agent id (see `stagehand agents list`).
+    /// The agent's id, or its name if no other agent has that name (see `stagehand agents list`).
+    #[arg(value_name = "ID|NAME")]
     pub agent: String,
+}
+
+/// The id of the agent an operator named: an id as is, else a name that only one agent has.
+async fn resolve(client: &crate::client::Client, given: &str, cmd: &str) -> Result<String> {
+    let resp = client.call(&AdminRequest::ListAgents).await?;
+    let AdminResponse::Agents { agents } = resp else { bail!("unexpected answer: {resp:?}") };
+    if agents.iter().any(|a| a.id.0 == given) {
+        return Ok(given.to_string());
+    }
+    let named: Vec<_> = agents.iter().filter(|a| a.name == given).collect();
+    match named.as_slice() {
+        [one] => Ok(one.id.0.clone()),
+        [] => Err(OpError::new(
+            format!("no agent has the id or name {:?}", super::clean(given)),
+            "stagehand agents list   (to see every agent's id and name)",
+        )
+        .into()),
+        many => {
+            let list: Vec<String> = many
+                .iter()
+                .map(|a| format!("{} ({}, {})", a.id, a.env, if a.revoked { "revoked" } else { "enrolled" }))
+                .collect();
+            Err(OpError::new(
+                format!("{} agents are named {:?}: {}", many.len(), super::clean(given), list.join(", ")),
+                format!("stagehand agents {cmd} ID   (one of the ids above)"),
+            )
+            .into())
+        }
+    }
 }
 
 pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
@@ -84,7 +115,8 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
             }
         }
         AgentsCommand::Revoke(a) => {
-            let resp = client.call(&AdminRequest::RevokeAgent { agent: a.agent }).await?;
+            let agent = resolve(&client, &a.agent, "revoke").await?;
+            let resp = client.call(&AdminRequest::RevokeAgent { agent }).await?;
             client.close().await;
             let AdminResponse::Revoked { agent } = resp else { bail!("unexpected answer: {resp:?}") };
             if ctx.json() {
@@ -95,7 +127,8 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
             }
         }
         AgentsCommand::Remove(a) => {
-            let resp = client.call(&AdminRequest::RemoveAgent { agent: a.agent }).await?;
+            let agent = resolve(&client, &a.agent, "remove").await?;
+            let resp = client.call(&AdminRequest::RemoveAgent { agent }).await?;
             client.close().await;
             let AdminResponse::Removed { agent } = resp else { bail!("unexpected answer: {resp:?}") };
             if ctx.json() {

@@ -10,11 +10,14 @@ use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct DeployArgs {
+    /// The app, as pushed.
+    #[arg(value_parser = super::app_name)]
     pub app: String,
-    #[arg(id = "artifact_version", value_name = "VERSION")]
+    /// The version (as given to `stagehand push`).
+    #[arg(id = "artifact_version", value_name = "VERSION", value_parser = super::version_name)]
     pub version: String,
     /// Environment whose agents stage it.
-    #[arg(long)]
+    #[arg(long, value_parser = super::env_name)]
     pub env: String,
     /// Exit only when every agent reports it staged (0) or something failed (1).
     #[arg(long)]

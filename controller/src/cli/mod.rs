@@ -31,7 +31,15 @@ use std::path::PathBuf;
 /// Stagehand: ship software to fleets; stage everywhere first, release with one signed
 /// message per host.
 #[derive(Parser, Debug)]
-#[command(name = "stagehand", version, propagate_version = true)]
+#[command(
+    name = "stagehand",
+    version,
+    propagate_version = true,
+    after_help = "Environment: STAGEHAND_CONTROLLER, STAGEHAND_CREDENTIALS and STAGEHAND_CONNECT_TIMEOUT stand in for \
+                  the options of the same name. STAGEHAND_LOG sets what is logged on stderr: error, warn (the default \
+                  for client commands), info (for the daemon), debug, trace, or a filter such as \
+                  stagehand_controller=debug."
+)]
 pub struct Cli {
     /// Controller address (HOST:PORT) for client commands.
     #[arg(long, global = true, env = "STAGEHAND_CONTROLLER")]
@@ -39,6 +47,9 @@ pub struct Cli {
     /// Admin credentials directory (cert.pem, key.pem, ca.pem).
     #[arg(long, global = true, env = "STAGEHAND_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
+    /// How long client commands wait for the controller to answer (e.g. 5s, 500ms).
+    #[arg(long, global = true, env = "STAGEHAND_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: std::time::Duration,
     /// Output format for commands that print data.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -90,11 +101,12 @@ pub struct Ctx {
     pub controller: Option<String>,
     pub credentials: Option<PathBuf>,
     pub output: Output,
+    pub connect_timeout: std::time::Duration,
 }
 
 impl Ctx {
     pub async fn client(&self) -> Result<Client> {
-        Client::connect(self.controller.as_deref(), self.credentials.as_deref()).await
+        Client::connect_within(self.controller.as_deref(), self.credentials.as_deref(), self.connect_timeout).await
     }
 
     pub fn json(&self) -> bool {
@@ -140,7 +152,13 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    let ctx = Ctx { controller: cli.controller, credentials: cli.credentials, output: cli.output };
+    let ctx = Ctx {
+        controller: cli.controller,
+        credentials: cli.credentials,
+        output: cli.output,
+        connect_timeout: cli.connect_timeout,
+    };
+    let json = ctx.json();
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Controller(c) => controller::run(c, &ctx).await,
@@ -160,19 +178,45 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            report(&e);
+            if json {
+                report_json(&e);
+            } else {
+                report(&e);
+            }
             1
         }
     }
 }
 
+/// An error's text: each cause once (a cause that repeats the text before it is dropped).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if c.contains(&text) {
+            // The cause repeats what was said and adds to it.
+            text = c;
+        } else if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    // Errors may quote what a peer sent (an agent's staging failure): never printed raw.
+    clean(&text)
+}
+
 /// Prints an error: what failed, why, and what to run next.
 pub fn report(e: &anyhow::Error) {
-    // Errors may quote what a peer sent (an agent's staging failure): never printed raw.
-    eprintln!("error: {}", clean(&format!("{e:#}")));
+    eprintln!("error: {}", error_text(e));
     if let Some(op) = e.chain().find_map(|c| c.downcast_ref::<OpError>()) {
         eprintln!("  next: {}", clean(&op.hint));
     }
+}
+
+/// Prints an error as `-o json` asks: `{"error": …, "next": …}` on stdout.
+pub fn report_json(e: &anyhow::Error) {
+    let next = e.chain().find_map(|c| c.downcast_ref::<OpError>()).map(|op| op.hint.clone());
+    print_json(&serde_json::json!({ "error": error_text(e), "next": next }));
 }
 
 fn init_logging(default: &str) {
@@ -188,6 +232,21 @@ pub fn clean(s: &str) -> String {
         return s.to_string();
     }
     s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+/// An app name on the command line: a bad one is a usage error (exit 2).
+pub fn app_name(s: &str) -> Result<String, String> {
+    stagehand_common::ids::check_name("app", s).map(|()| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// A version on the command line.
+pub fn version_name(s: &str) -> Result<String, String> {
+    stagehand_common::ids::check_name("version", s).map(|()| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// An environment name on the command line.
+pub fn env_name(s: &str) -> Result<String, String> {
+    stagehand_common::ids::check_name("environment", s).map(|()| s.to_string()).map_err(|e| e.to_string())
 }
 
 /// Parses `K=V`.

@@ -17,8 +17,11 @@ const PARALLEL: usize = 4;
 
 #[derive(Args, Debug)]
 pub struct PushArgs {
+    /// The app's name (letters, digits, `.`, `_`, `-`).
+    #[arg(value_parser = super::app_name)]
     pub app: String,
-    #[arg(id = "artifact_version", value_name = "VERSION")]
+    /// The version's name; a version once pushed never changes.
+    #[arg(id = "artifact_version", value_name = "VERSION", value_parser = super::version_name)]
     pub version: String,
     /// A file or a directory.
     pub path: PathBuf,

@@ -13,12 +13,13 @@ use std::time::Duration;
 #[derive(Args, Debug)]
 pub struct ReleaseArgs {
     /// The app, as pushed.
+    #[arg(value_parser = super::app_name)]
     pub app: String,
     /// The version to make live; it must be staged on the targets (`stagehand deploy`).
-    #[arg(id = "artifact_version", value_name = "VERSION")]
+    #[arg(id = "artifact_version", value_name = "VERSION", value_parser = super::version_name)]
     pub version: String,
     /// The environment whose agents it goes to.
-    #[arg(long)]
+    #[arg(long, value_parser = super::env_name)]
     pub env: String,
     #[command(flatten)]
     pub plan: PlanArgs,
@@ -33,9 +34,10 @@ pub struct ReleaseArgs {
 #[derive(Args, Debug)]
 pub struct RollbackArgs {
     /// The app to roll back.
+    #[arg(value_parser = super::app_name)]
     pub app: String,
     /// The environment to roll back.
-    #[arg(long)]
+    #[arg(long, value_parser = super::env_name)]
     pub env: String,
     /// The staged version to go back to (default: the one released before the current).
     #[arg(long)]

@@ -25,9 +25,11 @@ pub enum RolloutCommand {
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
-    #[arg(long)]
+    /// Only rollouts of this app.
+    #[arg(long, value_parser = super::app_name)]
     pub app: Option<String>,
-    #[arg(long)]
+    /// Only rollouts in this environment.
+    #[arg(long, value_parser = super::env_name)]
     pub env: Option<String>,
 }
 

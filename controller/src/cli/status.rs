@@ -8,8 +8,11 @@ use stagehand_common::protocol::{AdminRequest, AdminResponse, ReceiptOutcome};
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    /// The app, as pushed.
+    #[arg(value_parser = super::app_name)]
     pub app: String,
-    #[arg(long)]
+    /// The environment to show.
+    #[arg(long, value_parser = super::env_name)]
     pub env: String,
 }
 

@@ -15,7 +15,7 @@ pub enum TokenCommand {
 #[derive(Args, Debug)]
 pub struct CreateArgs {
     /// Environment the joining agent will belong to.
-    #[arg(long)]
+    #[arg(long, value_parser = super::env_name)]
     pub env: String,
     /// How long the token stays valid.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
@@ -39,6 +39,19 @@ pub async fn run(cmd: TokenCommand, ctx: &Ctx) -> Result<i32> {
             uses: a.uses,
         })
         .await?;
+    // A new environment is often a typo: say so (on stderr; the token is made either way).
+    if let Ok(AdminResponse::Agents { agents }) = client.call(&AdminRequest::ListAgents).await {
+        let mut envs: Vec<&str> = agents.iter().map(|x| x.env.as_str()).collect();
+        envs.sort_unstable();
+        envs.dedup();
+        if !envs.is_empty() && !envs.contains(&a.env.as_str()) {
+            eprintln!(
+                "note: no agent is in environment {:?} yet (environments with agents: {}); check the spelling",
+                a.env,
+                envs.join(", ")
+            );
+        }
+    }
     client.close().await;
     let AdminResponse::Token { token, expires_at } = resp else { bail!("unexpected answer: {resp:?}") };
     if ctx.json() {

@@ -1,0 +1,117 @@
+//! The operator's experience (#10): what an operator sees when things go wrong, and agents
+//! that stop for good when the controller no longer wants them.
+
+use crate::{AGENT, STAGEHAND};
+use stagehand_common::protocol::{AdminRequest, AdminResponse};
+use stagehand_tests::{run_cli, wait_for, Fleet, Proc};
+use std::time::Duration;
+
+fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+async fn connected(fleet: &Fleet, name: &str) -> bool {
+    matches!(fleet.call(AdminRequest::ListAgents).await,
+        Ok(AdminResponse::Agents { agents }) if agents.iter().any(|a| a.name == name && a.connected))
+}
+
+/// #10 item 2: a revoked agent logged `Channel lost … certificate not allowed on this
+/// channel` about 20 times a second, for ever, and never said "revoked". Now it is told, says
+/// so once, and exits with status 3 (which its unit does not restart); started again, it
+/// stops again at once. Revoked by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agent_says_so_and_exits_with_status_3() {
+    let fleet = Fleet::start().await.unwrap();
+    let agent = fleet.enrol("prod", "gone").await.unwrap();
+    let dir = agent.dir.to_str().unwrap().to_string();
+    let env = [("STAGEHAND_LOG", "info"), ("NO_COLOR", "1")];
+    let mut proc = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("gone.log")).unwrap();
+    wait_for("the agent to connect", Duration::from_secs(30), || connected(&fleet, "gone")).await.unwrap();
+
+    let out = run_cli(STAGEHAND, Some(&fleet), &["agents", "revoke", "gone"]).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let status = proc.wait_exit(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(status.code(), Some(3), "{}", proc.log_text());
+    let log = proc.log_text();
+    assert!(log.contains("revoked agent") && log.contains("stagehand token create"), "{log}");
+    assert!(log.matches("Channel lost").count() <= 2, "a flood:\n{log}");
+
+    let mut again = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("again.log")).unwrap();
+    assert_eq!(again.wait_exit(Duration::from_secs(20)).await.unwrap().code(), Some(3), "{}", again.log_text());
+
+    // A name two agents share is not enough to revoke either: the command lists them.
+    for env in ["prod", "lab"] {
+        let token = fleet.token(env, 600).await.unwrap();
+        let dir = fleet.path().join(format!("twin-{env}"));
+        stagehand_agent::join::join(&fleet.addr.to_string(), &token, &dir, Some("twin".into()), Default::default())
+            .await
+            .unwrap();
+    }
+    let out = run_cli(STAGEHAND, Some(&fleet), &["agents", "revoke", "twin"]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("2 agents are named \"twin\""), "{}", text(&out));
+}
+
+/// SPEC §11: an agent whose certificate expired while it was away cannot renew it; it says
+/// so and exits with status 3 instead of knocking for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_certificate_expired_exits_with_status_3() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let config = fleet.ctl_dir.join("controller.toml");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, toml.replace("agent_cert_lifetime = \"30days\"", "agent_cert_lifetime = \"1s\"")).unwrap();
+    fleet.restart_controller().await.unwrap();
+    let agent = fleet.enrol("prod", "late").await.unwrap();
+    let cert = std::fs::read_to_string(agent.dir.join("identity/cert.pem")).unwrap();
+    let (_, until) = stagehand_common::tls::validity(&cert).unwrap();
+    wait_for("the certificate to expire", Duration::from_secs(30), || async {
+        stagehand_common::ids::now_secs() as i64 > until
+    })
+    .await
+    .unwrap();
+    let dir = agent.dir.to_str().unwrap().to_string();
+    let mut proc =
+        Proc::spawn(AGENT, &["run", "--data-dir", &dir], &[("NO_COLOR", "1")], fleet.path().join("late.log")).unwrap();
+    assert_eq!(proc.wait_exit(Duration::from_secs(20)).await.unwrap().code(), Some(3), "{}", proc.log_text());
+    assert!(proc.log_text().contains("expired"), "{}", proc.log_text());
+}
+
+/// #10 items 5 and 8: errors say what failed and what to run next, in one piece, as JSON
+/// with `-o json`; a bad name is a usage error (2); an unreachable controller is given up
+/// on after --connect-timeout; a second controller on a data directory says it is in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_what_failed_and_what_to_run_next() {
+    let fleet = Fleet::start().await.unwrap();
+    let missing = fleet.path().join("nope");
+    let out = run_cli(STAGEHAND, Some(&fleet), &["push", "web", "1", missing.to_str().unwrap()]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("No such file").count(), 1, "doubled: {err}");
+
+    let out = run_cli(STAGEHAND, Some(&fleet), &["deploy", "web", "9", "--env", "prod", "-o", "json"]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("has not been pushed"), "{v}");
+    assert_eq!(v["next"], "stagehand push web 9 PATH");
+
+    let out = run_cli(STAGEHAND, Some(&fleet), &["status", "web site", "--env", "prod"]).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    let out = run_cli(STAGEHAND, Some(&fleet), &["agents", "list", "--controller", "127.0.0.1"]).unwrap();
+    assert!(text(&out).contains("has no port") && text(&out).contains("127.0.0.1:7443"), "{}", text(&out));
+
+    // Nothing answers on this port (a UDP socket that never replies).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let args = ["agents", "list", "--controller", &addr, "--connect-timeout", "300ms"];
+    let out = run_cli(STAGEHAND, Some(&fleet), &args).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("no answer within 300ms"), "{}", text(&out));
+
+    let dir = fleet.ctl_dir.to_str().unwrap().to_string();
+    let out =
+        run_cli(STAGEHAND, None, &["controller", "serve", "--data-dir", &dir, "--listen", "127.0.0.1:0"]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("in use by another process"), "{}", text(&out));
+    assert!(!text(&out).contains("WouldBlock"), "{}", text(&out));
+}
