@@ -137,7 +137,8 @@ async fn run(cmd: Command, json: bool) -> Result<i32> {
             let id =
                 crate::join::join(&a.controller, &a.token, &a.data_dir, a.name, a.labels.into_iter().collect()).await?;
             if json {
-                println!("{}", serde_json::json!({ "id": id.id, "name": id.name, "env": id.env, "labels": id.labels }));
+                let v = serde_json::json!({ "id": id.id, "name": id.name, "env": id.env, "labels": id.labels });
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("Joined as {} ({}) in environment {}.", id.id, id.name, id.env);
                 println!("Next: stagehand-agent run --data-dir {}", a.data_dir.display());
@@ -266,7 +267,7 @@ async fn activate(data_dir: &Path, file: &Path, json: bool) -> Result<i32> {
     let ok =
         receipt.outcome == ReceiptOutcome::Committed || matches!(receipt.outcome, ReceiptOutcome::Scheduled { .. });
     if json {
-        println!("{}", serde_json::to_string_pretty(&receipt)?);
+        println!("{}", serde_json::to_string_pretty(&receipt.to_json())?);
     } else {
         match &receipt.outcome {
             ReceiptOutcome::Committed => println!("{} {} is live (seq {}).", receipt.app, receipt.version, receipt.seq),
@@ -298,11 +299,21 @@ fn next_after(why: &stagehand_common::activate::Refusal, app: &str) -> String {
         DigestMismatch => "the staged files were changed on this host; stage the version again (stagehand deploy), then apply the file".into(),
         UnknownKey | BadSignature => "the file was not signed by a release key this agent pins; export it again from this agent's controller".into(),
         WrongEnvironment | NotTargeted => "the file is for other hosts; export one for this host's environment (stagehand-agent status shows it)".into(),
-        PreActivateFailed | Unhealthy | Interrupted => {
-            "the version did not prove healthy and the previous one is live; the receipt's log above says why".into()
+        PreActivateFailed => {
+            "the pre-activate hook failed and nothing was switched; the log above says why. Fix it, then export a new \
+             message (this one's seq is used)"
+                .into()
+        }
+        Unhealthy | Interrupted => {
+            "the version was switched back: what was live before is live again; the log above says why. Fix it, \
+             then export a new message (this one's seq is used)"
+                .into()
         }
         NotYetValid => "the message is for later; apply it then, or run it through the running agent, which waits".into(),
-        HostError | Malformed => "fix what the log above names on this host, then apply the file again".into(),
+        HostError => {
+            "fix what the log above names on this host; if the message's seq was used, export a new message".into()
+        }
+        Malformed => "the file is damaged or not an activate message; export it again".into(),
     }
 }
 

@@ -182,36 +182,13 @@ impl Identity {
         data_dir.join("identity")
     }
 
-    /// Keeps renewed credentials: written whole beside the current ones first, then moved
-    /// over them, so a crash at any point leaves a matching certificate and key (the load
-    /// finishes an interrupted move).
+    /// Keeps renewed credentials (see [`Credentials::save_renewed`]).
     pub fn save_renewed(data_dir: &Path, creds: &Credentials) -> Result<()> {
-        let dir = Self::dir(data_dir);
-        creds.save(&dir.join("renewed"))?;
-        Self::finish_renewal(&dir)
-    }
-
-    fn finish_renewal(dir: &Path) -> Result<()> {
-        let next = dir.join("renewed");
-        if !next.join("key.pem").exists() {
-            let _ = std::fs::remove_dir_all(&next);
-            return Ok(());
-        }
-        // The certificate first: while `renewed/key.pem` is there, the new key is the truth.
-        for name in ["cert.pem", "key.pem"] {
-            if next.join(name).exists() {
-                std::fs::rename(next.join(name), dir.join(name)).with_context(|| format!("renewing {name}"))?;
-                // In this order on disk too: the key moves only once the certificate has.
-                fsx::fsync_dir(dir)?;
-            }
-        }
-        let _ = std::fs::remove_dir_all(&next);
-        Ok(())
+        Ok(creds.save_renewed(&Self::dir(data_dir))?)
     }
 
     pub fn load(data_dir: &Path) -> Result<Self> {
         let dir = Self::dir(data_dir);
-        Self::finish_renewal(&dir)?;
         let path = dir.join("agent.json");
         let bytes = fsx::read_limited(&path, 1 << 20).with_context(|| {
             format!("reading {}; has this agent joined? run `stagehand-agent join`", path.display())

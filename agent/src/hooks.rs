@@ -59,11 +59,27 @@ impl ArtifactConfig {
         match fsx::read_limited(&path, 64 << 10) {
             Ok(bytes) => {
                 let text = String::from_utf8(bytes).map_err(|_| "stagehand.toml is not UTF-8".to_string())?;
-                toml::from_str(&text).map_err(|e| format!("stagehand.toml: {e}"))
+                Self::parse(&text)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ArtifactConfig::default()),
             Err(e) => Err(format!("stagehand.toml: {e}")),
         }
+    }
+
+    /// Parses and checks `stagehand.toml`: a duration that does not parse is an error here,
+    /// naming the key, never a default in its place (`stagehand push` checks it too).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let c: ArtifactConfig = toml::from_str(text).map_err(|e| format!("stagehand.toml: {e}"))?;
+        let key = |k: &str, r: Result<Duration, String>| r.map(|_| ()).map_err(|e| format!("stagehand.toml: {k}: {e}"));
+        key("[hooks] timeout", c.hook_timeout())?;
+        if let Some(h) = &c.health {
+            key("[health] timeout", duration(&h.timeout, Duration::ZERO))?;
+            key("[health] interval", duration(&h.interval, Duration::ZERO))?;
+            if h.command.is_none() && h.url.is_none() {
+                return Err("stagehand.toml: [health] needs a command or a url".into());
+            }
+        }
+        Ok(c)
     }
 
     pub fn hook_timeout(&self) -> Result<Duration, String> {

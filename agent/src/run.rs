@@ -166,6 +166,8 @@ type Session = std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
 async fn channel_loop(host: Arc<Host>, alpn: &'static [u8], session: fn(Arc<Host>, quinn::Connection) -> Session) {
     let name = String::from_utf8_lossy(alpn).into_owned();
     let mut backoff = BACKOFF_MIN;
+    // Said once per outage (at warn), then at debug until a channel is up again.
+    let mut told = false;
     loop {
         let started = Instant::now();
         if let Some(why) = stop_reason(&host, None) {
@@ -174,6 +176,7 @@ async fn channel_loop(host: Arc<Host>, alpn: &'static [u8], session: fn(Arc<Host
         }
         match connect(&host, alpn).await {
             Ok((conn, endpoint)) => {
+                told = false;
                 let result = session(host.clone(), conn.clone()).await;
                 if let Some(why) = stop_reason(&host, Some(&conn)) {
                     host.stop_for_good(why);
@@ -185,6 +188,11 @@ async fn channel_loop(host: Arc<Host>, alpn: &'static [u8], session: fn(Arc<Host
                     Err(e) => warn!(channel = %name, error = %format!("{e:#}"), "Channel lost."),
                 }
                 drop(endpoint);
+            }
+            Err(e) if !told => {
+                told = true;
+                warn!(channel = %name, controller = %host.layout.config.controller, error = %format!("{e:#}"),
+                    "Cannot reach the controller; retrying every few seconds.")
             }
             Err(e) => {
                 debug!(channel = %name, error = %format!("{e:#}"), "Cannot reach the controller.")

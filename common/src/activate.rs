@@ -132,6 +132,31 @@ impl Refusal {
     }
 }
 
+impl Refusal {
+    /// Every refusal, in code order.
+    pub const ALL: [Refusal; 14] = [
+        Refusal::Malformed,
+        Refusal::UnknownKey,
+        Refusal::BadSignature,
+        Refusal::WrongEnvironment,
+        Refusal::NotTargeted,
+        Refusal::StaleSeq,
+        Refusal::Expired,
+        Refusal::NotStaged,
+        Refusal::DigestMismatch,
+        Refusal::PreActivateFailed,
+        Refusal::Unhealthy,
+        Refusal::Interrupted,
+        Refusal::HostError,
+        Refusal::NotYetValid,
+    ];
+
+    /// The refusal a stable code names (as `-o json` prints it).
+    pub fn from_code(code: &str) -> Option<Refusal> {
+        Self::ALL.into_iter().find(|r| r.code() == code)
+    }
+}
+
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.code())

@@ -198,6 +198,94 @@ pub struct Receipt {
     pub applied: bool,
 }
 
+impl Receipt {
+    /// The receipt in the JSON vocabulary every `-o json` output shares: named fields,
+    /// `outcome` one of `committed`, `refused`, `scheduled`, and `reason` the stable code.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (outcome, reason, until) = match &self.outcome {
+            ReceiptOutcome::Committed => ("committed", None, None),
+            ReceiptOutcome::Refused(why) => ("refused", Some(why.code()), None),
+            ReceiptOutcome::Scheduled { until } => ("scheduled", None, Some(*until)),
+        };
+        serde_json::json!({
+            "agent": self.agent_id, "app": self.app, "version": self.version, "seq": self.seq,
+            "outcome": outcome, "reason": reason, "until": until, "applied": self.applied,
+            "active": self.active, "log": self.log, "at": self.at,
+            "check_us": self.check_us, "switch_us": self.switch_us, "total_us": self.total_us,
+        })
+    }
+}
+
+impl Receipt {
+    /// Reads back what [`Receipt::to_json`] wrote (for scripts and tests).
+    pub fn from_json(v: &serde_json::Value) -> Option<Receipt> {
+        let text = |k: &str| v[k].as_str().map(str::to_string);
+        let outcome = match v["outcome"].as_str()? {
+            "committed" => ReceiptOutcome::Committed,
+            "refused" => ReceiptOutcome::Refused(Refusal::from_code(v["reason"].as_str()?)?),
+            "scheduled" => ReceiptOutcome::Scheduled { until: v["until"].as_u64()? },
+            _ => return None,
+        };
+        Some(Receipt {
+            agent_id: AgentId(text("agent")?),
+            app: text("app")?,
+            version: text("version")?,
+            seq: v["seq"].as_u64()?,
+            outcome,
+            active: text("active"),
+            log: text("log").unwrap_or_default(),
+            check_us: v["check_us"].as_u64().unwrap_or_default(),
+            switch_us: v["switch_us"].as_u64().unwrap_or_default(),
+            total_us: v["total_us"].as_u64().unwrap_or_default(),
+            at: v["at"].as_u64().unwrap_or_default(),
+            applied: v["applied"].as_bool().unwrap_or_default(),
+        })
+    }
+}
+
+impl AppStatus {
+    /// The status in the shared JSON vocabulary.
+    pub fn to_json(&self) -> serde_json::Value {
+        let agents: Vec<_> = self
+            .agents
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "id": a.id, "name": a.name, "connected": a.connected, "active": a.active,
+                    "last_seq": a.last_seq, "staged": a.staged,
+                    "failed": a.staging_failed.iter().map(|(v, why)| serde_json::json!({ "version": v, "reason": why })).collect::<Vec<_>>(),
+                    "last_receipt": a.last_receipt.as_ref().map(Receipt::to_json),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "app": self.app, "env": self.env,
+            "desired": self.desired.as_ref().map(|(v, seq)| serde_json::json!({ "version": v, "seq": seq })),
+            "agents": agents,
+        })
+    }
+}
+
+impl AgentInfo {
+    /// The agent in the shared JSON vocabulary.
+    pub fn to_json(&self) -> serde_json::Value {
+        let apps: Vec<_> = self
+            .apps
+            .iter()
+            .map(|x| {
+                serde_json::json!({
+                    "app": x.app, "active": x.active, "staged": x.staged,
+                    "failed": x.failed.iter().map(|(v, why)| serde_json::json!({ "version": v, "reason": why })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "id": self.id, "name": self.name, "env": self.env, "labels": self.labels,
+            "own_labels": self.own_labels, "connected": self.connected, "revoked": self.revoked, "apps": apps,
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReceiptOutcome {
     /// Switched, healthy, committed.
@@ -312,6 +400,11 @@ pub enum AdminRequest {
     /// Refuses an operator identity from now on, and closes its connections.
     RevokeAdmin {
         name: String,
+    },
+    /// A new certificate for the identity that asks, for the key of this request (sent by
+    /// the CLI once two thirds of its certificate's lifetime have passed).
+    RenewCertificate {
+        csr_der: Vec<u8>,
     },
 }
 
@@ -499,6 +592,10 @@ pub enum AdminResponse {
         targets: Vec<AgentId>,
         key_changes: Vec<crate::keychain::SignedKeyChange>,
     },
+    CertificateRenewed {
+        cert_pem: String,
+        expires_at: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -548,6 +645,32 @@ pub struct AgentAppStatus {
 mod tests {
     use super::*;
     use crate::frame::encode;
+
+    /// Every `-o json` receipt reads back as it was, with the stable codes.
+    #[test]
+    fn a_receipt_survives_its_json() {
+        for outcome in Refusal::ALL
+            .into_iter()
+            .map(ReceiptOutcome::Refused)
+            .chain([ReceiptOutcome::Committed, ReceiptOutcome::Scheduled { until: 9 }])
+        {
+            let r = Receipt {
+                agent_id: AgentId("a-1".into()),
+                app: "web".into(),
+                version: "2".into(),
+                seq: 7,
+                outcome,
+                active: Some("1".into()),
+                log: "health: ok".into(),
+                check_us: 1,
+                switch_us: 2,
+                total_us: 3,
+                at: 4,
+                applied: true,
+            };
+            assert_eq!(Receipt::from_json(&r.to_json()), Some(r));
+        }
+    }
 
     /// Pins the encoding: reordering variants or fields fails here, not in a fleet.
     #[test]

@@ -288,7 +288,10 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// Loads the credentials in `dir`, finishing a renewal a crash interrupted.
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
+        Self::finish_renewal(dir)
+            .map_err(|source| TlsError::Io { path: dir.join("renewed").display().to_string(), source })?;
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|source| TlsError::Io { path: path.display().to_string(), source })
@@ -305,6 +308,32 @@ impl Credentials {
         crate::fsx::write_atomic(&dir.join("ca.pem"), self.ca_pem.as_bytes(), 0o644).map_err(io(dir))?;
         crate::fsx::write_atomic(&dir.join("cert.pem"), self.me.cert_pem.as_bytes(), 0o644).map_err(io(dir))?;
         crate::fsx::write_atomic(&dir.join("key.pem"), self.me.key_pem.as_bytes(), 0o600).map_err(io(dir))?;
+        Ok(())
+    }
+
+    /// Keeps renewed credentials in `dir`: written whole beside the current ones first
+    /// (`dir/renewed/`), then moved over them, so a crash at any point leaves a certificate
+    /// with its own key ([`Credentials::load`] finishes an interrupted move).
+    pub fn save_renewed(&self, dir: &Path) -> Result<(), TlsError> {
+        self.save(&dir.join("renewed"))?;
+        Self::finish_renewal(dir).map_err(|source| TlsError::Io { path: dir.display().to_string(), source })
+    }
+
+    fn finish_renewal(dir: &Path) -> std::io::Result<()> {
+        let next = dir.join("renewed");
+        if !next.join("key.pem").exists() {
+            let _ = std::fs::remove_dir_all(&next);
+            return Ok(());
+        }
+        // The certificate first: while `renewed/key.pem` is there, the new key is the truth.
+        for name in ["cert.pem", "key.pem"] {
+            if next.join(name).exists() {
+                std::fs::rename(next.join(name), dir.join(name))?;
+                // In this order on disk too: the key moves only once the certificate has.
+                crate::fsx::fsync_dir(dir)?;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&next);
         Ok(())
     }
 

@@ -30,7 +30,9 @@ impl Need {
             | AdminRequest::WaitStaged { .. }
             | AdminRequest::WaitRelease { .. }
             | AdminRequest::ListRollouts { .. }
-            | AdminRequest::RolloutStatus { .. } => Need::Read,
+            | AdminRequest::RolloutStatus { .. }
+            // Its own certificate: any identity that is not revoked.
+            | AdminRequest::RenewCertificate { .. } => Need::Read,
             AdminRequest::PushBegin { .. }
             | AdminRequest::PushChunks { .. }
             | AdminRequest::PushCommit { .. }

@@ -77,7 +77,8 @@ async fn request(
     // Every request is authorised against the identity's role, as it is now.
     let need = crate::access::Need::of(&req, |id| ctl.store.rollout(id).ok().flatten().map(|r| r.env));
     // What changes anything is recorded in the audit log, with its outcome, before the answer.
-    let audited = (need != crate::access::Need::Read).then(|| audit_entry(&req)).flatten();
+    let renewal = matches!(req, AdminRequest::RenewCertificate { .. });
+    let audited = (need != crate::access::Need::Read || renewal).then(|| audit_entry(&req)).flatten();
     if let Err(why) = identity(ctl, admin).and_then(|who| crate::access::check(&who, &need)) {
         tracing::warn!(%admin, %why, "Refused an admin request.");
         if let Some((what, args)) = audited {
@@ -140,6 +141,8 @@ fn audit_entry(req: &AdminRequest) -> Option<(String, serde_json::Value)> {
             let args = serde_json::json!({ "app": app, "version": version, "manifest": Digest::of(manifest).to_hex(), "manifest_bytes": manifest.len() });
             return Some(("push-begin".into(), args));
         }
+        // The request, not the bytes: the new certificate's fingerprint is in the store.
+        AdminRequest::RenewCertificate { .. } => return Some(("renew-certificate".into(), serde_json::json!({}))),
         _ => {}
     }
     let (name, args) = match serde_json::to_value(req).ok()? {
@@ -372,6 +375,26 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
                 key_pem: pair.key_pem,
                 ca_pem: ctl.ca.cert_pem.clone(),
             }
+        }
+        AdminRequest::RenewCertificate { csr_der } => {
+            let lifetime = ctl.config.admin_cert_lifetime;
+            let role = stagehand_common::tls::Role::Admin(admin.to_string());
+            let cert_pem = stagehand_common::tls::issue_for_csr(&ctl.ca, &role, &csr_der, lifetime)?;
+            let (_, expires_at) = stagehand_common::tls::validity(&cert_pem)?;
+            let Some(mut record) = ctl.store.admin(admin)? else {
+                return Ok(error(format!("no identity {admin}"), "ask an owner: stagehand admin add"));
+            };
+            record.expires_at = expires_at.max(0) as u64;
+            ctl.store.put_admin(&record)?;
+            // The old certificate stays valid until it expires: a CLI that dies before
+            // keeping the new one is not locked out.
+            ctl.store.put_admin_cert(
+                &stagehand_common::tls::fingerprint(&stagehand_common::tls::cert_der(&cert_pem)?),
+                admin,
+            )?;
+            ctl.store.flush()?;
+            info!(%admin, "Identity's certificate renewed.");
+            AdminResponse::CertificateRenewed { cert_pem, expires_at: record.expires_at }
         }
         AdminRequest::ListAdmins => {
             AdminResponse::Admins { admins: ctl.store.admins()?.iter().map(admin_info).collect() }

@@ -27,6 +27,11 @@ pub struct Client {
     endpoint: quinn::Endpoint,
 }
 
+/// Whether a certificate has passed two thirds of its lifetime.
+fn net_renew_due(creds: &Credentials) -> bool {
+    stagehand_common::tls::renew_at(&creds.me.cert_pem).is_ok_and(|at| at <= stagehand_common::ids::now_secs() as i64)
+}
+
 /// How long a client waits for the controller to answer its handshake, by default.
 pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -83,9 +88,32 @@ impl Client {
         };
         let client = Client { conn, endpoint };
         match client.call(&AdminRequest::Hello { protocol_version: PROTOCOL_VERSION }).await {
-            Ok(AdminResponse::Hello { .. }) => Ok(client),
-            Ok(other) => bail!("unexpected answer to hello: {other:?}"),
-            Err(e) => Err(e.context("the controller refused these credentials on the admin channel")),
+            Ok(AdminResponse::Hello { .. }) => {}
+            Ok(other) => bail!("{}", crate::cli::unexpected(&other)),
+            Err(e) => return Err(e.context("the controller refused these credentials on the admin channel")),
+        }
+        // Two thirds into its lifetime, the certificate is renewed (the new one is kept in
+        // the credentials directory); a failure leaves the current one, which still works.
+        if net_renew_due(&creds) {
+            match client.renew(dir, &creds).await {
+                Ok(until) => eprintln!("note: renewed the certificate in {} (valid until {until} unix)", dir.display()),
+                Err(e) => eprintln!("warning: could not renew the certificate in {}: {e:#}", dir.display()),
+            }
+        }
+        Ok(client)
+    }
+
+    /// Asks for a new certificate for a fresh key and keeps both in `dir`.
+    async fn renew(&self, dir: &Path, creds: &Credentials) -> Result<u64> {
+        let (key_pem, csr_der) = stagehand_common::tls::new_csr()?;
+        match self.call(&AdminRequest::RenewCertificate { csr_der }).await? {
+            AdminResponse::CertificateRenewed { cert_pem, expires_at } => {
+                let renewed =
+                    Credentials { me: stagehand_common::tls::Pair { cert_pem, key_pem }, ca_pem: creds.ca_pem.clone() };
+                renewed.save_renewed(dir)?;
+                Ok(expires_at)
+            }
+            other => bail!("{}", crate::cli::unexpected(&other)),
         }
     }
 

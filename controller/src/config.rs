@@ -124,7 +124,15 @@ mod humantime_serde_compat {
     use std::time::Duration;
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
+        s.serialize_str(&text(*d))
+    }
+
+    /// Whole days as days: humantime would write 90 days as "2months 29days 2h 52m 48s".
+    pub fn text(d: Duration) -> String {
+        match d.as_secs() {
+            secs if secs >= 86400 && secs % 86400 == 0 && d.subsec_nanos() == 0 => format!("{}days", secs / 86400),
+            _ => humantime::format_duration(d).to_string(),
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -139,7 +147,7 @@ mod humantime_serde_opt {
 
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            Some(d) => s.serialize_str(&super::humantime_serde_compat::text(*d)),
             None => s.serialize_none(),
         }
     }

@@ -92,15 +92,6 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
     let layout = Layout::new(data_dir);
     let config = ControllerConfig::load(&layout.config())?;
     let listen = listen.unwrap_or(config.listen);
-    let ca = init::load_ca(&layout)?;
-    let keys = crate::keys::load(&layout)?;
-    let mut server = Credentials::load(&layout.tls_dir())?;
-    // The controller's own certificate, reissued for the same key once two thirds have passed.
-    if tls::renew_at(&server.me.cert_pem)? <= stagehand_common::ids::now_secs() as i64 {
-        server.me = tls::reissue(&ca, &tls::Role::Controller, &server.me, tls::CONTROLLER_LIFETIME)?;
-        server.save(&layout.tls_dir())?;
-        info!("Renewed the controller's certificate.");
-    }
     let store = Store::open(&layout.state()).map_err(|e| match e {
         crate::store::StoreError::Locked(_) => anyhow::Error::new(crate::client::OpError::new(
             e.to_string(),
@@ -111,6 +102,16 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         )),
         e => anyhow::Error::new(e).context("opening the state database"),
     })?;
+    // Only with the data directory held: nothing below changes files another controller uses.
+    let ca = init::load_ca(&layout)?;
+    let keys = crate::keys::load(&layout)?;
+    let mut server = Credentials::load(&layout.tls_dir())?;
+    // The controller's own certificate, reissued for the same key once two thirds have passed.
+    if tls::renew_at(&server.me.cert_pem)? <= stagehand_common::ids::now_secs() as i64 {
+        server.me = tls::reissue(&ca, &tls::Role::Controller, &server.me, tls::CONTROLLER_LIFETIME)?;
+        server.save(&layout.tls_dir())?;
+        info!("Renewed the controller's certificate.");
+    }
     // A data directory from before identities: its one admin is the owner.
     if store.admins()?.is_empty() {
         store.put_admin(&crate::store::AdminRecord {

@@ -522,3 +522,10 @@ pub fn inodes(root: &Path) -> std::collections::BTreeMap<String, u64> {
     }
     out
 }
+
+/// A receipt as `stagehand-agent activate -o json` prints it (the shared JSON vocabulary).
+pub fn receipt_of(stdout: &[u8]) -> stagehand_common::protocol::Receipt {
+    let v: serde_json::Value = serde_json::from_slice(stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(stdout)));
+    stagehand_common::protocol::Receipt::from_json(&v).unwrap_or_else(|| panic!("not a receipt: {v}"))
+}

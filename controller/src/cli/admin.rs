@@ -88,7 +88,7 @@ pub async fn run(cmd: AdminCommand, ctx: &Ctx) -> Result<i32> {
                 outln!("Revoked {name}: refused from now on; its open connections were closed.");
             }
         }
-        (_, other) => bail!("unexpected answer: {other:?}"),
+        (_, other) => bail!("{}", super::unexpected(&other)),
     }
     Ok(0)
 }

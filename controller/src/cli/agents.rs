@@ -28,7 +28,7 @@ pub struct RevokeArgs {
 /// The id of the agent an operator named: an id as is, else a name that only one agent has.
 async fn resolve(client: &crate::client::Client, given: &str, cmd: &str) -> Result<String> {
     let resp = client.call(&AdminRequest::ListAgents).await?;
-    let AdminResponse::Agents { agents } = resp else { bail!("unexpected answer: {resp:?}") };
+    let AdminResponse::Agents { agents } = resp else { bail!("{}", super::unexpected(&resp)) };
     if agents.iter().any(|a| a.id.0 == given) {
         return Ok(given.to_string());
     }
@@ -60,9 +60,9 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
         AgentsCommand::List => {
             let resp = client.call(&AdminRequest::ListAgents).await?;
             client.close().await;
-            let AdminResponse::Agents { agents } = resp else { bail!("unexpected answer: {resp:?}") };
+            let AdminResponse::Agents { agents } = resp else { bail!("{}", super::unexpected(&resp)) };
             if ctx.json() {
-                super::print_json(&serde_json::to_value(&agents)?);
+                super::print_json(&serde_json::Value::Array(agents.iter().map(|a| a.to_json()).collect()));
                 return Ok(0);
             }
             if agents.is_empty() {
@@ -118,7 +118,7 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
             let agent = resolve(&client, &a.agent, "revoke").await?;
             let resp = client.call(&AdminRequest::RevokeAgent { agent }).await?;
             client.close().await;
-            let AdminResponse::Revoked { agent } = resp else { bail!("unexpected answer: {resp:?}") };
+            let AdminResponse::Revoked { agent } = resp else { bail!("{}", super::unexpected(&resp)) };
             if ctx.json() {
                 super::print_json(&serde_json::json!({ "revoked": agent }));
             } else {
@@ -130,7 +130,7 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
             let agent = resolve(&client, &a.agent, "remove").await?;
             let resp = client.call(&AdminRequest::RemoveAgent { agent }).await?;
             client.close().await;
-            let AdminResponse::Removed { agent } = resp else { bail!("unexpected answer: {resp:?}") };
+            let AdminResponse::Removed { agent } = resp else { bail!("{}", super::unexpected(&resp)) };
             if ctx.json() {
                 super::print_json(&serde_json::json!({ "removed": agent }));
             } else {

@@ -34,7 +34,18 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
     if !ctl_dir.join("controller.toml").exists() {
         crate::init::init(&ctl_dir, "127.0.0.1:0".parse().expect("literal address"))?;
     }
-    let controller = crate::server::start(&ctl_dir, None).await?;
+    // A kept fleet comes back on the port it had, if it is free; its agents are pointed at
+    // whichever port it got.
+    let before = std::fs::read_to_string(crate::config::Layout::new(&ctl_dir).addr_file())
+        .ok()
+        .and_then(|a| a.trim().parse::<std::net::SocketAddr>().ok());
+    let controller = match before {
+        Some(addr) => match crate::server::start(&ctl_dir, Some(addr)).await {
+            Ok(c) => c,
+            Err(_) => crate::server::start(&ctl_dir, None).await?,
+        },
+        None => crate::server::start(&ctl_dir, None).await?,
+    };
     let addr = controller.addr.to_string();
     let admin = ctl_dir.join("admin");
     let client = Client::connect(Some(&addr), Some(&admin)).await?;
@@ -51,8 +62,14 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
                     uses: 1,
                 })
                 .await?;
-            let AdminResponse::Token { token, .. } = resp else { bail!("unexpected answer: {resp:?}") };
+            let AdminResponse::Token { token, .. } = resp else { bail!("{}", super::unexpected(&resp)) };
             stagehand_agent::join::join(&addr, &token, &dir, Some(format!("{env}-1")), Default::default()).await?;
+        } else {
+            let mut config = stagehand_agent::config::AgentConfig::load(&dir)?;
+            if config.controller != addr {
+                config.controller = addr.clone();
+                config.save(&dir)?;
+            }
         }
         agents.push(stagehand_agent::run::start(&dir).await?);
     }
@@ -78,7 +95,7 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
     }
     // A fleet kept in --data-dir already runs the sample: it is not released again.
     let resp = client.call(&AdminRequest::Status { app: "hello".into(), env: "dev".into() }).await?;
-    let AdminResponse::Status { status } = resp else { bail!("unexpected answer: {resp:?}") };
+    let AdminResponse::Status { status } = resp else { bail!("{}", super::unexpected(&resp)) };
     if status.desired.is_none_or(|(v, _)| v != "1.0.0") {
         let spec = RolloutSpec {
             app: "hello".into(),
@@ -87,7 +104,7 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
             ..RolloutSpec::default()
         };
         let resp = client.call(&AdminRequest::Rollout(spec)).await?;
-        let AdminResponse::Rollout { mut rollout, .. } = resp else { bail!("unexpected answer: {resp:?}") };
+        let AdminResponse::Rollout { mut rollout, .. } = resp else { bail!("{}", super::unexpected(&resp)) };
         while !matches!(rollout.state.as_str(), "succeeded" | "failed" | "aborted") {
             let req = AdminRequest::RolloutStatus {
                 id: rollout.id.clone(),
@@ -131,7 +148,17 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
 async fn expect_all(client: &Client, req: AdminRequest, what: &str) -> Result<()> {
     match client.call(&req).await? {
         AdminResponse::Waited { failed, pending, .. } if failed.is_empty() && pending.is_empty() => Ok(()),
-        other => bail!("{what} did not finish: {other:?}"),
+        AdminResponse::Waited { failed, pending, .. } => {
+            let mut why: Vec<String> =
+                failed.iter().map(|(id, r)| format!("{id} failed: {}", super::clean(r))).collect();
+            why.extend(pending.iter().map(|id| format!("{id} did not answer")));
+            Err(crate::client::OpError::new(
+                format!("{what} did not finish: {}", why.join("; ")),
+                "run `stagehand dev` again with STAGEHAND_LOG=info to see the agents' logs",
+            )
+            .into())
+        }
+        other => bail!("{what}: unexpected answer {}", super::describe(&other)),
     }
 }
 

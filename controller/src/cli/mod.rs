@@ -249,6 +249,24 @@ pub fn env_name(s: &str) -> Result<String, String> {
     stagehand_common::ids::check_name("environment", s).map(|()| s.to_string()).map_err(|e| e.to_string())
 }
 
+/// The name of an answer's kind, for an error (never its Rust debug form).
+pub fn describe(resp: &stagehand_common::protocol::AdminResponse) -> String {
+    match serde_json::to_value(resp) {
+        Ok(serde_json::Value::String(kind)) => kind,
+        Ok(serde_json::Value::Object(m)) => m.keys().next().cloned().unwrap_or_default(),
+        _ => "an answer".into(),
+    }
+}
+
+/// The error for an answer a command did not expect (a controller of another version).
+pub fn unexpected(resp: &stagehand_common::protocol::AdminResponse) -> String {
+    format!(
+        "the controller answered with {} where this command expected something else; are `stagehand` and the \
+         controller the same version? (`stagehand --version`)",
+        describe(resp)
+    )
+}
+
 /// Parses `K=V`.
 pub fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {

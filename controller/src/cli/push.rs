@@ -50,6 +50,19 @@ pub async fn upload(
     version: &str,
     path: &std::path::Path,
 ) -> Result<Pushed> {
+    // What the agents would refuse at activation is refused now.
+    match std::fs::read_to_string(path.join("stagehand.toml")) {
+        Ok(text) => {
+            stagehand_agent::hooks::ArtifactConfig::parse(&text).map_err(|e| {
+                crate::client::OpError::new(
+                    format!("{}: {e}", path.display()),
+                    "fix stagehand.toml (docs/stagehand-toml.md lists every field), then push again",
+                )
+            })?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::NotADirectory => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.join("stagehand.toml").display())),
+    }
     let owned = path.to_path_buf();
     let (manifest, sources) = tokio::task::spawn_blocking(move || manifest::build(&owned))
         .await?
@@ -59,7 +72,7 @@ pub async fn upload(
         .call(&AdminRequest::PushBegin { app: app.to_string(), version: version.to_string(), manifest: bytes })
         .await?;
     let AdminResponse::PushNeed { digest, missing, already_present } = resp else {
-        bail!("unexpected answer: {resp:?}")
+        bail!("{}", super::unexpected(&resp))
     };
     if already_present {
         return Ok(Pushed { digest, size: manifest.total_size(), uploaded_chunks: 0, already_present: true });
@@ -102,7 +115,7 @@ pub async fn upload(
     bar.finish_and_clear();
     let resp =
         client.call(&AdminRequest::PushCommit { app: app.to_string(), version: version.to_string(), digest }).await?;
-    let AdminResponse::Pushed { digest, size } = resp else { bail!("unexpected answer: {resp:?}") };
+    let AdminResponse::Pushed { digest, size } = resp else { bail!("{}", super::unexpected(&resp)) };
     Ok(Pushed { digest, size, uploaded_chunks: missing.len(), already_present: false })
 }
 

@@ -175,7 +175,7 @@ async fn start(ctx: &Ctx, spec: RolloutSpec, wait: bool, timeout: Duration) -> R
     let dry_run = spec.dry_run;
     let client = ctx.client().await?;
     let resp = client.call(&AdminRequest::Rollout(spec)).await?;
-    let AdminResponse::Rollout { rollout, notes } = resp else { bail!("unexpected answer: {resp:?}") };
+    let AdminResponse::Rollout { rollout, notes } = resp else { bail!("{}", super::unexpected(&resp)) };
     if dry_run || !wait {
         client.close().await;
         print_started(ctx, &rollout, &notes);
@@ -199,7 +199,7 @@ async fn export(ctx: &Ctx, req: AdminRequest, app: &str, env: &str, path: &PathB
     let resp = client.call(&req).await?;
     client.close().await;
     let AdminResponse::Exported { message, version, seq, targets, key_changes } = resp else {
-        bail!("unexpected answer: {resp:?}")
+        bail!("{}", super::unexpected(&resp))
     };
     let body = Activate::decode_unverified(&message.body).context("the controller sent an undecodable message")?;
     stagehand_common::fsx::write_atomic(path, message.to_export_with(&body, &key_changes).as_bytes(), 0o644)

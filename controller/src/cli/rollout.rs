@@ -56,7 +56,7 @@ pub async fn run(c: RolloutCommand, ctx: &Ctx) -> Result<i32> {
     let code = match c {
         RolloutCommand::List(a) => {
             let resp = client.call(&AdminRequest::ListRollouts { app: a.app, env: a.env }).await?;
-            let AdminResponse::Rollouts { rollouts } = resp else { bail!("unexpected answer: {resp:?}") };
+            let AdminResponse::Rollouts { rollouts } = resp else { bail!("{}", super::unexpected(&resp)) };
             if ctx.json() {
                 super::print_json(&serde_json::Value::Array(rollouts.iter().map(json).collect()));
             } else if rollouts.is_empty() {
@@ -91,7 +91,7 @@ pub async fn run(c: RolloutCommand, ctx: &Ctx) -> Result<i32> {
         RolloutCommand::Status(a) => {
             let resp =
                 client.call(&AdminRequest::RolloutStatus { id: a.id, after_revision: 0, timeout_secs: 0 }).await?;
-            let AdminResponse::Rollout { rollout, .. } = resp else { bail!("unexpected answer: {resp:?}") };
+            let AdminResponse::Rollout { rollout, .. } = resp else { bail!("{}", super::unexpected(&resp)) };
             if a.watch {
                 let mut client = client;
                 let code = follow(&mut client, ctx, rollout, a.timeout).await?;
@@ -116,7 +116,7 @@ pub async fn run(c: RolloutCommand, ctx: &Ctx) -> Result<i32> {
 
 async fn control(client: &Client, ctx: &Ctx, id: String, action: RolloutAction) -> Result<i32> {
     let resp = client.call(&AdminRequest::ControlRollout { id: id.clone(), action }).await?;
-    let AdminResponse::Rollout { rollout, notes } = resp else { bail!("unexpected answer: {resp:?}") };
+    let AdminResponse::Rollout { rollout, notes } = resp else { bail!("{}", super::unexpected(&resp)) };
     if ctx.json() {
         let mut v = json(&rollout);
         v["notes"] = serde_json::json!(notes);
@@ -144,6 +144,13 @@ pub fn json(r: &RolloutView) -> serde_json::Value {
     let mut v = serde_json::to_value(r).expect("views serialise");
     v["rollout"] = serde_json::Value::String(r.id.clone());
     v["digest"] = serde_json::Value::String(r.digest.to_hex());
+    // Receipts in the shared vocabulary.
+    for (w, wave) in r.waves.iter().enumerate() {
+        for (h, host) in wave.hosts.iter().enumerate() {
+            v["waves"][w]["hosts"][h]["receipt"] =
+                host.receipt.as_ref().map_or(serde_json::Value::Null, |x| x.to_json());
+        }
+    }
     v
 }
 
@@ -220,7 +227,7 @@ pub async fn follow(client: &mut Client, ctx: &Ctx, mut r: RolloutView, timeout:
             }
             Err(e) => return Err(e),
         };
-        let AdminResponse::Rollout { rollout, .. } = resp else { bail!("unexpected answer: {resp:?}") };
+        let AdminResponse::Rollout { rollout, .. } = resp else { bail!("{}", super::unexpected(&resp)) };
         if rollout.revision != r.revision {
             deadline = tokio::time::Instant::now() + quiet_limit(&rollout);
         }

@@ -20,52 +20,90 @@ pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
     let client = ctx.client().await?;
     let resp = client.call(&AdminRequest::Status { app: a.app.clone(), env: a.env.clone() }).await?;
     client.close().await;
-    let AdminResponse::Status { status } = resp else { bail!("unexpected answer: {resp:?}") };
+    let AdminResponse::Status { status } = resp else { bail!("{}", super::unexpected(&resp)) };
     if ctx.json() {
-        super::print_json(&serde_json::to_value(&status)?);
+        super::print_json(&status.to_json());
         return Ok(0);
     }
+    // What runs where, beside what should.
+    let mut live: std::collections::BTreeMap<&str, usize> = Default::default();
+    for ag in &status.agents {
+        *live.entry(ag.active.as_deref().unwrap_or("nothing")).or_default() += 1;
+    }
+    let live = live.iter().map(|(v, n)| format!("{} on {n}", clean(v))).collect::<Vec<_>>().join(", ");
     match &status.desired {
-        Some((v, seq)) => outln!("{} in {}: desired {v} (seq {seq})", status.app, status.env),
-        None => outln!("{} in {}: never released", status.app, status.env),
+        Some((v, seq)) => outln!("{} in {}: released {} (seq {seq}); live: {live}", status.app, status.env, clean(v)),
+        None => outln!("{} in {}: never released; live: {live}", status.app, status.env),
     }
     if status.agents.is_empty() {
-        outln!("No agents in {}.", status.env);
+        outln!("No agents in {}. Enrol one: stagehand token create --env {}", status.env, status.env);
+        return Ok(0);
     }
-    outln!("{:<16} {:<20} {:<10} {:<12} {:<24} LAST RECEIPT", "NAME", "ID", "CONNECTED", "ACTIVE", "STAGED");
+    let now = stagehand_common::ids::now_secs();
+    outln!("{:<20} {:<16} {:<10} {:<12} {:<26} LAST RECEIPT", "ID", "NAME", "CONNECTED", "ACTIVE", "STAGED");
     for ag in &status.agents {
         let receipt = match &ag.last_receipt {
             None => "-".to_string(),
-            Some(r) => match &r.outcome {
-                ReceiptOutcome::Committed => {
-                    format!("seq {} {} committed in {}us", r.seq, r.version, r.total_us)
-                }
-                ReceiptOutcome::Refused(why) => match r.log.lines().next() {
-                    // The agent's account of what was modified in its staged copy.
-                    Some(first) if *why == Refusal::DigestMismatch => {
-                        format!("seq {} {} refused: {} ({first})", r.seq, r.version, why.code())
+            Some(r) => {
+                let what = match &r.outcome {
+                    ReceiptOutcome::Committed => format!("committed in {}", ms(r.total_us)),
+                    // Switched, found unhealthy, switched back by itself.
+                    ReceiptOutcome::Refused(why @ (Refusal::Unhealthy | Refusal::Interrupted)) => {
+                        format!("switched back: {}", why.code())
                     }
-                    _ => format!("seq {} {} refused: {}", r.seq, r.version, why.code()),
-                },
-                ReceiptOutcome::Scheduled { until } => {
-                    format!("seq {} {} scheduled for {until}", r.seq, r.version)
-                }
-            },
+                    ReceiptOutcome::Refused(why) => format!("refused: {}", why.code()),
+                    ReceiptOutcome::Scheduled { until } => format!("scheduled for {}", ago(now, *until)),
+                };
+                // The agent's own account (a health check's output, what was modified).
+                let detail = r.log.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!(" ({})", l.trim()));
+                format!("{} seq {} {what}, {}{}", r.version, r.seq, ago(now, r.at), detail.unwrap_or_default())
+            }
         };
-        let mut staged = ag.staged.join(",");
-        for (v, why) in &ag.staging_failed {
-            staged.push_str(&format!(" {v}:FAILED({why})"));
+        // The newest versions, so that the column keeps its width.
+        let mut staged: Vec<String> = ag.staged.iter().rev().take(3).rev().cloned().collect();
+        if ag.staged.len() > 3 {
+            staged.insert(0, format!("+{}", ag.staged.len() - 3));
+        }
+        let mut staged = staged.join(",");
+        for (v, _) in &ag.staging_failed {
+            staged.push_str(&format!(" {v}:failed"));
         }
         // Everything an agent reported is printed escaped: it may carry control characters.
         outln!(
-            "{:<16} {:<20} {:<10} {:<12} {:<24} {}",
-            clean(&ag.name),
+            "{:<20} {:<16} {:<10} {:<12} {:<26} {}",
             ag.id,
+            clean(&ag.name),
             if ag.connected { "yes" } else { "no" },
             clean(ag.active.as_deref().unwrap_or("-")),
             if staged.is_empty() { "-".into() } else { clean(&staged) },
             clean(&receipt)
         );
+        for (v, why) in &ag.staging_failed {
+            outln!("{:<20} staging {} failed: {}", "", clean(v), clean(why));
+        }
     }
     Ok(0)
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.1} ms", us as f64 / 1000.0)
+}
+
+/// A time as operators read it in a table: how long ago, or from now.
+pub fn ago(now: u64, at: u64) -> String {
+    if at == 0 {
+        return "at an unknown time".into();
+    }
+    let (d, past) = if at <= now { (now - at, true) } else { (at - now, false) };
+    let text = match d {
+        0..60 => format!("{d}s"),
+        60..3600 => format!("{}m", d / 60),
+        3600..86400 => format!("{}h{}m", d / 3600, d % 3600 / 60),
+        _ => format!("{}d", d / 86400),
+    };
+    if past {
+        format!("{text} ago")
+    } else {
+        format!("in {text}")
+    }
 }

@@ -53,7 +53,7 @@ pub async fn run(cmd: TokenCommand, ctx: &Ctx) -> Result<i32> {
         }
     }
     client.close().await;
-    let AdminResponse::Token { token, expires_at } = resp else { bail!("unexpected answer: {resp:?}") };
+    let AdminResponse::Token { token, expires_at } = resp else { bail!("{}", super::unexpected(&resp)) };
     if ctx.json() {
         super::print_json(&serde_json::json!({ "token": token, "env": a.env, "expires_at": expires_at }));
     } else {

@@ -131,8 +131,8 @@ async fn an_operator_session_from_init_to_air_gapped_release() {
     assert_eq!(current(&p2).unwrap(), Path::new("releases/1.0"));
     let status: serde_json::Value =
         serde_json::from_str(&ok(sh(&env, &["status", "web", "--env", "prod", "-o", "json"]))).unwrap();
-    assert_eq!(status["desired"][0], "1.0");
-    assert_eq!(status["agents"][0]["last_receipt"]["outcome"], "Committed");
+    assert_eq!(status["desired"]["version"], "1.0");
+    assert_eq!(status["agents"][0]["last_receipt"]["outcome"], "committed");
 
     // Air-gapped: export (nothing changes), stop p1, apply the file offline.
     let older = t.join("older.activate");

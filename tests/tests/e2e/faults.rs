@@ -164,7 +164,7 @@ async fn a_revoked_agent_is_refused_everywhere() {
         let cfg = net::client_config(creds.client_config(alpn).unwrap()).unwrap();
         let conn = net::connect(&ep, fleet.addr, cfg).await.unwrap();
         let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.unwrap();
-        assert!(format!("{reason}").contains("not allowed"), "{reason}");
+        assert!(format!("{reason}").contains("revoked (code 3)"), "{reason}");
     }
     // Deploys no longer wait for it.
     let src = fleet.path().join("src");

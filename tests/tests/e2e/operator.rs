@@ -88,6 +88,15 @@ async fn errors_say_what_failed_and_what_to_run_next() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("No such file").count(), 1, "doubled: {err}");
 
+    // A stagehand.toml the agents would refuse is refused at push, naming the key.
+    let typo = fleet.path().join("typo");
+    std::fs::create_dir_all(&typo).unwrap();
+    std::fs::write(typo.join("stagehand.toml"), "[hooks]\npost_activate = \"true\"\ntimeout = \"10 minutez\"\n")
+        .unwrap();
+    let out = run_cli(STAGEHAND, Some(&fleet), &["push", "web", "1", typo.to_str().unwrap()]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("[hooks] timeout") && text(&out).contains("next:"), "{}", text(&out));
+
     let out = run_cli(STAGEHAND, Some(&fleet), &["deploy", "web", "9", "--env", "prod", "-o", "json"]).unwrap();
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -114,4 +123,50 @@ async fn errors_say_what_failed_and_what_to_run_next() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("in use by another process"), "{}", text(&out));
     assert!(!text(&out).contains("WouldBlock"), "{}", text(&out));
+}
+
+/// SPEC §10: operator certificates expire (90 days by default). The CLI renews its own
+/// certificate two thirds in, over the admin channel, and keeps the new one in its
+/// credentials directory, so an operator who uses it is never locked out: shown with
+/// certificates that live nine seconds, used again after the first one has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_certificate_is_renewed_before_it_expires() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let config = fleet.ctl_dir.join("controller.toml");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    assert!(toml.contains("admin_cert_lifetime = \"90days\""), "{toml}");
+    std::fs::write(&config, toml.replace("admin_cert_lifetime = \"90days\"", "admin_cert_lifetime = \"9s\"")).unwrap();
+    fleet.restart_controller().await.unwrap();
+    let creds = fleet.path().join("vera");
+    let out = run_cli(
+        STAGEHAND,
+        Some(&fleet),
+        &["admin", "add", "vera", "--role", "viewer", "--out", creds.to_str().unwrap()],
+    )
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let cert = || std::fs::read_to_string(creds.join("cert.pem")).unwrap();
+    let first = cert();
+    let (_, until) = stagehand_common::tls::validity(&first).unwrap();
+    let renew_at = stagehand_common::tls::renew_at(&first).unwrap();
+    let now = || stagehand_common::ids::now_secs() as i64;
+    let as_vera = |fleet: &Fleet| {
+        let mut cmd = std::process::Command::new(STAGEHAND);
+        cmd.args(["agents", "list", "-o", "json"])
+            .env("STAGEHAND_CONTROLLER", fleet.addr.to_string())
+            .env("STAGEHAND_CREDENTIALS", &creds);
+        cmd.output().unwrap()
+    };
+    wait_for("two thirds of the lifetime", Duration::from_secs(30), || async { now() >= renew_at }).await.unwrap();
+    let out = as_vera(&fleet);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("renewed the certificate"), "{}", text(&out));
+    assert_ne!(cert(), first);
+    assert!(!creds.join("renewed").exists());
+    wait_for("the first certificate to expire", Duration::from_secs(30), || async { now() > until }).await.unwrap();
+    let out = as_vera(&fleet);
+    assert!(out.status.success(), "locked out: {}", text(&out));
+    let audit =
+        run_cli(STAGEHAND, None, &["audit", "--data-dir", fleet.ctl_dir.to_str().unwrap(), "--last", "20"]).unwrap();
+    assert!(String::from_utf8_lossy(&audit.stdout).contains("renew-certificate"), "{}", text(&audit));
 }

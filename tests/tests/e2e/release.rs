@@ -328,7 +328,7 @@ async fn kill_9_at_every_step_of_an_activation() {
         let again =
             run_cli(AGENT, None, &["activate", "--data-dir", &dir, "--file", file.to_str().unwrap(), "-o", "json"])
                 .unwrap();
-        let receipt: stagehand_common::protocol::Receipt = serde_json::from_slice(&again.stdout).unwrap();
+        let receipt = stagehand_tests::receipt_of(&again.stdout);
         assert_eq!(receipt.seq, out, "{point}");
         // Killed before the switch: the activation is recorded as interrupted and the old
         // version stays. Killed after it: start-up proves the new version again and commits.
@@ -462,7 +462,7 @@ async fn a_rotated_release_key_reaches_every_agent_and_the_old_key_is_refused() 
     let dir = gapped.dir.to_str().unwrap().to_string();
     let out = run_cli(AGENT, None, &["activate", "--data-dir", &dir, "--file", file.to_str().unwrap(), "-o", "json"])
         .unwrap();
-    let receipt: stagehand_common::protocol::Receipt = serde_json::from_slice(&out.stdout).unwrap();
+    let receipt = stagehand_tests::receipt_of(&out.stdout);
     assert_eq!(receipt.outcome, ReceiptOutcome::Committed, "{out:?}");
     assert_eq!(pinned(&gapped), vec![new_id.clone()]);
 
@@ -488,7 +488,7 @@ async fn a_rotated_release_key_reaches_every_agent_and_the_old_key_is_refused() 
         &["activate", "--data-dir", &online_dir, "--file", forged.to_str().unwrap(), "-o", "json"],
     )
     .unwrap();
-    let receipt: stagehand_common::protocol::Receipt = serde_json::from_slice(&out.stdout).unwrap();
+    let receipt = stagehand_tests::receipt_of(&out.stdout);
     assert_eq!(receipt.outcome, ReceiptOutcome::Refused(Refusal::UnknownKey), "{out:?}");
     assert_eq!(online.current("web").unwrap(), Path::new("releases/v2"));
 }
@@ -560,7 +560,7 @@ async fn a_missing_journal_refuses_every_message_until_it_is_repaired() {
         let out =
             run_cli(AGENT, None, &["activate", "--data-dir", &dir, "--file", file.to_str().unwrap(), "-o", "json"])
                 .unwrap();
-        serde_json::from_slice::<stagehand_common::protocol::Receipt>(&out.stdout).unwrap()
+        stagehand_tests::receipt_of(&out.stdout)
     };
     assert_eq!(apply(&new).outcome, ReceiptOutcome::Committed);
 

@@ -477,7 +477,8 @@ async fn acceptance_through_the_cli() {
         .map(|w| w["hosts"].as_array().unwrap().iter().map(|h| h["state"].as_str().unwrap().to_string()).collect())
         .collect();
     assert_eq!(states, vec![vec!["failed"], vec!["waiting"], vec!["waiting", "waiting"]]);
-    assert_eq!(v["waves"][0]["hosts"][0]["receipt"]["outcome"]["Refused"], "Unhealthy");
+    assert_eq!(v["waves"][0]["hosts"][0]["receipt"]["outcome"], "refused");
+    assert_eq!(v["waves"][0]["hosts"][0]["receipt"]["reason"], "unhealthy");
     for a in &prod {
         assert_eq!(current(a).as_deref(), Some("good"));
         let want = if a.dir.ends_with("p1") { "good\nbad\ngood\n" } else { "good\n" };
