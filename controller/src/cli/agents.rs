@@ -16,6 +16,9 @@ pub enum AgentsCommand {
     /// Forget a revoked agent: it leaves `agents list` and `status`; its certificate stays
     /// refused.
     Remove(RevokeArgs),
+    /// Install, enrol and start agents on hosts over ssh: `--ssh [USER@]HOST… --env ENV`.
+    /// Hosts already enrolled are left alone; one summary line per host.
+    Install(super::install::InstallArgs),
 }
 
 #[derive(Args, Debug)]
@@ -55,6 +58,10 @@ async fn resolve(client: &crate::client::Client, given: &str, cmd: &str) -> Resu
 }
 
 pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
+    let cmd = match cmd {
+        AgentsCommand::Install(a) => return super::install::run(a, ctx).await,
+        other => other,
+    };
     let client = ctx.client().await?;
     match cmd {
         AgentsCommand::List => {
@@ -126,6 +133,7 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
                 outln!("It stays listed as revoked; `stagehand agents remove {agent}` forgets it.");
             }
         }
+        AgentsCommand::Install(_) => unreachable!("handled above"),
         AgentsCommand::Remove(a) => {
             let agent = resolve(&client, &a.agent, "remove").await?;
             let resp = client.call(&AdminRequest::RemoveAgent { agent }).await?;

@@ -130,6 +130,13 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
         outln!("  controller {addr}; agents dev-1, staging-1, prod-1 (one per environment)");
         outln!("  sample app hello 1.0.0: staged in every environment, live in dev\n");
         outln!("In another terminal:\n");
+        // `cargo run` leaves the binaries where PATH does not look.
+        if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+            let on_path = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d == dir));
+            if !on_path {
+                outln!("  export PATH=\"{}:$PATH\"", dir.display());
+            }
+        }
         outln!("  {exports}");
         outln!("  stagehand agents list");
         outln!("  stagehand status hello --env prod");

@@ -17,6 +17,7 @@ mod audit;
 mod controller;
 mod deploy;
 mod dev;
+mod install;
 pub mod push;
 mod release;
 mod rollout;

@@ -170,3 +170,93 @@ async fn an_operator_certificate_is_renewed_before_it_expires() {
         run_cli(STAGEHAND, None, &["audit", "--data-dir", fleet.ctl_dir.to_str().unwrap(), "--last", "20"]).unwrap();
     assert!(String::from_utf8_lossy(&audit.stdout).contains("renew-certificate"), "{}", text(&audit));
 }
+
+/// Kills what a test started detached (outside any `Proc`), on the way out.
+struct KillOnDrop(String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill").args(["-f", &self.0]).status();
+    }
+}
+
+/// SPEC §11, #10: `stagehand agents install --ssh root@127.0.0.1 --env prod --prefix DIR`
+/// through a real sshd on a loopback port of its own: the agent is copied, joins, starts
+/// detached (under a prefix) and shows as connected; a second run leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_install_over_ssh_enrols_a_running_agent_once() {
+    if !std::path::Path::new("/usr/sbin/sshd").exists() {
+        eprintln!("note: no /usr/sbin/sshd (apt-get install openssh-server); skipped");
+        return;
+    }
+    let fleet = Fleet::start().await.unwrap();
+    let t = fleet.path().join("ssh");
+    std::fs::create_dir_all(&t).unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    for key in ["host_key", "id"] {
+        let path = t.join(key);
+        let ok = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f", path.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    std::fs::copy(t.join("id.pub"), t.join("authorized_keys")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let p = |name: &str| t.join(name).to_str().unwrap().to_string();
+    std::fs::write(
+        t.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\nPidFile {}\n",
+            p("host_key"),
+            p("authorized_keys"),
+            p("sshd.pid")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        t.join("ssh_config"),
+        format!(
+            "Host *\n  Port {port}\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile /dev/null\n  \
+             StrictHostKeyChecking no\n  LogLevel ERROR\n",
+            p("id")
+        ),
+    )
+    .unwrap();
+    let _sshd = Proc::spawn("/usr/sbin/sshd", &["-D", "-e", "-f", &p("sshd_config")], &[], t.join("sshd.log")).unwrap();
+    wait_for("sshd to listen", Duration::from_secs(20), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await
+    .unwrap();
+
+    let prefix = fleet.path().join("host");
+    let _agent = KillOnDrop(format!("{}/bin/stagehand-agent", prefix.display()));
+    let install = || {
+        std::process::Command::new(STAGEHAND)
+            .args(["agents", "install", "--ssh", "root@127.0.0.1", "--env", "prod"])
+            .args(["--prefix", prefix.to_str().unwrap(), "--agent-binary", AGENT])
+            .env("STAGEHAND_CONTROLLER", fleet.addr.to_string())
+            .env("STAGEHAND_CREDENTIALS", &fleet.admin)
+            .env("STAGEHAND_SSH", format!("ssh -F {}", p("ssh_config")))
+            .output()
+            .unwrap()
+    };
+    let out = install();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("root@127.0.0.1  enrolled as a-") && stdout.contains("detached"), "{}", text(&out));
+    let host = String::from_utf8(std::process::Command::new("hostname").output().unwrap().stdout).unwrap();
+    let AdminResponse::Agents { agents } = fleet.call(AdminRequest::ListAgents).await.unwrap() else { panic!() };
+    assert_eq!(agents.len(), 1);
+    assert!(agents[0].connected && agents[0].env == "prod", "{agents:?}");
+    assert_eq!(agents[0].name, host.trim());
+    assert!(prefix.join("etc/systemd/system/stagehand-agent.service").exists());
+
+    let again = install();
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already enrolled"), "{}", text(&again));
+    let AdminResponse::Agents { agents } = fleet.call(AdminRequest::ListAgents).await.unwrap() else { panic!() };
+    assert_eq!(agents.len(), 1, "a second run enrols nothing");
+}
