@@ -406,6 +406,13 @@ pub enum AdminRequest {
     RenewCertificate {
         csr_der: Vec<u8>,
     },
+    /// Every pushed version of every app, with where it is deployed and released.
+    ListApps,
+    /// Forget a version and free what only it used in the chunk store.
+    RemoveArtifact {
+        app: String,
+        version: String,
+    },
 }
 
 /// An operator identity as `admin list` shows it.
@@ -596,6 +603,30 @@ pub enum AdminResponse {
         cert_pem: String,
         expires_at: u64,
     },
+    Apps {
+        versions: Vec<VersionInfo>,
+    },
+    ArtifactRemoved {
+        app: String,
+        version: String,
+        /// Chunks and bytes the collection freed (shared chunks stay).
+        chunks: u64,
+        bytes: u64,
+    },
+}
+
+/// One pushed version of an app.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub app: String,
+    pub version: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub pushed_at: u64,
+    /// Environments told to stage it.
+    pub deployed_to: Vec<String>,
+    /// Environments where it is the released version.
+    pub released_in: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

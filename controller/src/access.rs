@@ -32,11 +32,13 @@ impl Need {
             | AdminRequest::ListRollouts { .. }
             | AdminRequest::RolloutStatus { .. }
             // Its own certificate: any identity that is not revoked.
-            | AdminRequest::RenewCertificate { .. } => Need::Read,
+            | AdminRequest::RenewCertificate { .. }
+            | AdminRequest::ListApps => Need::Read,
             AdminRequest::PushBegin { .. }
             | AdminRequest::PushChunks { .. }
             | AdminRequest::PushCommit { .. }
-            | AdminRequest::Deploy { .. } => Need::Deploy,
+            | AdminRequest::Deploy { .. }
+            | AdminRequest::RemoveArtifact { .. } => Need::Deploy,
             AdminRequest::Release { env, .. } | AdminRequest::Rollback { env, .. } => Need::Release(env.clone()),
             AdminRequest::Rollout(spec) => Need::Release(spec.env.clone()),
             // An unknown rollout: the request fails anyway; only an owner learns that.

@@ -13,7 +13,7 @@ use stagehand_common::protocol::{
 };
 use stagehand_common::token::JoinToken;
 use stagehand_common::{AgentId, Digest};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info};
@@ -396,6 +396,8 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
             info!(%admin, "Identity's certificate renewed.");
             AdminResponse::CertificateRenewed { cert_pem, expires_at: record.expires_at }
         }
+        AdminRequest::ListApps => AdminResponse::Apps { versions: list_apps(ctl)? },
+        AdminRequest::RemoveArtifact { app, version } => remove_artifact(ctl, &app, &version)?,
         AdminRequest::ListAdmins => {
             AdminResponse::Admins { admins: ctl.store.admins()?.iter().map(admin_info).collect() }
         }
@@ -438,6 +440,9 @@ fn push_begin(ctl: &Controller, app: &str, version: &str, bytes: &[u8]) -> Resul
         }
         return Ok(conflict(app, version, &existing.digest));
     }
+    // Registered before the missing chunks are decided: a collection from now on keeps them.
+    let mut pushes = ctl.pushes.lock();
+    pushes.insert(digest, std::time::Instant::now());
     ctl.chunks.put_manifest(&digest, bytes)?;
     let mut seen = HashSet::new();
     let missing = manifest
@@ -446,6 +451,101 @@ fn push_begin(ctl: &Controller, app: &str, version: &str, bytes: &[u8]) -> Resul
         .filter(|d| seen.insert(*d) && !ctl.chunks.has(d))
         .collect();
     Ok(AdminResponse::PushNeed { digest, missing, already_present: false })
+}
+
+fn list_apps(ctl: &Controller) -> Result<Vec<stagehand_common::protocol::VersionInfo>> {
+    let mut deployed: HashMap<(String, String), Vec<String>> = HashMap::new();
+    let mut released: HashMap<(String, String), Vec<String>> = HashMap::new();
+    for (env, app, d) in ctl.store.all_desired()? {
+        released.entry((app, d.version)).or_default().push(env);
+    }
+    let envs: HashSet<String> = ctl.store.agents()?.into_iter().map(|a| a.env).collect();
+    let envs = envs.into_iter().chain(ctl.config.environments.order.iter().cloned()).collect::<HashSet<_>>();
+    for env in envs {
+        for (app, version, _) in ctl.store.deploys_in(&env)? {
+            deployed.entry((app, version)).or_default().push(env.clone());
+        }
+    }
+    Ok(ctl
+        .store
+        .artifacts()?
+        .into_iter()
+        .map(|(app, version, a)| {
+            let k = (app.clone(), version.clone());
+            let mut deployed_to = deployed.remove(&k).unwrap_or_default();
+            let mut released_in = released.remove(&k).unwrap_or_default();
+            deployed_to.sort();
+            released_in.sort();
+            stagehand_common::protocol::VersionInfo {
+                app,
+                version,
+                digest: a.digest,
+                size: a.size,
+                pushed_at: a.pushed_at,
+                deployed_to,
+                released_in,
+            }
+        })
+        .collect())
+}
+
+/// Forgets a version no environment runs or is rolling out, then collects what only it used.
+fn remove_artifact(ctl: &Controller, app: &str, version: &str) -> Result<AdminResponse> {
+    if let Some(e) = names(&[("app", app), ("version", version)]) {
+        return Ok(e);
+    }
+    if ctl.store.artifact(app, version)?.is_none() {
+        return Ok(error(format!("{app} {version} has not been pushed"), format!("stagehand versions {app}")));
+    }
+    let _rollouts = ctl.rollout_lock();
+    for (env, a, d) in ctl.store.all_desired()? {
+        if a == app && d.version == version {
+            return Ok(error(
+                format!("{app} {version} is the released version in {env}; agents there may need it again"),
+                format!("release another version first: stagehand release {app} VERSION --env {env}"),
+            ));
+        }
+    }
+    for (env, a, id) in ctl.store.active_rollouts()? {
+        if a == app && ctl.store.rollout(&id)?.is_some_and(|r| r.version == version) {
+            return Ok(error(
+                format!("rollout {id} is releasing {app} {version} in {env}"),
+                format!("let it end, or: stagehand rollout abort {id}"),
+            ));
+        }
+    }
+    let agents = ctl.store.agents()?;
+    let envs: HashSet<&str> = agents.iter().map(|a| a.env.as_str()).collect();
+    for env in envs {
+        if crate::deploy::wanted(ctl, env)?.iter().any(|(a, v, _, _)| a == app && v == version) {
+            return Ok(error(
+                format!("the agents of {env} are ordered to hold {app} {version} (a recent deploy)"),
+                format!(
+                    "deploy newer versions first (stagehand deploy {app} VERSION --env {env}); older ones drop out"
+                ),
+            ));
+        }
+    }
+    if let Some(a) =
+        agents.iter().find(|a| ctl.store.appstate(&a.id, app).is_ok_and(|s| s.active.as_deref() == Some(version)))
+    {
+        return Ok(error(
+            format!("{app} {version} is live on {} ({}) in {}", a.id, a.name, a.env),
+            format!("release another version there first: stagehand release {app} VERSION --env {}", a.env),
+        ));
+    }
+    // The record goes first, durably: from here a crash leaves only garbage.
+    ctl.store.remove_artifact(app, version)?;
+    ctl.store.flush()?;
+    let done = crate::gc::collect(ctl)?;
+    info!(%app, %version, chunks = done.chunks, bytes = done.bytes, "Artifact removed.");
+    ctl.fleet.bump();
+    Ok(AdminResponse::ArtifactRemoved {
+        app: app.into(),
+        version: version.into(),
+        chunks: done.chunks,
+        bytes: done.bytes,
+    })
 }
 
 fn conflict(app: &str, version: &str, existing: &Digest) -> AdminResponse {
@@ -476,6 +576,8 @@ async fn push_chunks(ctl: &Controller, digests: &[Digest], recv: &mut quinn::Rec
 }
 
 fn push_commit(ctl: &Controller, app: &str, version: &str, digest: Digest) -> Result<AdminResponse> {
+    // No collection between the check that every chunk is here and the artifact's record.
+    let mut pushes = ctl.pushes.lock();
     let bytes = ctl.chunks.manifest(&digest)?;
     let manifest = Manifest::decode(&bytes)?;
     let chunks: Vec<Digest> = manifest.files().flat_map(|(_, _, _, c)| c.iter().map(|c| c.digest)).collect();
@@ -494,6 +596,7 @@ fn push_commit(ctl: &Controller, app: &str, version: &str, digest: Digest) -> Re
     let size = manifest.total_size();
     ctl.store.put_artifact(app, version, &ArtifactRecord { v: 1, digest, size, pushed_at: now_secs() })?;
     ctl.store.flush()?;
+    pushes.remove(&digest);
     info!(%app, %version, %digest, size, "Artifact pushed.");
     Ok(AdminResponse::Pushed { digest, size })
 }

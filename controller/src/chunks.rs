@@ -79,6 +79,49 @@ impl ChunkStore {
         fsx::write_atomic(&self.manifest_path(d), bytes, 0o644)
     }
 
+    /// Every chunk stored, with its size.
+    pub fn chunk_digests(&self) -> io::Result<Vec<(Digest, u64)>> {
+        let mut all = Vec::new();
+        for shard in std::fs::read_dir(self.root.join("chunks"))? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for e in std::fs::read_dir(shard.path())? {
+                let e = e?;
+                if let Some(d) = e.file_name().to_str().and_then(|n| Digest::from_hex(n)) {
+                    all.push((d, e.metadata()?.len()));
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// Every manifest stored.
+    pub fn manifest_digests(&self) -> io::Result<Vec<Digest>> {
+        let mut all = Vec::new();
+        for e in std::fs::read_dir(self.root.join("manifests"))? {
+            if let Some(d) = e?.file_name().to_str().and_then(|n| Digest::from_hex(n)) {
+                all.push(d);
+            }
+        }
+        Ok(all)
+    }
+
+    pub fn remove_chunk(&self, d: &Digest) -> io::Result<()> {
+        match std::fs::remove_file(self.chunk_path(d)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn remove_manifest(&self, d: &Digest) -> io::Result<()> {
+        match std::fs::remove_file(self.manifest_path(d)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     pub fn manifest(&self, d: &Digest) -> io::Result<Vec<u8>> {
         fsx::read_limited(&self.manifest_path(d), stagehand_common::frame::MANIFEST_LIMIT as u64)
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod deploy;
 pub mod enrol;
 pub mod fleet;
+pub mod gc;
 pub mod init;
 pub mod keys;
 pub mod plan;

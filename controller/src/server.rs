@@ -41,6 +41,8 @@ pub struct Controller {
     pub stalled: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// The audit log: who did what, durable before it is acknowledged.
     pub audit: crate::audit::Audit,
+    /// Pushes in flight: their chunks are kept by the garbage collection (`gc.rs`).
+    pub pushes: crate::gc::Pushes,
     /// Open admin connections by identity: closed when it is revoked.
     pub admin_conns: std::sync::Mutex<std::collections::HashMap<String, Vec<quinn::Connection>>>,
 }
@@ -170,6 +172,7 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         stalled: Default::default(),
         audit,
         admin_conns: Default::default(),
+        pushes: Default::default(),
     });
     info!(%addr, "Controller listening.");
     let task = tokio::spawn(accept_loop(controller.clone(), endpoint.clone()));

@@ -431,6 +431,33 @@ impl Store {
         get(&self.artifacts, &key(&[app, version]))
     }
 
+    /// Every artifact: (app, version, record), by app then version.
+    pub fn artifacts(&self) -> Result<Vec<(String, String, ArtifactRecord)>> {
+        Ok(scan::<ArtifactRecord>(&self.artifacts, b"")?
+            .into_iter()
+            .filter_map(|(k, a)| {
+                let s = String::from_utf8_lossy(&k).into_owned();
+                let (app, version) = s.split_once('\0')?;
+                Some((app.to_string(), version.to_string(), a))
+            })
+            .collect())
+    }
+
+    /// Forgets an artifact and every environment's order to stage it (flushed by the caller
+    /// before any chunk goes).
+    pub fn remove_artifact(&self, app: &str, version: &str) -> Result<()> {
+        for kv in self.deploys.iter() {
+            let (k, _) = kv?;
+            let s = String::from_utf8_lossy(&k).into_owned();
+            let mut parts = s.split('\0').skip(1);
+            if parts.next() == Some(app) && parts.next() == Some(version) {
+                self.deploys.remove(&k)?;
+            }
+        }
+        self.artifacts.remove(key(&[app, version]))?;
+        Ok(())
+    }
+
     /// Whether any version of `app` was pushed.
     pub fn knows_app(&self, app: &str) -> Result<bool> {
         Ok(self.artifacts.scan_prefix(key(&[app, ""])).next().transpose()?.is_some())

@@ -13,6 +13,7 @@ macro_rules! out {
 
 mod admin;
 mod agents;
+mod apps;
 mod audit;
 mod controller;
 mod deploy;
@@ -21,7 +22,7 @@ mod install;
 pub mod push;
 mod release;
 mod rollout;
-mod status;
+pub mod status;
 mod token;
 
 use crate::client::{Client, OpError};
@@ -95,6 +96,25 @@ pub enum Command {
     /// Follow and steer rollouts: list, status [--watch], pause, resume, abort.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
+    /// What was pushed: apps, their versions, where they are released.
+    #[command(subcommand)]
+    Apps(apps::AppsCommand),
+    /// An app's pushed versions: digest, size, when, where deployed and released.
+    Versions(apps::VersionsArgs),
+    /// An app's releases and rollbacks in an environment: when, by whom, with what outcome.
+    History(apps::HistoryArgs),
+    /// Pushed versions: rm.
+    #[command(subcommand)]
+    Artifact(apps::ArtifactCommand),
+    /// Print a shell completion script: bash, zsh or fish (e.g. `stagehand completion bash >
+    /// /etc/bash_completion.d/stagehand`).
+    Completion { shell: clap_complete::Shell },
+    /// Write man pages (stagehand.1 and one per subcommand) into a directory.
+    #[command(hide = true)]
+    Man {
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 /// Global options client commands need.
@@ -174,6 +194,18 @@ pub fn main() -> i32 {
             Command::Rollback(a) => release::run_rollback(a, &ctx).await,
             Command::Status(a) => status::run(a, &ctx).await,
             Command::Rollout(c) => rollout::run(c, &ctx).await,
+            Command::Apps(apps::AppsCommand::List) => apps::list(&ctx).await,
+            Command::Versions(a) => apps::show_versions(a, &ctx).await,
+            Command::History(a) => apps::history(a, &ctx).await,
+            Command::Artifact(c) => apps::artifact(c, &ctx).await,
+            Command::Completion { shell } => {
+                use clap::CommandFactory;
+                let mut out = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "stagehand", &mut out);
+                out!("{}", String::from_utf8_lossy(&out));
+                Ok(0)
+            }
+            Command::Man { out } => man_pages(&out),
         }
     });
     match result {
@@ -187,6 +219,27 @@ pub fn main() -> i32 {
             1
         }
     }
+}
+
+/// Writes `stagehand.1` and `stagehand-SUBCOMMAND.1` (nested ones too) into `dir`.
+fn man_pages(dir: &std::path::Path) -> Result<i32> {
+    use clap::CommandFactory;
+    fn write(cmd: clap::Command, name: String, dir: &std::path::Path, n: &mut usize) -> Result<()> {
+        let cmd = cmd.name(name.clone());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+        stagehand_common::fsx::write_atomic(&dir.join(format!("{name}.1")), &page, 0o644)?;
+        *n += 1;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub.clone(), format!("{name}-{}", sub.get_name()), dir, n)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut n = 0;
+    write(Cli::command(), "stagehand".into(), dir, &mut n)?;
+    outln!("Wrote {n} man pages to {}.", dir.display());
+    Ok(0)
 }
 
 /// An error's text: each cause once (a cause that repeats the text before it is dropped).

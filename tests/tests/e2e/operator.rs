@@ -260,3 +260,111 @@ async fn agents_install_over_ssh_enrols_a_running_agent_once() {
     let AdminResponse::Agents { agents } = fleet.call(AdminRequest::ListAgents).await.unwrap() else { panic!() };
     assert_eq!(agents.len(), 1, "a second run enrols nothing");
 }
+
+fn du(dir: &std::path::Path) -> u64 {
+    walk(dir).iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum()
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// #10 item 12: the controller's store only grew (one 400 MiB push left 404 MB for ever).
+/// `artifact rm` deletes a version no agent needs and the chunks no other version uses; it
+/// refuses a released version; a push in flight keeps the chunks it counted on; apps,
+/// versions and history say what was pushed and released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifact_rm_frees_what_only_that_version_used() {
+    use stagehand_common::protocol::RolloutSpec;
+    let fleet = Fleet::start().await.unwrap();
+    let _agent = fleet.agent("prod", "p").await.unwrap();
+    let tree = |name: &str, unique: u64| {
+        let dir = fleet.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        stagehand_tests::random_file(&dir.join("shared"), 2 << 20, 1).unwrap();
+        stagehand_tests::random_file(&dir.join("own"), 3 << 20, unique).unwrap();
+        dir
+    };
+    fleet.push("web", "1", &tree("v1", 11)).await.unwrap();
+    assert!(fleet.deploy("web", "1", "prod", 60).await.unwrap().all_done());
+    let spec = RolloutSpec { app: "web".into(), version: Some("1".into()), env: "prod".into(), ..Default::default() };
+    let r = fleet.rollout(spec).await.unwrap();
+    assert!(stagehand_tests::Progress::of(&fleet.wait_rollout(&r.id).await.unwrap()).all_done());
+    let v3 = tree("v3", 33);
+    fleet.push("web", "3", &v3).await.unwrap();
+
+    let out = run_cli(STAGEHAND, Some(&fleet), &["artifact", "rm", "web", "1"]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("released version in prod"), "{}", text(&out));
+
+    // A push in flight that counts on version 3's chunks: begun, not committed.
+    let c = tree("c", 33);
+    std::fs::write(c.join("extra"), "one more file").unwrap();
+    let (manifest, _) = stagehand_common::manifest::build(&c).unwrap();
+    let client = fleet.client().await.unwrap();
+    let AdminResponse::PushNeed { digest, missing, .. } = client
+        .call(&AdminRequest::PushBegin { app: "web".into(), version: "c".into(), manifest: manifest.encode() })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let extra = std::fs::read(c.join("extra")).unwrap();
+    assert_eq!(missing, vec![stagehand_common::Digest::of(&extra)], "only the new file's chunk is sent");
+    client.push_chunks(vec![(missing[0], extra)]).await.unwrap();
+
+    let store = fleet.ctl_dir.join("store");
+    let before = du(&store);
+    let out = run_cli(STAGEHAND, Some(&fleet), &["artifact", "rm", "web", "3", "-o", "json"]).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Version 3's own file is kept while the push in flight counts on it.
+    assert_eq!(v["bytes_freed"], 0, "{v}");
+    let AdminResponse::Pushed { .. } =
+        client.call(&AdminRequest::PushCommit { app: "web".into(), version: "c".into(), digest }).await.unwrap()
+    else {
+        panic!("the push in flight lost a chunk")
+    };
+    client.close().await;
+    assert!(fleet.deploy("web", "c", "prod", 60).await.unwrap().all_done());
+
+    // Nothing references version 3's content but c now; remove c too: its own chunks go,
+    // version 1's stay.
+    let out = run_cli(STAGEHAND, Some(&fleet), &["artifact", "rm", "web", "c"]).unwrap();
+    assert_eq!(out.status.code(), Some(1), "ordered to hold: {}", text(&out));
+    assert!(text(&out).contains("ordered to hold"), "{}", text(&out));
+    fleet.push("web", "4", &tree("v4", 44)).await.unwrap();
+    let out = run_cli(STAGEHAND, Some(&fleet), &["versions", "web", "-o", "json"]).unwrap();
+    let versions: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = versions.as_array().unwrap().iter().map(|v| v["version"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 3, "{versions}");
+    let one = versions.as_array().unwrap().iter().find(|v| v["version"] == "1").unwrap();
+    assert_eq!(one["released_in"], serde_json::json!(["prod"]));
+    let out = run_cli(STAGEHAND, Some(&fleet), &["artifact", "rm", "web", "4", "-o", "json"]).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["bytes_freed"], 3 << 20, "version 4's own file, not the shared one: {v}");
+    assert!(du(&store) < before, "the store shrank");
+    // Version 1 is whole: a new agent stages it from the store.
+    let _late = fleet.agent("prod", "late").await.unwrap();
+    assert!(fleet.wait_staged("web", "1", "prod", 60).await.unwrap().all_done());
+
+    let out = run_cli(STAGEHAND, Some(&fleet), &["history", "web", "--env", "prod", "-o", "json"]).unwrap();
+    let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(h[0]["version"], "1");
+    assert_eq!(h[0]["state"], "succeeded");
+    assert_eq!(h[0]["by"], "admin");
+    let out = run_cli(STAGEHAND, Some(&fleet), &["apps", "list"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("prod=1"), "{}", text(&out));
+    let out = run_cli(STAGEHAND, None, &["completion", "bash"]).unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("_stagehand"));
+}
