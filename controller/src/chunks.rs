@@ -89,7 +89,7 @@ impl ChunkStore {
             }
             for e in std::fs::read_dir(shard.path())? {
                 let e = e?;
-                if let Some(d) = e.file_name().to_str().and_then(|n| Digest::from_hex(n)) {
+                if let Some(d) = e.file_name().to_str().and_then(Digest::from_hex) {
                     all.push((d, e.metadata()?.len()));
                 }
             }
@@ -101,7 +101,7 @@ impl ChunkStore {
     pub fn manifest_digests(&self) -> io::Result<Vec<Digest>> {
         let mut all = Vec::new();
         for e in std::fs::read_dir(self.root.join("manifests"))? {
-            if let Some(d) = e?.file_name().to_str().and_then(|n| Digest::from_hex(n)) {
+            if let Some(d) = e?.file_name().to_str().and_then(Digest::from_hex) {
                 all.push(d);
             }
         }
