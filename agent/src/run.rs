@@ -227,6 +227,7 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
     }
     info!("Deploy channel up.");
     write_msg(&mut send, &DeployUp::Inventory { staged: host.inventory() }).await?;
+    write_msg(&mut send, &DeployUp::About { version: env!("CARGO_PKG_VERSION").to_string() }).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<DeployUp>();
     host.set_deploy(Some((tx, conn.clone())));
     let writer = async {

@@ -97,6 +97,10 @@ pub enum DeployUp {
     Renew {
         csr_der: Vec<u8>,
     },
+    /// The agent's own version (`stagehand-agent --version`), after its inventory.
+    About {
+        version: String,
+    },
 }
 
 /// Controller → agent on the deploy channel.
@@ -282,6 +286,7 @@ impl AgentInfo {
         serde_json::json!({
             "id": self.id, "name": self.name, "env": self.env, "labels": self.labels,
             "own_labels": self.own_labels, "connected": self.connected, "revoked": self.revoked, "apps": apps,
+            "version": self.version, "last_seen": self.last_seen,
         })
     }
 }
@@ -641,6 +646,10 @@ pub struct AgentInfo {
     pub connected: bool,
     pub revoked: bool,
     pub apps: Vec<AgentAppInfo>,
+    /// The version the agent last said it runs.
+    pub version: Option<String>,
+    /// Unix seconds its last channel closed (0: never seen since this was recorded).
+    pub last_seen: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

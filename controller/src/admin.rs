@@ -727,8 +727,11 @@ fn list_agents(ctl: &Controller) -> Result<Vec<AgentInfo>> {
         for (app, st) in ctl.store.appstates_of(&a.id)? {
             entry(&mut apps, &app).active = st.active;
         }
+        let connected = ctl.fleet.is_connected(&a.id);
         out.push(AgentInfo {
-            connected: ctl.fleet.is_connected(&a.id),
+            version: ctl.store.agent_version(&a.id)?,
+            last_seen: if connected { now_secs() } else { ctl.store.last_seen(&a.id)? },
+            connected,
             id: a.id,
             name: a.name,
             env: a.env,

@@ -87,6 +87,9 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
         r = reader => r,
     };
     ctl.fleet.detach(&id, Channel::Deploy, token);
+    if let Err(e) = ctl.store.put_last_seen(&id, now_secs()) {
+        warn!(agent = %id, error = %e, "Could not record when the agent was last seen.");
+    }
     info!(agent = %id, "Deploy channel down.");
     match result {
         Err(e) if is_disconnect(&e) => Ok(()),
@@ -119,6 +122,12 @@ pub fn check_names(what: &[(&str, &str)]) -> Result<()> {
 
 fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
     match msg {
+        DeployUp::About { version } => {
+            if version.len() > 64 || version.chars().any(|c| c.is_control()) {
+                bail!("agent {id} reports an unreadable version");
+            }
+            ctl.store.put_agent_about(id, &version)?;
+        }
         DeployUp::Inventory { staged } => {
             for s in &staged {
                 check_names(&[("app", &s.app), ("version", &s.version)])?;

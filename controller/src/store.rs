@@ -458,6 +458,30 @@ impl Store {
         Ok(())
     }
 
+    /// The version an agent says it runs (informational, not flushed).
+    pub fn put_agent_about(&self, id: &AgentId, version: &str) -> Result<()> {
+        self.meta.insert(key(&["agent-version", &id.0]), version.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn agent_version(&self, id: &AgentId) -> Result<Option<String>> {
+        Ok(self.meta.get(key(&["agent-version", &id.0]))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// When an agent was last connected (informational, not flushed).
+    pub fn put_last_seen(&self, id: &AgentId, at: u64) -> Result<()> {
+        self.meta.insert(key(&["agent-seen", &id.0]), &at.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    pub fn last_seen(&self, id: &AgentId) -> Result<u64> {
+        Ok(self
+            .meta
+            .get(key(&["agent-seen", &id.0]))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
     /// Whether any version of `app` was pushed.
     pub fn knows_app(&self, app: &str) -> Result<bool> {
         Ok(self.artifacts.scan_prefix(key(&[app, ""])).next().transpose()?.is_some())

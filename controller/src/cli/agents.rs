@@ -76,7 +76,16 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
                 outln!("No agents yet. Enrol one: stagehand token create --env ENV, then stagehand-agent join on the host.");
                 return Ok(0);
             }
-            outln!("{:<20} {:<16} {:<10} {:<10} {:<20} APPS", "ID", "NAME", "ENV", "CONNECTED", "LABELS");
+            let now = stagehand_common::ids::now_secs();
+            outln!(
+                "{:<20} {:<16} {:<10} {:<16} {:<8} {:<20} APPS",
+                "ID",
+                "NAME",
+                "ENV",
+                "CONNECTED",
+                "VERSION",
+                "LABELS"
+            );
             for a in agents {
                 // Token labels select the agent; the ones it asked for itself are marked `own:`.
                 let labels: Vec<String> = a
@@ -104,18 +113,21 @@ pub async fn run(cmd: AgentsCommand, ctx: &Ctx) -> Result<i32> {
                     })
                     .collect();
                 let connected = if a.revoked {
-                    "revoked"
+                    "revoked".to_string()
                 } else if a.connected {
-                    "yes"
+                    "yes".to_string()
+                } else if a.last_seen == 0 {
+                    "no (never)".to_string()
                 } else {
-                    "no"
+                    format!("no ({})", super::status::ago(now, a.last_seen))
                 };
                 outln!(
-                    "{:<20} {:<16} {:<10} {:<10} {:<20} {}",
+                    "{:<20} {:<16} {:<10} {:<16} {:<8} {:<20} {}",
                     a.id,
                     super::clean(&a.name),
                     a.env,
                     connected,
+                    super::clean(a.version.as_deref().unwrap_or("-")),
                     if labels.is_empty() { "-".into() } else { labels.join(",") },
                     apps.join("; ")
                 );

@@ -28,6 +28,14 @@ async fn a_revoked_agent_says_so_and_exits_with_status_3() {
     let mut proc = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("gone.log")).unwrap();
     wait_for("the agent to connect", Duration::from_secs(30), || connected(&fleet, "gone")).await.unwrap();
 
+    // agents list says which version each agent runs, and when a disconnected one was last seen.
+    wait_for("the agent to say its version", Duration::from_secs(30), || async {
+        matches!(fleet.call(AdminRequest::ListAgents).await,
+            Ok(AdminResponse::Agents { agents }) if agents[0].version.as_deref() == Some(env!("CARGO_PKG_VERSION")))
+    })
+    .await
+    .unwrap();
+
     let out = run_cli(STAGEHAND, Some(&fleet), &["agents", "revoke", "gone"]).unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let status = proc.wait_exit(Duration::from_secs(20)).await.unwrap();
@@ -35,6 +43,11 @@ async fn a_revoked_agent_says_so_and_exits_with_status_3() {
     let log = proc.log_text();
     assert!(log.contains("revoked agent") && log.contains("stagehand token create"), "{log}");
     assert!(log.matches("Channel lost").count() <= 2, "a flood:\n{log}");
+
+    let AdminResponse::Agents { agents } = fleet.call(AdminRequest::ListAgents).await.unwrap() else { panic!() };
+    assert!(!agents[0].connected && agents[0].last_seen > 0, "{agents:?}");
+    let out = run_cli(STAGEHAND, Some(&fleet), &["agents", "list"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("revoked"), "{}", text(&out));
 
     let mut again = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("again.log")).unwrap();
     assert_eq!(again.wait_exit(Duration::from_secs(20)).await.unwrap().code(), Some(3), "{}", again.log_text());
