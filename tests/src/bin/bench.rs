@@ -18,6 +18,10 @@
 //! (needs rsync and sshd: `apt-get install rsync openssh-server`): times, bytes on the
 //! loopback wire as a share of the full version, and `du` of the five staged versions.
 //!
+//! `--cli-only [--cli-runs N] [--cli-agents A]`: the CLI round trip, the median of
+//! `stagehand agents list -o json` against a controller process with A agents, over N runs,
+//! against the median of `stagehand --version` in the same run (goal: at most 3× that + 15 ms).
+//!
 //! Run: `cargo run --release -p stagehand-tests --bin stagehand-bench -- [--size-mib N]`
 
 use anyhow::{bail, Result};
@@ -44,6 +48,11 @@ async fn main() -> Result<()> {
     if args.iter().any(|a| a == "--delta-only") {
         let files = args.windows(2).find(|w| w[0] == "--delta-files").and_then(|w| w[1].parse().ok()).unwrap_or(256);
         return delta_bench(size_mib, files).await;
+    }
+    if args.iter().any(|a| a == "--cli-only") {
+        let runs = args.windows(2).find(|w| w[0] == "--cli-runs").and_then(|w| w[1].parse().ok()).unwrap_or(20);
+        let agents = args.windows(2).find(|w| w[0] == "--cli-agents").and_then(|w| w[1].parse().ok()).unwrap_or(10);
+        return cli_bench(runs, agents).await;
     }
     if args.iter().any(|a| a == "--rollout-only") {
         let n = args.windows(2).find(|w| w[0] == "--rollout-agents").and_then(|w| w[1].parse().ok()).unwrap_or(100);
@@ -809,5 +818,63 @@ async fn delta_bench(size_mib: u64, files: usize) -> Result<()> {
     );
     let fs = std::process::Command::new("findmnt").args(["-n", "-o", "FSTYPE", "-T"]).arg(&releases).output()?;
     println!("Filesystem of the agent's releases: {}", String::from_utf8_lossy(&fs.stdout).trim());
+    Ok(())
+}
+
+/// The CLI round trip: `agents list -o json` against a running controller (a process of its
+/// own, with `agents` connected agents) ÷ `--version` (process start, nothing else).
+async fn cli_bench(runs: usize, agents: usize) -> Result<()> {
+    let ctl = controller_process().await?;
+    let fleet = &ctl.fleet;
+    let mut running = Vec::new();
+    for i in 0..agents {
+        running.push(fleet.agent("prod", &format!("a{i}")).await?);
+    }
+    let bin = std::env::current_exe()?.with_file_name("stagehand-under-test");
+    let time = |args: &[&str]| -> Result<Duration> {
+        let started = Instant::now();
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .env("STAGEHAND_CONTROLLER", fleet.addr.to_string())
+            .env("STAGEHAND_CREDENTIALS", &fleet.admin)
+            .stdout(std::process::Stdio::piped())
+            .output()?;
+        let took = started.elapsed();
+        if !out.status.success() {
+            bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(took)
+    };
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    // Warm the page cache, then alternate the two so that drift hits both alike.
+    time(&["--version"])?;
+    time(&["agents", "list", "-o", "json"])?;
+    let (mut list, mut version) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        version.push(time(&["--version"])?);
+        list.push(time(&["agents", "list", "-o", "json"])?);
+    }
+    let (l, v) = (median(list), median(version));
+    let goal = v * 3 + Duration::from_millis(15);
+    println!(
+        "# CLI round trip ({runs} runs, {agents} agents, {} cores)\n",
+        std::thread::available_parallelism()?.get()
+    );
+    println!("| command | median |");
+    println!("|---|---|");
+    println!("| `stagehand --version` | {:.1} ms |", v.as_secs_f64() * 1e3);
+    println!("| `stagehand agents list -o json` | {:.1} ms |", l.as_secs_f64() * 1e3);
+    println!(
+        "\nratio {:.2}× --version; goal ≤ 3× + 15 ms = {:.1} ms: {}",
+        l.as_secs_f64() / v.as_secs_f64(),
+        goal.as_secs_f64() * 1e3,
+        if l <= goal { "met" } else { "NOT met" }
+    );
+    for mut a in running {
+        a.stop().await;
+    }
     Ok(())
 }
