@@ -11,20 +11,49 @@ pub struct StatusArgs {
     /// The app, as pushed.
     #[arg(value_parser = super::app_name)]
     pub app: String,
-    /// The environment to show.
+    /// The environment to show (default: every environment that has agents).
     #[arg(long, value_parser = super::env_name)]
-    pub env: String,
+    pub env: Option<String>,
 }
 
 pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
     let client = ctx.client().await?;
-    let resp = client.call(&AdminRequest::Status { app: a.app.clone(), env: a.env.clone() }).await?;
+    let envs = match &a.env {
+        Some(env) => vec![env.clone()],
+        None => {
+            let resp = client.call(&AdminRequest::ListAgents).await?;
+            let AdminResponse::Agents { agents } = resp else { bail!("{}", super::unexpected(&resp)) };
+            let envs: std::collections::BTreeSet<String> = agents.into_iter().map(|a| a.env).collect();
+            envs.into_iter().collect()
+        }
+    };
+    let mut all = Vec::new();
+    for env in envs {
+        let resp = client.call(&AdminRequest::Status { app: a.app.clone(), env }).await?;
+        let AdminResponse::Status { status } = resp else { bail!("{}", super::unexpected(&resp)) };
+        all.push(status);
+    }
     client.close().await;
-    let AdminResponse::Status { status } = resp else { bail!("{}", super::unexpected(&resp)) };
     if ctx.json() {
-        super::print_json(&status.to_json());
+        match (&a.env, all.as_slice()) {
+            (Some(_), [one]) => super::print_json(&one.to_json()),
+            _ => super::print_json(&serde_json::Value::Array(all.iter().map(|s| s.to_json()).collect())),
+        }
         return Ok(0);
     }
+    if all.is_empty() {
+        outln!("No agents yet. Enrol one: stagehand token create --env ENV, then stagehand-agent join on the host.");
+    }
+    for (i, status) in all.iter().enumerate() {
+        if i > 0 {
+            outln!("");
+        }
+        print_one(status);
+    }
+    Ok(0)
+}
+
+fn print_one(status: &stagehand_common::protocol::AppStatus) {
     // What runs where, beside what should.
     let mut live: std::collections::BTreeMap<&str, usize> = Default::default();
     for ag in &status.agents {
@@ -37,7 +66,7 @@ pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
     }
     if status.agents.is_empty() {
         outln!("No agents in {}. Enrol one: stagehand token create --env {}", status.env, status.env);
-        return Ok(0);
+        return;
     }
     let now = stagehand_common::ids::now_secs();
     outln!("{:<20} {:<16} {:<10} {:<12} {:<26} LAST RECEIPT", "ID", "NAME", "CONNECTED", "ACTIVE", "STAGED");
@@ -82,7 +111,6 @@ pub async fn run(a: StatusArgs, ctx: &Ctx) -> Result<i32> {
             outln!("{:<20} staging {} failed: {}", "", clean(v), clean(why));
         }
     }
-    Ok(0)
 }
 
 fn ms(us: u64) -> String {

@@ -378,6 +378,10 @@ async fn artifact_rm_frees_what_only_that_version_used() {
     assert_eq!(h[0]["by"], "admin");
     let out = run_cli(STAGEHAND, Some(&fleet), &["apps", "list"]).unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("prod=1"), "{}", text(&out));
+    // Without --env, status shows every environment that has agents.
+    let out = run_cli(STAGEHAND, Some(&fleet), &["status", "web", "-o", "json"]).unwrap();
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(all[0]["env"], "prod", "{all}");
     let out = run_cli(STAGEHAND, None, &["completion", "bash"]).unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("_stagehand"));
 }
