@@ -218,4 +218,30 @@ async fn stagehand_dev_starts_a_fleet_the_cli_can_use() {
     std::process::Command::new("kill").args(["-INT", &dev.child.id().to_string()]).status().unwrap();
     let status = dev.wait_exit(Duration::from_secs(30)).await.unwrap();
     assert!(status.success(), "{}", dev.log_text());
+
+    // #10 item 1: a second run on the same directory took a new port, its agents kept the
+    // old one, and it failed after a minute. Now it comes back (here, with its old port
+    // taken, on a new one its agents are pointed at), and re-releases nothing.
+    let old: std::net::SocketAddr = env.addr.parse().unwrap();
+    let _taken = std::net::UdpSocket::bind(old).unwrap();
+    let out2 = tmp.path().join("dev2.out");
+    let mut dev =
+        Proc::spawn(STAGEHAND, &["dev", "--data-dir", tmp.path().join("fleet").to_str().unwrap()], &[], out2.clone())
+            .unwrap();
+    wait_for("the second stagehand dev to print its exports", Duration::from_secs(120), || async {
+        std::fs::read_to_string(&out2).unwrap_or_default().contains("export STAGEHAND_CONTROLLER=")
+    })
+    .await
+    .unwrap();
+    let text = std::fs::read_to_string(&out2).unwrap();
+    let line = text.lines().find(|l| l.contains("export STAGEHAND_CONTROLLER=")).unwrap();
+    env.addr = line.split_whitespace().find_map(|w| w.strip_prefix("STAGEHAND_CONTROLLER=")).unwrap().to_string();
+    assert_ne!(env.addr, old.to_string());
+    let agents: serde_json::Value = serde_json::from_str(&ok(sh(&env, &["agents", "list", "-o", "json"]))).unwrap();
+    assert!(agents.as_array().unwrap().iter().all(|a| a["connected"] == true), "{agents}");
+    let history: serde_json::Value =
+        serde_json::from_str(&ok(sh(&env, &["history", "hello", "--env", "dev", "-o", "json"]))).unwrap();
+    assert_eq!(history.as_array().unwrap().len(), 1, "released again: {history}");
+    std::process::Command::new("kill").args(["-INT", &dev.child.id().to_string()]).status().unwrap();
+    assert!(dev.wait_exit(Duration::from_secs(30)).await.unwrap().success(), "{}", dev.log_text());
 }
