@@ -60,8 +60,9 @@ pub struct JoinArgs {
     /// The controller, HOST:PORT.
     #[arg(long)]
     pub controller: String,
-    /// A token from `stagehand token create`.
-    #[arg(long)]
+    /// A token from `stagehand token create` (or in STAGEHAND_TOKEN, which keeps it out of
+    /// process listings).
+    #[arg(long, env = "STAGEHAND_TOKEN", hide_env_values = true)]
     pub token: String,
     #[arg(long)]
     pub data_dir: PathBuf,

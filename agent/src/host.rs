@@ -243,6 +243,11 @@ impl Host {
         self.stop.subscribe()
     }
 
+    /// Whether a message names a release key pinned now (its signature is checked later).
+    pub fn signed_by_pinned(&self, msg: &SignedActivate) -> bool {
+        Activate::decode_unverified(&msg.body).is_some_and(|b| self.release_keys().iter().any(|k| k.key_id == b.key_id))
+    }
+
     /// The release keys pinned now.
     pub fn release_keys(&self) -> Vec<stagehand_common::activate::ReleaseKey> {
         self.release_keys.lock().unwrap_or_else(|p| p.into_inner()).clone()

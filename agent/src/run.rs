@@ -79,6 +79,13 @@ pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
                         waiting.spawn(async move {
                             let wait = until.saturating_sub(stagehand_common::ids::now_secs());
                             tokio::time::sleep(Duration::from_secs(wait)).await;
+                            // Signed by a key retired while it waited: the controller sends the
+                            // message again, signed anew; this copy is dropped, unanswered.
+                            if !host.signed_by_pinned(&msg) {
+                                info!("A scheduled message's release key was retired meanwhile; dropped.");
+                                host.unschedule(&msg);
+                                return;
+                            }
                             // Retention keeps the version until the activation is done with it.
                             activate::handle(&host, msg.clone()).await;
                             host.unschedule(&msg);

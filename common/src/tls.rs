@@ -287,11 +287,24 @@ pub struct Credentials {
     pub ca_pem: String,
 }
 
+impl Pair {
+    /// Whether the key is the certificate's.
+    pub fn matches(&self) -> bool {
+        let Ok(cert) = cert_der(&self.cert_pem) else { return false };
+        let Ok(key) = rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()) else { return false };
+        let Ok(signing) = rustls::crypto::ring::sign::any_supported_type(&key) else { return false };
+        rustls::sign::CertifiedKey::new(vec![cert], signing).keys_match().is_ok()
+    }
+}
+
 impl Credentials {
-    /// Loads the credentials in `dir`, finishing a renewal a crash interrupted.
+    /// Loads the credentials in `dir`, finishing a renewal a crash interrupted (when the
+    /// directory is ours to change; a read-only one is only read).
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
-        Self::finish_renewal(dir)
-            .map_err(|source| TlsError::Io { path: dir.join("renewed").display().to_string(), source })?;
+        if let Ok(_lock) = Self::lock(dir) {
+            Self::finish_renewal(dir)
+                .map_err(|source| TlsError::Io { path: dir.join("renewed").display().to_string(), source })?;
+        }
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|source| TlsError::Io { path: path.display().to_string(), source })
@@ -314,14 +327,44 @@ impl Credentials {
     /// Keeps renewed credentials in `dir`: written whole beside the current ones first
     /// (`dir/renewed/`), then moved over them, so a crash at any point leaves a certificate
     /// with its own key ([`Credentials::load`] finishes an interrupted move).
+    ///
+    /// Several processes may renew the same directory at once (parallel CLI runs): each
+    /// writes and moves its pair under an exclusive lock on `dir/.lock`, and a pair whose key
+    /// does not match its certificate is never moved in.
     pub fn save_renewed(&self, dir: &Path) -> Result<(), TlsError> {
+        let io = |source| TlsError::Io { path: dir.display().to_string(), source };
+        if !self.me.matches() {
+            return Err(TlsError::Io {
+                path: dir.display().to_string(),
+                source: std::io::Error::other("the renewed certificate does not match its key"),
+            });
+        }
+        let _lock = Self::lock(dir).map_err(io)?;
+        Self::finish_renewal(dir).map_err(io)?;
         self.save(&dir.join("renewed"))?;
-        Self::finish_renewal(dir).map_err(|source| TlsError::Io { path: dir.display().to_string(), source })
+        Self::finish_renewal(dir).map_err(io)
     }
 
+    /// An exclusive lock on the directory's renewals, held until the file is dropped.
+    fn lock(dir: &Path) -> std::io::Result<std::fs::File> {
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(".lock"))?;
+        f.lock()?;
+        Ok(f)
+    }
+
+    /// Under [`Credentials::lock`]: moves a whole, matching renewed pair over the current one.
     fn finish_renewal(dir: &Path) -> std::io::Result<()> {
         let next = dir.join("renewed");
         if !next.join("key.pem").exists() {
+            let _ = std::fs::remove_dir_all(&next);
+            return Ok(());
+        }
+        // The certificate that goes with the new key: still beside it, or already moved.
+        let cert = std::fs::read_to_string(next.join("cert.pem"))
+            .or_else(|_| std::fs::read_to_string(dir.join("cert.pem")))?;
+        let key = std::fs::read_to_string(next.join("key.pem"))?;
+        if !(Pair { cert_pem: cert, key_pem: key }).matches() {
+            // Never a certificate without its key: the current pair stays.
             let _ = std::fs::remove_dir_all(&next);
             return Ok(());
         }
@@ -350,6 +393,31 @@ impl Credentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Parallel CLI runs renewing one credentials directory: whatever the interleaving, the
+    /// directory ends with a certificate and its own key; a mismatched pair is never kept.
+    #[test]
+    fn renewals_racing_in_one_directory_leave_a_matching_pair() {
+        let ca = new_ca().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pair = || issue_with_key(&ca, &Role::Admin("ops".into()), ADMIN_LIFETIME).unwrap();
+        Credentials { me: pair(), ca_pem: ca.cert_pem.clone() }.save(dir.path()).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..5 {
+                        Credentials { me: pair(), ca_pem: ca.cert_pem.clone() }.save_renewed(dir.path()).unwrap();
+                        assert!(Credentials::load(dir.path()).unwrap().me.matches());
+                    }
+                });
+            }
+        });
+        let kept = Credentials::load(dir.path()).unwrap();
+        assert!(kept.me.matches());
+        let bad = Credentials { me: Pair { cert_pem: pair().cert_pem, key_pem: pair().key_pem }, ca_pem: ca.cert_pem };
+        assert!(bad.save_renewed(dir.path()).is_err());
+        assert_eq!(Credentials::load(dir.path()).unwrap().me.cert_pem, kept.me.cert_pem);
+    }
 
     #[test]
     fn csr_names_are_ignored() {

@@ -505,6 +505,16 @@ fn remove_artifact(ctl: &Controller, app: &str, version: &str) -> Result<AdminRe
                 format!("release another version first: stagehand release {app} VERSION --env {env}"),
             ));
         }
+        // What `rollback` would go back to must stay whole.
+        if a == app
+            && crate::plan::fleet::rollback_target(app, &env, Some(&d.version), &d.history).ok().as_deref()
+                == Some(version)
+        {
+            return Ok(error(
+                format!("{app} {version} is what `stagehand rollback {app} --env {env}` goes back to"),
+                format!("release a newer version to {env} first, so that {version} is no longer the rollback target"),
+            ));
+        }
     }
     for (env, a, id) in ctl.store.active_rollouts()? {
         if a == app && ctl.store.rollout(&id)?.is_some_and(|r| r.version == version) {
@@ -605,6 +615,8 @@ fn deploy(ctl: &Controller, app: &str, version: &str, env: &str) -> Result<Admin
     if let Some(e) = names(&[("app", app), ("version", version), ("environment", env)]) {
         return Ok(e);
     }
+    // No `artifact rm` between reading the artifact and recording the order to stage it.
+    let _rm = ctl.rollout_lock();
     let Some(artifact) = ctl.store.artifact(app, version)? else {
         return Ok(error(
             format!("{app} {version} has not been pushed"),

@@ -213,9 +213,11 @@ async fn dispatch(ctl: Arc<Controller>, conn: quinn::Connection) -> Result<()> {
         (ALPN_ADMIN, Some(CertRole::Admin(name))) => admin::serve(ctl, conn, name).await,
         (ALPN_DEPLOY, Some(CertRole::Agent(id))) if active_agent(&ctl, &id)? => deploy::serve(ctl, conn, id).await,
         (ALPN_RELEASE, Some(CertRole::Agent(id))) if active_agent(&ctl, &id)? => release::serve(ctl, conn, id).await,
-        // An agent's certificate the controller revoked, or no longer knows (removed): the
-        // agent is told so once and stops, instead of reconnecting for ever.
-        (ALPN_DEPLOY | ALPN_RELEASE, None | Some(CertRole::Agent(_))) => {
+        // An agent the controller revoked, or removed (its certificate is still registered to
+        // it): the agent is told so once and stops, instead of reconnecting for ever. A
+        // certificate the controller does not know at all (a state database restored from
+        // before a renewal) is only refused: its agent keeps trying, nothing stops for good.
+        (ALPN_DEPLOY | ALPN_RELEASE, Some(CertRole::Agent(_))) => {
             debug!(remote = %conn.remote_address(), "Refused a revoked or removed agent.");
             conn.close(stagehand_common::protocol::CLOSE_REVOKED.into(), b"revoked");
             Ok(())

@@ -148,6 +148,13 @@ pub async fn run(a: InstallArgs, ctx: &Ctx) -> Result<i32> {
     let controller = a.agent_controller.clone().or_else(|| ctx.controller.clone()).ok_or_else(|| {
         OpError::new("no controller address for the agents", "pass --controller HOST:PORT or --agent-controller")
     })?;
+    if a.prefix.as_deref().is_some_and(|p| p.chars().any(char::is_control) || !p.starts_with('/')) {
+        return Err(OpError::new(
+            "--prefix must be an absolute path without control characters",
+            "--prefix /opt/stagehand",
+        )
+        .into());
+    }
     let client = Arc::new(ctx.client().await?);
     let shared = Arc::new((bytes, controller, a.env.clone(), a.labels.clone(), Paths::of(a.prefix.as_deref())));
     let limit = Arc::new(tokio::sync::Semaphore::new(a.parallel.max(1)));
@@ -238,8 +245,28 @@ async fn install(
 ) -> Result<Outcome> {
     step(host, "checking");
     if let Some((id, name)) = enrolled(host, paths).await? {
-        step(host, &format!("already enrolled as {id} ({name})"));
-        return Ok(Outcome::AlreadyEnrolled { id, name });
+        let resp = client.call(&AdminRequest::ListAgents).await?;
+        let AdminResponse::Agents { agents } = resp else { bail!("{}", super::unexpected(&resp)) };
+        return match agents.iter().find(|a| a.id.0 == id) {
+            Some(a) if a.connected => {
+                step(host, &format!("already enrolled as {id} ({name}), connected"));
+                Ok(Outcome::AlreadyEnrolled { id, name })
+            }
+            Some(a) if a.revoked => {
+                bail!("enrolled as {id}, which is revoked; to enrol the host again, remove {} on it first", paths.data)
+            }
+            Some(_) => bail!(
+                "enrolled as {id} ({name}) but not connected; start it (systemctl start stagehand-agent, or {} run \
+                 --data-dir {}) and see its log",
+                paths.bin,
+                paths.data
+            ),
+            None => bail!(
+                "enrolled as {id}, which this controller does not know (another controller's agent?); remove {} on \
+                 the host to enrol it here",
+                paths.data
+            ),
+        };
     }
     step(host, &format!("copying the agent to {}", paths.bin));
     let copy = format!(
@@ -276,20 +303,24 @@ async fn install(
         u = sh(&paths.unit),
         text = unit.trim_end()
     );
+    // The token comes on stdin and goes to `join` in its environment: never in an argument
+    // list any user of either machine could read.
     let script = format!(
-        "set -e\n{bin} join --controller {controller} --token {token} --data-dir {data} -o json\n\
+        "set -e\nIFS= read -r STAGEHAND_TOKEN\nexport STAGEHAND_TOKEN\n\
+         {bin} join --controller {controller} --data-dir {data} -o json\nunset STAGEHAND_TOKEN\n\
          if {start}\nthen echo mode=systemd\nelse\n{keep}\
          mkdir -p \"$(dirname {log})\"\n\
          (setsid {bin} run --data-dir {data} >> {log} 2>&1 < /dev/null &)\necho mode=detached\nfi\n",
         bin = sh(&paths.bin),
         controller = sh(controller),
-        token = sh(&token),
         data = sh(&paths.data),
         start = start,
         keep = if paths.prefixed { keep_unit } else { String::new() },
         log = sh(&paths.log),
     );
-    let out = remote(host, &script, None).await.context("joining and starting the agent")?;
+    let out = remote(host, &script, Some(format!("{token}\n").into_bytes()))
+        .await
+        .context("joining and starting the agent")?;
     let detached = out.contains("mode=detached");
     let json_end = out.rfind('}').map_or(0, |i| i + 1);
     let joined: serde_json::Value = serde_json::from_str(&out[..json_end])

@@ -52,6 +52,26 @@ async fn a_revoked_agent_says_so_and_exits_with_status_3() {
     let mut again = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("again.log")).unwrap();
     assert_eq!(again.wait_exit(Duration::from_secs(20)).await.unwrap().code(), Some(3), "{}", again.log_text());
 
+    // A certificate of this CA the controller does not know (a state database restored from
+    // before a renewal) is refused, but never told "revoked": its agent keeps trying.
+    let ca = stagehand_controller::init::load_ca(&stagehand_controller::config::Layout::new(&fleet.ctl_dir)).unwrap();
+    let stranger = stagehand_common::tls::Credentials {
+        me: stagehand_common::tls::issue_with_key(
+            &ca,
+            &stagehand_common::tls::Role::Agent("a-0000000000000000".into()),
+            stagehand_common::tls::AGENT_LIFETIME,
+        )
+        .unwrap(),
+        ca_pem: ca.cert_pem.clone(),
+    };
+    let ep = stagehand_common::net::client_endpoint(fleet.addr).unwrap();
+    let cfg =
+        stagehand_common::net::client_config(stranger.client_config(stagehand_common::protocol::ALPN_DEPLOY).unwrap())
+            .unwrap();
+    let conn = stagehand_common::net::connect(&ep, fleet.addr, cfg).await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.unwrap();
+    assert!(format!("{reason}").contains("not allowed") && !format!("{reason}").contains("code 3"), "{reason}");
+
     // A name two agents share is not enough to revoke either: the command lists them.
     for env in ["prod", "lab"] {
         let token = fleet.token(env, 600).await.unwrap();
@@ -382,6 +402,19 @@ async fn artifact_rm_frees_what_only_that_version_used() {
     let out = run_cli(STAGEHAND, Some(&fleet), &["status", "web", "-o", "json"]).unwrap();
     let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(all[0]["env"], "prod", "{all}");
+    // What a rollback would go back to is kept too.
+    let spec = RolloutSpec {
+        app: "web".into(),
+        version: Some("c".into()),
+        env: "prod".into(),
+        force: true,
+        ..Default::default()
+    };
+    let r = fleet.rollout(spec).await.unwrap();
+    assert!(stagehand_tests::Progress::of(&fleet.wait_rollout(&r.id).await.unwrap()).all_done());
+    let out = run_cli(STAGEHAND, Some(&fleet), &["artifact", "rm", "web", "1"]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("goes back to"), "{}", text(&out));
     let out = run_cli(STAGEHAND, None, &["completion", "bash"]).unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("_stagehand"));
 }
