@@ -444,7 +444,7 @@ fn hook_exec(layout: &Layout, app: &str, version: &str, previous: Option<&str>) 
     env.insert("STAGEHAND_RELEASE_DIR".into(), layout.release_dir(app, version).display().to_string());
     env.insert("STAGEHAND_PREVIOUS_VERSION".into(), previous.unwrap_or("").into());
     let user = config.user.as_deref().map(crate::config::lookup_user).transpose()?;
-    Ok(hooks::Exec { env, user, limits: layout.config.limits.clone() })
+    Ok(hooks::Exec { env, user, limits: layout.config.limits.clone(), health_ca: layout.config.health_ca.clone() })
 }
 
 /// At start-up, an activation that was interrupted (an intent with no outcome) is finished:

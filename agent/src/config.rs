@@ -26,6 +26,10 @@ pub struct AgentConfig {
     /// Ceilings on what an artifact's `stagehand.toml` may ask of this host.
     #[serde(default, skip_serializing_if = "Limits::is_default")]
     pub limits: Limits,
+    /// CA certificates (PEM) that `https://` health checks trust, instead of the system's
+    /// (`/etc/ssl/certs/ca-certificates.crt`, else the bundled Mozilla roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_ca: Option<PathBuf>,
 }
 
 /// `[limits]`: the most any artifact's hooks and health checks get on this host, whatever

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 /// Most output kept from one hook or check.
 pub const OUTPUT_LIMIT: usize = 4096;
@@ -43,6 +43,10 @@ pub struct Health {
     pub retries: Option<u32>,
     /// Between tries (default 1s).
     pub interval: Option<String>,
+    /// For `url`: the status that counts as healthy (default: any 2xx).
+    pub expect_status: Option<u16>,
+    /// For `url`: text the response body must contain.
+    pub expect_body: Option<String>,
 }
 
 fn duration(s: &Option<String>, default: Duration) -> Result<Duration, String> {
@@ -93,6 +97,8 @@ pub struct Exec {
     pub env: BTreeMap<String, String>,
     pub user: Option<(u32, u32)>,
     pub limits: crate::config::Limits,
+    /// The CA file `https://` health checks trust (agent.toml `health_ca`).
+    pub health_ca: Option<std::path::PathBuf>,
 }
 
 /// `PATH` for hooks when the agent has none.
@@ -188,7 +194,7 @@ pub async fn check_health(h: &Health, dir: &Path, exec: &Exec) -> Result<String,
     for attempt in 1..=tries {
         let result = match (&h.command, &h.url) {
             (Some(cmd), _) => run(cmd, dir, exec, timeout).await,
-            (None, Some(url)) => http_get(url, timeout).await,
+            (None, Some(url)) => http_check(url, h, exec.health_ca.as_deref(), timeout).await,
             (None, None) => return Err("[health] needs `command` or `url`".into()),
         };
         match result {
@@ -202,31 +208,69 @@ pub async fn check_health(h: &Health, dir: &Path, exec: &Exec) -> Result<String,
     Err(last)
 }
 
-/// A minimal HTTP/1.0 GET of `http://host:port/path`: healthy on a 2xx status.
-async fn http_get(url: &str, timeout: Duration) -> Result<String, String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let addr = if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(&addr).await.map_err(|e| format!("{url}: {e}"))?;
-        let req = format!(
-            "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: stagehand-agent\r\nConnection: close\r\n\r\n"
+/// A GET of `url` (`http://` or `https://`, through ureq: HTTP/1.1, TLS verified against
+/// `ca` or the system's roots) on the blocking pool: healthy on the expected status (any 2xx
+/// by default) with the expected text in the body, if one is asked for.
+async fn http_check(url: &str, h: &Health, ca: Option<&Path>, timeout: Duration) -> Result<String, String> {
+    let (url, expect_status, expect_body, ca) =
+        (url.to_string(), h.expect_status, h.expect_body.clone(), ca.map(Path::to_path_buf));
+    let check = tokio::task::spawn_blocking(move || {
+        let roots = roots(ca.as_deref()).map_err(|e| format!("{url}: {e}"))?;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .user_agent("stagehand-agent")
+            .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
+            .build()
+            .into();
+        let mut resp = agent.get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+        let status = resp.status().as_u16();
+        // The first OUTPUT_LIMIT bytes are what `expect_body` is looked for in.
+        let mut head = Vec::new();
+        let _ = std::io::Read::read_to_end(
+            &mut std::io::Read::take(resp.body_mut().as_reader(), OUTPUT_LIMIT as u64),
+            &mut head,
         );
-        s.write_all(req.as_bytes()).await.map_err(|e| format!("{url}: {e}"))?;
-        let mut buf = Vec::new();
-        (&mut s).take(OUTPUT_LIMIT as u64).read_to_end(&mut buf).await.map_err(|e| format!("{url}: {e}"))?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).unwrap_or(0);
-        if (200..300).contains(&status) {
-            Ok(format!("{url}: {status}"))
-        } else {
-            Err(format!("{url}: status {status}"))
+        let body = String::from_utf8_lossy(&head);
+        let status_ok = match expect_status {
+            Some(s) => status == s,
+            None => (200..300).contains(&status),
+        };
+        if !status_ok {
+            let want = expect_status.map_or("2xx".to_string(), |s| s.to_string());
+            return Err(format!("{url}: status {status}, expected {want}"));
         }
+        if let Some(text) = expect_body.filter(|t| !body.contains(t.as_str())) {
+            return Err(format!("{url}: status {status}, but the body does not contain {text:?}"));
+        }
+        Ok(format!("{url}: {status}"))
+    });
+    match tokio::time::timeout(timeout + Duration::from_secs(1), check).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(format!("{e}")),
+        Err(_) => Err(format!("no answer within {}", humantime::format_duration(timeout))),
+    }
+}
+
+/// What `https://` checks trust: the named CA file, else the system's bundle, else the
+/// bundled Mozilla roots.
+fn roots(ca: Option<&Path>) -> Result<ureq::tls::RootCerts, String> {
+    const SYSTEM: &str = "/etc/ssl/certs/ca-certificates.crt";
+    let path = match ca {
+        Some(p) => p.to_path_buf(),
+        None if Path::new(SYSTEM).exists() => std::path::PathBuf::from(SYSTEM),
+        None => return Ok(ureq::tls::RootCerts::WebPki),
     };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| format!("{url}: no answer within {}", humantime::format_duration(timeout)))?
+    let pem = fsx::read_limited(&path, 4 << 20).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }

@@ -101,6 +101,7 @@ pub async fn join(
         keep_releases: crate::config::default_keep(),
         apps: Default::default(),
         limits: Default::default(),
+        health_ca: None,
     }
     .save(data_dir)?;
     Ok(identity)

@@ -616,3 +616,125 @@ async fn an_unreadable_seq_counter_fails_closed_and_is_repaired_from_the_audit_l
     assert!(fleet.release("web", "v2", "prod").await.unwrap().all_done());
     assert_eq!(agent.current("web").unwrap(), Path::new("releases/v2"));
 }
+
+/// #11 (health checks through a maintained HTTP client): an `https://` health URL is
+/// verified against the CA agent.toml names (`health_ca`), `expect_body` must be found in the
+/// response, and a host that does not trust the server's certificate counts it unhealthy.
+/// The server is a real `openssl s_server` on a loopback port of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_health_check_is_verified_and_reads_the_body() {
+    let fleet = Fleet::start().await.unwrap();
+    let t = fleet.path().join("tls");
+    std::fs::create_dir_all(&t).unwrap();
+    let p = |n: &str| t.join(n).to_str().unwrap().to_string();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    std::fs::write(t.join("leaf.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", &p("ca.key"), "-out", &p("ca.pem"), "-days", "1", "-subj", "/CN=test-ca"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[&["req"][..], &ec, &["-keyout", &p("leaf.key"), "-out", &p("leaf.csr"), "-subj", "/CN=localhost"]].concat(),
+    );
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("leaf.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &p("leaf.pem"),
+        "-days",
+        "1",
+        "-extfile",
+        &p("leaf.ext"),
+    ]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _server = stagehand_tests::Proc::spawn(
+        "openssl",
+        &[
+            "s_server",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-cert",
+            &p("leaf.pem"),
+            "-key",
+            &p("leaf.key"),
+            "-www",
+            "-quiet",
+        ],
+        &[],
+        t.join("server.log"),
+    )
+    .unwrap();
+    wait_for("openssl s_server to listen", Duration::from_secs(20), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await
+    .unwrap();
+
+    // One agent trusts the test CA; one (in lab) does not.
+    let mut trusting = fleet.enrol("prod", "trusting").await.unwrap();
+    let config = trusting.dir.join("agent.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("health_ca = \"{}\"\n{text}", p("ca.pem"))).unwrap();
+    trusting.start().await.unwrap();
+    let _wary = fleet.agent("lab", "wary").await.unwrap();
+    let health = |expect: &str| {
+        format!("[health]\nurl = \"https://localhost:{port}/\"\nexpect_body = \"{expect}\"\nretries = 1\ntimeout = \"5s\"\n")
+    };
+    let good = version_tree(fleet.path(), "good", Some(&health("Ciphers")));
+    let wrong = version_tree(fleet.path(), "wrong", Some(&health("no such text")));
+    fleet.push("web", "good", &good).await.unwrap();
+    fleet.push("web", "wrong", &wrong).await.unwrap();
+    for (v, env) in [("good", "prod"), ("wrong", "prod"), ("good", "lab")] {
+        assert!(fleet.deploy("web", v, env, 60).await.unwrap().all_done());
+    }
+    let force = |version: &str, env: &str| RolloutSpec {
+        app: "web".into(),
+        version: Some(version.into()),
+        env: env.into(),
+        force: true,
+        ..Default::default()
+    };
+    let done = |r: &stagehand_common::protocol::RolloutView| Progress::of(r);
+    let r = fleet.rollout(force("good", "prod")).await.unwrap();
+    let view = fleet.wait_rollout(&r.id).await.unwrap();
+    assert!(done(&view).all_done(), "{view:#?}");
+    assert_eq!(trusting.current("web").unwrap(), Path::new("releases/good"));
+
+    let r = fleet.rollout(force("wrong", "prod")).await.unwrap();
+    let p = done(&fleet.wait_rollout(&r.id).await.unwrap());
+    assert_eq!(p.failed.len(), 1, "{p:?}");
+    assert_eq!(trusting.current("web").unwrap(), Path::new("releases/good"));
+    let AdminResponse::Status { status } =
+        fleet.call(AdminRequest::Status { app: "web".into(), env: "prod".into() }).await.unwrap()
+    else {
+        panic!()
+    };
+    let log = &status.agents[0].last_receipt.as_ref().unwrap().log;
+    assert!(log.contains("does not contain \"no such text\""), "{log}");
+
+    let r = fleet.rollout(force("good", "lab")).await.unwrap();
+    let p = done(&fleet.wait_rollout(&r.id).await.unwrap());
+    assert_eq!(p.failed.len(), 1, "a certificate it does not trust is unhealthy: {p:?}");
+    let AdminResponse::Status { status } =
+        fleet.call(AdminRequest::Status { app: "web".into(), env: "lab".into() }).await.unwrap()
+    else {
+        panic!()
+    };
+    let log = &status.agents[0].last_receipt.as_ref().unwrap().log;
+    assert!(log.to_lowercase().contains("issuer") || log.to_lowercase().contains("certificate"), "{log}");
+}
