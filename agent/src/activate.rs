@@ -168,19 +168,19 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
 }
 
 /// Runs synchronous file work on the blocking pool, off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("activation steps do not panic")
 }
 
 /// One activation in flight, from the durable intent to its receipt.
-struct Activation {
-    host: Arc<Host>,
-    app: String,
-    version: String,
+pub(crate) struct Activation {
+    pub(crate) host: Arc<Host>,
+    pub(crate) app: String,
+    pub(crate) version: String,
     seq: u64,
-    previous: Option<String>,
+    pub(crate) previous: Option<String>,
     journal: Journal,
-    log: String,
+    pub(crate) log: String,
     started: Instant,
     check_us: u64,
     switch_us: u64,
@@ -195,6 +195,8 @@ enum Stage {
     BeforeSwitch(Activation, ArtifactConfig),
     /// Switched; a post-activate hook or health check must prove it.
     Switched(Activation, ArtifactConfig),
+    /// The artifact runs a service: started, proven, then given traffic (`switch.rs`).
+    Service(Activation, ArtifactConfig, u8),
 }
 
 /// Everything up to the switch (and, without hooks or health checks, the commit) runs in
@@ -223,6 +225,16 @@ fn begin(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Stage {
             return Stage::Answered(a.finish_now(ReceiptOutcome::Refused(Refusal::PreActivateFailed)));
         }
     };
+    if config.service.is_some() {
+        return Stage::Service(a, config, body.traffic);
+    }
+    if body.traffic < stagehand_common::activate::FULL_TRAFFIC {
+        a.note(
+            "traffic",
+            &format!("the message gives {} {}% of the traffic, and it runs no [service]", a.version, body.traffic),
+        );
+        return Stage::Answered(a.finish_now(ReceiptOutcome::Refused(Refusal::NotTrafficMode)));
+    }
     if config.hooks.pre_activate.is_some() {
         return Stage::BeforeSwitch(a, config);
     }
@@ -245,6 +257,7 @@ async fn apply(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Rece
     match blocking(move || begin(&h, &m, started)).await {
         Stage::Answered(r) => r,
         Stage::Switched(a, config) => a.prove(&config).await,
+        Stage::Service(a, config, weight) => crate::switch::activate(a, config, weight).await,
         Stage::BeforeSwitch(mut a, config) => {
             let cmd = config.hooks.pre_activate.clone().unwrap_or_default();
             if a.hook("pre_activate", &cmd, &config).await.is_err() {
@@ -259,15 +272,15 @@ async fn apply(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Rece
 }
 
 impl Activation {
-    fn release_dir(&self) -> std::path::PathBuf {
+    pub(crate) fn release_dir(&self) -> std::path::PathBuf {
         self.host.layout.release_dir(&self.app, &self.version)
     }
 
-    fn note(&mut self, what: &str, out: &str) {
+    pub(crate) fn note(&mut self, what: &str, out: &str) {
         append(&mut self.log, what, out);
     }
 
-    async fn hook(&mut self, what: &str, cmd: &str, config: &ArtifactConfig) -> Result<(), ()> {
+    pub(crate) async fn hook(&mut self, what: &str, cmd: &str, config: &ArtifactConfig) -> Result<(), ()> {
         let exec = match hook_exec(&self.host.layout, &self.app, &self.version, self.previous.as_deref()) {
             Ok(exec) => exec,
             Err(e) => {
@@ -324,7 +337,7 @@ impl Activation {
 
     /// The atomic switch; on failure, the receipt that says so.
     #[allow(clippy::result_large_err)]
-    fn switch_now(mut self) -> Result<Activation, Receipt> {
+    pub(crate) fn switch_now(mut self) -> Result<Activation, Receipt> {
         failpoint::hit("activate-before-switch");
         if let Err(e) = switch(&self.host.layout, &self.app, Some(&self.version)) {
             self.note("switch", &e.to_string());
@@ -336,7 +349,7 @@ impl Activation {
         Ok(self)
     }
 
-    async fn finish(self, outcome: ReceiptOutcome) -> Receipt {
+    pub(crate) async fn finish(self, outcome: ReceiptOutcome) -> Receipt {
         blocking(move || self.finish_now(outcome)).await
     }
 
@@ -409,7 +422,7 @@ fn switch(layout: &Layout, app: &str, version: Option<&str>) -> std::io::Result<
 }
 
 /// Switches back to `previous` and lets it restart (its own post-activate hook).
-async fn revert(host: &Arc<Host>, app: &str, previous: Option<&str>, log: &mut String) {
+pub(crate) async fn revert(host: &Arc<Host>, app: &str, previous: Option<&str>, log: &mut String) {
     let (l, a, p) = (host.layout.clone(), app.to_string(), previous.map(str::to_string));
     if let Err(e) = blocking(move || switch(&l, &a, p.as_deref())).await {
         error!(%app, error = %e, "Could not switch back.");
@@ -436,7 +449,12 @@ async fn revert(host: &Arc<Host>, app: &str, previous: Option<&str>, log: &mut S
 /// How an app's hooks run on this host: the SPEC's variables and the app's configured
 /// `env` (with `PATH`, nothing else of the agent's), as the app's `user`, under the
 /// host's `[limits]`.
-fn hook_exec(layout: &Layout, app: &str, version: &str, previous: Option<&str>) -> Result<hooks::Exec, String> {
+pub(crate) fn hook_exec(
+    layout: &Layout,
+    app: &str,
+    version: &str,
+    previous: Option<&str>,
+) -> Result<hooks::Exec, String> {
     let config = layout.app_config(app);
     let mut env: BTreeMap<String, String> = config.env;
     env.insert("STAGEHAND_APP".into(), app.into());
@@ -475,13 +493,24 @@ pub async fn recover(host: &Arc<Host>) {
             check_us: 0,
             switch_us: 0,
         };
-        if host.layout.active(&app).as_deref() == Some(intent.version.as_str()) {
+        let config = ArtifactConfig::load(&a.release_dir());
+        let service = config.as_ref().is_ok_and(|c| c.service.is_some());
+        // A service version got traffic only once its route was recorded: then it is proven
+        // again with the share the route gives it; otherwise it never had any.
+        let routed = crate::switch::load_route(&host.layout, &app)
+            .and_then(|r| r.versions.into_iter().find(|(v, _)| *v == intent.version).map(|(_, w)| w));
+        let live = host.layout.active(&app).as_deref() == Some(intent.version.as_str());
+        if let (true, Some(weight), Ok(config)) = (service && live, routed, &config) {
+            warn!(%app, version = %intent.version, seq = intent.seq, "An activation was interrupted after traffic moved; proving it again.");
+            a.note("recover", "the agent stopped after traffic moved; starting and checking the version again");
+            crate::switch::activate(a, config.clone(), weight).await;
+        } else if live && !service {
             warn!(%app, version = %intent.version, seq = intent.seq, "An activation was interrupted after the switch; proving it again.");
             a.note(
                 "recover",
                 "the agent stopped after the switch; running the post-activate hook and health check again",
             );
-            match ArtifactConfig::load(&a.release_dir()) {
+            match config {
                 Ok(config) => {
                     a.prove(&config).await;
                 }

@@ -38,9 +38,25 @@ pub enum Command {
     Status(DataDir),
     /// Apply a signed activate message from a file (offline or air-gapped release).
     Activate(ActivateArgs),
+    /// Show the output of an app's service (the live version's, or --version's).
+    Logs(LogsArgs),
     /// Recreate an app's missing activation journal with the last seq the controller issued
     /// for it (activation refuses while it is missing and `current` exists).
     RepairJournal(RepairArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// The app, as in agent.toml or `stagehand-agent status`.
+    pub app: String,
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The version whose service output to show (default: the live one).
+    #[arg(long = "version", id = "service_version", value_name = "VERSION")]
+    pub version: Option<String>,
+    /// How many lines from the end.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    pub lines: usize,
 }
 
 #[derive(Args, Debug)]
@@ -153,6 +169,37 @@ async fn run(cmd: Command, json: bool) -> Result<i32> {
         Command::Status(a) => status(&a.data_dir, json),
         Command::Activate(a) => activate(&a.data_dir, &a.file, json).await,
         Command::RepairJournal(a) => repair_journal(&a),
+        Command::Logs(a) => logs(&a),
+    }
+}
+
+/// Prints the tail of a version's service log (rotated part first).
+fn logs(a: &LogsArgs) -> Result<i32> {
+    stagehand_common::ids::check_name("app", &a.app).map_err(anyhow::Error::msg)?;
+    let layout = Layout::load(&a.data_dir)?;
+    let version = match a.version.clone().or_else(|| layout.active(&a.app)) {
+        Some(v) => v,
+        None => bail!(
+            "{} has no live version on this host; name one with --version (stagehand-agent status --data-dir {} lists them)",
+            a.app,
+            a.data_dir.display()
+        ),
+    };
+    stagehand_common::ids::check_name("version", &version).map_err(anyhow::Error::msg)?;
+    let log = crate::service::Services::new(&a.data_dir).log_path(&a.app, &version);
+    match crate::service::tail(&log, a.lines) {
+        Ok(text) => {
+            if !text.is_empty() {
+                println!("{text}");
+            }
+            Ok(0)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{} {version} has no service log ({} does not exist): its artifact has no [service], or it never ran here",
+            a.app,
+            log.display()
+        ),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("reading {}", log.display()))),
     }
 }
 
@@ -315,6 +362,10 @@ fn next_after(why: &stagehand_common::activate::Refusal, app: &str) -> String {
             "fix what the log above names on this host; if the message's seq was used, export a new message".into()
         }
         Malformed => "the file is damaged or not an activate message; export it again".into(),
+        NotTrafficMode => format!(
+            "the message splits traffic, and {app} is not in traffic mode here: give it `listen` under [apps.{app}] \
+             in agent.toml and a [service] in its stagehand.toml, or release without --traffic"
+        ),
     }
 }
 

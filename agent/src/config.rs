@@ -110,6 +110,10 @@ pub struct AppConfig {
     /// Runs the app's hooks and health checks as this user (a name from /etc/passwd)
     /// instead of the agent's.
     pub user: Option<String>,
+    /// Traffic mode (SPEC §9): the agent listens on this address (`127.0.0.1:8080`) and
+    /// forwards each connection to the service of the version that is live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
 }
 
 /// A user's uid and gid, from /etc/passwd.
@@ -145,6 +149,16 @@ impl AgentConfig {
         })?;
         let config: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         config.limits.check().with_context(|| format!("{}: [limits]", path.display()))?;
+        for (app, a) in &config.apps {
+            if let Some(listen) = &a.listen {
+                listen.parse::<std::net::SocketAddr>().with_context(|| {
+                    format!(
+                        "{}: [apps.{app}] listen = {listen:?} is not an address (\"127.0.0.1:8080\")",
+                        path.display()
+                    )
+                })?;
+            }
+        }
         Ok(config)
     }
 
@@ -153,7 +167,8 @@ impl AgentConfig {
             "# Stagehand agent configuration, written by `stagehand-agent join`.\n\
              # keep_releases: staged versions each app keeps besides the live one (0 keeps all).\n\
              # Per-app settings go under [apps.<name>]: root = \"/srv/web\", env = {{ KEY = \"value\" }}, keep_releases = N,\n\
-             # reuse = \"copy\" (files of its own for every version, for apps that write into their release tree)\n{}",
+             # reuse = \"copy\" (files of its own for every version, for apps that write into their release tree),\n\
+             # listen = \"127.0.0.1:8080\" (traffic mode: the agent forwards connections to the live version's service)\n{}",
             toml::to_string(self)?
         );
         fsx::write_atomic(&data_dir.join("agent.toml"), text.as_bytes(), 0o644)?;

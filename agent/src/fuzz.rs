@@ -170,6 +170,7 @@ pub fn activate_seed() -> Vec<u8> {
         not_before: 0,
         expires_at: 2000,
         key_id: public.key_id,
+        traffic: stagehand_common::activate::FULL_TRAFFIC,
     };
     encode(&activate::sign(&body, &key))
 }

@@ -21,6 +21,41 @@ pub struct ArtifactConfig {
     #[serde(default)]
     pub hooks: Hooks,
     pub health: Option<Health>,
+    /// A long-running process the agent supervises (SPEC §9).
+    pub service: Option<Service>,
+    /// Runs after a switch, for apps behind a proxy the agent does not run (nginx, HAProxy).
+    pub switch: Option<Switch>,
+}
+
+/// `[service]`: what the agent starts from the release directory, with `PORT` set.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Run with `sh -c` in the release directory.
+    pub start: String,
+    /// SIGTERM, then SIGKILL after this long (default 10s).
+    pub stop_grace: Option<String>,
+    /// How long connections to the version being replaced may take to finish before it
+    /// is stopped (default 30s; in traffic mode it is stopped as soon as none is left).
+    pub drain: Option<String>,
+}
+
+impl Service {
+    pub fn stop_grace(&self) -> Duration {
+        duration(&self.stop_grace, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10))
+    }
+
+    pub fn drain(&self) -> Duration {
+        duration(&self.drain, Duration::from_secs(30)).unwrap_or(Duration::from_secs(30))
+    }
+}
+
+/// `[switch]`: a command run after each switch with the live version's `PORT`, so a proxy
+/// in front can follow it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Switch {
+    pub command: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -83,6 +118,16 @@ impl ArtifactConfig {
                 return Err("stagehand.toml: [health] needs a command or a url".into());
             }
         }
+        if let Some(s) = &c.service {
+            key("[service] stop_grace", duration(&s.stop_grace, Duration::ZERO))?;
+            key("[service] drain", duration(&s.drain, Duration::ZERO))?;
+            if s.start.trim().is_empty() {
+                return Err("stagehand.toml: [service] start is empty".into());
+            }
+        }
+        if c.switch.is_some() && c.service.is_none() {
+            return Err("stagehand.toml: [switch] needs a [service] (it is told the service's PORT)".into());
+        }
         Ok(c)
     }
 
@@ -102,7 +147,7 @@ pub struct Exec {
 }
 
 /// `PATH` for hooks when the agent has none.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Runs `sh -c cmd` in `dir` as `exec` says; Ok(output) on exit 0, Err(why and output)
 /// otherwise. The hook is done when its process exits: a daemon it started in the
@@ -194,7 +239,14 @@ pub async fn check_health(h: &Health, dir: &Path, exec: &Exec) -> Result<String,
     for attempt in 1..=tries {
         let result = match (&h.command, &h.url) {
             (Some(cmd), _) => run(cmd, dir, exec, timeout).await,
-            (None, Some(url)) => http_check(url, h, exec.health_ca.as_deref(), timeout).await,
+            (None, Some(url)) => {
+                // A service's check names its port as `$PORT`.
+                let url = match exec.env.get("PORT") {
+                    Some(port) => url.replace("${PORT}", port).replace("$PORT", port),
+                    None => url.clone(),
+                };
+                http_check(&url, h, exec.health_ca.as_deref(), timeout).await
+            }
             (None, None) => return Err("[health] needs `command` or `url`".into()),
         };
         match result {

@@ -193,6 +193,10 @@ pub struct Host {
     scheduler: Mutex<Option<mpsc::UnboundedSender<(u64, SignedActivate)>>>,
     /// (app, version) of messages waiting in the scheduler, with how many: retention keeps them.
     scheduled: Mutex<std::collections::HashMap<(String, String), usize>>,
+    /// Supervised services (SPEC §9).
+    pub services: std::sync::Arc<crate::service::Services>,
+    /// Per app: its listener (traffic mode) and the versions it routes to.
+    traffic: Mutex<std::collections::HashMap<String, crate::switch::AppTraffic>>,
 }
 
 impl Host {
@@ -222,9 +226,21 @@ impl Host {
             release_tx: Mutex::default(),
             scheduler: Mutex::default(),
             scheduled: Mutex::default(),
+            services: std::sync::Arc::new(crate::service::Services::new(data_dir)),
+            traffic: Mutex::default(),
         };
         host.rebuild_index()?;
         Ok(host)
+    }
+
+    pub(crate) fn traffic(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, crate::switch::AppTraffic>> {
+        self.traffic.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_traffic(&self, app: &str, t: crate::switch::AppTraffic) {
+        self.traffic().insert(app.to_string(), t);
     }
 
     /// Asks the running agent to stop for good, with why (the first reason wins).

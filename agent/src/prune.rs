@@ -71,6 +71,11 @@ pub fn prune(host: &Host, app: &str, just_staged: &str, keep: usize) -> Result<V
     let layout = &host.layout;
     let current = layout.current(app);
     let mut protected: HashSet<String> = host.scheduled_versions(app);
+    // A version whose service runs (routed, draining) runs from its release directory.
+    protected.extend(host.services.running(app));
+    if let Some(route) = crate::switch::load_route(layout, app) {
+        protected.extend(route.versions.into_iter().map(|(v, _)| v));
+    }
     match std::fs::read_link(&current) {
         Ok(target) => protected.extend(target.file_name().map(|n| n.to_string_lossy().into_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

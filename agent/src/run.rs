@@ -36,6 +36,9 @@ impl RunningAgent {
         for t in &self.tasks {
             t.abort();
         }
+        // Services run on, to be adopted by the next agent (as after a crash); this one
+        // stops watching them, and stops listening.
+        self.host.detach_traffic();
         for t in self.tasks {
             let _ = t.await;
         }
@@ -57,6 +60,8 @@ impl RunningAgent {
 /// Opens the data directory, recovers, and starts the channels and the local socket.
 pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
     let host = Arc::new(Host::open(data_dir)?);
+    // The services the routes name, and the listeners, before anything can activate.
+    crate::switch::restore(&host).await;
     activate::recover(&host).await;
     {
         // Trees a crash left half-removed; after recovery, so that it is not delayed.

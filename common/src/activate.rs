@@ -25,7 +25,14 @@ pub struct Activate {
     pub expires_at: u64,
     /// Which pinned release key signed it.
     pub key_id: String,
+    /// The share of new connections (percent) the named version gets on a host in traffic
+    /// mode (SPEC §9); the rest stay with the version that had them. 100 moves them all.
+    /// Encoded only below 100 (see [`Activate::encode`]).
+    pub traffic: u8,
 }
+
+/// Every connection.
+pub const FULL_TRAFFIC: u8 = 100;
 
 /// Which agents of the environment a message is for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +115,9 @@ pub enum Refusal {
     HostError,
     /// `not_before` is in the future; the message waits.
     NotYetValid,
+    /// The message splits traffic (`--traffic` below 100) and the app is not in traffic
+    /// mode on this host (no `listen` in agent.toml, or no `[service]` in the artifact).
+    NotTrafficMode,
 }
 
 impl Refusal {
@@ -128,13 +138,14 @@ impl Refusal {
             Refusal::Interrupted => "interrupted",
             Refusal::HostError => "host-error",
             Refusal::NotYetValid => "not-yet-valid",
+            Refusal::NotTrafficMode => "not-traffic-mode",
         }
     }
 }
 
 impl Refusal {
     /// Every refusal, in code order.
-    pub const ALL: [Refusal; 14] = [
+    pub const ALL: [Refusal; 15] = [
         Refusal::Malformed,
         Refusal::UnknownKey,
         Refusal::BadSignature,
@@ -149,6 +160,7 @@ impl Refusal {
         Refusal::Interrupted,
         Refusal::HostError,
         Refusal::NotYetValid,
+        Refusal::NotTrafficMode,
     ];
 
     /// The refusal a stable code names (as `-o json` prints it).
@@ -164,23 +176,50 @@ impl fmt::Display for Refusal {
 }
 
 impl Activate {
+    /// The bytes that are signed. `traffic` is the body's last byte (a `u8` is one byte),
+    /// and it is left out at 100: a message that moves all traffic is byte for byte the
+    /// message of protocol 2, which agents of before traffic mode still accept. A weighted
+    /// message is refused by them as malformed: it fails closed.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = frame::encode(self);
+        if self.traffic == FULL_TRAFFIC {
+            bytes.pop();
+        }
+        bytes
+    }
+
+    /// The inverse of [`Activate::encode`]. A body without the weight byte means 100; one
+    /// with it must say less, so that each message has exactly one encoding.
+    pub fn decode(body: &[u8]) -> Option<Activate> {
+        if let Ok(a) = frame::decode::<Activate, { frame::CONTROL_LIMIT }>(body) {
+            return (a.traffic < FULL_TRAFFIC).then_some(a);
+        }
+        if body.len() >= frame::CONTROL_LIMIT {
+            return None;
+        }
+        let mut full = Vec::with_capacity(body.len() + 1);
+        full.extend_from_slice(body);
+        full.push(FULL_TRAFFIC);
+        frame::decode::<Activate, { frame::CONTROL_LIMIT }>(&full).ok().filter(|a| a.traffic == FULL_TRAFFIC)
+    }
+
     /// Decodes a body without checking its signature: for describing a message to a
     /// human, never for deciding anything.
     pub fn decode_unverified(body: &[u8]) -> Option<Activate> {
-        frame::decode::<_, { frame::CONTROL_LIMIT }>(body).ok()
+        Self::decode(body)
     }
 }
 
 /// Signs a body with a release key.
 pub fn sign(body: &Activate, key: &SigningKey) -> SignedActivate {
-    let body = frame::encode(body);
+    let body = body.encode();
     let signature = key.sign(&body).to_bytes().to_vec();
     SignedActivate { body, signature }
 }
 
 /// Rule 1: decodes the body and verifies its signature under a pinned key.
 pub fn verify(msg: &SignedActivate, keys: &[ReleaseKey]) -> Result<Activate, Refusal> {
-    let body: Activate = frame::decode::<_, { frame::CONTROL_LIMIT }>(&msg.body).map_err(|_| Refusal::Malformed)?;
+    let body = Activate::decode(&msg.body).ok_or(Refusal::Malformed)?;
     let key = keys.iter().find(|k| k.key_id == body.key_id).ok_or(Refusal::UnknownKey)?;
     let public = VerifyingKey::from_bytes(&key.public).map_err(|_| Refusal::UnknownKey)?;
     let signature: [u8; 64] = msg.signature.as_slice().try_into().map_err(|_| Refusal::BadSignature)?;
@@ -331,6 +370,7 @@ mod tests {
             not_before: 0,
             expires_at: 2000,
             key_id: keys[0].key_id.clone(),
+            traffic: crate::activate::FULL_TRAFFIC,
         };
         Fixture { key, keys, me, body }
     }
@@ -342,6 +382,26 @@ mod tests {
     fn accepts(f: &Fixture, msg: &SignedActivate, view: &AgentView<'_>, now: u64) -> Result<Verdict, Refusal> {
         let body = verify(msg, &f.keys)?;
         check(&body, view, now)
+    }
+
+    #[test]
+    fn a_full_traffic_body_is_the_body_of_protocol_2_and_a_weight_is_its_last_byte() {
+        let f = fixture();
+        let full = f.body.encode();
+        // Protocol 2 had no weight: its body is the struct's encoding minus the last byte.
+        assert_eq!(full, frame::encode(&f.body)[..full.len()]);
+        assert_eq!(Activate::decode(&full), Some(f.body.clone()));
+        let weighted = Activate { traffic: 10, ..f.body.clone() };
+        let bytes = weighted.encode();
+        assert_eq!(bytes.len(), full.len() + 1);
+        assert_eq!(Activate::decode(&bytes), Some(weighted));
+        // 100 written out, or above 100, has no meaning: one encoding per message.
+        let mut spelled = full.clone();
+        spelled.push(100);
+        assert_eq!(Activate::decode(&spelled), None);
+        spelled.pop();
+        spelled.push(101);
+        assert_eq!(Activate::decode(&spelled), None);
     }
 
     #[test]

@@ -458,6 +458,9 @@ pub struct RolloutSpec {
     pub ttl_secs: u64,
     /// How long a wave may wait for its hosts (staged gate, receipts); 0: 10 minutes.
     pub timeout_secs: u64,
+    /// The share of new connections (percent, 1..=100) the version gets on hosts in
+    /// traffic mode; 0 (unset) or 100 moves them all.
+    pub traffic: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -496,6 +499,8 @@ pub struct RolloutView {
     /// Hosts left out of the plan (offline with `--offline skip`, revoked), with why.
     pub skipped: Vec<HostView>,
     pub revision: u64,
+    /// The share of new connections (percent) hosts in traffic mode give the version.
+    pub traffic: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

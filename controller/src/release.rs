@@ -184,7 +184,8 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
             ),
         });
         let body = activate::verify(&desired.message, &ctl.release_keys).ok();
-        let usable = body.is_some_and(|b| b.targets.includes(id) && b.expires_at > now + 60 && b.not_before <= now);
+        let usable =
+            body.as_ref().is_some_and(|b| b.targets.includes(id) && b.expires_at > now + 60 && b.not_before <= now);
         let decision = fleet::catch_up(
             &fleet::Desired {
                 version: &desired.version,
@@ -220,6 +221,8 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
                     &rollout,
                     0,
                     ttl,
+                    // What the environment's message gives the version, this host gets too.
+                    body.as_ref().map_or(stagehand_common::activate::FULL_TRAFFIC, |b| b.traffic),
                 )?;
                 ctl.store.flush()?;
                 info!(agent = %id, %app, version = %desired.version, seq, "Catching up.");
@@ -244,6 +247,7 @@ pub fn sign_for(
     rollout_id: &str,
     not_before: u64,
     ttl_secs: u64,
+    traffic: u8,
 ) -> Result<(SignedActivate, Activate)> {
     let now = now_secs();
     let body = Activate {
@@ -258,9 +262,10 @@ pub fn sign_for(
         // A scheduled message lives its full lifetime from the time it may be applied.
         expires_at: now.max(not_before) + ttl_secs.max(1),
         key_id: ctl.release_keys[0].key_id.clone(),
+        traffic,
     };
     // Every seq signed is in the audit log, durably, before the message can leave.
-    let args = serde_json::json!({ "app": app, "env": env, "version": version, "seq": seq, "rollout": rollout_id });
+    let args = serde_json::json!({ "app": app, "env": env, "version": version, "seq": seq, "rollout": rollout_id, "traffic": traffic });
     ctl.audit.record("controller", "signed", args, "ok")?;
     Ok((activate::sign(&body, &ctl.release_key), body))
 }
@@ -302,7 +307,19 @@ pub fn export(
     let seq = ctl.store.next_seq(app)?;
     let ttl = if ttl_secs == 0 { ctl.config.message_ttl.as_secs() } else { ttl_secs };
     let rollout = format!("export-{seq}");
-    let (message, _) = sign_for(ctl, app, version, artifact.digest, env, targets.clone(), seq, &rollout, 0, ttl)?;
+    let (message, _) = sign_for(
+        ctl,
+        app,
+        version,
+        artifact.digest,
+        env,
+        targets.clone(),
+        seq,
+        &rollout,
+        0,
+        ttl,
+        stagehand_common::activate::FULL_TRAFFIC,
+    )?;
     ctl.store.flush()?;
     info!(%app, %version, %env, seq, "Exported an activate message.");
     Ok(Ok((message, seq, targets)))

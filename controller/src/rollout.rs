@@ -18,6 +18,7 @@ use crate::release::{sign_for, Refused};
 use crate::server::Controller;
 use crate::store::{DesiredRecord, StageState};
 use anyhow::Result;
+use stagehand_common::activate::FULL_TRAFFIC;
 use stagehand_common::ids::check_name;
 use stagehand_common::protocol::{HostView, ReleaseDown, RolloutAction, RolloutSpec, RolloutView, WaveView};
 use stagehand_common::AgentId;
@@ -184,6 +185,13 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
         .into_iter()
         .map(|n| Wave { hosts: hosts.by_ref().take(n).collect(), ..Wave::default() })
         .collect();
+    // A rollback moves every connection back.
+    let traffic = match spec.traffic {
+        _ if spec.rollback => FULL_TRAFFIC,
+        0 => FULL_TRAFFIC,
+        t @ 1..=FULL_TRAFFIC => t,
+        t => return Ok(Err(refused(format!("--traffic {t} is above 100"), "stagehand release --help"))),
+    };
     let mut rollout = Rollout {
         v: RECORD_VERSION,
         id: String::new(),
@@ -212,6 +220,7 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
         rollback_since: None,
         messages: vec![],
         revision: 1,
+        traffic,
     };
     if spec.dry_run {
         for r in &refusing {
@@ -339,6 +348,7 @@ pub fn view(ctl: &Controller, r: &Rollout) -> RolloutView {
         waves,
         skipped: r.skipped.iter().map(host).collect(),
         revision: r.revision,
+        traffic: r.traffic,
     }
 }
 
@@ -482,8 +492,24 @@ fn step_one(
             None => anyhow::bail!("{} {version} is no longer in the artifact store", r.app),
         };
         let seq = ctl.store.next_seq(&r.app)?;
-        let (message, _) =
-            sign_for(ctl, &r.app, &version, digest, &r.env, hosts.clone(), seq, &r.id, not_before, r.ttl_secs)?;
+        // A revert moves every connection back; a wave gives the new version its share.
+        let traffic = match purpose {
+            Purpose::Wave(_) => r.traffic,
+            Purpose::Revert => FULL_TRAFFIC,
+        };
+        let (message, _) = sign_for(
+            ctl,
+            &r.app,
+            &version,
+            digest,
+            &r.env,
+            hosts.clone(),
+            seq,
+            &r.id,
+            not_before,
+            r.ttl_secs,
+            traffic,
+        )?;
         r.record_sent(purpose, &hosts, seq, &version, message);
         signed.push((purpose, version, hosts.len(), seq));
     }
@@ -561,7 +587,8 @@ fn complete(ctl: &Controller, r: &Rollout) -> Result<()> {
             // Every host was skipped: a message for all of them, for catch-up to hand out.
             let seq = ctl.store.next_seq(&r.app)?;
             let all: Vec<AgentId> = r.skipped.iter().map(|h| h.id.clone()).chain(targets.clone()).collect();
-            let (m, _) = sign_for(ctl, &r.app, &r.version, r.digest, &r.env, all, seq, &r.id, 0, r.ttl_secs)?;
+            let (m, _) =
+                sign_for(ctl, &r.app, &r.version, r.digest, &r.env, all, seq, &r.id, 0, r.ttl_secs, r.traffic)?;
             (seq, m)
         }
     };

@@ -251,12 +251,23 @@ fn scan<T: DeserializeOwned>(tree: &sled::Tree, prefix: &[u8]) -> Result<Vec<(Ve
         .collect()
 }
 
-/// A rollout record of another layout is refused, not misread.
-fn checked_rollout(k: &[u8], r: Rollout) -> Result<Rollout> {
-    if r.v != crate::plan::rollout::RECORD_VERSION {
+/// A rollout record, read in its current layout or brought up from an older one; one of
+/// an unknown layout is refused, not misread.
+fn dec_rollout(k: &[u8], bytes: &[u8]) -> Result<Rollout> {
+    use crate::plan::rollout::RECORD_VERSION;
+    let r: Rollout = match bytes.first() {
+        // Layout 1 had no traffic weight, the last field (one byte): it moved all traffic.
+        Some(1) => {
+            let mut v2 = bytes.to_vec();
+            v2.push(stagehand_common::activate::FULL_TRAFFIC);
+            Rollout { v: RECORD_VERSION, ..dec(k, &v2)? }
+        }
+        _ => dec(k, bytes)?,
+    };
+    if r.v != RECORD_VERSION {
         return Err(StoreError::Corrupt {
             key: format!("rollout {}", hex::encode(k)),
-            why: format!("record version {} is not {}", r.v, crate::plan::rollout::RECORD_VERSION),
+            why: format!("record version {} is not {}", r.v, RECORD_VERSION),
         });
     }
     Ok(r)
@@ -709,12 +720,12 @@ impl Store {
 
     pub fn rollout(&self, id: &str) -> Result<Option<Rollout>> {
         let k = Self::rollout_key(id);
-        get::<Rollout>(&self.rollouts, &k)?.map(|r| checked_rollout(&k, r)).transpose()
+        self.rollouts.get(&k)?.map(|v| dec_rollout(&k, &v)).transpose()
     }
 
     /// Every rollout, oldest first.
     pub fn rollouts(&self) -> Result<Vec<Rollout>> {
-        scan::<Rollout>(&self.rollouts, b"")?.into_iter().map(|(k, r)| checked_rollout(&k, r)).collect()
+        self.rollouts.iter().map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| dec_rollout(&k, &v))).collect()
     }
 
     /// The id of the rollout of (env, app) that has not ended, if any.

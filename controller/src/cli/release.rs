@@ -27,6 +27,11 @@ pub struct ReleaseArgs {
     /// before this one (the promotion rule); the rollout records it.
     #[arg(long, conflicts_with = "export")]
     pub force: bool,
+    /// On hosts where the app is in traffic mode (`listen` in agent.toml), give the new
+    /// version this share of new connections, 1-100, with the old version still running
+    /// for the rest; a later release at 100 completes the move, a rollback undoes it.
+    #[arg(long, conflicts_with = "export", value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub traffic: Option<u8>,
     #[command(flatten)]
     pub send: SendArgs,
 }
@@ -137,6 +142,7 @@ impl PlanArgs {
             dry_run: self.dry_run,
             ttl_secs: send.valid_for.map_or(0, |d| d.as_secs()),
             timeout_secs: self.timeout.as_secs(),
+            traffic: 100,
         }
     }
 }
@@ -152,7 +158,11 @@ pub async fn run_release(a: ReleaseArgs, ctx: &Ctx) -> Result<i32> {
         };
         return export(ctx, req, &a.app, &a.env, path).await;
     }
-    let spec = RolloutSpec { force: a.force, ..a.plan.spec(&a.app, Some(a.version.clone()), &a.env, false, &a.send) };
+    let spec = RolloutSpec {
+        force: a.force,
+        traffic: a.traffic.unwrap_or(100),
+        ..a.plan.spec(&a.app, Some(a.version.clone()), &a.env, false, &a.send)
+    };
     start(ctx, spec, a.send.wait, a.plan.timeout).await
 }
 

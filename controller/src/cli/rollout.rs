@@ -356,13 +356,18 @@ pub fn render(r: &RolloutView) -> String {
     );
     let _ = writeln!(
         s,
-        "  {} wave(s), bake {}, max unhealthy {}, offline {}{}{}",
+        "  {} wave(s), bake {}, max unhealthy {}, offline {}{}{}{}",
         r.waves.len(),
         humantime::format_duration(Duration::from_secs(r.bake_secs)),
         r.max_unhealthy,
         r.offline,
         at,
-        if r.forced { ", forced past promotion" } else { "" }
+        if r.forced { ", forced past promotion" } else { "" },
+        if r.traffic < 100 {
+            format!(", {}% of new connections on traffic-mode hosts", r.traffic)
+        } else {
+            String::new()
+        }
     );
     if !r.reason.is_empty() {
         let _ = writeln!(s, "  reason: {}", clean(&r.reason));

@@ -17,7 +17,7 @@ use stagehand_common::{AgentId, Digest};
 use std::collections::{BTreeMap, HashMap};
 
 /// The version of the stored [`Rollout`] record.
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 2;
 
 /// How long a wave waits for its hosts when the operator gave no `--timeout`.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
@@ -248,6 +248,9 @@ pub struct Rollout {
     pub messages: Vec<Message>,
     /// Bumped on every stored change: watchers wait for it to move.
     pub revision: u64,
+    /// The share of new connections (percent) each host in traffic mode gives the version
+    /// (SPEC §9); 100 for a rollout that moves them all. The last field (layout 2).
+    pub traffic: u8,
 }
 
 /// What is known of a host right now.
@@ -748,6 +751,7 @@ mod tests {
             sizes.iter().map(|&k| Wave { hosts: hosts.by_ref().take(k).collect(), ..Wave::default() }).collect();
         Rollout {
             v: RECORD_VERSION,
+            traffic: 100,
             id: "r-1".into(),
             app: "web".into(),
             version: "v2".into(),

@@ -405,6 +405,7 @@ fn floor_message() -> (stagehand_common::activate::SignedActivate, Vec<ReleaseKe
         not_before: 0,
         expires_at: u64::MAX,
         key_id: keys[0].key_id.clone(),
+        traffic: stagehand_common::activate::FULL_TRAFFIC,
     };
     (activate::sign(&body, &key), keys)
 }

@@ -11,6 +11,7 @@ mod retention;
 mod reuse;
 mod rollout;
 mod stage;
+mod traffic;
 
 pub const STAGEHAND: &str = env!("CARGO_BIN_EXE_stagehand-under-test");
 pub const AGENT: &str = env!("CARGO_BIN_EXE_stagehand-agent-under-test");

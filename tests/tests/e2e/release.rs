@@ -65,6 +65,7 @@ fn body(fleet_key: &SigningKey, me: &AgentId, version: &str, digest: Digest, seq
         not_before: 0,
         expires_at: now_secs() + 600,
         key_id: activate::ReleaseKey::from_signing(fleet_key).key_id,
+        traffic: stagehand_common::activate::FULL_TRAFFIC,
     }
 }
 
@@ -478,6 +479,7 @@ async fn a_rotated_release_key_reaches_every_agent_and_the_old_key_is_refused() 
         not_before: 0,
         expires_at: now_secs() + 600,
         key_id: old_id.clone(),
+        traffic: stagehand_common::activate::FULL_TRAFFIC,
     };
     let forged = fleet.path().join("old-key.json");
     std::fs::write(&forged, activate::sign(&body, &old).to_export(&body)).unwrap();

@@ -1,0 +1,366 @@
+//! Activation of an app with a `[service]` (SPEC §9): start the new version beside the
+//! live one, prove it (health check against its own port), then move new connections to
+//! it (the app's listener, in traffic mode) and `current` with them, run `[switch]
+//! command`, and retire the versions that lost their share once their connections have
+//! ended. A version that fails its check never receives a connection.
+//!
+//! The route, which versions run and with what share of new connections, is kept in
+//! `DATA/services/<app>.route.json`; at start-up the agent brings back exactly the services
+//! it names (adopting those still running) before anything else.
+
+use crate::activate::{hook_exec, Activation};
+use crate::hooks::{self, ArtifactConfig};
+use crate::host::{Host, Layout};
+use crate::service::{Instance, Spec};
+use crate::traffic::{Listener, Route};
+use serde::{Deserialize, Serialize};
+use stagehand_common::activate::{Refusal, FULL_TRAFFIC};
+use stagehand_common::fsx;
+use stagehand_common::protocol::{Receipt, ReceiptOutcome};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// The versions of an app that run, with their shares of new connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteFile {
+    pub versions: Vec<(String, u8)>,
+}
+
+fn route_path(layout: &Layout, app: &str) -> PathBuf {
+    layout.data_dir.join("services").join(format!("{app}.route.json"))
+}
+
+pub fn load_route(layout: &Layout, app: &str) -> Option<RouteFile> {
+    let bytes = fsx::read_limited(&route_path(layout, app), 64 << 10).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn save_route(layout: &Layout, app: &str, route: &RouteFile) -> std::io::Result<()> {
+    let path = route_path(layout, app);
+    fsx::create_dir_all_durable(path.parent().expect("a route has a directory"))?;
+    fsx::write_atomic(&path, &serde_json::to_vec(route).expect("a route encodes"), 0o600)
+}
+
+/// How a version's service runs on this host.
+pub fn spec(layout: &Layout, app: &str, version: &str, config: &ArtifactConfig) -> Result<Spec, String> {
+    let svc = config.service.as_ref().ok_or("no [service] in stagehand.toml")?;
+    Ok(Spec {
+        dir: layout.release_dir(app, version),
+        start: svc.start.clone(),
+        exec: hook_exec(layout, app, version, None)?,
+        stop_grace: svc.stop_grace(),
+    })
+}
+
+/// An app's running versions and its listener, as the host holds them.
+#[derive(Default)]
+pub struct AppTraffic {
+    pub listener: Option<Arc<Listener>>,
+    pub route: Vec<(Arc<Instance>, u8)>,
+}
+
+impl AppTraffic {
+    fn apply(&mut self, route: Vec<(Arc<Instance>, u8)>) {
+        if let Some(l) = &self.listener {
+            l.set(Route(route.iter().map(|(i, w)| (i.backend.clone(), *w)).collect()));
+        }
+        self.route = route;
+    }
+
+    fn file(&self) -> RouteFile {
+        RouteFile { versions: self.route.iter().map(|(i, w)| (i.version.clone(), *w)).collect() }
+    }
+}
+
+/// What the new route is when `version` gets `weight` of the connections: all of them, or
+/// a share beside the version that has the most now.
+fn next_route(
+    now: &[(Arc<Instance>, u8)],
+    new: &Arc<Instance>,
+    weight: u8,
+) -> (Vec<(Arc<Instance>, u8)>, Option<String>) {
+    if weight >= FULL_TRAFFIC {
+        return (vec![(new.clone(), FULL_TRAFFIC)], None);
+    }
+    let stable = now.iter().filter(|(i, _)| i.version != new.version).max_by_key(|(_, w)| *w);
+    match stable {
+        Some((s, _)) => (vec![(s.clone(), FULL_TRAFFIC - weight), (new.clone(), weight)], None),
+        None => (
+            vec![(new.clone(), FULL_TRAFFIC)],
+            Some(format!("no other version runs to share with, so {} takes every connection", new.version)),
+        ),
+    }
+}
+
+/// Activates a version of an app with a `[service]`.
+#[allow(clippy::result_large_err)]
+pub(crate) async fn activate(mut a: Activation, config: ArtifactConfig, weight: u8) -> Receipt {
+    let host = a.host.clone();
+    let (app, version) = (a.app.clone(), a.version.clone());
+    let listen = host.layout.app_config(&app).listen.is_some();
+    if weight < FULL_TRAFFIC && !listen {
+        a.note(
+            "traffic",
+            &format!("the message gives {version} {weight}% of the traffic, and {app} has no `listen` in agent.toml"),
+        );
+        return a.finish(ReceiptOutcome::Refused(Refusal::NotTrafficMode)).await;
+    }
+    if let Some(cmd) = config.hooks.pre_activate.clone() {
+        if a.hook("pre_activate", &cmd, &config).await.is_err() {
+            return a.finish(ReceiptOutcome::Refused(Refusal::PreActivateFailed)).await;
+        }
+    }
+    // 1. The new version runs beside the old.
+    let spec = match spec(&host.layout, &app, &version, &config) {
+        Ok(s) => s,
+        Err(e) => {
+            a.note("service", &e);
+            return a.finish(ReceiptOutcome::Refused(Refusal::HostError)).await;
+        }
+    };
+    let svc = config.service.clone().expect("a service app");
+    let was_running = host.route_of(&app).iter().any(|(i, _)| i.version == version);
+    let instance = match host.services.start(&app, &version, spec).await {
+        Ok(i) => i,
+        Err(e) => {
+            a.note("service", &e);
+            return a.finish(ReceiptOutcome::Refused(Refusal::Unhealthy)).await;
+        }
+    };
+    a.note("service", &format!("{version} runs on port {}", instance.port));
+    // 2. Proven on its own port before it gets a connection.
+    if prove(&mut a, &config, &instance).await.is_err() {
+        if !was_running {
+            instance.stop(svc.stop_grace()).await;
+        }
+        a.note("traffic", "left where it was");
+        return a.finish(ReceiptOutcome::Refused(Refusal::Unhealthy)).await;
+    }
+    // 3. `current`, then the route (durable), then new connections move.
+    let before = host.route_of(&app);
+    let (route, note) = next_route(&before, &instance, weight);
+    if let Some(n) = note {
+        a.note("traffic", &n);
+    }
+    let a = match crate::activate::blocking(move || a.switch_now()).await {
+        Ok(a) => a,
+        Err(r) => {
+            if !was_running {
+                instance.stop(svc.stop_grace()).await;
+            }
+            return r;
+        }
+    };
+    let mut a = a;
+    if let Err(e) = host.set_route(&app, route.clone()) {
+        a.note("traffic", &format!("cannot record the route: {e}"));
+        return undo(a, &config, &before, &instance, was_running, Refusal::HostError).await;
+    }
+    let shares: Vec<String> = route.iter().map(|(i, w)| format!("{} {w}%", i.version)).collect();
+    a.note("traffic", &format!("new connections: {}", shares.join(", ")));
+    // 4. The post-activate hook and the switch command must pass too.
+    if let Some(cmd) = config.hooks.post_activate.clone() {
+        if a.hook("post_activate", &cmd, &config).await.is_err() {
+            return undo(a, &config, &before, &instance, was_running, Refusal::Unhealthy).await;
+        }
+    }
+    if let Some(sw) = &config.switch {
+        let previous = before.iter().max_by_key(|(_, w)| *w).map(|(i, _)| i.port);
+        if let Err(e) = run_switch(&host, &app, &version, &sw.command, instance.port, previous).await {
+            a.note("switch", &e);
+            return undo(a, &config, &before, &instance, was_running, Refusal::Unhealthy).await;
+        }
+        a.note("switch", "ran");
+    }
+    // 5. What lost its share drains, then stops, in the background.
+    retire_dropped(&host, &before, &route, &svc, listen);
+    a.finish(ReceiptOutcome::Committed).await
+}
+
+/// Health check against the version's own port: `[health]` with `PORT` set (and `$PORT`
+/// in its url), or without one, the port accepting connections.
+async fn prove(a: &mut Activation, config: &ArtifactConfig, instance: &Instance) -> Result<(), ()> {
+    let mut exec = match hook_exec(&a.host.layout, &a.app, &a.version, a.previous.as_deref()) {
+        Ok(e) => e,
+        Err(e) => {
+            a.note("health", &e);
+            return Err(());
+        }
+    };
+    exec.env.insert("PORT".into(), instance.port.to_string());
+    let checked = match &config.health {
+        Some(h) => hooks::check_health(h, &a.release_dir(), &exec).await,
+        None => listening(instance.port, exec.limits.health_timeout().min(Duration::from_secs(30))).await,
+    };
+    match checked {
+        Ok(out) => {
+            a.note("health", &out);
+            Ok(())
+        }
+        Err(e) => {
+            a.note("health", &e);
+            Err(())
+        }
+    }
+}
+
+/// Waits until something accepts connections on the port.
+async fn listening(port: u16, within: Duration) -> Result<String, String> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(format!("port {port} accepts connections"));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("nothing listens on port {port} after {}", humantime::format_duration(within)));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Puts the route and `current` back as they were and stops the new version (unless it
+/// ran before this activation).
+async fn undo(
+    mut a: Activation,
+    config: &ArtifactConfig,
+    before: &[(Arc<Instance>, u8)],
+    instance: &Arc<Instance>,
+    was_running: bool,
+    why: Refusal,
+) -> Receipt {
+    let host = a.host.clone();
+    if let Err(e) = host.set_route(&a.app, before.to_vec()) {
+        a.note("revert", &format!("cannot record the route: {e}"));
+    }
+    let mut log = std::mem::take(&mut a.log);
+    crate::activate::revert(&host, &a.app, a.previous.as_deref(), &mut log).await;
+    a.log = log;
+    if let (Some(sw), Some((old, _))) = (&config.switch, before.iter().max_by_key(|(_, w)| *w)) {
+        if let Err(e) = run_switch(&host, &a.app, &old.version, &sw.command, old.port, Some(instance.port)).await {
+            a.note("revert switch", &e);
+        }
+    }
+    if !was_running {
+        let grace = config.service.as_ref().map_or(Duration::from_secs(10), |s| s.stop_grace());
+        instance.stop(grace).await;
+    }
+    a.finish(ReceiptOutcome::Refused(why)).await
+}
+
+/// Retires the versions of `before` that `after` no longer routes to.
+fn retire_dropped(
+    host: &Host,
+    before: &[(Arc<Instance>, u8)],
+    after: &[(Arc<Instance>, u8)],
+    svc: &hooks::Service,
+    counted: bool,
+) {
+    for (old, _) in before {
+        if after.iter().any(|(i, _)| Arc::ptr_eq(i, old)) {
+            continue;
+        }
+        info!(app = %old.app, version = %old.version, open = old.backend.connections(), "Draining the version.");
+        host.services.retire(old.clone(), svc.drain(), svc.stop_grace(), counted);
+    }
+}
+
+/// `[switch] command`, in the new version's directory, with its port.
+async fn run_switch(
+    host: &Host,
+    app: &str,
+    version: &str,
+    cmd: &str,
+    port: u16,
+    previous_port: Option<u16>,
+) -> Result<String, String> {
+    let mut exec = hook_exec(&host.layout, app, version, None)?;
+    exec.env.insert("PORT".into(), port.to_string());
+    exec.env.insert("STAGEHAND_PORT".into(), port.to_string());
+    exec.env.insert("STAGEHAND_PREVIOUS_PORT".into(), previous_port.map(|p| p.to_string()).unwrap_or_default());
+    exec.env.insert("STAGEHAND_CURRENT".into(), host.layout.current(app).display().to_string());
+    hooks::run(cmd, &host.layout.release_dir(app, version), &exec, Duration::from_secs(60)).await
+}
+
+/// At start-up, before any activation: binds every app's listener, and brings back the
+/// services its route names (adopting those still running), or, for an app with a
+/// service and no route yet, the live version's.
+pub async fn restore(host: &Arc<Host>) {
+    for app in host.layout.apps() {
+        let cfg = host.layout.app_config(&app);
+        let mut t = AppTraffic::default();
+        if let Some(addr) = &cfg.listen {
+            match addr.parse::<std::net::SocketAddr>() {
+                Ok(addr) => match Listener::bind(&app, addr).await {
+                    Ok(l) => t.listener = Some(l),
+                    Err(e) => warn!(%app, %addr, error = %e, "Cannot listen for the app's traffic."),
+                },
+                Err(e) => warn!(%app, addr = %addr, error = %e, "`listen` is not an address."),
+            }
+        }
+        let versions = match load_route(&host.layout, &app) {
+            Some(r) => r.versions,
+            None => host.layout.active(&app).map(|v| vec![(v, FULL_TRAFFIC)]).unwrap_or_default(),
+        };
+        let mut keep = Vec::new();
+        let mut grace = Duration::from_secs(10);
+        for (v, w) in &versions {
+            let Ok(config) = ArtifactConfig::load(&host.layout.release_dir(&app, v)) else { continue };
+            let Some(svc) = &config.service else { continue };
+            grace = svc.stop_grace();
+            match spec(&host.layout, &app, v, &config) {
+                Ok(s) => keep.push((v.clone(), s, *w)),
+                Err(e) => warn!(%app, version = %v, error = %e, "Cannot start the service."),
+            }
+        }
+        let specs: Vec<_> = keep.iter().map(|(v, s, _)| (v.clone(), s.clone())).collect();
+        let running = host.services.restore(&app, &specs, grace).await;
+        let route: Vec<_> = keep
+            .iter()
+            .filter_map(|(v, _, w)| running.iter().find(|i| &i.version == v).map(|i| (i.clone(), *w)))
+            .collect();
+        t.apply(route);
+        if t.listener.is_some() || !t.route.is_empty() {
+            host.set_traffic(&app, t);
+        }
+    }
+}
+
+impl Host {
+    /// The versions an app routes to now.
+    pub fn route_of(&self, app: &str) -> Vec<(Arc<Instance>, u8)> {
+        self.traffic().get(app).map(|t| t.route.clone()).unwrap_or_default()
+    }
+
+    /// Records the route durably, then moves new connections.
+    pub fn set_route(&self, app: &str, route: Vec<(Arc<Instance>, u8)>) -> std::io::Result<()> {
+        let mut all = self.traffic();
+        let t = all.entry(app.to_string()).or_default();
+        let before = std::mem::take(&mut t.route);
+        t.route = route;
+        if let Err(e) = save_route(&self.layout, app, &t.file()) {
+            t.route = before;
+            return Err(e);
+        }
+        let route = std::mem::take(&mut t.route);
+        t.apply(route);
+        Ok(())
+    }
+
+    /// Stops listening and supervising, leaving the services running (for the next agent
+    /// to adopt).
+    pub fn detach_traffic(&self) {
+        for t in self.traffic().values() {
+            if let Some(l) = &t.listener {
+                l.close();
+            }
+        }
+        self.services.detach();
+    }
+
+    /// The app's listener address, if it is in traffic mode here.
+    pub fn listener(&self, app: &str) -> Option<std::net::SocketAddr> {
+        self.traffic().get(app).and_then(|t| t.listener.as_ref().map(|l| l.addr))
+    }
+}
