@@ -420,6 +420,10 @@ mod tests {
             m.body[i / 8] ^= 1 << (i % 8);
             assert!(accepts(&f, &m, &view(&f), 1000).is_err(), "bit {i}");
         }
+        // One more byte reads as a weight, which the signature does not cover; two are
+        // trailing garbage.
+        msg.body.push(0);
+        assert_eq!(accepts(&f, &msg, &view(&f), 1000), Err(Refusal::BadSignature));
         msg.body.push(0);
         assert_eq!(accepts(&f, &msg, &view(&f), 1000), Err(Refusal::Malformed));
     }

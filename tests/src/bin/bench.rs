@@ -22,6 +22,13 @@
 //! `stagehand agents list -o json` against a controller process with A agents, over N runs,
 //! against the median of `stagehand --version` in the same run (goal: at most 3× that + 15 ms).
 //!
+//! `--traffic-only [--traffic-secs S] [--traffic-conns C]`: traffic mode's listener. An agent
+//! (a process of its own) serves the test web service (`stagehand-test-web`, a process too)
+//! through `[apps.web] listen`; C keep-alive connections send small requests for S seconds,
+//! then 4 connections fetch 16 MiB bodies for S seconds, first straight to the service's
+//! port, then through the listener, twice over: requests/s, MiB/s and p50/p99 latency, and
+//! the listener's ratios to direct (goal: throughput ≥ 0.8×, p99 ≤ 1.5×).
+//!
 //! Run: `cargo run --release -p stagehand-tests --bin stagehand-bench -- [--size-mib N]`
 
 use anyhow::{bail, Result};
@@ -53,6 +60,11 @@ async fn main() -> Result<()> {
         let runs = args.windows(2).find(|w| w[0] == "--cli-runs").and_then(|w| w[1].parse().ok()).unwrap_or(20);
         let agents = args.windows(2).find(|w| w[0] == "--cli-agents").and_then(|w| w[1].parse().ok()).unwrap_or(10);
         return cli_bench(runs, agents).await;
+    }
+    if args.iter().any(|a| a == "--traffic-only") {
+        let secs = args.windows(2).find(|w| w[0] == "--traffic-secs").and_then(|w| w[1].parse().ok()).unwrap_or(3);
+        let conns = args.windows(2).find(|w| w[0] == "--traffic-conns").and_then(|w| w[1].parse().ok()).unwrap_or(32);
+        return traffic_bench(Duration::from_secs(secs), conns).await;
     }
     if args.iter().any(|a| a == "--rollout-only") {
         let n = args.windows(2).find(|w| w[0] == "--rollout-agents").and_then(|w| w[1].parse().ok()).unwrap_or(100);
@@ -876,6 +888,156 @@ async fn cli_bench(runs: usize, agents: usize) -> Result<()> {
     );
     for mut a in running {
         a.stop().await;
+    }
+    Ok(())
+}
+
+/// What one load run measured.
+struct Load {
+    done: u64,
+    bytes: u64,
+    took: Duration,
+    latencies_us: Vec<u64>,
+}
+
+/// `conns` keep-alive connections to `port`, each sending `GET path` in turn for `secs`.
+async fn load(port: u16, path: &str, conns: usize, secs: Duration) -> Result<Load> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..conns {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
+        tasks.spawn(async move {
+            let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            s.set_nodelay(true)?;
+            let mut s = tokio::io::BufReader::with_capacity(256 << 10, s);
+            let mut buf = vec![0u8; 256 << 10];
+            let (mut done, mut bytes, mut lat) = (0u64, 0u64, Vec::new());
+            while started.elapsed() < secs {
+                let t = Instant::now();
+                s.get_mut().write_all(request.as_bytes()).await?;
+                let mut length = 0usize;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if s.read_line(&mut line).await? == 0 {
+                        bail!("the connection closed");
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse()?;
+                    }
+                }
+                let mut left = length;
+                while left > 0 {
+                    let n = s.read(&mut buf[..left.min(256 << 10)]).await?;
+                    if n == 0 {
+                        bail!("the connection closed in a body");
+                    }
+                    left -= n;
+                }
+                lat.push(t.elapsed().as_micros() as u64);
+                done += 1;
+                bytes += length as u64;
+            }
+            anyhow::Ok((done, bytes, lat))
+        });
+    }
+    let mut out = Load { done: 0, bytes: 0, took: Duration::ZERO, latencies_us: Vec::new() };
+    while let Some(r) = tasks.join_next().await {
+        let (d, b, l) = r??;
+        out.done += d;
+        out.bytes += b;
+        out.latencies_us.extend(l);
+    }
+    out.took = started.elapsed();
+    out.latencies_us.sort_unstable();
+    Ok(out)
+}
+
+/// Traffic mode's listener against going straight to the service, in the same run.
+async fn traffic_bench(secs: Duration, conns: usize) -> Result<()> {
+    let web = std::env::current_exe()?.with_file_name("stagehand-test-web");
+    let agent_bin = std::env::current_exe()?.with_file_name("stagehand-agent-under-test");
+    let fleet = Fleet::start().await?;
+    let agent = fleet.enrol("prod", "bench").await?;
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut toml = std::fs::read_to_string(agent.dir.join("agent.toml"))?;
+    toml.push_str(&format!("\n[apps.web]\nlisten = \"127.0.0.1:{listen}\"\n"));
+    std::fs::write(agent.dir.join("agent.toml"), toml)?;
+    let dir = agent.dir.to_str().unwrap_or_default().to_string();
+    let proc = Proc::spawn(
+        agent_bin.to_str().unwrap_or_default(),
+        &["run", "--data-dir", &dir],
+        &[("STAGEHAND_LOG", "warn")],
+        fleet.path().join("agent.log"),
+    )?;
+    let src = fleet.path().join("web");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("content"), "hello from the bench")?;
+    std::fs::write(
+        src.join("stagehand.toml"),
+        format!("[service]\nstart = \"exec {}\"\n[health]\nurl = \"http://127.0.0.1:$PORT/health\"\ninterval = \"50ms\"\nretries = 100\n", web.display()),
+    )?;
+    fleet.push("web", "1", &src).await?;
+    if !fleet.deploy("web", "1", "prod", 60).await?.all_done() {
+        bail!("staging failed: {}", proc.log_text());
+    }
+    if !fleet.release("web", "1", "prod").await?.all_done() {
+        bail!("the release failed: {}", proc.log_text());
+    }
+    let record = std::fs::read(agent.dir.join("services/web/1.json"))?;
+    let direct: u16 = serde_json::from_slice::<serde_json::Value>(&record)?["port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or_else(|| anyhow::anyhow!("no port in the service record"))?;
+    let kib = |l: &Load| l.bytes as f64 / l.took.as_secs_f64() / MIB as f64;
+    let rps = |l: &Load| l.done as f64 / l.took.as_secs_f64();
+    let ms = |us: u64| us as f64 / 1000.0;
+    // Warm both paths.
+    load(direct, "/", conns, Duration::from_millis(300)).await?;
+    load(listen, "/", conns, Duration::from_millis(300)).await?;
+    println!(
+        "# Traffic mode: the agent's listener against the service's own port ({} cores, {} s per run)\n",
+        std::thread::available_parallelism()?.get(),
+        secs.as_secs()
+    );
+    println!("| workload | path | run | throughput | p50 | p99 |");
+    println!("|---|---|---|---|---|---|");
+    let mut results: HashMap<(&str, &str), Vec<Load>> = HashMap::new();
+    for run in 1..=2 {
+        for (workload, path, c) in [("small", "/", conns), ("bulk 16 MiB", "/bytes/16777216", 4)] {
+            for (via, port) in [("direct", direct), ("listener", listen)] {
+                let l = load(port, path, c, secs).await?;
+                let tput =
+                    if workload == "small" { format!("{:.0} req/s", rps(&l)) } else { format!("{:.0} MiB/s", kib(&l)) };
+                println!(
+                    "| {workload} ({c} conns) | {via} | {run} | {tput} | {:.2} ms | {:.2} ms |",
+                    ms(pct(&l.latencies_us, 50)),
+                    ms(pct(&l.latencies_us, 99))
+                );
+                results.entry((workload, via)).or_default().push(l);
+            }
+        }
+    }
+    println!();
+    for workload in ["small", "bulk 16 MiB"] {
+        let sum = |via: &str, f: &dyn Fn(&Load) -> f64| results[&(workload, via)].iter().map(f).sum::<f64>();
+        let tput: &dyn Fn(&Load) -> f64 = if workload == "small" { &rps } else { &kib };
+        let p99 = |l: &Load| pct(&l.latencies_us, 99) as f64;
+        let t = sum("listener", tput) / sum("direct", tput);
+        let p = sum("listener", &p99) / sum("direct", &p99);
+        println!(
+            "{workload}: throughput {t:.2}× direct (goal ≥ 0.8: {}), p99 {p:.2}× direct (goal ≤ 1.5: {})",
+            if t >= 0.8 { "met" } else { "NOT met" },
+            if p <= 1.5 { "met" } else { "NOT met" }
+        );
+    }
+    drop(proc);
+    for pid in [record].iter().filter_map(|r| serde_json::from_slice::<serde_json::Value>(r).ok()?["pid"].as_i64()) {
+        let _ = std::process::Command::new("kill").args(["-9", "--", &format!("-{pid}")]).status();
     }
     Ok(())
 }

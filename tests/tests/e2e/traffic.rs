@@ -22,7 +22,7 @@ fn web_artifact(root: &Path, version: &str, extra: &str) -> PathBuf {
         dir.join("stagehand.toml"),
         format!(
             "[service]\nstart = \"exec {WEB}\"\nstop_grace = \"3s\"\ndrain = \"3s\"\n\n\
-             [health]\nurl = \"http://127.0.0.1:$PORT/health\"\ninterval = \"50ms\"\nretries = 100\ntimeout = \"2s\"\n{extra}"
+             [health]\nurl = \"http://127.0.0.1:$PORT/health\"\ninterval = \"200ms\"\nretries = 10\ntimeout = \"2s\"\n{extra}"
         ),
     )
     .unwrap();
@@ -240,7 +240,7 @@ async fn a_version_that_fails_its_health_check_never_receives_traffic() {
     std::fs::write(src.join("unhealthy"), "").unwrap();
     std::fs::write(
         src.join("stagehand.toml"),
-        std::fs::read_to_string(src.join("stagehand.toml")).unwrap().replace("retries = 100", "retries = 3"),
+        std::fs::read_to_string(src.join("stagehand.toml")).unwrap().replace("retries = 10", "retries = 3"),
     )
     .unwrap();
     fleet.push("web", "2", &src).await.unwrap();
