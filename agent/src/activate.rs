@@ -25,6 +25,10 @@ pub async fn handle(host: &Arc<Host>, msg: SignedActivate) -> Receipt {
     let lock = host.activation(&app);
     let _one_at_a_time = lock.lock().await;
     let receipt = apply(host, &msg, started).await;
+    if receipt.outcome == ReceiptOutcome::Committed {
+        // A version without a service replaced one with: the services stop.
+        crate::switch::leave_service_mode(host, &receipt.app, &receipt.version);
+    }
     host.send_release(stagehand_common::protocol::ReleaseUp::Receipt(receipt.clone()));
     receipt
 }
@@ -177,7 +181,7 @@ pub(crate) struct Activation {
     pub(crate) host: Arc<Host>,
     pub(crate) app: String,
     pub(crate) version: String,
-    seq: u64,
+    pub(crate) seq: u64,
     pub(crate) previous: Option<String>,
     journal: Journal,
     pub(crate) log: String,
@@ -227,6 +231,16 @@ fn begin(host: &Arc<Host>, msg: &SignedActivate, started: Instant) -> Stage {
     };
     if config.service.is_some() {
         return Stage::Service(a, config, body.traffic);
+    }
+    if a.host.listener(&a.app).is_some() {
+        a.note(
+            "traffic",
+            &format!(
+                "{} is in traffic mode on this host (`listen` in agent.toml), and {} has no [service] to send connections to",
+                a.app, a.version
+            ),
+        );
+        return Stage::Answered(a.finish_now(ReceiptOutcome::Refused(Refusal::NotTrafficMode)));
     }
     if body.traffic < stagehand_common::activate::FULL_TRAFFIC {
         a.note(
@@ -494,17 +508,11 @@ pub async fn recover(host: &Arc<Host>) {
             switch_us: 0,
         };
         let config = ArtifactConfig::load(&a.release_dir());
+        // A service's activation interrupted anywhere is undone (`switch::restore` put its
+        // route back before this runs): it never commits without its own health check.
         let service = config.as_ref().is_ok_and(|c| c.service.is_some());
-        // A service version got traffic only once its route was recorded: then it is proven
-        // again with the share the route gives it; otherwise it never had any.
-        let routed = crate::switch::load_route(&host.layout, &app)
-            .and_then(|r| r.versions.into_iter().find(|(v, _)| *v == intent.version).map(|(_, w)| w));
         let live = host.layout.active(&app).as_deref() == Some(intent.version.as_str());
-        if let (true, Some(weight), Ok(config)) = (service && live, routed, &config) {
-            warn!(%app, version = %intent.version, seq = intent.seq, "An activation was interrupted after traffic moved; proving it again.");
-            a.note("recover", "the agent stopped after traffic moved; starting and checking the version again");
-            crate::switch::activate(a, config.clone(), weight).await;
-        } else if live && !service {
+        if live && !service {
             warn!(%app, version = %intent.version, seq = intent.seq, "An activation was interrupted after the switch; proving it again.");
             a.note(
                 "recover",

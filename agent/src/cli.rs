@@ -306,6 +306,8 @@ async fn activate(data_dir: &Path, file: &Path, json: bool) -> Result<i32> {
         Err(_) => {
             let host = Arc::new(Host::open(data_dir)?);
             host.apply_key_changes(&chain)?;
+            // The services the routes name, as the daemon would have them (adopted).
+            crate::switch::restore(&host).await;
             crate::activate::recover(&host).await;
             let r = crate::activate::handle(&host, msg).await;
             host.store.flush()?;
@@ -363,8 +365,9 @@ fn next_after(why: &stagehand_common::activate::Refusal, app: &str) -> String {
         }
         Malformed => "the file is damaged or not an activate message; export it again".into(),
         NotTrafficMode => format!(
-            "the message splits traffic, and {app} is not in traffic mode here: give it `listen` under [apps.{app}] \
-             in agent.toml and a [service] in its stagehand.toml, or release without --traffic"
+            "{app} is not in traffic mode here, or the version has no [service]: put `listen` under [apps.{app}] in \
+             agent.toml and restart the agent (it reads listen at start), give the artifact a [service], or release \
+             without --traffic"
         ),
     }
 }

@@ -59,6 +59,7 @@ impl RunningAgent {
 
 /// Opens the data directory, recovers, and starts the channels and the local socket.
 pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
+    raise_nofile();
     let host = Arc::new(Host::open(data_dir)?);
     // The services the routes name, and the listeners, before anything can activate.
     crate::switch::restore(&host).await;
@@ -109,6 +110,18 @@ pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
         scheduler,
     ];
     Ok(RunningAgent { host, tasks })
+}
+
+/// Forwarded connections take six descriptors each: the soft limit goes up to the hard one.
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            debug!(error = %e, "Cannot raise the open-file limit.");
+        }
+    }
 }
 
 /// The agent stopped for good: revoked, removed, or its certificate expired. Its exit

@@ -32,6 +32,8 @@ use tracing::{error, info, warn};
 pub const LOG_LIMIT: u64 = 4 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The environment variable that marks a service's processes.
+const MARK: &str = "STAGEHAND_SERVICE";
 /// A run this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 
@@ -130,6 +132,12 @@ impl Services {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// What a service's environment carries ([`MARK`]), so that its processes are found
+    /// even without their record.
+    fn mark(&self, app: &str, version: &str) -> String {
+        format!("{}/{app}/{version}", self.dir.display())
+    }
+
     fn record_path(&self, app: &str, version: &str) -> PathBuf {
         self.dir.join(app).join(format!("{version}.json"))
     }
@@ -194,18 +202,25 @@ impl Services {
                         let record = fsx::read_limited(&e.path(), 4096)
                             .ok()
                             .and_then(|b| serde_json::from_slice::<Record>(&b).ok());
+                        if record.is_none() {
+                            warn!(%app, %version, path = %e.path().display(), "An unreadable service record; its process (if any) is found by its mark.");
+                        }
                         Some((version, record))
                     })
                     .collect()
             })
             .unwrap_or_default();
+        let mut adopted = Vec::new();
         for (version, record) in &records {
             let wanted = keep.iter().find(|(v, _)| v == version);
             let alive = record.as_ref().and_then(|r| Proc::adopt(r).ok());
             match (wanted, alive, record) {
                 (Some((_, spec)), Some(proc), Some(r)) => {
                     info!(%app, %version, pid = r.pid, port = r.port, "Adopted the running service.");
-                    out.push(self.supervise(app, version, spec.clone(), r.port, Some(proc)));
+                    adopted.push(r.pid);
+                    let i = self.supervise(app, version, spec.clone(), r.port, Some(proc));
+                    watch_port(&i, spec);
+                    out.push(i);
                 }
                 (Some((_, spec)), None, Some(r)) => {
                     warn!(%app, %version, "The service was not running; starting it again.");
@@ -214,7 +229,9 @@ impl Services {
                     if let Err(e) = &proc {
                         error!(%app, %version, error = %e, "Cannot start the service; retrying with backoff.");
                     }
-                    out.push(self.supervise(app, version, spec.clone(), port, proc.ok()));
+                    let i = self.supervise(app, version, spec.clone(), port, proc.ok());
+                    watch_port(&i, spec);
+                    out.push(i);
                 }
                 (None, Some(mut proc), _) => {
                     info!(%app, %version, pid = proc.pid, "Stopping a service no route needs.");
@@ -226,8 +243,19 @@ impl Services {
                 }
             }
         }
+        // Processes of this app's services that no record names (an agent killed between a
+        // start and its record, a record lost): found by the mark in their environment.
+        for pid in marked(&self.mark(app, "")) {
+            if !adopted.contains(&pid) {
+                warn!(%app, pid, "Stopping a service process no record names.");
+                let _ = rustix::process::kill_process_group(
+                    rustix::process::Pid::from_raw(pid).expect("a pid above 1"),
+                    rustix::process::Signal::KILL,
+                );
+            }
+        }
         for (version, spec) in keep {
-            if records.iter().any(|(v, _)| v == version) {
+            if records.iter().any(|(v, r)| v == version && r.is_some()) {
                 continue;
             }
             match self.start(app, version, spec.clone()).await {
@@ -256,6 +284,7 @@ impl Services {
             .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| crate::hooks::DEFAULT_PATH.into()))
             .envs(&spec.exec.env)
             .env("PORT", port.to_string())
+            .env(MARK, self.mark(app, version))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -342,13 +371,14 @@ impl Services {
         });
     }
 
-    async fn run(&self, i: &Instance, spec: Spec, mut proc: Option<Proc>) {
+    async fn run(&self, i: &Arc<Instance>, spec: Spec, mut proc: Option<Proc>) {
         let (app, version) = (i.app.as_str(), i.version.as_str());
         let mut stop = i.stop.subscribe();
         let mut detached = self.detached.subscribe();
         let mut backoff = BACKOFF_MIN;
         let log = self.log_path(app, version);
         let mut rotate = tokio::time::interval(Duration::from_secs(1));
+        let mut since = Instant::now();
         let grace = loop {
             let Some(p) = proc.as_mut() else {
                 // Not running: wait out the backoff, then start it again.
@@ -362,25 +392,32 @@ impl Services {
                     Ok(p) => {
                         i.restarts.fetch_add(1, Ordering::Relaxed);
                         info!(%app, %version, pid = p.pid, "Restarted the service.");
+                        since = Instant::now();
                         proc = Some(p);
+                        watch_port(i, &spec);
                     }
                     Err(e) => error!(%app, %version, error = %e, "Cannot restart the service."),
                 }
                 continue;
             };
-            let started = Instant::now();
             tokio::select! {
                 status = p.exited() => {
+                    // No connection goes to its port until a process of the service holds it.
+                    i.backend.set_up(false);
                     // Whatever it left behind in its group goes too: it would hold the port.
                     let _ = rustix::process::kill_process_group(p.group(), rustix::process::Signal::KILL);
-                    if started.elapsed() > STABLE_AFTER {
+                    if since.elapsed() > STABLE_AFTER {
                         backoff = BACKOFF_MIN;
                     }
                     warn!(%app, %version, %status, backoff = ?backoff, "The service exited; restarting it.");
                     proc = None;
                 }
                 g = stop.wait_for(Option::is_some) => break g.ok().and_then(|g| *g),
-                _ = rotate.tick() => rotate_log(&log),
+                _ = rotate.tick() => {
+                    // A copy of megabytes: off the runtime's threads.
+                    let log = log.clone();
+                    drop(tokio::task::spawn_blocking(move || rotate_log(&log)));
+                }
                 _ = detached.wait_for(|d| *d) => return,
             }
         };
@@ -515,4 +552,136 @@ pub fn tail(log: &Path, lines: usize) -> std::io::Result<String> {
     let all: Vec<&str> = text.lines().collect();
     let from = all.len().saturating_sub(lines);
     Ok(all[from..].join("\n"))
+}
+
+/// Pids of the processes whose environment carries a mark starting with `prefix`.
+fn marked(prefix: &str) -> Vec<i32> {
+    let want = format!("{MARK}={prefix}");
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if pid <= 1 {
+            continue;
+        }
+        let Ok(env) = std::fs::read(e.path().join("environ")) else { continue };
+        if env.split(|b| *b == 0).any(|var| var.starts_with(want.as_bytes())) && !is_zombie(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The uid a service's listening socket must belong to: the app's `user`, or the agent's.
+pub fn service_uid(spec: &Spec) -> u32 {
+    spec.exec.user.map_or_else(|| rustix::process::geteuid().as_raw(), |(uid, _)| uid)
+}
+
+/// Whether every socket listening on `port` (IPv4 loopback or any address, or IPv6)
+/// belongs to `uid`: Ok once one does and none of another uid does.
+pub fn port_owned(port: u16, uid: u32) -> Result<(), String> {
+    let owners = listeners(port).map_err(|e| format!("cannot list the sockets listening on port {port}: {e}"))?;
+    match owners.iter().find(|o| **o != uid) {
+        Some(other) => Err(format!("port {port} is held by uid {other}, not by the service's uid {uid}")),
+        None if owners.is_empty() => Err(format!("nothing listens on port {port}")),
+        None => Ok(()),
+    }
+}
+
+/// The uids of the TCP sockets listening on `port` that take connections to 127.0.0.1,
+/// asked of the kernel through sock_diag: only listening sockets are walked, however many
+/// connections the host has (reading `/proc/net/tcp` takes seconds with 100,000 of them).
+fn listeners(port: u16) -> std::io::Result<Vec<u32>> {
+    use rustix::net::{
+        netlink, recv, sendto, socket_with, AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType,
+    };
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST_DUMP: u16 = 0x1 | 0x300;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const TCP_LISTEN: u32 = 10;
+    let fd = socket_with(AddressFamily::NETLINK, SocketType::DGRAM, SocketFlags::CLOEXEC, Some(netlink::SOCK_DIAG))?;
+    let kernel = netlink::SocketAddrNetlink::new(0, 0);
+    let mut owners = Vec::new();
+    for family in [2u8, 10u8] {
+        // nlmsghdr (16) + inet_diag_req_v2 (56): family, TCP, no extensions, listening only.
+        let mut req = Vec::with_capacity(72);
+        req.extend_from_slice(&72u32.to_ne_bytes());
+        req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        req.extend_from_slice(&NLM_F_REQUEST_DUMP.to_ne_bytes());
+        req.extend_from_slice(&u32::from(family).to_ne_bytes());
+        req.extend_from_slice(&0u32.to_ne_bytes());
+        req.extend_from_slice(&[family, 6, 0, 0]);
+        req.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+        req.resize(72, 0);
+        sendto(&fd, &req, SendFlags::empty(), &kernel)?;
+        let mut buf = vec![0u8; 64 << 10];
+        'dump: loop {
+            let (_, n) = recv(&fd, &mut buf[..], RecvFlags::empty())?;
+            let mut at = 0;
+            while at + 16 <= n {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+                let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+                if len < 16 || at + len > n {
+                    break 'dump;
+                }
+                match kind {
+                    NLMSG_DONE => break 'dump,
+                    NLMSG_ERROR => return Err(std::io::Error::other("sock_diag answered with an error")),
+                    _ => {}
+                }
+                // inet_diag_msg: family, state, timer, retrans, id { sport (BE), dport,
+                // src[16], dst[16], if, cookie }, expires, rqueue, wqueue, uid, inode.
+                let m = &buf[at + 16..at + len];
+                if m.len() >= 72 {
+                    let sport = u16::from_be_bytes([m[4], m[5]]);
+                    let src = &m[8..24];
+                    let v4_reaches_loopback = src[..4] == [127, 0, 0, 1] || src[..4] == [0, 0, 0, 0];
+                    if sport == port && (m[0] == 10 || v4_reaches_loopback) {
+                        owners.push(u32::from_ne_bytes(m[64..68].try_into().expect("4 bytes")));
+                    }
+                }
+                at += (len + 3) & !3;
+            }
+        }
+    }
+    Ok(owners)
+}
+
+/// Waits until the service holds its port, then lets the listener send it connections.
+fn watch_port(i: &Arc<Instance>, spec: &Spec) {
+    let (i, uid) = (i.clone(), service_uid(spec));
+    tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut told = false;
+        while Instant::now() < deadline && !i.stopping() {
+            match port_owned(i.port, uid) {
+                Ok(()) => {
+                    i.backend.set_up(true);
+                    return;
+                }
+                Err(e) if e.contains("held by") && !told => {
+                    error!(app = %i.app, version = %i.version, error = %e, "The service's port is taken; no connection goes there.");
+                    told = true;
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_port_is_owned_only_by_the_uid_that_listens_on_it() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let me = rustix::process::geteuid().as_raw();
+        assert_eq!(super::port_owned(port, me), Ok(()));
+        let other = super::port_owned(port, me + 4242).unwrap_err();
+        assert!(other.contains("held by uid"), "{other}");
+        drop(l);
+        assert!(super::port_owned(port, me).unwrap_err().contains("nothing listens"));
+    }
 }

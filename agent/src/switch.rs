@@ -20,7 +20,7 @@ use stagehand_common::protocol::{Receipt, ReceiptOutcome};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// The versions of an app that run, with their shares of new connections.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,19 +28,36 @@ pub struct RouteFile {
     pub versions: Vec<(String, u8)>,
 }
 
+/// What an activation in flight replaces, written before it changes `current` or the
+/// route: an agent killed before the outcome puts this route back at start-up.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Pending {
+    seq: u64,
+    before: Vec<(String, u8)>,
+}
+
+fn pending_path(layout: &Layout, app: &str) -> PathBuf {
+    layout.data_dir.join("services").join(format!("{app}.pending.json"))
+}
+
 fn route_path(layout: &Layout, app: &str) -> PathBuf {
     layout.data_dir.join("services").join(format!("{app}.route.json"))
 }
 
 pub fn load_route(layout: &Layout, app: &str) -> Option<RouteFile> {
-    let bytes = fsx::read_limited(&route_path(layout, app), 64 << 10).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    let path = route_path(layout, app);
+    let bytes = fsx::read_limited(&path, 64 << 10).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            error!(%app, path = %path.display(), error = %e, "The route file is unreadable; the live version takes all traffic.");
+            None
+        }
+    }
 }
 
 fn save_route(layout: &Layout, app: &str, route: &RouteFile) -> std::io::Result<()> {
-    let path = route_path(layout, app);
-    fsx::create_dir_all_durable(path.parent().expect("a route has a directory"))?;
-    fsx::write_atomic(&path, &serde_json::to_vec(route).expect("a route encodes"), 0o600)
+    save_json(&route_path(layout, app), route)
 }
 
 /// How a version's service runs on this host.
@@ -99,7 +116,17 @@ fn next_route(
 pub(crate) async fn activate(mut a: Activation, config: ArtifactConfig, weight: u8) -> Receipt {
     let host = a.host.clone();
     let (app, version) = (a.app.clone(), a.version.clone());
-    let listen = host.layout.app_config(&app).listen.is_some();
+    let configured = host.layout.app_config(&app).listen;
+    let listen = host.listener(&app).is_some();
+    if configured.is_some() && !listen {
+        let why = format!(
+            "agent.toml has listen = {:?} for {app}, and the agent could not listen there (its log says why); \
+             nothing was switched",
+            configured.unwrap_or_default()
+        );
+        a.note("traffic", &why);
+        return a.finish(ReceiptOutcome::Refused(Refusal::HostError)).await;
+    }
     if weight < FULL_TRAFFIC && !listen {
         a.note(
             "traffic",
@@ -144,12 +171,21 @@ pub(crate) async fn activate(mut a: Activation, config: ArtifactConfig, weight: 
     if let Some(n) = note {
         a.note("traffic", &n);
     }
+    let pending = Pending { seq: a.seq, before: before.iter().map(|(i, w)| (i.version.clone(), *w)).collect() };
+    if let Err(e) = save_json(&pending_path(&host.layout, &app), &pending) {
+        a.note("traffic", &format!("cannot record the activation: {e}"));
+        if !was_running {
+            instance.stop(svc.stop_grace()).await;
+        }
+        return a.finish(ReceiptOutcome::Refused(Refusal::HostError)).await;
+    }
     let a = match crate::activate::blocking(move || a.switch_now()).await {
         Ok(a) => a,
         Err(r) => {
             if !was_running {
                 instance.stop(svc.stop_grace()).await;
             }
+            clear_pending(&host.layout, &app);
             return r;
         }
     };
@@ -176,7 +212,20 @@ pub(crate) async fn activate(mut a: Activation, config: ArtifactConfig, weight: 
     }
     // 5. What lost its share drains, then stops, in the background.
     retire_dropped(&host, &before, &route, &svc, listen);
-    a.finish(ReceiptOutcome::Committed).await
+    let r = a.finish(ReceiptOutcome::Committed).await;
+    clear_pending(&host.layout, &app);
+    r
+}
+
+fn save_json<T: Serialize>(path: &std::path::Path, value: &T) -> std::io::Result<()> {
+    fsx::create_dir_all_durable(path.parent().expect("a file in a directory"))?;
+    fsx::write_atomic(path, &serde_json::to_vec(value).expect("it encodes"), 0o600)
+}
+
+/// Once the outcome is recorded (the journal's intent cleared), the pending record has no
+/// more use; one left behind is ignored at start-up (its seq is no intent's).
+fn clear_pending(layout: &Layout, app: &str) {
+    let _ = std::fs::remove_file(pending_path(layout, app));
 }
 
 /// Health check against the version's own port: `[health]` with `PORT` set (and `$PORT`
@@ -190,9 +239,16 @@ async fn prove(a: &mut Activation, config: &ArtifactConfig, instance: &Instance)
         }
     };
     exec.env.insert("PORT".into(), instance.port.to_string());
-    let checked = match &config.health {
-        Some(h) => hooks::check_health(h, &a.release_dir(), &exec).await,
-        None => listening(instance.port, exec.limits.health_timeout().min(Duration::from_secs(30))).await,
+    let uid = exec.user.map_or_else(|| rustix::process::geteuid().as_raw(), |(u, _)| u);
+    let within = exec.limits.health_timeout().min(Duration::from_secs(30));
+    // The port must be the service's own before anything is asked of it: a process of
+    // another user that took the port between its choice and the start gets no traffic.
+    let checked = match listening(instance.port, uid, within).await {
+        Err(e) => Err(e),
+        Ok(held) => match &config.health {
+            Some(h) => hooks::check_health(h, &a.release_dir(), &exec).await,
+            None => Ok(held),
+        },
     };
     match checked {
         Ok(out) => {
@@ -206,17 +262,19 @@ async fn prove(a: &mut Activation, config: &ArtifactConfig, instance: &Instance)
     }
 }
 
-/// Waits until something accepts connections on the port.
-async fn listening(port: u16, within: Duration) -> Result<String, String> {
+/// Waits until the service (a socket of its uid, and of no other) listens on the port.
+async fn listening(port: u16, uid: u32, within: Duration) -> Result<String, String> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return Ok(format!("port {port} accepts connections"));
+        let held = crate::service::port_owned(port, uid);
+        match held {
+            Ok(()) => return Ok(format!("port {port} is listened on by the service")),
+            Err(e) if e.contains("held by") => return Err(e),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!("{e} after {}", humantime::format_duration(within)))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(format!("nothing listens on port {port} after {}", humantime::format_duration(within)));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -231,6 +289,7 @@ async fn undo(
     why: Refusal,
 ) -> Receipt {
     let host = a.host.clone();
+    let a_app = a.app.clone();
     if let Err(e) = host.set_route(&a.app, before.to_vec()) {
         a.note("revert", &format!("cannot record the route: {e}"));
     }
@@ -246,7 +305,9 @@ async fn undo(
         let grace = config.service.as_ref().map_or(Duration::from_secs(10), |s| s.stop_grace());
         instance.stop(grace).await;
     }
-    a.finish(ReceiptOutcome::Refused(why)).await
+    let r = a.finish(ReceiptOutcome::Refused(why)).await;
+    clear_pending(&host.layout, &a_app);
+    r
 }
 
 /// Retires the versions of `before` that `after` no longer routes to.
@@ -299,10 +360,26 @@ pub async fn restore(host: &Arc<Host>) {
                 Err(e) => warn!(%app, addr = %addr, error = %e, "`listen` is not an address."),
             }
         }
-        let versions = match load_route(&host.layout, &app) {
-            Some(r) => r.versions,
-            None => host.layout.active(&app).map(|v| vec![(v, FULL_TRAFFIC)]).unwrap_or_default(),
+        // An activation the agent did not finish: the route it replaced comes back (and
+        // `recover` puts `current` back and reports it interrupted).
+        let in_flight = crate::journal::Journal::load(&host.layout.journal(&app)).ok().and_then(|j| j.intent);
+        let pending = fsx::read_limited(&pending_path(&host.layout, &app), 64 << 10)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Pending>(&b).ok());
+        let versions = match (pending, in_flight) {
+            (Some(p), Some(i)) if p.seq == i.seq => {
+                warn!(%app, seq = p.seq, "An activation was interrupted; its route is put back.");
+                if let Err(e) = save_route(&host.layout, &app, &RouteFile { versions: p.before.clone() }) {
+                    error!(%app, error = %e, "Cannot record the route.");
+                }
+                p.before
+            }
+            _ => match load_route(&host.layout, &app) {
+                Some(r) => r.versions,
+                None => host.layout.active(&app).map(|v| vec![(v, FULL_TRAFFIC)]).unwrap_or_default(),
+            },
         };
+        clear_pending(&host.layout, &app);
         let mut keep = Vec::new();
         let mut grace = Duration::from_secs(10);
         for (v, w) in &versions {
@@ -324,6 +401,28 @@ pub async fn restore(host: &Arc<Host>) {
         if t.listener.is_some() || !t.route.is_empty() {
             host.set_traffic(&app, t);
         }
+    }
+}
+
+/// After a version without a `[service]` was committed: the services of the app's route,
+/// if any, are retired and the route emptied.
+pub(crate) fn leave_service_mode(host: &Host, app: &str, version: &str) {
+    let before = host.route_of(app);
+    if before.is_empty() || before.iter().any(|(i, _)| i.version == version) {
+        return;
+    }
+    let service = ArtifactConfig::load(&host.layout.release_dir(app, version)).is_ok_and(|c| c.service.is_some());
+    if service {
+        return;
+    }
+    if let Err(e) = host.set_route(app, Vec::new()) {
+        error!(%app, error = %e, "Cannot record the route.");
+        return;
+    }
+    for (i, _) in before {
+        info!(%app, version = %i.version, "The live version runs no service; stopping this one.");
+        let grace = Duration::from_secs(10);
+        host.services.retire(i, Duration::ZERO, grace, false);
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// Bytes one splice moves at most, and the size asked of each pipe.
 const PIPE_SIZE: usize = 256 << 10;
@@ -26,6 +26,8 @@ pub struct Backend {
     pub version: String,
     pub port: u16,
     conns: AtomicUsize,
+    /// Whether a process of the version holds its port (false while it restarts).
+    up: std::sync::atomic::AtomicBool,
     /// Bumped as connections end (watchers wait for `conns` to reach 0).
     ended: watch::Sender<u64>,
     /// Set when the version is gone: its remaining connections are cut.
@@ -38,9 +40,18 @@ impl Backend {
             version: version.to_string(),
             port,
             conns: AtomicUsize::new(0),
+            up: std::sync::atomic::AtomicBool::new(true),
             ended: watch::Sender::new(0),
             cut: watch::Sender::new(false),
         })
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
     }
 
     /// Connections open to this version now.
@@ -95,6 +106,9 @@ pub struct Listener {
     route: RwLock<Route>,
     accepted: AtomicU64,
     closed: watch::Sender<bool>,
+    /// Connections being forwarded now, and the most there may be.
+    open: AtomicUsize,
+    max_open: usize,
 }
 
 impl Listener {
@@ -108,6 +122,8 @@ impl Listener {
             route: RwLock::new(Route::default()),
             accepted: AtomicU64::new(0),
             closed: watch::Sender::new(false),
+            open: AtomicUsize::new(0),
+            max_open: max_open(),
         });
         info!(%app, addr = %listener.addr, "Listening for the app's traffic.");
         tokio::spawn(listener.clone().accept_loop(socket));
@@ -124,27 +140,26 @@ impl Listener {
         self.route.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The backend the n-th connection goes to: positions 0..100 are visited in a
-    /// scattered order (61 is coprime to 100), so any 100 consecutive connections split
-    /// exactly by the weights, and small runs come close.
-    fn pick(&self, n: u64) -> Vec<Arc<Backend>> {
+    /// The backend the n-th connection goes to, counted before the route lock is let go
+    /// (so a drain that starts after a route change sees it): positions 0..100 are visited
+    /// in a scattered order (61 is coprime to 100), so any 100 consecutive connections
+    /// split exactly by the weights. A backend that is down (restarting) or was tried
+    /// already is passed over for another of the route.
+    fn pick(&self, n: u64, tried: &[Arc<Backend>]) -> Option<Counted> {
         let route = self.route.read().unwrap_or_else(|p| p.into_inner());
+        let usable = |b: &Arc<Backend>| b.is_up() && !tried.iter().any(|t| Arc::ptr_eq(t, b));
         let slot = (n.wrapping_mul(61) % 100) as u32;
         let mut acc = 0u32;
-        let mut order: Vec<Arc<Backend>> = Vec::with_capacity(route.0.len());
-        for (b, w) in &route.0 {
+        let chosen = route.0.iter().find(|(_, w)| {
             acc += u32::from(*w);
-            if slot < acc && order.is_empty() {
-                order.push(b.clone());
-            }
-        }
-        // The others, in case the chosen one cannot be reached.
-        for (b, w) in &route.0 {
-            if *w > 0 && !order.iter().any(|o| Arc::ptr_eq(o, b)) {
-                order.push(b.clone());
-            }
-        }
-        order
+            slot < acc
+        });
+        let b = chosen
+            .map(|(b, _)| b)
+            .filter(|b| usable(b))
+            .or_else(|| route.0.iter().filter(|(_, w)| *w > 0).map(|(b, _)| b).find(|b| usable(b)))?;
+        b.conns.fetch_add(1, Ordering::AcqRel);
+        Some(Counted(b.clone()))
     }
 
     /// Stops accepting (and lets go of the address).
@@ -163,9 +178,14 @@ impl Listener {
             match accepted {
                 Ok((client, _)) => {
                     told = false;
+                    if self.open.load(Ordering::Acquire) >= self.max_open {
+                        // Past the cap the connection is closed at once: the agent keeps the
+                        // descriptors its channels and its other apps need.
+                        warn!(app = %self.app, max = self.max_open, "Too many open connections; refusing one.");
+                        continue;
+                    }
                     let n = self.accepted.fetch_add(1, Ordering::Relaxed);
-                    let choices = self.pick(n);
-                    tokio::spawn(forward(client, choices));
+                    tokio::spawn(forward(self.clone(), client, n));
                 }
                 Err(e) => {
                     // Out of descriptors, mostly: the listener itself lives on.
@@ -180,29 +200,53 @@ impl Listener {
     }
 }
 
-async fn forward(client: TcpStream, choices: Vec<Arc<Backend>>) {
-    let mut chosen = None;
-    for b in choices {
+async fn forward(listener: Arc<Listener>, client: TcpStream, n: u64) {
+    let _open = OpenGuard::new(&listener.open);
+    let mut tried = Vec::new();
+    let (counted, server) = loop {
+        let Some(counted) = listener.pick(n, &tried) else { return };
+        let b = counted.0.clone();
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", b.port))).await {
-            Ok(Ok(s)) => {
-                chosen = Some((b, s));
-                break;
+            Ok(Ok(s)) => break (counted, s),
+            Ok(Err(e)) => {
+                warn!(app = %listener.app, version = %b.version, port = b.port, error = %e, "Cannot reach the version's service; trying another.")
             }
-            Ok(Err(e)) => debug!(version = %b.version, port = b.port, error = %e, "Cannot reach a backend."),
-            Err(_) => debug!(version = %b.version, port = b.port, "A backend did not answer in time."),
+            Err(_) => {
+                warn!(app = %listener.app, version = %b.version, port = b.port, "The version's service did not accept in time; trying another.")
+            }
         }
-    }
-    let Some((backend, server)) = chosen else { return };
-    backend.conns.fetch_add(1, Ordering::AcqRel);
-    let counted = Counted(backend);
+        tried.push(b);
+    };
     let mut cut = counted.0.cut.subscribe();
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
+    for s in [client.as_fd(), server.as_fd()] {
+        let _ = rustix::net::sockopt::set_tcp_nodelay(s, true);
+        // A peer that vanished without a word is found out within a few minutes.
+        let _ = rustix::net::sockopt::set_socket_keepalive(s, true);
+        let _ = rustix::net::sockopt::set_tcp_keepidle(s, Duration::from_secs(60));
+        let _ = rustix::net::sockopt::set_tcp_keepintvl(s, Duration::from_secs(10));
+        let _ = rustix::net::sockopt::set_tcp_keepcnt(s, 6);
+    }
     tokio::select! {
         _ = relay(client, server) => {}
         _ = cut.wait_for(|c| *c) => {}
     }
     drop(counted);
+}
+
+/// Holds a connection's place in the listener's count of open connections.
+struct OpenGuard<'a>(&'a AtomicUsize);
+
+impl<'a> OpenGuard<'a> {
+    fn new(open: &'a AtomicUsize) -> Self {
+        open.fetch_add(1, Ordering::AcqRel);
+        OpenGuard(open)
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Moves bytes both ways until both directions have ended (or one fails).
@@ -213,6 +257,13 @@ async fn relay(mut client: TcpStream, mut server: TcpStream) {
     } else {
         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
     }
+}
+
+/// Connections one listener forwards at most: an eighth of the descriptors this process
+/// may open (six per connection, the rest for everything else).
+fn max_open() -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(65536);
+    (limit / 8).max(64) as usize
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {

@@ -189,10 +189,10 @@ impl Activate {
     }
 
     /// The inverse of [`Activate::encode`]. A body without the weight byte means 100; one
-    /// with it must say less, so that each message has exactly one encoding.
+    /// with it must say 1 to 99, so that each message has exactly one encoding.
     pub fn decode(body: &[u8]) -> Option<Activate> {
         if let Ok(a) = frame::decode::<Activate, { frame::CONTROL_LIMIT }>(body) {
-            return (a.traffic < FULL_TRAFFIC).then_some(a);
+            return (a.traffic > 0 && a.traffic < FULL_TRAFFIC).then_some(a);
         }
         if body.len() >= frame::CONTROL_LIMIT {
             return None;
@@ -395,7 +395,9 @@ mod tests {
         let bytes = weighted.encode();
         assert_eq!(bytes.len(), full.len() + 1);
         assert_eq!(Activate::decode(&bytes), Some(weighted));
-        // 100 written out, or above 100, has no meaning: one encoding per message.
+        // 0 (a version nobody reaches), 100 written out, or above 100, has no meaning: one
+        // encoding per message.
+        assert_eq!(Activate::decode(&Activate { traffic: 0, ..f.body.clone() }.encode()), None);
         let mut spelled = full.clone();
         spelled.push(100);
         assert_eq!(Activate::decode(&spelled), None);
@@ -422,9 +424,9 @@ mod tests {
         }
         // One more byte reads as a weight, which the signature does not cover; two are
         // trailing garbage.
-        msg.body.push(0);
+        msg.body.push(1);
         assert_eq!(accepts(&f, &msg, &view(&f), 1000), Err(Refusal::BadSignature));
-        msg.body.push(0);
+        msg.body.push(1);
         assert_eq!(accepts(&f, &msg, &view(&f), 1000), Err(Refusal::Malformed));
     }
 

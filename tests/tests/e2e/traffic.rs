@@ -121,6 +121,8 @@ struct Loop {
     ok: Arc<AtomicUsize>,
     failures: Arc<Mutex<Vec<String>>>,
     last: Arc<Mutex<String>>,
+    /// Every body answered, with how often.
+    seen: Arc<Mutex<std::collections::BTreeMap<String, usize>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -130,19 +132,21 @@ impl Loop {
         let ok = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let last = Arc::new(Mutex::new(String::new()));
-        let (s, o, f, l) = (stop.clone(), ok.clone(), failures.clone(), last.clone());
+        let seen = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+        let (s, o, f, l, n) = (stop.clone(), ok.clone(), failures.clone(), last.clone(), seen.clone());
         let task = tokio::spawn(async move {
             while !s.load(Ordering::SeqCst) {
                 match get(port, "/").await {
                     Ok(body) => {
                         o.fetch_add(1, Ordering::SeqCst);
+                        *n.lock().unwrap().entry(body.clone()).or_insert(0) += 1;
                         *l.lock().unwrap() = body;
                     }
                     Err(e) => f.lock().unwrap().push(format!("{e:#}")),
                 }
             }
         });
-        Loop { stop, ok, failures, last, task }
+        Loop { stop, ok, failures, last, seen, task }
     }
 
     fn last(&self) -> String {
@@ -254,10 +258,12 @@ async fn a_version_that_fails_its_health_check_never_receives_traffic() {
     let receipt = r.waves[0].hosts[0].receipt.clone().unwrap();
     assert_eq!(receipt.outcome, ReceiptOutcome::Refused(stagehand_common::activate::Refusal::Unhealthy));
     assert!(receipt.log.contains("503"), "{}", receipt.log);
+    let seen = requests.seen.lock().unwrap().clone();
     let (ok, failures) = requests.finish().await;
     assert!(failures.is_empty(), "{failures:?}");
     assert!(ok > 0);
     // Nothing but version 1 ever answered, and version 2's process is gone.
+    assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["web 1"], "{seen:?}");
     assert_eq!(get(port, "/").await.unwrap(), "web 1");
     wait_for("version 2 to be stopped", Duration::from_secs(10), || async { web_processes(&agent.dir).len() == 1 })
         .await
@@ -453,7 +459,7 @@ async fn a_switch_command_moves_a_real_nginx_to_the_new_version() {
     let site = std::fs::read_to_string(example.join("stagehand-web.conf"))
         .unwrap()
         .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
-        .replace("/etc/nginx/stagehand/web-upstream.conf", ngx.join("upstream.conf").to_str().unwrap());
+        .replace("/var/lib/stagehand-nginx/web-upstream.conf", ngx.join("upstream.conf").to_str().unwrap());
     std::fs::write(ngx.join("upstream.conf"), "upstream stagehand_web { server 127.0.0.1:9; }\n").unwrap();
     std::fs::write(
         ngx.join("nginx.conf"),
@@ -524,4 +530,53 @@ async fn a_switch_command_moves_a_real_nginx_to_the_new_version() {
     let r = release(&fleet, "1", 20).await;
     assert_eq!(r.state, "failed");
     via_nginx("web 2").await.unwrap();
+}
+
+/// kill -9 of the agent after `current` moved and before the outcome: at start-up the route
+/// it replaced comes back, `current` goes back, the new version is stopped, and the
+/// activation is reported interrupted; nothing commits without its health check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_killed_after_the_switch_is_undone_at_start_up() {
+    let fleet = Fleet::start().await.unwrap();
+    let agent = fleet.enrol("prod", "p").await.unwrap();
+    let _reaper = Reaper(agent.dir.clone());
+    let port = free_port();
+    listen(&agent.dir, "web", port);
+    let dir = agent.dir.to_str().unwrap().to_string();
+    let env = [("STAGEHAND_LOG", "info"), ("NO_COLOR", "1")];
+    let first = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-1.log")).unwrap();
+    for v in ["1", "2"] {
+        push_and_stage(&fleet, v, "").await;
+    }
+    assert_eq!(release(&fleet, "1", 100).await.state, "succeeded");
+    drop(first);
+    // The next agent dies right after switching `current` to 2.
+    let fail = [("STAGEHAND_LOG", "info"), ("NO_COLOR", "1"), ("STAGEHAND_FAILPOINT", "activate-after-switch")];
+    let mut dying = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &fail, fleet.path().join("agent-2.log")).unwrap();
+    let spec = RolloutSpec {
+        app: "web".into(),
+        version: Some("2".into()),
+        env: "prod".into(),
+        force: true,
+        ..RolloutSpec::default()
+    };
+    let r = fleet.rollout(spec).await.unwrap();
+    let status = dying.wait_exit(Duration::from_secs(60)).await.unwrap();
+    assert!(!status.success(), "the failpoint should have killed the agent");
+    assert_eq!(agent.current("web").unwrap(), Path::new("releases/2"));
+    let third = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-3.log")).unwrap();
+    let r = fleet.wait_rollout(&r.id).await.unwrap();
+    let receipt = r.waves[0].hosts[0].receipt.clone().unwrap();
+    assert_eq!(
+        receipt.outcome,
+        ReceiptOutcome::Refused(stagehand_common::activate::Refusal::Interrupted),
+        "{r:?}\n{}",
+        third.log_text()
+    );
+    assert_eq!(agent.current("web").unwrap(), Path::new("releases/1"));
+    assert_eq!(get(port, "/").await.unwrap(), "web 1");
+    wait_for("version 2 to be stopped", Duration::from_secs(20), || async { web_processes(&agent.dir).len() == 1 })
+        .await
+        .unwrap();
+    assert!(!agent.dir.join("services/web.pending.json").exists());
 }
