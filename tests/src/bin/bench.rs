@@ -26,8 +26,9 @@
 //! (a process of its own) serves the test web service (`stagehand-test-web`, a process too)
 //! through `[apps.web] listen`; C keep-alive connections send small requests for S seconds,
 //! then 4 connections fetch 16 MiB bodies for S seconds, first straight to the service's
-//! port, then through the listener, twice over: requests/s, MiB/s and p50/p99 latency, and
-//! the listener's ratios to direct (goal: throughput ≥ 0.8×, p99 ≤ 1.5×).
+//! port, then through the listener (and through nginx's stream module as a reference proxy,
+//! where it is installed), five runs each, interleaved: median requests/s, MiB/s and p50/p99
+//! latency, and the ratios to direct (goal: throughput ≥ 0.8×, p99 ≤ 1.5×).
 //!
 //! Run: `cargo run --release -p stagehand-tests --bin stagehand-bench -- [--size-mib N]`
 
@@ -957,6 +958,39 @@ async fn load(port: u16, path: &str, conns: usize, secs: Duration) -> Result<Loa
     Ok(out)
 }
 
+/// nginx with its stream module forwarding `127.0.0.1:PORT` to `to`, if this machine has
+/// both (Debian: `nginx`, `libnginx-mod-stream`): the config path and its port.
+fn nginx_stream(dir: &Path, to: u16) -> Result<(std::path::PathBuf, u16)> {
+    let module = Path::new("/usr/lib/nginx/modules/ngx_stream_module.so");
+    if !module.exists() {
+        bail!("no stream module");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let d = dir.join("nginx-stream");
+    std::fs::create_dir_all(&d)?;
+    let conf = d.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "load_module {};\ndaemon on;\nworker_processes auto;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\n\
+             events {{ worker_connections 4096; }}\nstream {{ server {{ listen 127.0.0.1:{port}; proxy_pass 127.0.0.1:{to}; }} }}\n",
+            module.display(),
+            p = d.display()
+        ),
+    )?;
+    let ok = std::process::Command::new("nginx").arg("-c").arg(&conf).arg("-p").arg(&d).status()?.success();
+    if !ok {
+        bail!("nginx did not start");
+    }
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok((conf, port));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nginx does not listen")
+}
+
 /// Traffic mode's listener against going straight to the service, in the same run.
 async fn traffic_bench(secs: Duration, conns: usize) -> Result<()> {
     let web = std::env::current_exe()?.with_file_name("stagehand-test-web");
@@ -993,47 +1027,75 @@ async fn traffic_bench(secs: Duration, conns: usize) -> Result<()> {
         .as_u64()
         .and_then(|p| u16::try_from(p).ok())
         .ok_or_else(|| anyhow::anyhow!("no port in the service record"))?;
-    let kib = |l: &Load| l.bytes as f64 / l.took.as_secs_f64() / MIB as f64;
+    // A reference proxy on the same machine, where there is one: nginx's stream module.
+    let nginx = nginx_stream(fleet.path(), direct).ok();
+    let mib = |l: &Load| l.bytes as f64 / l.took.as_secs_f64() / MIB as f64;
     let rps = |l: &Load| l.done as f64 / l.took.as_secs_f64();
     let ms = |us: u64| us as f64 / 1000.0;
-    // Warm both paths.
-    load(direct, "/", conns, Duration::from_millis(300)).await?;
-    load(listen, "/", conns, Duration::from_millis(300)).await?;
+    let mut paths = vec![("direct", direct), ("listener", listen)];
+    if let Some((_, port)) = &nginx {
+        paths.push(("nginx stream", *port));
+    }
+    // Warm every path.
+    for (_, port) in &paths {
+        load(*port, "/", conns, Duration::from_millis(300)).await?;
+    }
+    const RUNS: usize = 5;
     println!(
-        "# Traffic mode: the agent's listener against the service's own port ({} cores, {} s per run)\n",
+        "# Traffic mode: the agent's listener against the service's own port ({} cores, {RUNS} runs of {} s, medians)\n",
         std::thread::available_parallelism()?.get(),
         secs.as_secs()
     );
-    println!("| workload | path | run | throughput | p50 | p99 |");
-    println!("|---|---|---|---|---|---|");
-    let mut results: HashMap<(&str, &str), Vec<Load>> = HashMap::new();
-    for run in 1..=2 {
+    let mut results: HashMap<(&str, &str), Vec<(f64, f64, f64)>> = HashMap::new();
+    for _ in 0..RUNS {
         for (workload, path, c) in [("small", "/", conns), ("bulk 16 MiB", "/bytes/16777216", 4)] {
-            for (via, port) in [("direct", direct), ("listener", listen)] {
-                let l = load(port, path, c, secs).await?;
-                let tput =
-                    if workload == "small" { format!("{:.0} req/s", rps(&l)) } else { format!("{:.0} MiB/s", kib(&l)) };
-                println!(
-                    "| {workload} ({c} conns) | {via} | {run} | {tput} | {:.2} ms | {:.2} ms |",
-                    ms(pct(&l.latencies_us, 50)),
-                    ms(pct(&l.latencies_us, 99))
-                );
-                results.entry((workload, via)).or_default().push(l);
+            for (via, port) in &paths {
+                let l = load(*port, path, c, secs).await?;
+                let tput = if workload == "small" { rps(&l) } else { mib(&l) };
+                let p50 = ms(pct(&l.latencies_us, 50));
+                let p99 = ms(pct(&l.latencies_us, 99));
+                results.entry((workload, via)).or_default().push((tput, p50, p99));
             }
+        }
+    }
+    let median = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(|a, b| a.total_cmp(b));
+        x[x.len() / 2]
+    };
+    println!("| workload | path | throughput | p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    for (workload, c) in [("small", conns), ("bulk 16 MiB", 4)] {
+        let unit = if workload == "small" { "req/s" } else { "MiB/s" };
+        for (via, _) in &paths {
+            let r = &results[&(workload, *via)];
+            println!(
+                "| {workload} ({c} keep-alive conns) | {via} | {:.0} {unit} | {:.2} ms | {:.2} ms |",
+                median(r, |x| x.0),
+                median(r, |x| x.1),
+                median(r, |x| x.2)
+            );
         }
     }
     println!();
     for workload in ["small", "bulk 16 MiB"] {
-        let sum = |via: &str, f: &dyn Fn(&Load) -> f64| results[&(workload, via)].iter().map(f).sum::<f64>();
-        let tput: &dyn Fn(&Load) -> f64 = if workload == "small" { &rps } else { &kib };
-        let p99 = |l: &Load| pct(&l.latencies_us, 99) as f64;
-        let t = sum("listener", tput) / sum("direct", tput);
-        let p = sum("listener", &p99) / sum("direct", &p99);
-        println!(
-            "{workload}: throughput {t:.2}× direct (goal ≥ 0.8: {}), p99 {p:.2}× direct (goal ≤ 1.5: {})",
+        let m = |via: &str, f: fn(&(f64, f64, f64)) -> f64| median(&results[&(workload, via)], f);
+        let t = m("listener", |x| x.0) / m("direct", |x| x.0);
+        let p = m("listener", |x| x.2) / m("direct", |x| x.2);
+        print!(
+            "{workload}: listener throughput {t:.2}× direct (goal ≥ 0.8: {}), p99 {p:.2}× direct (goal ≤ 1.5: {})",
             if t >= 0.8 { "met" } else { "NOT met" },
             if p <= 1.5 { "met" } else { "NOT met" }
         );
+        if nginx.is_some() {
+            let tn = m("nginx stream", |x| x.0) / m("direct", |x| x.0);
+            let pn = m("nginx stream", |x| x.2) / m("direct", |x| x.2);
+            print!("; nginx stream {tn:.2}× and {pn:.2}×");
+        }
+        println!();
+    }
+    if let Some((conf, _)) = &nginx {
+        let _ = std::process::Command::new("nginx").arg("-c").arg(conf).args(["-s", "stop"]).status();
     }
     drop(proc);
     for pid in [record].iter().filter_map(|r| serde_json::from_slice::<serde_json::Value>(r).ok()?["pid"].as_i64()) {
