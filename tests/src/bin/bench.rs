@@ -1046,7 +1046,9 @@ async fn traffic_bench(secs: Duration, conns: usize) -> Result<()> {
         std::thread::available_parallelism()?.get(),
         secs.as_secs()
     );
-    let mut results: HashMap<(&str, &str), Vec<(f64, f64, f64)>> = HashMap::new();
+    // (throughput, p50 ms, p99 ms) of each run, per (workload, path).
+    type Runs = Vec<(f64, f64, f64)>;
+    let mut results: HashMap<(&str, &str), Runs> = HashMap::new();
     for _ in 0..RUNS {
         for (workload, path, c) in [("small", "/", conns), ("bulk 16 MiB", "/bytes/16777216", 4)] {
             for (via, port) in &paths {
