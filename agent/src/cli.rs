@@ -256,6 +256,8 @@ fn status(data_dir: &Path, json: bool) -> Result<i32> {
             "last_seq": journal.last_seq,
             "activation_in_progress": journal.intent.as_ref().map(|i| &i.version),
             "last_receipt": journal.last_receipt,
+            "listen": layout.app_config(&app).listen,
+            "traffic": crate::switch::load_route(&layout, &app).map(|r| r.versions),
         }));
     }
     if json {
@@ -283,6 +285,19 @@ fn status(data_dir: &Path, json: bool) -> Result<i32> {
                 .map(|v| v.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
                 .unwrap_or_default()
         );
+        if let Some(route) = a["traffic"].as_array() {
+            let shares: Vec<String> = route
+                .iter()
+                .filter_map(|e| Some(format!("{} {}%", e.get(0)?.as_str()?, e.get(1)?.as_u64()?)))
+                .collect();
+            let listen =
+                a["listen"].as_str().map_or("no listener (services only)".to_string(), |l| format!("listen {l}"));
+            println!(
+                "{:<16} {listen}: {}",
+                "",
+                if shares.is_empty() { "no service runs".into() } else { shares.join(", ") }
+            );
+        }
     }
     Ok(0)
 }

@@ -237,6 +237,15 @@ pub async fn follow(client: &mut Client, ctx: &Ctx, mut r: RolloutView, timeout:
         super::print_json(&json(&r));
     } else {
         let verdict = match r.state.as_str() {
+            "succeeded" if r.traffic < 100 => format!(
+                "Rollout {} succeeded: {} {} takes {}% of new connections in {} (hosts in traffic mode); \
+                 release it again without --traffic to move them all, or roll back.",
+                r.id,
+                clean(&r.app),
+                clean(&r.version),
+                r.traffic,
+                clean(&r.env)
+            ),
             "succeeded" => format!(
                 "Rollout {} succeeded: {} {} is live in {}.",
                 r.id,
