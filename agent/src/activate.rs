@@ -25,6 +25,7 @@ pub async fn handle(host: &Arc<Host>, msg: SignedActivate) -> Receipt {
     let lock = host.activation(&app);
     let _one_at_a_time = lock.lock().await;
     let receipt = apply(host, &msg, started).await;
+    host.metrics.receipt(&receipt);
     if receipt.outcome == ReceiptOutcome::Committed {
         // A version without a service replaced one with: the services stop.
         crate::switch::leave_service_mode(host, &receipt.app, &receipt.version);
@@ -324,7 +325,12 @@ impl Activation {
         if let (Ok(()), Some(h)) = (healthy, &config.health) {
             let exec = hook_exec(&self.host.layout, &self.app, &self.version, self.previous.as_deref());
             let checked = match exec {
-                Ok(exec) => hooks::check_health(h, &self.release_dir(), &exec).await,
+                Ok(exec) => {
+                    let started = Instant::now();
+                    let checked = hooks::check_health(h, &self.release_dir(), &exec).await;
+                    self.host.metrics.health_check_seconds.observe(started.elapsed().as_secs_f64());
+                    checked
+                }
                 Err(e) => Err(e),
             };
             healthy = match checked {

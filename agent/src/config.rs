@@ -30,6 +30,10 @@ pub struct AgentConfig {
     /// (`/etc/ssl/certs/ca-certificates.crt`, else the bundled Mozilla roots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_ca: Option<PathBuf>,
+    /// Serves `GET /metrics` (Prometheus text format) on this TCP address, e.g.
+    /// "127.0.0.1:9101".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 /// `[limits]`: the most any artifact's hooks and health checks get on this host, whatever
@@ -149,6 +153,11 @@ impl AgentConfig {
         })?;
         let config: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         config.limits.check().with_context(|| format!("{}: [limits]", path.display()))?;
+        if let Some(m) = &config.metrics_listen {
+            m.parse::<std::net::SocketAddr>().with_context(|| {
+                format!("{}: metrics_listen = {m:?} is not an address (\"127.0.0.1:9101\")", path.display())
+            })?;
+        }
         for (app, a) in &config.apps {
             if let Some(listen) = &a.listen {
                 listen.parse::<std::net::SocketAddr>().with_context(|| {

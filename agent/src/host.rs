@@ -195,6 +195,8 @@ pub struct Host {
     scheduled: Mutex<std::collections::HashMap<(String, String), usize>>,
     /// Supervised services (SPEC §9).
     pub services: std::sync::Arc<crate::service::Services>,
+    /// What `/metrics` shows (SPEC §12).
+    pub metrics: crate::metrics::Metrics,
     /// Per app: its listener (traffic mode) and the versions it routes to.
     traffic: Mutex<std::collections::HashMap<String, crate::switch::AppTraffic>>,
 }
@@ -228,6 +230,7 @@ impl Host {
             scheduled: Mutex::default(),
             services: std::sync::Arc::new(crate::service::Services::new(data_dir)),
             traffic: Mutex::default(),
+            metrics: crate::metrics::Metrics::default(),
         };
         host.rebuild_index()?;
         Ok(host)

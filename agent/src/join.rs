@@ -102,6 +102,7 @@ pub async fn join(
         apps: Default::default(),
         limits: Default::default(),
         health_ca: None,
+        metrics_listen: None,
     }
     .save(data_dir)?;
     Ok(identity)

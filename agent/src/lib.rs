@@ -10,6 +10,7 @@ pub mod hooks;
 pub mod host;
 pub mod join;
 pub mod journal;
+pub mod metrics;
 pub mod prune;
 pub mod run;
 pub mod service;

@@ -70,6 +70,18 @@ pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
         tokio::task::spawn_blocking(move || crate::prune::leftovers(&host)).await?;
     }
     let socket = bind_socket(&host)?;
+    let metrics = match host.layout.config.metrics_listen.as_deref().map(str::parse::<std::net::SocketAddr>) {
+        Some(Ok(addr)) => {
+            let h = Arc::downgrade(&host);
+            let render = Arc::new(move || h.upgrade().map(|h| h.metrics.render(&h.layout)).unwrap_or_default());
+            let (bound, task) = stagehand_common::http::serve_metrics(addr, render)
+                .await
+                .with_context(|| format!("listening for metrics on {addr} (metrics_listen in agent.toml)"))?;
+            info!(addr = %bound, "Serving metrics.");
+            Some(task)
+        }
+        _ => None,
+    };
     let (sched_tx, mut sched_rx) = mpsc::unbounded_channel::<(u64, SignedActivate)>();
     host.set_scheduler(sched_tx);
     let scheduler = {
@@ -109,6 +121,7 @@ pub async fn start(data_dir: &Path) -> Result<RunningAgent> {
         tokio::spawn(serve_socket(host.clone(), socket)),
         scheduler,
     ];
+    let tasks = tasks.into_iter().chain(metrics).collect();
     Ok(RunningAgent { host, tasks })
 }
 
@@ -283,6 +296,7 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
                             if host.end_staging(&app, &version, failed) {
                                 continue;
                             }
+                            host.metrics.staging(&outcome);
                             host.send_deploy(DeployUp::StageReport {
                                 app: app.clone(),
                                 version: version.clone(),

@@ -246,7 +246,12 @@ async fn prove(a: &mut Activation, config: &ArtifactConfig, instance: &Instance)
     let checked = match listening(instance.port, uid, within).await {
         Err(e) => Err(e),
         Ok(held) => match &config.health {
-            Some(h) => hooks::check_health(h, &a.release_dir(), &exec).await,
+            Some(h) => {
+                let started = std::time::Instant::now();
+                let checked = hooks::check_health(h, &a.release_dir(), &exec).await;
+                a.host.metrics.health_check_seconds.observe(started.elapsed().as_secs_f64());
+                checked
+            }
             None => Ok(held),
         },
     };

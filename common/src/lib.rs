@@ -5,6 +5,7 @@
 pub mod activate;
 pub mod frame;
 pub mod fsx;
+pub mod http;
 pub mod ids;
 pub mod keychain;
 pub mod manifest;

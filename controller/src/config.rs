@@ -29,6 +29,9 @@ pub struct ControllerConfig {
     /// `[environments]`: the promotion order and per-environment rollout defaults.
     #[serde(default)]
     pub environments: Environments,
+    /// TCP address for `/metrics` (`serve --http` overrides it); none: no HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
 }
 
 fn default_agent_cert() -> Duration {
@@ -107,6 +110,7 @@ impl ControllerConfig {
             agent_cert_lifetime: default_agent_cert(),
             admin_cert_lifetime: default_admin_cert(),
             environments: Environments::default(),
+            http: None,
         }
     }
 

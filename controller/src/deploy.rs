@@ -152,6 +152,8 @@ fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
             let state = match &outcome {
                 StageOutcome::Staged { fetched_bytes, reused_bytes, millis } => {
                     info!(agent = %id, %app, %version, fetched_bytes, reused_bytes, millis, "Staged.");
+                    ctl.metrics.staging_bytes.observe(*fetched_bytes as f64);
+                    ctl.metrics.staging_seconds.observe(*millis as f64 / 1000.0);
                     StageState::Staged
                 }
                 StageOutcome::Failed { reason } => {
@@ -159,6 +161,8 @@ fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
                     StageState::Failed(reason.clone())
                 }
             };
+            let outcome = if state == StageState::Staged { "staged" } else { "failed" };
+            ctl.metrics.stagings.get_or_create(&crate::metrics::Outcome { outcome: outcome.into() }).inc();
             ctl.store.put_stage(
                 id,
                 &app,

@@ -44,6 +44,12 @@ impl Fleet {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Open sessions: (deploy, release).
+    pub fn session_counts(&self) -> (usize, usize) {
+        let all = self.lock();
+        (all.values().filter(|s| s.deploy.is_some()).count(), all.values().filter(|s| s.release.is_some()).count())
+    }
+
     /// Registers a deploy session, replacing (and closing) an older one; returns its token.
     pub fn attach_deploy(&self, id: &AgentId, tx: mpsc::UnboundedSender<DeployDown>, conn: quinn::Connection) -> u64 {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);

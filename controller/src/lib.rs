@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod gc;
 pub mod init;
 pub mod keys;
+pub mod metrics;
 pub mod plan;
 pub mod release;
 pub mod rollout;

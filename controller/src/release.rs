@@ -127,6 +127,16 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
                 state.last_seq = Some(state.last_seq.map_or(r.seq, |s| s.max(r.seq)));
             }
             ctl.store.put_appstate(id, &r.app, &state)?;
+            // Counted once: agents re-send their last receipts on reconnect.
+            let seen = ctl.store.receipt(id, &r.app)?.is_some_and(|old| old.seq == r.seq && old.outcome == r.outcome);
+            if !seen {
+                let outcome = match &r.outcome {
+                    ReceiptOutcome::Committed => "committed",
+                    ReceiptOutcome::Refused(why) => why.code(),
+                    ReceiptOutcome::Scheduled { .. } => "scheduled",
+                };
+                ctl.metrics.releases.get_or_create(&crate::metrics::Outcome { outcome: outcome.into() }).inc();
+            }
             // Not flushed: agents re-send their last receipts on reconnect.
             ctl.store.put_receipt(&r)?;
             ctl.store.put_recent_receipt(&r)?;

@@ -41,6 +41,8 @@ pub struct Controller {
     pub stalled: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// The audit log: who did what, durable before it is acknowledged.
     pub audit: crate::audit::Audit,
+    /// What `/metrics` shows (SPEC §12).
+    pub metrics: crate::metrics::Metrics,
     /// Pushes in flight: their chunks are kept by the garbage collection (`gc.rs`).
     pub pushes: crate::gc::Pushes,
     /// Open admin connections by identity: closed when it is revoked.
@@ -68,10 +70,13 @@ impl Controller {
 /// A controller serving in this process.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, if it is.
+    pub http: Option<SocketAddr>,
     pub controller: Arc<Controller>,
     endpoint: quinn::Endpoint,
     task: tokio::task::JoinHandle<()>,
     driver: tokio::task::JoinHandle<()>,
+    http_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -80,6 +85,9 @@ impl Running {
         self.endpoint.close(0u32.into(), b"controller shutting down");
         self.task.abort();
         self.driver.abort();
+        if let Some(h) = &self.http_task {
+            h.abort();
+        }
         let _ = self.task.await;
         let _ = self.driver.await;
         self.endpoint.wait_idle().await;
@@ -91,6 +99,11 @@ impl Running {
 
 /// Opens the data directory and starts serving; `listen` overrides the configured address.
 pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Running> {
+    start_with(data_dir, listen, None).await
+}
+
+/// [`start`], serving `/metrics` on `http` (else on controller.toml's `http`, if set).
+pub async fn start_with(data_dir: &Path, listen: Option<SocketAddr>, http: Option<SocketAddr>) -> Result<Running> {
     let layout = Layout::new(data_dir);
     let config = ControllerConfig::load(&layout.config())?;
     let listen = listen.unwrap_or(config.listen);
@@ -173,11 +186,28 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
         audit,
         admin_conns: Default::default(),
         pushes: Default::default(),
+        metrics: Default::default(),
     });
     info!(%addr, "Controller listening.");
+    let http = match http.or(controller.config.http) {
+        Some(at) => {
+            let c = Arc::downgrade(&controller);
+            let render = Arc::new(move || c.upgrade().map(|c| c.metrics.render(&c)).unwrap_or_default());
+            let (bound, task) = stagehand_common::http::serve_metrics(at, render).await.map_err(|e| {
+                anyhow::Error::new(crate::client::OpError::new(
+                    format!("cannot serve HTTP on {at}: {e}"),
+                    "pass --http ADDR with a free address of this host (for example --http 127.0.0.1:9100)",
+                ))
+            })?;
+            info!(addr = %bound, "Serving metrics on /metrics.");
+            Some((bound, task))
+        }
+        None => None,
+    };
     let task = tokio::spawn(accept_loop(controller.clone(), endpoint.clone()));
     let driver = tokio::spawn(crate::rollout::drive(controller.clone()));
-    Ok(Running { addr, controller, endpoint, task, driver })
+    let (http, http_task) = http.unzip();
+    Ok(Running { addr, http, controller, endpoint, task, driver, http_task })
 }
 
 async fn accept_loop(ctl: Arc<Controller>, endpoint: quinn::Endpoint) {
@@ -239,9 +269,10 @@ pub fn active_agent(ctl: &Controller, id: &AgentId) -> Result<bool> {
 pub async fn serve(
     data_dir: &Path,
     listen: Option<SocketAddr>,
+    http: Option<SocketAddr>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let running = start(data_dir, listen).await?;
+    let running = start_with(data_dir, listen, http).await?;
     shutdown.await;
     info!("Shutting down.");
     running.stop().await;

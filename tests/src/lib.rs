@@ -91,6 +91,16 @@ impl Fleet {
         Ok(Fleet { admin: ctl_dir.join("admin"), addr: controller.addr, ctl_dir, dir, controller: Some(controller) })
     }
 
+    /// A fleet whose controller serves `/metrics` on a loopback port of its own.
+    pub async fn start_http() -> Result<Fleet> {
+        init_logging();
+        let dir = tempfile::Builder::new().prefix("stagehand-test-").tempdir()?;
+        let ctl_dir = dir.path().join("controller");
+        stagehand_controller::init::init(&ctl_dir, "127.0.0.1:0".parse()?)?;
+        let controller = stagehand_controller::server::start_with(&ctl_dir, None, Some("127.0.0.1:0".parse()?)).await?;
+        Ok(Fleet { admin: ctl_dir.join("admin"), addr: controller.addr, ctl_dir, dir, controller: Some(controller) })
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -528,4 +538,39 @@ pub fn receipt_of(stdout: &[u8]) -> stagehand_common::protocol::Receipt {
     let v: serde_json::Value = serde_json::from_slice(stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(stdout)));
     stagehand_common::protocol::Receipt::from_json(&v).unwrap_or_else(|| panic!("not a receipt: {v}"))
+}
+
+/// `GET path` over HTTP/1.1 on a new connection: (status, body). For the daemons' HTTP side.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("no end of headers in {text:?}"))?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    // A chunked body (axum streams): join its chunks.
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 || after.len() < n {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = after[n..].trim_start_matches("\r\n");
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+/// The value of one sample line (`name{labels} value`) of a Prometheus text exposition.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }

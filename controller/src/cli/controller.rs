@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// UDP address to listen on (overrides controller.toml).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// TCP address to serve `/metrics` on, in the Prometheus text format (overrides
+    /// controller.toml's `http`), e.g. 127.0.0.1:9100.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
 }
 
 pub async fn run(cmd: ControllerCommand, ctx: &Ctx) -> Result<i32> {
@@ -69,7 +73,7 @@ pub async fn run(cmd: ControllerCommand, ctx: &Ctx) -> Result<i32> {
             Ok(0)
         }
         ControllerCommand::Serve(a) => {
-            crate::server::serve(&a.data_dir, a.listen, shutdown_signal()).await?;
+            crate::server::serve(&a.data_dir, a.listen, a.http, shutdown_signal()).await?;
             Ok(0)
         }
         ControllerCommand::Repair(a) => {

@@ -5,6 +5,7 @@ mod cli;
 mod enrol;
 mod faults;
 mod hardening;
+mod metrics;
 mod operator;
 mod release;
 mod retention;
