@@ -39,13 +39,16 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
     let before = std::fs::read_to_string(crate::config::Layout::new(&ctl_dir).addr_file())
         .ok()
         .and_then(|a| a.trim().parse::<std::net::SocketAddr>().ok());
+    // Metrics on a loopback port of their own.
+    let http = Some("127.0.0.1:0".parse().expect("literal address"));
     let controller = match before {
-        Some(addr) => match crate::server::start(&ctl_dir, Some(addr)).await {
+        Some(addr) => match crate::server::start_with(&ctl_dir, Some(addr), http).await {
             Ok(c) => c,
-            Err(_) => crate::server::start(&ctl_dir, None).await?,
+            Err(_) => crate::server::start_with(&ctl_dir, None, http).await?,
         },
-        None => crate::server::start(&ctl_dir, None).await?,
+        None => crate::server::start_with(&ctl_dir, None, http).await?,
     };
+    let metrics = controller.http.map(|a| format!("http://{a}/metrics")).unwrap_or_default();
     let addr = controller.addr.to_string();
     let admin = ctl_dir.join("admin");
     let client = Client::connect(Some(&addr), Some(&admin)).await?;
@@ -124,10 +127,13 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
 
     let exports = format!("export STAGEHAND_CONTROLLER={addr} STAGEHAND_CREDENTIALS={}", admin.display());
     if ctx.output == Output::Json {
-        super::print_json(&serde_json::json!({ "controller": addr, "credentials": admin, "data_dir": root }));
+        super::print_json(
+            &serde_json::json!({ "controller": addr, "credentials": admin, "data_dir": root, "metrics": metrics }),
+        );
     } else {
         outln!("Stagehand dev fleet is up in {}", root.display());
         outln!("  controller {addr}; agents dev-1, staging-1, prod-1 (one per environment)");
+        outln!("  metrics {metrics}");
         outln!("  sample app hello 1.0.0: staged in every environment, live in dev\n");
         outln!("In another terminal:\n");
         // `cargo run` leaves the binaries where PATH does not look.

@@ -214,6 +214,12 @@ async fn stagehand_dev_starts_a_fleet_the_cli_can_use() {
     assert_eq!(status["agents"][0]["active"], "1.0.0");
     ok(sh(&env, &["release", "hello", "1.0.0", "--env", "staging", "--wait"]));
     ok(sh(&env, &["release", "hello", "1.0.0", "--env", "prod", "--wait"]));
+    // It serves the controller's metrics on loopback, and says where.
+    let url = text.lines().find_map(|l| l.trim().strip_prefix("metrics http://")).expect("dev prints its metrics URL");
+    let addr: std::net::SocketAddr = url.trim_end_matches("/metrics").parse().unwrap();
+    let (status, body) = stagehand_tests::http_get(addr, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(stagehand_tests::metric(&body, "stagehand_agents_connected{env=\"prod\"}"), Some(1.0), "{body}");
 
     std::process::Command::new("kill").args(["-INT", &dev.child.id().to_string()]).status().unwrap();
     let status = dev.wait_exit(Duration::from_secs(30)).await.unwrap();
