@@ -418,6 +418,8 @@ pub enum AdminRequest {
         app: String,
         version: String,
     },
+    /// A one-time link that signs a browser in to the fleet page as the identity that asks.
+    UiLogin,
 }
 
 /// An operator identity as `admin list` shows it.
@@ -622,6 +624,15 @@ pub enum AdminResponse {
         /// Chunks and bytes the collection freed (shared chunks stay).
         chunks: u64,
         bytes: u64,
+    },
+    /// A one-time login secret for the fleet page, where the controller serves it.
+    UiLogin {
+        /// Goes in the link's fragment (`/login#SECRET`), never in a query string.
+        secret: String,
+        expires_at: u64,
+        /// The page's base URL as the controller knows it (`http_url` in controller.toml, else
+        /// `http://` and the address `--http` bound); `None` when it serves no page.
+        base_url: Option<String>,
     },
 }
 

@@ -33,7 +33,9 @@ impl Need {
             | AdminRequest::RolloutStatus { .. }
             // Its own certificate: any identity that is not revoked.
             | AdminRequest::RenewCertificate { .. }
-            | AdminRequest::ListApps => Need::Read,
+            | AdminRequest::ListApps
+            // The page shows what a viewer may read; its buttons are authorised one by one.
+            | AdminRequest::UiLogin => Need::Read,
             AdminRequest::PushBegin { .. }
             | AdminRequest::PushChunks { .. }
             | AdminRequest::PushCommit { .. }

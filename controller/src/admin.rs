@@ -74,22 +74,39 @@ async fn request(
     let Some(req) = read_msg::<_, AdminRequest, { frame::ADMIN_LIMIT }>(&mut recv).await? else {
         return Ok(());
     };
+    let resp = answer(ctl, req, admin, Some(&mut recv)).await?;
+    write_msg(&mut send, &resp).await?;
+    send.finish()?;
+    Ok(())
+}
+
+/// Authorises, performs and records one request of the identity `admin`: the one path of
+/// the admin channel and of the fleet page's buttons. `recv` carries a chunk upload's bytes
+/// (the admin channel only).
+pub async fn answer(
+    ctl: &Controller,
+    req: AdminRequest,
+    admin: &str,
+    recv: Option<&mut quinn::RecvStream>,
+) -> Result<AdminResponse> {
     // Every request is authorised against the identity's role, as it is now.
     let need = crate::access::Need::of(&req, |id| ctl.store.rollout(id).ok().flatten().map(|r| r.env));
-    // What changes anything is recorded in the audit log, with its outcome, before the answer.
-    let renewal = matches!(req, AdminRequest::RenewCertificate { .. });
-    let audited = (need != crate::access::Need::Read || renewal).then(|| audit_entry(&req)).flatten();
+    // What changes anything is recorded in the audit log, with its outcome, before the answer;
+    // so are renewals and login links, which only read but grant access.
+    let granted = matches!(req, AdminRequest::RenewCertificate { .. } | AdminRequest::UiLogin);
+    let audited = (need != crate::access::Need::Read || granted).then(|| audit_entry(&req)).flatten();
     if let Err(why) = identity(ctl, admin).and_then(|who| crate::access::check(&who, &need)) {
         tracing::warn!(%admin, %why, "Refused an admin request.");
         if let Some((what, args)) = audited {
             ctl.audit.record(admin, &what, args, &format!("refused: {why}"))?;
         }
-        write_msg(&mut send, &error(why, "an owner can grant a role: stagehand admin add NAME --role ROLE")).await?;
-        send.finish()?;
-        return Ok(());
+        return Ok(error(why, "an owner can grant a role: stagehand admin add NAME --role ROLE"));
     }
     let resp = match req {
-        AdminRequest::PushChunks { digests } => push_chunks(ctl, &digests, &mut recv).await?,
+        AdminRequest::PushChunks { digests } => match recv {
+            Some(recv) => push_chunks(ctl, &digests, recv).await?,
+            None => error("chunks travel on the admin channel only", "stagehand push APP VERSION PATH"),
+        },
         AdminRequest::WaitStaged { app, version, env, timeout_secs } => {
             wait(ctl, timeout_secs, || staged_progress(ctl, &app, &version, &env)).await?
         }
@@ -125,9 +142,7 @@ async fn request(
             );
         }
     }
-    write_msg(&mut send, &resp).await?;
-    send.finish()?;
-    Ok(())
+    Ok(resp)
 }
 
 /// A request as the audit log records it: its name (kebab-case) and its arguments. Chunk
@@ -161,7 +176,7 @@ fn audit_entry(req: &AdminRequest) -> Option<(String, serde_json::Value)> {
 }
 
 /// The identity behind an admin certificate, if it may act at all.
-fn identity(ctl: &Controller, name: &str) -> std::result::Result<AdminRecord, String> {
+pub fn identity(ctl: &Controller, name: &str) -> std::result::Result<AdminRecord, String> {
     match ctl.store.admin(name) {
         Ok(Some(a)) if !a.revoked => Ok(a),
         Ok(Some(_)) => Err(format!("the identity {name} is revoked")),
@@ -397,6 +412,7 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
             AdminResponse::CertificateRenewed { cert_pem, expires_at: record.expires_at }
         }
         AdminRequest::ListApps => AdminResponse::Apps { versions: list_apps(ctl)? },
+        AdminRequest::UiLogin => ctl.web.issue_login(ctl, admin),
         AdminRequest::RemoveArtifact { app, version } => remove_artifact(ctl, &app, &version)?,
         AdminRequest::ListAdmins => {
             AdminResponse::Admins { admins: ctl.store.admins()?.iter().map(admin_info).collect() }
@@ -716,45 +732,47 @@ async fn wait(ctl: &Controller, timeout_secs: u64, progress: impl Fn() -> Result
     }
 }
 
-fn list_agents(ctl: &Controller) -> Result<Vec<AgentInfo>> {
-    let mut out = Vec::new();
-    for a in ctl.store.agents()? {
-        let mut apps: BTreeMap<String, AgentAppInfo> = BTreeMap::new();
-        fn entry<'m>(apps: &'m mut BTreeMap<String, AgentAppInfo>, app: &str) -> &'m mut AgentAppInfo {
-            apps.entry(app.to_string()).or_insert_with(|| AgentAppInfo {
-                app: app.to_string(),
-                active: None,
-                staged: vec![],
-                failed: vec![],
-            })
-        }
-        for (app, version, s) in ctl.store.stages_of(&a.id, None)? {
-            let info = entry(&mut apps, &app);
-            match s.state {
-                StageState::Staged => info.staged.push(version),
-                StageState::Failed(why) => info.failed.push((version, why)),
-                StageState::Pending => {}
-            }
-        }
-        for (app, st) in ctl.store.appstates_of(&a.id)? {
-            entry(&mut apps, &app).active = st.active;
-        }
-        let connected = ctl.fleet.is_connected(&a.id);
-        out.push(AgentInfo {
-            version: ctl.store.agent_version(&a.id)?,
-            last_seen: if connected { now_secs() } else { ctl.store.last_seen(&a.id)? },
-            connected,
-            id: a.id,
-            name: a.name,
-            env: a.env,
-            labels: a.labels,
-            own_labels: a.own_labels,
-            revoked: a.revoked,
-            apps: apps.into_values().collect(),
-        });
-    }
+pub fn list_agents(ctl: &Controller) -> Result<Vec<AgentInfo>> {
+    let mut out = ctl.store.agents()?.into_iter().map(|a| agent_info(ctl, a)).collect::<Result<Vec<_>>>()?;
     out.sort_by(|x, y| (&x.env, &x.name).cmp(&(&y.env, &y.name)));
     Ok(out)
+}
+
+/// One agent as `agents list` shows it: per app, what is live, staged and failed.
+pub fn agent_info(ctl: &Controller, a: crate::store::AgentRecord) -> Result<AgentInfo> {
+    let mut apps: BTreeMap<String, AgentAppInfo> = BTreeMap::new();
+    fn entry<'m>(apps: &'m mut BTreeMap<String, AgentAppInfo>, app: &str) -> &'m mut AgentAppInfo {
+        apps.entry(app.to_string()).or_insert_with(|| AgentAppInfo {
+            app: app.to_string(),
+            active: None,
+            staged: vec![],
+            failed: vec![],
+        })
+    }
+    for (app, version, s) in ctl.store.stages_of(&a.id, None)? {
+        let info = entry(&mut apps, &app);
+        match s.state {
+            StageState::Staged => info.staged.push(version),
+            StageState::Failed(why) => info.failed.push((version, why)),
+            StageState::Pending => {}
+        }
+    }
+    for (app, st) in ctl.store.appstates_of(&a.id)? {
+        entry(&mut apps, &app).active = st.active;
+    }
+    let connected = ctl.fleet.is_connected(&a.id);
+    Ok(AgentInfo {
+        version: ctl.store.agent_version(&a.id)?,
+        last_seen: if connected { now_secs() } else { ctl.store.last_seen(&a.id)? },
+        connected,
+        id: a.id,
+        name: a.name,
+        env: a.env,
+        labels: a.labels,
+        own_labels: a.own_labels,
+        revoked: a.revoked,
+        apps: apps.into_values().collect(),
+    })
 }
 
 fn status(ctl: &Controller, app: &str, env: &str) -> Result<AppStatus> {

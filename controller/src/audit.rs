@@ -83,7 +83,12 @@ struct Tail {
     file: File,
     n: u64,
     prev: String,
+    /// The newest entries, for the fleet page (`stagehand audit` reads the whole log).
+    recent: std::collections::VecDeque<Entry>,
 }
+
+/// How many of the newest entries the fleet page can show.
+pub const RECENT: usize = 5000;
 
 impl Audit {
     /// Opens (creating) the log; its chain must hold.
@@ -93,7 +98,15 @@ impl Audit {
         let entries = read(&path)?;
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let (n, prev) = entries.last().map_or((0, GENESIS.to_string()), |e| (e.n, e.hash.clone()));
-        Ok((Audit { inner: Mutex::new(Tail { file, n, prev }) }, entries))
+        let recent = entries[entries.len().saturating_sub(RECENT)..].iter().cloned().collect();
+        Ok((Audit { inner: Mutex::new(Tail { file, n, prev, recent }) }, entries))
+    }
+
+    /// Up to `take` of the newest entries, newest first, skipping the `skip` newest; and how
+    /// many entries the log holds.
+    pub fn newest(&self, skip: usize, take: usize) -> (Vec<Entry>, u64) {
+        let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (t.recent.iter().rev().skip(skip).take(take).cloned().collect(), t.n)
     }
 
     /// Appends an entry and waits for the disk: on return, it survives a power cut.
@@ -115,7 +128,11 @@ impl Audit {
         t.file.write_all(&line).context("appending to the audit log")?;
         t.file.sync_data().context("syncing the audit log")?;
         t.n = e.n;
-        t.prev = e.hash;
+        t.prev = e.hash.clone();
+        if t.recent.len() == RECENT {
+            t.recent.pop_front();
+        }
+        t.recent.push_back(e);
         Ok(())
     }
 }

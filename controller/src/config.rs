@@ -32,6 +32,11 @@ pub struct ControllerConfig {
     /// TCP address for `/metrics` (`serve --http` overrides it); none: no HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<SocketAddr>,
+    /// The fleet page's URL as browsers reach it (behind a TLS proxy, say
+    /// `https://stagehand.example.com`); `stagehand ui` builds its links on it. None: `http://`
+    /// and the address served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_url: Option<String>,
 }
 
 fn default_agent_cert() -> Duration {
@@ -111,6 +116,7 @@ impl ControllerConfig {
             admin_cert_lifetime: default_admin_cert(),
             environments: Environments::default(),
             http: None,
+            http_url: None,
         }
     }
 

@@ -20,3 +20,4 @@ pub mod release;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod web;

@@ -43,6 +43,8 @@ pub struct Controller {
     pub audit: crate::audit::Audit,
     /// What `/metrics` shows (SPEC §12).
     pub metrics: crate::metrics::Metrics,
+    /// The fleet page's logins and sessions.
+    pub web: crate::web::Web,
     /// Pushes in flight: their chunks are kept by the garbage collection (`gc.rs`).
     pub pushes: crate::gc::Pushes,
     /// Open admin connections by identity: closed when it is revoked.
@@ -70,7 +72,7 @@ impl Controller {
 /// A controller serving in this process.
 pub struct Running {
     pub addr: SocketAddr,
-    /// Where `/metrics` is served, if it is.
+    /// Where the fleet page and `/metrics` are served, if they are.
     pub http: Option<SocketAddr>,
     pub controller: Arc<Controller>,
     endpoint: quinn::Endpoint,
@@ -102,7 +104,8 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
     start_with(data_dir, listen, None).await
 }
 
-/// [`start`], serving `/metrics` on `http` (else on controller.toml's `http`, if set).
+/// [`start`], serving the fleet page and `/metrics` on `http` (else on controller.toml's
+/// `http`, if set).
 pub async fn start_with(data_dir: &Path, listen: Option<SocketAddr>, http: Option<SocketAddr>) -> Result<Running> {
     let layout = Layout::new(data_dir);
     let config = ControllerConfig::load(&layout.config())?;
@@ -187,19 +190,18 @@ pub async fn start_with(data_dir: &Path, listen: Option<SocketAddr>, http: Optio
         admin_conns: Default::default(),
         pushes: Default::default(),
         metrics: Default::default(),
+        web: Default::default(),
     });
     info!(%addr, "Controller listening.");
     let http = match http.or(controller.config.http) {
         Some(at) => {
-            let c = Arc::downgrade(&controller);
-            let render = Arc::new(move || c.upgrade().map(|c| c.metrics.render(&c)).unwrap_or_default());
-            let (bound, task) = stagehand_common::http::serve_metrics(at, render).await.map_err(|e| {
+            let (bound, task) = crate::web::serve(&controller, at).await.map_err(|e| {
                 anyhow::Error::new(crate::client::OpError::new(
                     format!("cannot serve HTTP on {at}: {e}"),
                     "pass --http ADDR with a free address of this host (for example --http 127.0.0.1:9100)",
                 ))
             })?;
-            info!(addr = %bound, "Serving metrics on /metrics.");
+            info!(addr = %bound, "Serving the fleet page on / and metrics on /metrics.");
             Some((bound, task))
         }
         None => None,

@@ -1,6 +1,8 @@
 //! The test harness: a real controller and real agents on loopback, in temporary
 //! directories, in-process or as processes. Nothing of ours is mocked.
 
+pub mod browser;
+
 use anyhow::{bail, Context, Result};
 use stagehand_agent::run::RunningAgent;
 use stagehand_common::protocol::{AdminRequest, AdminResponse, RolloutSpec, RolloutView};
@@ -542,16 +544,39 @@ pub fn receipt_of(stdout: &[u8]) -> stagehand_common::protocol::Receipt {
 
 /// `GET path` over HTTP/1.1 on a new connection: (status, body). For the daemons' HTTP side.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let (status, _, body) = http_request(addr, "GET", path, &[], "").await?;
+    Ok((status, body))
+}
+
+/// One HTTP/1.1 request on a new connection, with extra headers and a form body (when
+/// not empty): (status, headers lower-cased, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    form: &str,
+) -> Result<(u16, String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !form.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n", form.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(form);
+    s.write_all(req.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await??;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("no end of headers in {text:?}"))?;
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let head = head.to_ascii_lowercase();
     // A chunked body (axum streams): join its chunks.
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head.contains("transfer-encoding: chunked") {
         let mut out = String::new();
         let mut rest = body;
         while let Some((size, after)) = rest.split_once("\r\n") {
@@ -566,7 +591,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     } else {
         body.to_string()
     };
-    Ok((status, body))
+    Ok((status, head, body))
 }
 
 /// The value of one sample line (`name{labels} value`) of a Prometheus text exposition.

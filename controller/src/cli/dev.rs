@@ -39,7 +39,7 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
     let before = std::fs::read_to_string(crate::config::Layout::new(&ctl_dir).addr_file())
         .ok()
         .and_then(|a| a.trim().parse::<std::net::SocketAddr>().ok());
-    // Metrics on a loopback port of their own.
+    // The fleet page and metrics on a loopback port of their own.
     let http = Some("127.0.0.1:0".parse().expect("literal address"));
     let controller = match before {
         Some(addr) => match crate::server::start_with(&ctl_dir, Some(addr), http).await {
@@ -123,16 +123,22 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
             bail!("releasing the sample app to dev: rollout {} {}: {}", rollout.id, rollout.state, rollout.reason);
         }
     }
+    let login = match client.call(&AdminRequest::UiLogin).await? {
+        AdminResponse::UiLogin { secret, base_url: Some(base), .. } => super::ui::link(&base, &addr, &secret),
+        other => bail!("a login link for the fleet page: unexpected answer {}", super::describe(&other)),
+    };
     client.close().await;
 
     let exports = format!("export STAGEHAND_CONTROLLER={addr} STAGEHAND_CREDENTIALS={}", admin.display());
     if ctx.output == Output::Json {
         super::print_json(
-            &serde_json::json!({ "controller": addr, "credentials": admin, "data_dir": root, "metrics": metrics }),
+            &serde_json::json!({ "controller": addr, "credentials": admin, "data_dir": root, "metrics": metrics, "ui": login }),
         );
     } else {
         outln!("Stagehand dev fleet is up in {}", root.display());
         outln!("  controller {addr}; agents dev-1, staging-1, prod-1 (one per environment)");
+        outln!("  fleet page: open {login}");
+        outln!("    (a one-time link, for 10 minutes; `stagehand ui` prints another)");
         outln!("  metrics {metrics}");
         outln!("  sample app hello 1.0.0: staged in every environment, live in dev\n");
         outln!("In another terminal:\n");

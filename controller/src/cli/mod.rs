@@ -24,6 +24,7 @@ mod release;
 mod rollout;
 pub mod status;
 mod token;
+mod ui;
 
 use crate::client::{Client, OpError};
 use anyhow::Result;
@@ -93,6 +94,8 @@ pub enum Command {
     Rollback(release::RollbackArgs),
     /// Per agent: staged versions, active version, last receipt.
     Status(status::StatusArgs),
+    /// Print a one-time link that signs a browser in to the fleet page (served under --http).
+    Ui,
     /// Follow and steer rollouts: list, status [--watch], pause, resume, abort.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
@@ -194,6 +197,7 @@ pub fn main() -> i32 {
             Command::Rollback(a) => release::run_rollback(a, &ctx).await,
             Command::Status(a) => status::run(a, &ctx).await,
             Command::Rollout(c) => rollout::run(c, &ctx).await,
+            Command::Ui => ui::run(&ctx).await,
             Command::Apps(apps::AppsCommand::List) => apps::list(&ctx).await,
             Command::Versions(a) => apps::show_versions(a, &ctx).await,
             Command::History(a) => apps::history(a, &ctx).await,

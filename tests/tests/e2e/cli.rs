@@ -220,6 +220,17 @@ async fn stagehand_dev_starts_a_fleet_the_cli_can_use() {
     let (status, body) = stagehand_tests::http_get(addr, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(stagehand_tests::metric(&body, "stagehand_agents_connected{env=\"prod\"}"), Some(1.0), "{body}");
+    // And the fleet page, with a one-time login link.
+    let link = text.lines().find_map(|l| l.trim().strip_prefix("fleet page: open ")).expect("dev prints a login link");
+    let (base, secret) = link.split_once("/login#").unwrap();
+    assert_eq!(base, format!("http://{addr}"));
+    let (status, head, _) =
+        stagehand_tests::http_request(addr, "POST", "/login", &[], &format!("secret={secret}")).await.unwrap();
+    assert_eq!(status, 303, "{head}");
+    let cookie = head.lines().find_map(|l| l.strip_prefix("set-cookie: ")).unwrap().split(';').next().unwrap();
+    let (status, _, page) = stagehand_tests::http_request(addr, "GET", "/", &[("Cookie", cookie)], "").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("prod-1") && page.contains("1.0.0"), "{page}");
 
     std::process::Command::new("kill").args(["-INT", &dev.child.id().to_string()]).status().unwrap();
     let status = dev.wait_exit(Duration::from_secs(30)).await.unwrap();

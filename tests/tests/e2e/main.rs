@@ -13,6 +13,7 @@ mod reuse;
 mod rollout;
 mod stage;
 mod traffic;
+mod ui;
 
 pub const STAGEHAND: &str = env!("CARGO_BIN_EXE_stagehand-under-test");
 pub const AGENT: &str = env!("CARGO_BIN_EXE_stagehand-agent-under-test");
