@@ -430,6 +430,8 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
             for conn in ctl.admin_conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&name).unwrap_or_default() {
                 conn.close(crate::server::CLOSE_UNAUTHORISED.into(), b"identity revoked");
             }
+            // Open fleet pages look at their session again, and end.
+            ctl.fleet.bump();
             info!(%admin, %name, "Identity revoked.");
             AdminResponse::AdminRevoked { name }
         }

@@ -134,6 +134,12 @@ impl Fleet {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// How many changes there have been: a view built at one generation is current until
+    /// the next.
+    pub fn generation(&self) -> u64 {
+        *self.changed.borrow()
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }

@@ -21,6 +21,10 @@ impl Browser {
     /// `None` (and a note on stderr) where Chromium or its driver is not installed.
     pub async fn start(log_dir: &Path) -> Result<Option<Browser>> {
         if !Path::new(CHROMEDRIVER).exists() || !Path::new(CHROMIUM).exists() {
+            // In CI (`.ci/run` sets STAGEHAND_CI) a missing browser is a failure, not a skip.
+            if std::env::var_os("STAGEHAND_CI").is_some() {
+                bail!("chromium and chromium-driver are not installed, and .ci/run should have installed them");
+            }
             eprintln!("note: chromium and chromium-driver are not installed (.ci/run installs them); skipping");
             return Ok(None);
         }

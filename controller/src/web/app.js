@@ -9,10 +9,12 @@
     var secret = location.hash.slice(1);
     // The secret leaves the address bar and the history at once.
     history.replaceState(null, "", location.pathname);
+    // Signing in takes a click: a link another site opens cannot sign this browser in to
+    // someone else's session by itself.
     if (secret) {
       login.elements.secret.value = decodeURIComponent(secret);
-      login.submit();
     } else {
+      document.getElementById("sign-in").disabled = true;
       document.getElementById("login-note").textContent =
         "This address has no login secret: run `stagehand ui` for a link.";
     }
@@ -44,8 +46,10 @@
     if (!document.getElementById("session-ended")) document.body.insertBefore(note, main);
   }
 
-  var busy = false, again = false;
+  var busy = false, again = false, missed = false;
   function refresh() {
+    // A hidden tab fetches nothing; it catches up when it is shown again.
+    if (document.hidden) { missed = true; return; }
     if (busy) { again = true; return; }
     busy = true;
     fetch(location.pathname + location.search, {
@@ -73,11 +77,18 @@
     });
   }
 
+  document.addEventListener("visibilitychange", function () {
+    if (!document.hidden && missed) { missed = false; refresh(); }
+  });
+
   var events = new EventSource("/events");
   events.addEventListener("change", refresh);
   events.addEventListener("signed-out", function () { events.close(); signedOut(); });
   events.onopen = function () { show("live", "ok"); };
+  // A refused stream (401, or too many pages: 429/503) closes it; only a 401 means the
+  // session ended, which the next fetch tells.
   events.onerror = function () {
-    if (events.readyState === EventSource.CLOSED) signedOut(); else show("reconnecting", "busy");
+    show(events.readyState === EventSource.CLOSED ? "not live: reload" : "reconnecting", "busy");
+    if (events.readyState === EventSource.CLOSED) refresh();
   };
 })();

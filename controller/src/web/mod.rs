@@ -40,16 +40,24 @@ pub const LOGIN_TTL: Duration = Duration::from_secs(600);
 pub const SESSION_IDLE: Duration = Duration::from_secs(3600);
 /// …and this long after it began, whatever happens.
 pub const SESSION_MAX: Duration = Duration::from_secs(12 * 3600);
-/// Bounds: unused links, sessions, open event streams.
+/// Bounds, in all and per identity (whose oldest goes first), so that no identity can lock
+/// out the others: unused links, sessions, open event streams (in all and per session).
 const MAX_LOGINS: usize = 256;
+const LOGINS_PER_IDENTITY: usize = 8;
 const MAX_SESSIONS: usize = 1024;
+const SESSIONS_PER_IDENTITY: usize = 16;
 const MAX_STREAMS: usize = 256;
-/// The session cookie's name.
-pub const COOKIE: &str = "stagehand_session";
+const STREAMS_PER_SESSION: usize = 4;
 /// The header the page's script sends to get only its live part.
 const LIVE_HEADER: &str = "x-stagehand-live";
-/// Changes closer together than this reach a page as one.
+/// Changes closer together than this reach a page as one; with many pages open, each page
+/// waits longer (50 ms more per page beyond four, at most 5 s), so that the views rebuilt
+/// per second stay bounded.
 const COALESCE: Duration = Duration::from_millis(300);
+
+fn coalesce(open_streams: usize) -> Duration {
+    (COALESCE + Duration::from_millis(50) * open_streams.saturating_sub(4) as u32).min(Duration::from_secs(5))
+}
 
 /// Secrets are looked up by their hash: what the maps hold cannot sign anyone in.
 type Key = [u8; 32];
@@ -74,6 +82,8 @@ struct Session {
     used: Instant,
     /// What the last button did, shown once on the next page.
     flash: Option<String>,
+    /// Event streams this session has open.
+    streams: usize,
 }
 
 impl Session {
@@ -90,6 +100,11 @@ pub struct Web {
     streams: AtomicUsize,
     /// The page's base URL, once it is served.
     base_url: OnceLock<String>,
+    /// The session cookie's name: one per controller (two on one host do not clash), with
+    /// the `__Host-` prefix when the page is served over https.
+    cookie_name: OnceLock<String>,
+    /// `agents list` as of a fleet generation: open pages share it.
+    agents: Mutex<Option<(u64, Arc<Vec<stagehand_common::protocol::AgentInfo>>)>>,
 }
 
 /// A request from a signed-in browser: the identity as it is now.
@@ -112,6 +127,14 @@ impl Web {
         let now = Instant::now();
         let mut logins = self.logins.lock().unwrap_or_else(|p| p.into_inner());
         logins.retain(|_, l| l.expires > now);
+        // An identity's oldest unused link makes room for its newest.
+        let mine: Vec<(Key, Instant)> =
+            logins.iter().filter(|(_, l)| l.who == who).map(|(k, l)| (*k, l.expires)).collect();
+        if mine.len() >= LOGINS_PER_IDENTITY {
+            if let Some((oldest, _)) = mine.iter().min_by_key(|(_, at)| *at) {
+                logins.remove(oldest);
+            }
+        }
         if logins.len() >= MAX_LOGINS {
             return AdminResponse::Error {
                 message: format!("{MAX_LOGINS} login links are waiting to be used"),
@@ -127,43 +150,96 @@ impl Web {
     }
 
     /// Spends a login secret: a new session's cookie secret and the identity, if it was good.
+    /// Room is made before the link is spent: sessions that ended or whose identity may no
+    /// longer act go, then the identity's oldest beyond its share.
     fn sign_in(&self, ctl: &Controller, secret: &str) -> Option<(String, String)> {
-        let login = self.logins.lock().unwrap_or_else(|p| p.into_inner()).remove(&key_of(secret))?;
+        let key = key_of(secret);
         let now = Instant::now();
-        if login.expires <= now || admin::identity(ctl, &login.who).is_err() {
-            return None;
-        }
+        let who = {
+            let logins = self.logins.lock().unwrap_or_else(|p| p.into_inner());
+            logins.get(&key).filter(|l| l.expires > now)?.who.clone()
+        };
+        admin::identity(ctl, &who).ok().filter(usable)?;
+        let names: std::collections::HashSet<String> = {
+            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions.values().map(|s| s.who.clone()).collect()
+        };
+        let gone: std::collections::HashSet<String> =
+            names.into_iter().filter(|n| admin::identity(ctl, n).ok().filter(usable).is_none()).collect();
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions.retain(|_, s| s.live(now));
+        sessions.retain(|_, s| s.live(now) && !gone.contains(&s.who));
+        let mut mine: Vec<(Key, Instant)> =
+            sessions.iter().filter(|(_, s)| s.who == who).map(|(k, s)| (*k, s.used)).collect();
+        mine.sort_by_key(|(_, used)| *used);
+        for (k, _) in mine.iter().take((mine.len() + 1).saturating_sub(SESSIONS_PER_IDENTITY)) {
+            sessions.remove(k);
+        }
         if sessions.len() >= MAX_SESSIONS {
             return None;
         }
+        // Spent now, and only by one of two racing sign-ins.
+        self.logins.lock().unwrap_or_else(|p| p.into_inner()).remove(&key)?;
         let cookie = new_secret();
-        let session = Session { who: login.who.clone(), csrf: new_secret(), began: now, used: now, flash: None };
+        let session = Session { who: who.clone(), csrf: new_secret(), began: now, used: now, flash: None, streams: 0 };
         sessions.insert(key_of(&cookie), session);
-        Some((cookie, login.who))
+        Some((cookie, who))
     }
 
-    /// The session a request's cookie names, if it is live and its identity may still act.
-    fn signed(&self, ctl: &Controller, headers: &HeaderMap) -> Option<Signed> {
-        let key = key_of(&cookie(headers)?);
-        self.session(ctl, key, true)
+    /// The session a request's cookie names, if it is live and its identity may still act;
+    /// `take_flash` takes the message the last button left (for a whole page only).
+    fn signed(&self, ctl: &Controller, headers: &HeaderMap, take_flash: bool) -> Option<Signed> {
+        let name = self.cookie_name.get()?;
+        cookies(headers, name).into_iter().find_map(|value| self.session(ctl, key_of(&value), take_flash))
     }
 
     fn session(&self, ctl: &Controller, key: Key, take_flash: bool) -> Option<Signed> {
         let now = Instant::now();
-        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let s = sessions.get_mut(&key)?;
-        let who = match admin::identity(ctl, &s.who) {
-            Ok(who) if s.live(now) => who,
-            _ => {
-                sessions.remove(&key);
-                return None;
-            }
+        let name = {
+            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions.get(&key).filter(|s| s.live(now))?.who.clone()
         };
+        // The identity as it is now, read without holding the sessions.
+        let who = admin::identity(ctl, &name).ok().filter(usable);
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(who) = who else {
+            sessions.remove(&key);
+            return None;
+        };
+        let s = sessions.get_mut(&key)?;
         s.used = now;
         let flash = if take_flash { s.flash.take() } else { None };
         Some(Signed { who, csrf: s.csrf.clone(), flash, key })
+    }
+
+    /// Counts an event stream of a session; false when it has its share open already.
+    fn open_stream(&self, key: Key) -> bool {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match sessions.get_mut(&key) {
+            Some(s) if s.streams < STREAMS_PER_SESSION => {
+                s.streams += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn close_stream(&self, key: Key) {
+        if let Some(s) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key) {
+            s.streams = s.streams.saturating_sub(1);
+        }
+    }
+
+    /// Every agent as `agents list` shows it, built once per change to the fleet.
+    pub fn agents(&self, ctl: &Controller) -> anyhow::Result<Arc<Vec<stagehand_common::protocol::AgentInfo>>> {
+        let generation = ctl.fleet.generation();
+        if let Some((g, list)) = &*self.agents.lock().unwrap_or_else(|p| p.into_inner()) {
+            if *g == generation {
+                return Ok(list.clone());
+            }
+        }
+        let list = Arc::new(admin::list_agents(ctl)?);
+        *self.agents.lock().unwrap_or_else(|p| p.into_inner()) = Some((generation, list.clone()));
+        Ok(list)
     }
 
     fn set_flash(&self, key: Key, said: String) {
@@ -172,21 +248,36 @@ impl Web {
         }
     }
 
+    /// A `Set-Cookie` value for the session cookie.
+    fn set_cookie(&self, value: &str, max_age: Duration) -> String {
+        let name = self.cookie_name.get().map_or("stagehand", String::as_str);
+        let secure = if self.base_url.get().is_some_and(|u| u.starts_with("https://")) { "; Secure" } else { "" };
+        format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}", max_age.as_secs())
+    }
+
     fn sign_out(&self, key: Key) {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
     }
 }
 
-/// The value of our cookie in a request's `Cookie` headers.
-fn cookie(headers: &HeaderMap) -> Option<String> {
+/// An identity that may use the page: not revoked (`identity` says so) and not expired.
+fn usable(who: &AdminRecord) -> bool {
+    who.expires_at == 0 || who.expires_at > now_secs()
+}
+
+/// The values of the cookie `name` in a request's `Cookie` headers (another site on the
+/// same host may have set one of the same name: each is tried).
+fn cookies(headers: &HeaderMap, name: &str) -> Vec<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .filter(|(n, _)| *n == name)
         .map(|(_, value)| value.to_string())
+        .take(4)
+        .collect()
 }
 
 /// Binds `addr` and serves the page and `/metrics` until the returned task is aborted.
@@ -197,7 +288,12 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let base = ctl.config.http_url.clone().unwrap_or_else(|| format!("http://{bound}"));
-    let _ = ctl.web.base_url.set(base.trim_end_matches('/').to_string());
+    let base = base.trim_end_matches('/').to_string();
+    let tag = &blake3::hash(format!("{base} {}", ctl.ca_fingerprint).as_bytes()).to_hex()[..8];
+    let name =
+        if base.starts_with("https://") { format!("__Host-stagehand-{tag}") } else { format!("stagehand-{tag}") };
+    let _ = ctl.web.cookie_name.set(name);
+    let _ = ctl.web.base_url.set(base);
     let app = router(Arc::downgrade(ctl));
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -272,7 +368,7 @@ where
     let live = headers.contains_key(LIVE_HEADER);
     let built = tokio::task::spawn_blocking(move || {
         let ctl = ctl.upgrade()?;
-        let Some(signed) = ctl.web.signed(&ctl, &headers) else {
+        let Some(signed) = ctl.web.signed(&ctl, &headers, !live) else {
             return Some(Err(signed_out(StatusCode::UNAUTHORIZED, "")));
         };
         let view = view(&ctl, &signed);
@@ -339,27 +435,38 @@ struct LoginForm {
     secret: String,
 }
 
-async fn login(State(ctl): State<Ctl>, headers: HeaderMap, Form(f): Form<LoginForm>) -> Response {
-    if let Err(refused) = same_origin(&headers) {
+async fn login(State(weak): State<Ctl>, headers: HeaderMap, Form(f): Form<LoginForm>) -> Response {
+    let Some(ctl) = weak.upgrade() else { return gone() };
+    if let Err(refused) = same_origin(&ctl, &headers) {
         return refused.into_response();
     }
-    let Some(ctl) = ctl.upgrade() else { return gone() };
-    let Some((secret, who)) = ctl.web.sign_in(&ctl, f.secret.trim()) else {
-        return signed_out(
-            StatusCode::UNAUTHORIZED,
-            "That link was used already, has expired, or its identity may no longer sign in.",
-        );
-    };
-    if let Err(e) = ctl.audit.record(&who, "ui-session", serde_json::json!({}), "ok") {
-        tracing::error!(error = %format!("{e:#}"), "Could not write the audit log.");
-        return (StatusCode::SERVICE_UNAVAILABLE, "the audit log cannot be written: see the controller's log")
-            .into_response();
+    drop(ctl);
+    // Store reads and the audit log's fsync: off the async threads.
+    let done = tokio::task::spawn_blocking(move || {
+        let ctl = weak.upgrade()?;
+        let Some((secret, who)) = ctl.web.sign_in(&ctl, f.secret.trim()) else {
+            return Some(Err(signed_out(
+                StatusCode::UNAUTHORIZED,
+                "That link was used already, has expired, or its identity may no longer sign in.",
+            )));
+        };
+        if let Err(e) = ctl.audit.record(&who, "ui-session", serde_json::json!({}), "ok") {
+            tracing::error!(error = %format!("{e:#}"), "Could not write the audit log.");
+            ctl.web.sign_out(key_of(&secret));
+            let why = "the audit log cannot be written: see the controller's log";
+            return Some(Err((StatusCode::SERVICE_UNAVAILABLE, why).into_response()));
+        }
+        tracing::info!(%who, "Signed in to the fleet page.");
+        Some(Ok(ctl.web.set_cookie(&secret, SESSION_MAX)))
+    })
+    .await
+    .ok()
+    .flatten();
+    match done {
+        None => gone(),
+        Some(Err(resp)) => resp,
+        Some(Ok(cookie)) => see_other("/", Some(cookie)),
     }
-    tracing::info!(%who, "Signed in to the fleet page.");
-    let secure = if ctl.web.base_url.get().is_some_and(|u| u.starts_with("https://")) { "; Secure" } else { "" };
-    let cookie =
-        format!("{COOKIE}={secret}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}", SESSION_MAX.as_secs());
-    see_other("/", Some(cookie))
 }
 
 #[derive(Deserialize)]
@@ -367,15 +474,16 @@ struct CsrfForm {
     csrf: String,
 }
 
+/// Ends the session (a session that already ended is fine) and clears the cookie.
 async fn logout(State(ctl): State<Ctl>, headers: HeaderMap, Form(f): Form<CsrfForm>) -> Response {
     let Some(ctl) = ctl.upgrade() else { return gone() };
     match checked_form(&ctl, &headers, &f.csrf) {
         Ok(signed) => ctl.web.sign_out(signed.key),
+        Err(Refusal::SignedOut) => {}
         Err(refused) => return refused.into_response(),
     }
-    let clear = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
     let mut resp = signed_out(StatusCode::OK, "Signed out.");
-    if let Ok(v) = HeaderValue::from_str(&clear) {
+    if let Ok(v) = HeaderValue::from_str(&ctl.web.set_cookie("", Duration::ZERO)) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp
@@ -437,8 +545,8 @@ impl IntoResponse for Refusal {
 
 /// A form post: from the page's own origin, by a live session, with its CSRF token.
 fn checked_form(ctl: &Controller, headers: &HeaderMap, csrf: &str) -> Result<Signed, Refusal> {
-    same_origin(headers)?;
-    let signed = ctl.web.signed(ctl, headers).ok_or(Refusal::SignedOut)?;
+    same_origin(ctl, headers)?;
+    let signed = ctl.web.signed(ctl, headers, false).ok_or(Refusal::SignedOut)?;
     if !constant_time_eq(csrf.as_bytes(), signed.csrf.as_bytes()) {
         return Err(Refusal::Csrf);
     }
@@ -446,15 +554,30 @@ fn checked_form(ctl: &Controller, headers: &HeaderMap, csrf: &str) -> Result<Sig
 }
 
 /// Refuses a request a browser says came from another site (`Sec-Fetch-Site`) or another
-/// origin (`Origin` not this `Host`). SameSite=Strict and the CSRF token guard as well.
-fn same_origin(headers: &HeaderMap) -> Result<(), Refusal> {
+/// origin: `Origin` must be the page's (`http_url`, behind a proxy that rewrites `Host`) or
+/// this `Host`'s. SameSite=Strict and the CSRF token guard as well.
+fn same_origin(ctl: &Controller, headers: &HeaderMap) -> Result<(), Refusal> {
+    same_origin_as(ctl.config.http_url.as_deref(), headers)
+}
+
+fn same_origin_as(page: Option<&str>, headers: &HeaderMap) -> Result<(), Refusal> {
     let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let cross_site = text(header::HeaderName::from_static("sec-fetch-site"))
         .is_some_and(|site| site != "same-origin" && site != "none");
-    let foreign = match (text(header::ORIGIN), text(header::HOST)) {
-        (Some(origin), Some(host)) => origin.split_once("://").is_none_or(|(_, rest)| !rest.eq_ignore_ascii_case(host)),
-        (Some(_), None) => true,
-        (None, _) => false,
+    let page_origin = page.map(|u| {
+        let u = u.trim_end_matches('/');
+        match u.split_once("://") {
+            Some((scheme, rest)) => format!("{scheme}://{}", rest.split('/').next().unwrap_or(rest)),
+            None => u.to_string(),
+        }
+    });
+    let foreign = match text(header::ORIGIN) {
+        None => false,
+        Some(origin) if page_origin.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(origin)) => false,
+        Some(origin) => match (origin.split_once("://"), text(header::HOST)) {
+            (Some((_, rest)), Some(host)) => !rest.eq_ignore_ascii_case(host),
+            _ => true,
+        },
     };
     if cross_site || foreign {
         return Err(Refusal::CrossOrigin);
@@ -477,29 +600,34 @@ fn see_other(to: &str, cookie: Option<String>) -> Response {
     resp
 }
 
-/// Counts an open event stream; uncounts it when the stream is dropped.
-struct StreamSlot(Ctl);
+/// Counts an open event stream, in all and for its session; uncounts it when dropped.
+struct StreamSlot(Ctl, Key);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         if let Some(c) = self.0.upgrade() {
             c.web.streams.fetch_sub(1, Ordering::Relaxed);
+            c.web.close_stream(self.1);
         }
     }
 }
 
-/// Server-sent events: `change` when the fleet changed (at most one per [`COALESCE`]),
+/// Server-sent events: `change` when the fleet changed (coalesced, see [`coalesce`]),
 /// `signed-out` when the session ended; keep-alive comments in between.
 async fn events(State(weak): State<Ctl>, headers: HeaderMap) -> Response {
     let Some(ctl) = weak.upgrade() else { return gone() };
-    let Some(signed) = ctl.web.signed(&ctl, &headers) else {
+    let Some(signed) = ctl.web.signed(&ctl, &headers, false) else {
         return signed_out(StatusCode::UNAUTHORIZED, "");
     };
     if ctl.web.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
         ctl.web.streams.fetch_sub(1, Ordering::Relaxed);
         return (StatusCode::SERVICE_UNAVAILABLE, "too many open fleet pages").into_response();
     }
-    let slot = StreamSlot(weak.clone());
+    if !ctl.web.open_stream(signed.key) {
+        ctl.web.streams.fetch_sub(1, Ordering::Relaxed);
+        return (StatusCode::TOO_MANY_REQUESTS, "this session has too many fleet pages open").into_response();
+    }
+    let slot = StreamSlot(weak.clone(), signed.key);
     let changes = ctl.fleet.subscribe();
     drop(ctl);
     struct Stream {
@@ -520,14 +648,21 @@ async fn events(State(weak): State<Ctl>, headers: HeaderMap) -> Response {
             if matches!(changed, Ok(Err(_))) {
                 return None;
             }
-            let ctl = s.ctl.upgrade()?;
-            if ctl.web.session(&ctl, s.key, false).is_none() {
+            let (ctl, key) = (s.ctl.clone(), s.key);
+            let valid = tokio::task::spawn_blocking(move || {
+                let ctl = ctl.upgrade()?;
+                Some((ctl.web.session(&ctl, key, false).is_some(), ctl.web.streams.load(Ordering::Relaxed)))
+            })
+            .await
+            .ok()
+            .flatten();
+            let (valid, open) = valid?;
+            if !valid {
                 s.ended = true;
                 return Some((Ok::<_, std::convert::Infallible>(Event::default().event("signed-out").data("")), s));
             }
-            drop(ctl);
             if changed.is_ok() {
-                tokio::time::sleep(COALESCE).await;
+                tokio::time::sleep(coalesce(open)).await;
                 let n = *s.changes.borrow_and_update();
                 return Some((Ok(Event::default().event("change").data(n.to_string())), s));
             }
@@ -543,29 +678,58 @@ mod tests {
     #[test]
     fn the_cookie_is_found_among_others() {
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1; stagehand_session=abc; b=2"));
-        assert_eq!(cookie(&h).as_deref(), Some("abc"));
+        h.append(header::COOKIE, HeaderValue::from_static("a=1; stagehand-ab=x; b=2; stagehand-ab=y"));
+        assert_eq!(cookies(&h, "stagehand-ab"), ["x", "y"]);
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("stagehand_sessionx=abc"));
-        assert_eq!(cookie(&h), None);
+        h.append(header::COOKIE, HeaderValue::from_static("stagehand-abx=abc"));
+        assert!(cookies(&h, "stagehand-ab").is_empty());
     }
 
     #[test]
     fn forms_from_another_origin_are_refused() {
-        let with = |pairs: &[(&'static str, &'static str)]| {
+        let with = |page: Option<&str>, pairs: &[(&'static str, &'static str)]| {
             let mut h = HeaderMap::new();
             for (k, v) in pairs {
                 h.insert(*k, HeaderValue::from_static(v));
             }
-            same_origin(&h).is_ok()
+            same_origin_as(page, &h).is_ok()
         };
-        assert!(with(&[("host", "127.0.0.1:9100"), ("origin", "http://127.0.0.1:9100")]));
-        assert!(with(&[("host", "127.0.0.1:9100")]));
-        assert!(!with(&[("host", "127.0.0.1:9100"), ("origin", "http://evil.example")]));
-        assert!(!with(&[("host", "127.0.0.1:9100"), ("origin", "null")]));
-        assert!(!with(&[("host", "127.0.0.1:9100"), ("sec-fetch-site", "cross-site")]));
-        assert!(!with(&[("host", "127.0.0.1:9100"), ("sec-fetch-site", "same-site")]));
-        assert!(with(&[("host", "127.0.0.1:9100"), ("sec-fetch-site", "same-origin")]));
+        let local = ("host", "127.0.0.1:9100");
+        assert!(with(None, &[local, ("origin", "http://127.0.0.1:9100")]));
+        assert!(with(None, &[local]));
+        assert!(!with(None, &[local, ("origin", "http://evil.example")]));
+        assert!(!with(None, &[local, ("origin", "null")]));
+        assert!(!with(None, &[local, ("sec-fetch-site", "cross-site")]));
+        assert!(!with(None, &[local, ("sec-fetch-site", "same-site")]));
+        assert!(with(None, &[local, ("sec-fetch-site", "same-origin")]));
+        // Behind a proxy that sends its own Host: the configured URL's origin.
+        let page = Some("https://stagehand.example/");
+        assert!(with(page, &[local, ("origin", "https://stagehand.example")]));
+        assert!(!with(page, &[local, ("origin", "http://stagehand.example")]));
+        assert!(!with(page, &[local, ("origin", "https://evil.example")]));
+    }
+
+    #[test]
+    fn sessions_end_when_idle_or_old() {
+        let now = Instant::now();
+        let at = |began: u64, used: u64| Session {
+            who: "a".into(),
+            csrf: String::new(),
+            began: now - Duration::from_secs(began),
+            used: now - Duration::from_secs(used),
+            flash: None,
+            streams: 0,
+        };
+        assert!(at(10, 5).live(now));
+        assert!(!at(SESSION_IDLE.as_secs() + 10, SESSION_IDLE.as_secs() + 1).live(now));
+        assert!(!at(SESSION_MAX.as_secs() + 1, 1).live(now));
+    }
+
+    #[test]
+    fn many_open_pages_are_told_less_often() {
+        assert_eq!(coalesce(1), COALESCE);
+        assert_eq!(coalesce(24), COALESCE + Duration::from_secs(1));
+        assert_eq!(coalesce(10_000), Duration::from_secs(5));
     }
 
     #[test]

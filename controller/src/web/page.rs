@@ -115,7 +115,8 @@ pub fn login() -> Markup {
                     h1 { "Stagehand" }
                     form #login method="post" action="/login" {
                         input type="hidden" name="secret";
-                        p #login-note { "Signing in…" }
+                        p #login-note { "This one-time link signs this browser in to the fleet page." }
+                        button #sign-in type="submit" { "Sign in" }
                         noscript { p { "This page needs JavaScript to read its link." } }
                     }
                 }
@@ -162,7 +163,7 @@ pub fn overview(ctl: &Controller, signed: &Signed) -> anyhow::Result<View> {
         /// The first few agents, named on the overview.
         named: Vec<usize>,
     }
-    let agents = admin::list_agents(ctl)?;
+    let agents = ctl.web.agents(ctl)?;
     let mut envs: BTreeMap<String, EnvRow> = BTreeMap::new();
     for (i, a) in agents.iter().enumerate() {
         let env = envs.entry(a.env.clone()).or_default();
@@ -432,7 +433,7 @@ pub fn rollout(ctl: &Controller, signed: &Signed, id: &str) -> anyhow::Result<Vi
 
 /// Agents, filtered and paged.
 pub fn agents(ctl: &Controller, _signed: &Signed, q: &AgentQuery) -> anyhow::Result<View> {
-    let all = admin::list_agents(ctl)?;
+    let all = ctl.web.agents(ctl)?;
     let envs = env_order(ctl, all.iter().map(|a| &a.env).collect::<std::collections::BTreeSet<_>>().into_iter());
     let needle = q.q.trim().to_lowercase();
     let matches = |a: &AgentInfo| {

@@ -41,15 +41,33 @@ fn login_link(fleet: &Fleet, creds: &Path) -> String {
     link
 }
 
+/// Opens a login link and presses Sign in. Before the press, the secret has already left
+/// the address bar.
+async fn open_link(browser: &Browser, link: &str) {
+    browser.client.goto(link).await.unwrap();
+    let button = browser.client.wait().for_element(Locator::Css("#sign-in")).await.unwrap();
+    let url = browser.client.current_url().await.unwrap();
+    assert_eq!((url.path(), url.fragment()), ("/login", None), "the secret stays in the address bar");
+    button.click().await.unwrap();
+}
+
 fn http_of(fleet: &Fleet) -> SocketAddr {
     fleet.controller.as_ref().unwrap().http.expect("the controller serves HTTP")
 }
 
 /// An identity of `role`, made through the CLI; its credentials directory.
 fn identity(fleet: &Fleet, name: &str, role: &str) -> PathBuf {
+    identity_in(fleet, name, role, None)
+}
+
+/// An identity of `role`, limited to `env` if given.
+fn identity_in(fleet: &Fleet, name: &str, role: &str, env: Option<&str>) -> PathBuf {
     let dir = fleet.path().join(format!("creds-{name}"));
-    let out = run_cli(STAGEHAND, Some(fleet), &["admin", "add", name, "--role", role, "--out", dir.to_str().unwrap()])
-        .unwrap();
+    let mut args = vec!["admin", "add", name, "--role", role, "--out", dir.to_str().unwrap()];
+    if let Some(env) = env {
+        args.extend(["--env", env]);
+    }
+    let out = run_cli(STAGEHAND, Some(fleet), &args).unwrap();
     assert!(out.status.success(), "admin add: {}", String::from_utf8_lossy(&out.stderr));
     dir
 }
@@ -81,7 +99,7 @@ async fn the_page_names_every_agent_and_live_version_and_nothing_without_a_sessi
     }
 
     let link = login_link(&fleet, &fleet.admin);
-    browser.client.goto(&link).await.unwrap();
+    open_link(&browser, &link).await;
     let text = browser
         .wait_text("the fleet page", Duration::from_secs(20), |t| t.contains("agents connected") && t.contains("s1"))
         .await
@@ -95,10 +113,9 @@ async fn the_page_names_every_agent_and_live_version_and_nothing_without_a_sessi
     // Environments in promotion order (prod), then the others (lab).
     assert_eq!(chips, ["p1 web v1", "p2 web v1", "s1 web —"], "{text}");
     assert!(text.contains("admin · owner"), "{text}");
-    // The link's secret left the address bar; the cookie is the session's only carrier.
-    let url = browser.client.current_url().await.unwrap();
-    assert_eq!((url.path(), url.fragment()), ("/", None));
-    let cookie = browser.client.get_named_cookie("stagehand_session").await.unwrap();
+    // The cookie is the session's only carrier, and scripts cannot read it.
+    let cookies = browser.client.get_all_cookies().await.unwrap();
+    let cookie = cookies.iter().find(|c| c.name().starts_with("stagehand-")).expect("a session cookie");
     assert_eq!(cookie.http_only(), Some(true));
     assert_eq!(format!("{:?}", cookie.same_site()), "Some(Strict)");
     let js_sees = browser.eval("return document.cookie").await.unwrap();
@@ -116,7 +133,7 @@ async fn the_page_names_every_agent_and_live_version_and_nothing_without_a_sessi
 
     // Signed out, the same link does not sign in again: it worked once.
     browser.client.delete_all_cookies().await.unwrap();
-    browser.client.goto(&link).await.unwrap();
+    open_link(&browser, &link).await;
     let text = browser
         .wait_text("the used link to be refused", Duration::from_secs(10), |t| t.contains("used already"))
         .await
@@ -162,7 +179,7 @@ async fn the_page_follows_a_rollout_by_itself_and_its_pause_button_pauses_it() {
     assert!(fleet.release("web", "v1", "prod").await.unwrap().all_done());
     let Some(browser) = Browser::start(fleet.path()).await.unwrap() else { return };
     let base = format!("http://{}", http_of(&fleet));
-    browser.client.goto(&login_link(&fleet, &fleet.admin)).await.unwrap();
+    open_link(&browser, &login_link(&fleet, &fleet.admin)).await;
     browser.wait_text("the fleet page", Duration::from_secs(20), |t| t.contains("agents connected")).await.unwrap();
 
     let spec = RolloutSpec {
@@ -205,7 +222,7 @@ async fn the_page_follows_a_rollout_by_itself_and_its_pause_button_pauses_it() {
     // A viewer sees the rollout, gets no buttons, and a forged one is refused and recorded.
     let viewer = identity(&fleet, "watcher", "viewer");
     browser.client.delete_all_cookies().await.unwrap();
-    browser.client.goto(&login_link(&fleet, &viewer)).await.unwrap();
+    open_link(&browser, &login_link(&fleet, &viewer)).await;
     browser.wait_text("the viewer's page", Duration::from_secs(20), |t| t.contains("watcher · viewer")).await.unwrap();
     browser.client.goto(&format!("{base}/rollouts/{}", r.id)).await.unwrap();
     browser.wait_text("the rollout as a viewer", Duration::from_secs(10), |t| t.contains("paused")).await.unwrap();
@@ -223,10 +240,19 @@ async fn the_page_follows_a_rollout_by_itself_and_its_pause_button_pauses_it() {
 
     // The owner resumes it from the page; the page follows it to the end by itself.
     browser.client.delete_all_cookies().await.unwrap();
-    browser.client.goto(&login_link(&fleet, &fleet.admin)).await.unwrap();
+    open_link(&browser, &login_link(&fleet, &fleet.admin)).await;
     browser.wait_text("the owner's page", Duration::from_secs(20), |t| t.contains("admin · owner")).await.unwrap();
     browser.client.goto(&format!("{base}/rollouts/{}", r.id)).await.unwrap();
+    browser.eval("window.before = 1; return 0").await.unwrap();
     browser.client.find(Locator::Css("button[data-action=resume]")).await.unwrap().click().await.unwrap();
+    // The page the button's redirect loads (the old document had the mark), then the marker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while browser.eval("return window.before === 1 || document.readyState !== 'complete'").await.unwrap_or_default()
+        != false
+    {
+        assert!(std::time::Instant::now() < deadline, "the button did not load the rollout's page");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     browser.eval("window.stayed = 42; return 0").await.unwrap();
     wait_waves(&browser, "every wave to pass on the page", |w| w.len() == 3 && w.iter().all(|s| s == "passed")).await;
     browser.wait_text("succeeded", Duration::from_secs(20), |t| t.contains("succeeded")).await.unwrap();
@@ -243,7 +269,7 @@ async fn the_page_follows_a_rollout_by_itself_and_its_pause_button_pauses_it() {
 
 /// The session cookie a login response sets.
 fn session_cookie(head: &str) -> String {
-    let line = head.lines().find(|l| l.starts_with("set-cookie: stagehand_session=")).expect("a session cookie");
+    let line = head.lines().find(|l| l.starts_with("set-cookie: stagehand-")).expect("a session cookie");
     let value = line.trim_start_matches("set-cookie: ").split(';').next().unwrap().to_string();
     assert!(line.contains("httponly") && line.contains("samesite=strict"), "{line}");
     value
@@ -328,28 +354,54 @@ async fn links_work_once_forms_need_the_page_and_a_revoked_identity_is_out_at_on
     let paused = fleet.rollout_status(&r.id).await.unwrap();
     assert!(paused.pause_requested || paused.state == "paused", "{paused:#?}");
 
-    // The event stream opens for the session, and stays open.
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
-        let req = format!("GET /events HTTP/1.1\r\nHost: {http}\r\nCookie: {cookie}\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte)).await.unwrap().unwrap();
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        assert!(head.starts_with("http/1.1 200") && head.contains("text/event-stream"), "{head}");
-    }
+    // A releaser of staging may not steer a prod rollout, even with a good form.
+    let staging_only = identity_in(&fleet, "stg", "releaser", Some("staging"));
+    let stg = sign_in(&fleet, &staging_only).await;
+    let stg_with = [("Cookie", stg.as_str())];
+    let (_, _, stg_page) = http_request(http, "GET", "/", &stg_with, "").await.unwrap();
+    assert!(!stg_page.contains("data-action="), "no buttons for a rollout it may not steer");
+    let resume = format!("/rollouts/{}/resume", r.id);
+    let stg_form = format!("csrf={}", csrf_of(&stg_page));
+    let (status, _, _) = http_request(http, "POST", &resume, &stg_with, &stg_form).await.unwrap();
+    assert_eq!(status, 303);
+    let (_, _, said) = http_request(http, "GET", &format!("/rollouts/{}", r.id), &stg_with, "").await.unwrap();
+    assert!(said.contains("Refused: stg (role releaser in staging) may not release in prod"), "{said}");
+    let still = fleet.rollout_status(&r.id).await.unwrap();
+    assert!(still.pause_requested || still.state == "paused", "{still:#?}");
 
-    // Revoked: the very next request is refused.
+    // The live part of a page needs a session like the rest.
+    let (status, _, body) = http_request(http, "GET", "/", &[("X-Stagehand-Live", "1")], "").await.unwrap();
+    assert_eq!(status, 401);
+    assert!(!body.contains("p1"));
+
+    // The event stream opens for the session, and stays open…
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut events = tokio::net::TcpStream::connect(http).await.unwrap();
+    let req = format!("GET /events HTTP/1.1\r\nHost: {http}\r\nCookie: {cookie}\r\n\r\n");
+    events.write_all(req.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), events.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "the stream closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200") && head.contains("text/event-stream"), "{head}");
+
+    // …until the identity is revoked: the stream says so and ends; every request is refused.
     let resp = fleet.call(AdminRequest::RevokeAdmin { name: "ops".into() }).await.unwrap();
     assert!(matches!(resp, AdminResponse::AdminRevoked { .. }), "{resp:?}");
+    while !String::from_utf8_lossy(&seen).contains("event: signed-out") {
+        let n = tokio::time::timeout(Duration::from_secs(10), events.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "the stream ended without saying why: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
     let (status, _, body) = http_request(http, "GET", "/", &with, "").await.unwrap();
     assert_eq!(status, 401);
     assert!(!body.contains("p1"));
+    let (status, _, _) = http_request(http, "POST", &pause, &with, &good).await.unwrap();
+    assert_eq!(status, 401);
 
     // Sign-out ends a session.
     let link = login_link(&fleet, &fleet.admin);
