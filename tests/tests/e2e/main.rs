@@ -11,6 +11,7 @@ mod release;
 mod retention;
 mod reuse;
 mod rollout;
+mod sim;
 mod stage;
 mod traffic;
 mod ui;

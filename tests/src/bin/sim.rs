@@ -1,0 +1,292 @@
+//! `stagehand-sim --agents N`: N simulated agents (`stagehand_tests::sim`) in this process
+//! against a real controller in another (`stagehand-under-test controller serve`, the real
+//! `main`), on loopback. Measures enrolment, connection, the controller's memory and CPU at
+//! rest, a release to all, a 4-wave rollout, `agents list` and `status`, and a `kill -9`
+//! and restart of the controller. Prints one Markdown table.
+//!
+//! cargo build --release -p stagehand-tests --bins
+//! target/release/stagehand-sim --agents 1000
+
+use anyhow::{bail, Context, Result};
+use stagehand_common::protocol::{AdminRequest, AdminResponse, RolloutSpec, RolloutView};
+use stagehand_controller::client::Client;
+use stagehand_tests::sim::{enrol_many, Stats};
+use stagehand_tests::{http_get, metric, Proc};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    args.windows(2).find(|w| w[0] == name).and_then(|w| w[1].parse().ok())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// (RSS bytes, CPU seconds so far) of a process.
+fn usage(pid: u32) -> Result<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .context("no VmRSS")?
+        * 1024;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok((rss, ticks as f64 / 100.0))
+}
+
+struct Controller {
+    proc: Proc,
+    listen: SocketAddr,
+    http: SocketAddr,
+}
+
+fn serve(bin: &Path, data: &Path, listen: SocketAddr, http: SocketAddr, log: &Path) -> Result<Proc> {
+    Proc::spawn(
+        bin.to_str().context("path")?,
+        &[
+            "controller",
+            "serve",
+            "--data-dir",
+            data.to_str().context("path")?,
+            "--listen",
+            &listen.to_string(),
+            "--http",
+            &http.to_string(),
+        ],
+        &[("STAGEHAND_LOG", "warn")],
+        log.to_path_buf(),
+    )
+}
+
+async fn connected(http: SocketAddr) -> f64 {
+    match http_get(http, "/metrics").await {
+        Ok((200, body)) => metric(&body, "stagehand_agents_connected{env=\"prod\"}").unwrap_or(0.0),
+        _ => 0.0,
+    }
+}
+
+/// Waits until `cond`, checking every 50 ms; returns how long it took.
+async fn until<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t0 = Instant::now();
+    while !cond().await {
+        if t0.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(t0.elapsed())
+}
+
+async fn rollout(client: &Client, spec: RolloutSpec) -> Result<RolloutView> {
+    let AdminResponse::Rollout { mut rollout, .. } = client.call(&AdminRequest::Rollout(spec)).await? else {
+        bail!("unexpected answer to a rollout")
+    };
+    while !matches!(rollout.state.as_str(), "succeeded" | "failed" | "aborted") {
+        let req =
+            AdminRequest::RolloutStatus { id: rollout.id.clone(), after_revision: rollout.revision, timeout_secs: 60 };
+        let AdminResponse::Rollout { rollout: next, .. } = client.call(&req).await? else { bail!("rollout status") };
+        rollout = next;
+    }
+    if rollout.state != "succeeded" {
+        bail!("rollout {} {}: {}", rollout.id, rollout.state, rollout.reason);
+    }
+    Ok(rollout)
+}
+
+fn p(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn timed_cli(bin: &Path, listen: SocketAddr, admin: &Path, args: &[&str]) -> Result<(Duration, usize)> {
+    let t0 = Instant::now();
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .env("STAGEHAND_CONTROLLER", listen.to_string())
+        .env("STAGEHAND_CREDENTIALS", admin)
+        .env("STAGEHAND_CONNECT_TIMEOUT", "60s")
+        .output()?;
+    let took = t0.elapsed();
+    if !out.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((took, out.stdout.len()))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let n: usize = arg(&args, "--agents").unwrap_or(1000);
+    let parallel: usize = arg(&args, "--enrol-parallel").unwrap_or(32);
+    raise_nofile();
+    let bin = std::env::current_exe()?.with_file_name("stagehand-under-test");
+    let tmp = tempfile::Builder::new().prefix("stagehand-sim-").tempdir()?;
+    let data = tmp.path().join("controller");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let init = std::process::Command::new(&bin)
+        .args(["controller", "init", "--data-dir", data.to_str().context("path")?, "--listen", &listen.to_string()])
+        .output()?;
+    if !init.status.success() {
+        bail!("controller init: {}", String::from_utf8_lossy(&init.stderr));
+    }
+    let log = tmp.path().join("controller.log");
+    let mut ctl = Controller { proc: serve(&bin, &data, listen, http, &log)?, listen, http };
+    until("the controller to serve", Duration::from_secs(30), || async { http_get(http, "/metrics").await.is_ok() })
+        .await?;
+    let admin = data.join("admin");
+    let client = Client::connect(Some(&listen.to_string()), Some(&admin)).await?;
+    let AdminResponse::Token { token, .. } = client
+        .call(&AdminRequest::CreateToken {
+            env: "prod".into(),
+            ttl_secs: 3600,
+            labels: Default::default(),
+            uses: n as u32,
+        })
+        .await?
+    else {
+        bail!("token")
+    };
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut row = |k: &str, v: String| {
+        eprintln!("{k}: {v}");
+        rows.push((k.to_string(), v));
+    };
+
+    let stats = Arc::new(Stats::default());
+    let t0 = Instant::now();
+    let agents = enrol_many(listen, &token, "sim", n, parallel, stats.clone()).await?;
+    let took = t0.elapsed();
+    row("enrolment", format!("{:.1} s, {:.0} agents/s", took.as_secs_f64(), n as f64 / took.as_secs_f64()));
+
+    let t0 = Instant::now();
+    let _tasks: Vec<_> = agents.iter().map(|a| a.spawn(listen)).collect();
+    until("every agent connected", Duration::from_secs(600), || async { connected(http).await as usize == n }).await?;
+    row("all connected", format!("{:.1} s", t0.elapsed().as_secs_f64()));
+
+    let pid = ctl.proc.child.id();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (_, cpu0) = usage(pid)?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (rest_rss, cpu1) = usage(pid)?;
+    row("controller at rest", format!("RSS {}, CPU {:.1} %", mib(rest_rss), (cpu1 - cpu0) * 10.0));
+
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    for v in ["1", "2", "3"] {
+        std::fs::write(src.join("VERSION"), v)?;
+        stagehand_controller::cli::push::upload(&client, "web", v, &src).await?;
+    }
+    let t0 = Instant::now();
+    for v in ["1", "2", "3"] {
+        client.call(&AdminRequest::Deploy { app: "web".into(), version: v.into(), env: "prod".into() }).await?;
+        let resp = client
+            .call(&AdminRequest::WaitStaged {
+                app: "web".into(),
+                version: v.into(),
+                env: "prod".into(),
+                timeout_secs: 600,
+            })
+            .await?;
+        let AdminResponse::Waited { pending, failed, .. } = resp else { bail!("wait staged") };
+        if !pending.is_empty() || !failed.is_empty() {
+            bail!("staging {v}: {} pending, {} failed", pending.len(), failed.len());
+        }
+    }
+    row("3 versions staged on all (acknowledged)", format!("{:.1} s", t0.elapsed().as_secs_f64()));
+
+    let spec = |v: &str, waves: Option<&str>| RolloutSpec {
+        app: "web".into(),
+        version: Some(v.into()),
+        env: "prod".into(),
+        waves: waves.map(str::to_string),
+        timeout_secs: 600,
+        ..Default::default()
+    };
+    stats.take_acks();
+    let t0 = Instant::now();
+    rollout(&client, spec("1", None)).await?;
+    let makespan = t0.elapsed();
+    let mut acks: Vec<Duration> = stats.take_acks().into_iter().map(|t| t.duration_since(t0)).collect();
+    acks.sort();
+    if acks.len() != n {
+        bail!("{} of {n} agents acknowledged the release", acks.len());
+    }
+    row(
+        "release to all",
+        format!(
+            "makespan {:.2} s; acks p50 {:.2} s, p99 {:.2} s",
+            makespan.as_secs_f64(),
+            p(&acks, 0.5).as_secs_f64(),
+            p(&acks, 0.99).as_secs_f64()
+        ),
+    );
+    let t0 = Instant::now();
+    rollout(&client, spec("2", Some("1%,10%,50%,100%"))).await?;
+    row("4-wave rollout (1%,10%,50%,100%, no bake)", format!("{:.2} s", t0.elapsed().as_secs_f64()));
+
+    let (took, bytes) = timed_cli(&bin, listen, &admin, &["agents", "list", "-o", "json"])?;
+    row("`agents list -o json`", format!("{:.2} s ({} KiB)", took.as_secs_f64(), bytes >> 10));
+    let (took, bytes) = timed_cli(&bin, listen, &admin, &["status", "web", "--env", "prod", "-o", "json"])?;
+    row("`status web --env prod -o json`", format!("{:.2} s ({} KiB)", took.as_secs_f64(), bytes >> 10));
+    let (after_rss, _) = usage(pid)?;
+    row(
+        "controller after staging and 2 releases",
+        format!("RSS {} ({:.2}× at rest)", mib(after_rss), after_rss as f64 / rest_rss as f64),
+    );
+
+    // kill -9 and restart: until every agent is back, in the controller's view and ours.
+    client.close().await;
+    ctl.proc.kill9();
+    let t0 = Instant::now();
+    ctl.proc = serve(&bin, &data, ctl.listen, ctl.http, &log)?;
+    until("every agent back", Duration::from_secs(600), || async {
+        connected(ctl.http).await as usize == n
+            && stats.deploy_up.load(Ordering::Relaxed) == n
+            && stats.release_up.load(Ordering::Relaxed) == n
+    })
+    .await?;
+    row("kill -9, restart: all reconnected", format!("{:.1} s", t0.elapsed().as_secs_f64()));
+    let client = Client::connect(Some(&listen.to_string()), Some(&admin)).await?;
+    stats.take_acks();
+    let t0 = Instant::now();
+    rollout(&client, spec("3", None)).await?;
+    row("release to all after the restart", format!("makespan {:.2} s", t0.elapsed().as_secs_f64()));
+    client.close().await;
+    let refused = stats.refused();
+    if !refused.is_empty() {
+        row("refused messages", format!("{refused:?}"));
+    }
+
+    println!("\n| {n} simulated agents | |\n|---|---|");
+    for (k, v) in rows {
+        println!("| {k} | {v} |");
+    }
+    Ok(())
+}
+
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
