@@ -77,6 +77,10 @@ pub fn read(path: &Path) -> Result<Vec<Entry>> {
 /// The log, open for appending.
 pub struct Audit {
     inner: Mutex<Tail>,
+    /// Group commit: the highest entry known to be on disk, and the file to sync. One
+    /// fdatasync covers every entry written before it began, so callers that queue behind a
+    /// sync in progress usually find theirs done (5,000 receipts took 5,000 syncs in a row).
+    synced: Mutex<(u64, File)>,
 }
 
 struct Tail {
@@ -99,7 +103,9 @@ impl Audit {
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let (n, prev) = entries.last().map_or((0, GENESIS.to_string()), |e| (e.n, e.hash.clone()));
         let recent = entries[entries.len().saturating_sub(RECENT)..].iter().cloned().collect();
-        Ok((Audit { inner: Mutex::new(Tail { file, n, prev, recent }) }, entries))
+        let sync = file.try_clone()?;
+        let audit = Audit { inner: Mutex::new(Tail { file, n, prev, recent }), synced: Mutex::new((n, sync)) };
+        Ok((audit, entries))
     }
 
     /// Up to `take` of the newest entries, newest first, skipping the `skip` newest; and how
@@ -126,13 +132,27 @@ impl Audit {
         let mut line = serde_json::to_vec(&e)?;
         line.push(b'\n');
         t.file.write_all(&line).context("appending to the audit log")?;
-        t.file.sync_data().context("syncing the audit log")?;
+        let n = e.n;
         t.n = e.n;
         t.prev = e.hash.clone();
         if t.recent.len() == RECENT {
             t.recent.pop_front();
         }
         t.recent.push_back(e);
+        drop(t);
+        self.sync_through(n)
+    }
+
+    /// Returns once entry `n` and every one before it are on disk.
+    fn sync_through(&self, n: u64) -> Result<()> {
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if synced.0 >= n {
+            return Ok(());
+        }
+        // Everything written so far goes with this sync.
+        let written = self.inner.lock().unwrap_or_else(|p| p.into_inner()).n;
+        synced.1.sync_data().context("syncing the audit log")?;
+        synced.0 = written;
         Ok(())
     }
 }

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub releases: Family<Outcome, Counter>,
     pub staging_bytes: Histogram,
     pub staging_seconds: Histogram,
+    /// Connections refused because too many handshakes were in flight.
+    pub handshakes_refused: Counter,
     agents_connected: Family<Env, U64Gauge>,
     agents: Family<Env, U64Gauge>,
     rollouts: Family<State, U64Gauge>,
@@ -71,6 +73,12 @@ impl Default for Metrics {
             Unit::Seconds,
             staging_seconds.clone(),
         );
+        let handshakes_refused = Counter::default();
+        r.register(
+            "handshakes_refused",
+            "Connections refused at once because too many handshakes were in flight (their peers retry with backoff)",
+            handshakes_refused.clone(),
+        );
         let agents_connected = Family::<Env, U64Gauge>::default();
         r.register("agents_connected", "Agents with both channels up, by environment", agents_connected.clone());
         let agents = Family::<Env, U64Gauge>::default();
@@ -94,6 +102,7 @@ impl Default for Metrics {
             releases,
             staging_bytes,
             staging_seconds,
+            handshakes_refused,
             agents_connected,
             agents,
             rollouts,

@@ -212,12 +212,26 @@ pub async fn start_with(data_dir: &Path, listen: Option<SocketAddr>, http: Optio
     Ok(Running { addr, http, controller, endpoint, task, driver, http_task })
 }
 
+/// Handshakes in flight at most: beyond them a connection is refused at once (a packet, no
+/// crypto), and its agent retries after its backoff with jitter. A reconnect storm (every
+/// agent after a controller restart) then costs refusals instead of dropped datagrams and
+/// handshakes that time out.
+pub const HANDSHAKES_IN_FLIGHT: usize = 128;
+
 async fn accept_loop(ctl: Arc<Controller>, endpoint: quinn::Endpoint) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            ctl.metrics.handshakes_refused.inc();
+            incoming.refuse();
+            continue;
+        };
         let ctl = ctl.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let conn = match incoming.await {
+            let conn = incoming.await;
+            drop(permit);
+            let conn = match conn {
                 Ok(c) => c,
                 Err(e) => {
                     debug!(%remote, error = %e, "Handshake failed.");

@@ -35,6 +35,8 @@ pub struct Stats {
     /// Sessions up now, per channel.
     pub deploy_up: AtomicUsize,
     pub release_up: AtomicUsize,
+    /// Sessions that ended, ever.
+    pub ended: AtomicUsize,
     /// When each committed receipt was sent, since the last [`Stats::take_acks`].
     acks: Mutex<Vec<Instant>>,
     /// Messages refused, by code.
@@ -199,7 +201,7 @@ impl SimAgent {
         };
         write_msg(&mut send, &DeployUp::Inventory { staged }).await?;
         write_msg(&mut send, &DeployUp::About { version: env!("CARGO_PKG_VERSION").to_string() }).await?;
-        let _up = Up::new(up);
+        let _up = Up::new(up, &self.stats.ended);
         while let Some(msg) = read_msg::<_, DeployDown, { frame::CONTROL_LIMIT }>(&mut recv).await? {
             match msg {
                 DeployDown::Stage { app, version, digest, size } => {
@@ -238,7 +240,7 @@ impl SimAgent {
         }
         let _ = tx.send(ReleaseUp::State { apps: self.app_states() });
         *self.release_tx.lock().unwrap() = Some(tx);
-        let _up = Up::new(up);
+        let _up = Up::new(up, &self.stats.ended);
         let writer = async {
             while let Some(msg) = rx.recv().await {
                 write_msg(&mut send, &msg).await?;
@@ -335,19 +337,20 @@ impl SimAgent {
     }
 }
 
-/// Counts a session up while it lives.
-struct Up<'a>(&'a AtomicUsize);
+/// Counts a session up while it lives, and ended when it ends.
+struct Up<'a>(&'a AtomicUsize, &'a AtomicUsize);
 
 impl<'a> Up<'a> {
-    fn new(n: &'a AtomicUsize) -> Self {
+    fn new(n: &'a AtomicUsize, ended: &'a AtomicUsize) -> Self {
         n.fetch_add(1, Ordering::Relaxed);
-        Up(n)
+        Up(n, ended)
     }
 }
 
 impl Drop for Up<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -41,6 +41,19 @@ fn usage(pid: u32) -> Result<(u64, f64)> {
     Ok((rss, ticks as f64 / 100.0))
 }
 
+/// The kernel's count of UDP datagrams dropped for want of receive buffer, on every socket.
+fn udp_drops() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else { return 0 };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 struct Controller {
     proc: Proc,
     listen: SocketAddr,
@@ -177,9 +190,13 @@ async fn main() -> Result<()> {
     row("enrolment", format!("{:.1} s, {:.0} agents/s", took.as_secs_f64(), n as f64 / took.as_secs_f64()));
 
     let t0 = Instant::now();
+    let drops = udp_drops();
     let _tasks: Vec<_> = agents.iter().map(|a| a.spawn(listen)).collect();
     until("every agent connected", Duration::from_secs(600), || async { connected(http).await as usize == n }).await?;
-    row("all connected", format!("{:.1} s", t0.elapsed().as_secs_f64()));
+    row(
+        "all connected",
+        format!("{:.1} s ({} UDP datagrams dropped)", t0.elapsed().as_secs_f64(), udp_drops() - drops),
+    );
 
     let pid = ctl.proc.child.id();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -254,16 +271,31 @@ async fn main() -> Result<()> {
 
     // kill -9 and restart: until every agent is back, in the controller's view and ours.
     client.close().await;
+    let ended = stats.ended.load(Ordering::Relaxed);
     ctl.proc.kill9();
     let t0 = Instant::now();
+    let drops = udp_drops();
     ctl.proc = serve(&bin, &data, ctl.listen, ctl.http, &log)?;
+    let stats2 = stats.clone();
+    let noticed = tokio::spawn(async move {
+        until("every session to notice", Duration::from_secs(600), || async {
+            stats2.ended.load(Ordering::Relaxed) - ended >= 2 * n
+        })
+        .await
+    });
     until("every agent back", Duration::from_secs(600), || async {
         connected(ctl.http).await as usize == n
             && stats.deploy_up.load(Ordering::Relaxed) == n
             && stats.release_up.load(Ordering::Relaxed) == n
     })
     .await?;
-    row("kill -9, restart: all reconnected", format!("{:.1} s", t0.elapsed().as_secs_f64()));
+    if let Ok(Ok(took)) = noticed.await {
+        row("kill -9, restart: every session noticed the loss", format!("{:.1} s", took.as_secs_f64()));
+    }
+    row(
+        "kill -9, restart: all reconnected",
+        format!("{:.1} s ({} UDP datagrams dropped)", t0.elapsed().as_secs_f64(), udp_drops() - drops),
+    );
     let client = Client::connect(Some(&listen.to_string()), Some(&admin)).await?;
     stats.take_acks();
     let t0 = Instant::now();
