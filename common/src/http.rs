@@ -26,7 +26,9 @@ pub async fn serve_metrics(
         }),
     );
     let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "/metrics stopped being served.");
+        }
     });
     Ok((bound, task))
 }

@@ -412,7 +412,7 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
             AdminResponse::CertificateRenewed { cert_pem, expires_at: record.expires_at }
         }
         AdminRequest::ListApps => AdminResponse::Apps { versions: list_apps(ctl)? },
-        AdminRequest::UiLogin => ctl.web.issue_login(ctl, admin),
+        AdminRequest::UiLogin => ctl.web.issue_login(admin),
         AdminRequest::RemoveArtifact { app, version } => remove_artifact(ctl, &app, &version)?,
         AdminRequest::ListAdmins => {
             AdminResponse::Admins { admins: ctl.store.admins()?.iter().map(admin_info).collect() }

@@ -117,7 +117,7 @@ pub struct Signed {
 
 impl Web {
     /// The answer to `stagehand ui`: a one-time secret for `who`.
-    pub fn issue_login(&self, _ctl: &Controller, who: &str) -> AdminResponse {
+    pub fn issue_login(&self, who: &str) -> AdminResponse {
         let Some(base_url) = self.base_url.get().cloned() else {
             return AdminResponse::Error {
                 message: "the controller serves no fleet page".into(),
@@ -296,7 +296,9 @@ pub async fn serve(
     let _ = ctl.web.base_url.set(base);
     let app = router(Arc::downgrade(ctl));
     let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "The fleet page and /metrics stopped being served.");
+        }
     });
     Ok((bound, task))
 }
