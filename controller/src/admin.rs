@@ -706,7 +706,7 @@ fn release_progress(ctl: &Controller, app: &str, env: &str, seq: u64) -> Result<
     let Some(desired) = ctl.store.desired(env, app)? else {
         return Ok((done, failed, pending));
     };
-    for id in desired.targets {
+    for id in desired.targets.iter().cloned() {
         match ctl.store.receipt(&id, app)? {
             Some(r) if r.seq >= seq && r.outcome == ReceiptOutcome::Committed && r.version == desired.version => {
                 done.push(id)
@@ -778,7 +778,7 @@ pub fn agent_info(ctl: &Controller, a: crate::store::AgentRecord) -> Result<Agen
 }
 
 fn status(ctl: &Controller, app: &str, env: &str) -> Result<AppStatus> {
-    let desired = ctl.store.desired(env, app)?.map(|d| (d.version, d.seq));
+    let desired = ctl.store.desired(env, app)?.map(|d| (d.version.clone(), d.seq));
     let mut agents = Vec::new();
     for a in ctl.store.agents_in(env)? {
         let (mut staged, mut staging_failed) = (vec![], vec![]);

@@ -77,7 +77,10 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
     };
     let reader = async {
         while let Some(msg) = read_msg::<_, DeployUp, { frame::CONTROL_LIMIT }>(&mut recv).await? {
-            handle(&ctl, &id, msg)?;
+            // Store writes and their flush (an fsync) block: on the blocking pool, one
+            // message of this session at a time, in order.
+            let (ctl, id) = (ctl.clone(), id.clone());
+            tokio::task::spawn_blocking(move || handle(&ctl, &id, msg)).await??;
         }
         anyhow::Ok(())
     };
@@ -214,7 +217,7 @@ pub fn wanted(ctl: &Controller, env: &str) -> Result<Vec<(String, String, Digest
     let deploys: Vec<_> =
         ctl.store.deploys_in(env)?.into_iter().map(|(a, v, d)| (a, v, d.at, (d.digest, d.size))).collect();
     let desired: HashSet<(String, String)> =
-        ctl.store.desired_in(env)?.into_iter().map(|(app, d)| (app, d.version)).collect();
+        ctl.store.desired_in(env)?.into_iter().map(|(app, d)| (app, d.version.clone())).collect();
     Ok(crate::plan::fleet::wanted(deploys, &desired, ctl.config.catch_up_versions)
         .into_iter()
         .map(|(app, version, (digest, size))| (app, version, digest, size))

@@ -22,7 +22,7 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection) -> Result<()> 
     Ok(())
 }
 
-async fn exchange(ctl: &Controller, conn: &quinn::Connection) -> Result<()> {
+async fn exchange(ctl: &Arc<Controller>, conn: &quinn::Connection) -> Result<()> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     match read_msg::<_, JoinUp, { frame::CONTROL_LIMIT }>(&mut recv).await? {
         Some(JoinUp::Hello { protocol_version: PROTOCOL_VERSION }) => {}
@@ -34,7 +34,12 @@ async fn exchange(ctl: &Controller, conn: &quinn::Connection) -> Result<()> {
     else {
         bail!("expected a join request");
     };
-    let reply = match admit(ctl, &token_id, &token_secret, &csr_der, &name, labels) {
+    // Durable writes (token use, the agent, the audit entry): on the blocking pool.
+    let admitted = {
+        let (ctl, token_id) = (ctl.clone(), token_id.clone());
+        tokio::task::spawn_blocking(move || admit(&ctl, &token_id, &token_secret, &csr_der, &name, labels)).await?
+    };
+    let reply = match admitted {
         Ok(joined) => joined,
         Err(reason) => {
             warn!(remote = %conn.remote_address(), token = %token_id, %reason, "Refused an enrolment.");

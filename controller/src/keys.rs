@@ -140,10 +140,16 @@ pub fn resign_stored(store: &Store, keys: &ReleaseKeys) -> Result<usize> {
     };
     let mut n = 0;
     for (env, app, mut d) in store.all_desired()? {
-        if let Some(m) = resign(&d.message) {
-            d.message = m;
+        let mut changed = false;
+        for m in std::iter::once(&mut d.message).chain(d.more.iter_mut()) {
+            if let Some(s) = resign(m) {
+                *m = s;
+                changed = true;
+                n += 1;
+            }
+        }
+        if changed {
             store.put_desired(&env, &app, &d)?;
-            n += 1;
         }
     }
     for (_, _, id) in store.active_rollouts()? {

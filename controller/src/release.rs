@@ -175,7 +175,7 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
         }
         let state = ctl.store.appstate(id, &app)?;
         if state.active.as_deref() == Some(desired.version.as_str()) && desired.owed.contains(id) {
-            let mut d = desired.clone();
+            let mut d = (*desired).clone();
             d.owed.retain(|x| x != id);
             ctl.store.put_desired(&agent.env, &app, &d)?;
         }
@@ -193,15 +193,18 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
                 ReceiptOutcome::Refused(Refusal::NotStaged | Refusal::DigestMismatch | Refusal::Expired)
             ),
         });
-        let body = activate::verify(&desired.message, &ctl.release_keys).ok();
-        let usable =
-            body.as_ref().is_some_and(|b| b.targets.includes(id) && b.expires_at > now + 60 && b.not_before <= now);
+        // Whether the environment's message can be sent as it is: only asked when it would be
+        // (a signature check per reporting agent is what 10,000 agents' reports would cost).
+        let usable = || {
+            activate::verify(desired.message_for(id), &ctl.release_keys)
+                .is_ok_and(|b| b.targets.includes(id) && b.expires_at > now + 60 && b.not_before <= now)
+        };
         let decision = fleet::catch_up(
             &fleet::Desired {
                 version: &desired.version,
                 seq: desired.seq,
                 since_seq: desired.since_seq,
-                message_usable: usable,
+                message_usable: true,
             },
             &fleet::AgentApp {
                 active: state.active.as_deref(),
@@ -213,9 +216,14 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
             ctl.store.active_rollout(&agent.env, &app)?.is_some(),
             staged_now,
         );
+        // The planner resends a usable message and signs afresh otherwise.
+        let decision = match decision {
+            CatchUp::Resend if !usable() => CatchUp::SignFresh,
+            d => d,
+        };
         let message = match decision {
             CatchUp::Nothing => continue,
-            CatchUp::Resend => desired.message.clone(),
+            CatchUp::Resend => desired.message_for(id).clone(),
             CatchUp::SignFresh => {
                 let seq = ctl.store.next_seq(&app)?;
                 let rollout = format!("catch-up-{seq}");
@@ -232,7 +240,8 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
                     0,
                     ttl,
                     // What the environment's message gives the version, this host gets too.
-                    body.as_ref().map_or(stagehand_common::activate::FULL_TRAFFIC, |b| b.traffic),
+                    activate::verify(desired.message_for(id), &ctl.release_keys)
+                        .map_or(stagehand_common::activate::FULL_TRAFFIC, |b| b.traffic),
                 )?;
                 ctl.store.flush()?;
                 info!(agent = %id, %app, version = %desired.version, seq, "Catching up.");
@@ -259,8 +268,54 @@ pub fn sign_for(
     ttl_secs: u64,
     traffic: u8,
 ) -> Result<(SignedActivate, Activate)> {
-    let now = now_secs();
-    let body = Activate {
+    let body = body_for(ctl, app, version, digest, env, targets, seq, rollout_id, not_before, ttl_secs, traffic);
+    audit_signed(ctl, &body, 1)?;
+    Ok((activate::sign(&body, &ctl.release_key), body))
+}
+
+/// Signs a message to `hosts` as its parts (`plan::rollout::parts`): the same body but
+/// for the targets, one audit entry for them all.
+#[allow(clippy::too_many_arguments)]
+pub fn sign_parts(
+    ctl: &Controller,
+    app: &str,
+    version: &str,
+    digest: stagehand_common::Digest,
+    env: &str,
+    hosts: &[AgentId],
+    seq: u64,
+    rollout_id: &str,
+    not_before: u64,
+    ttl_secs: u64,
+    traffic: u8,
+) -> Result<Vec<SignedActivate>> {
+    let parts = crate::plan::rollout::parts(hosts);
+    let mut body = body_for(ctl, app, version, digest, env, vec![], seq, rollout_id, not_before, ttl_secs, traffic);
+    audit_signed(ctl, &body, parts.len())?;
+    Ok(parts
+        .into_iter()
+        .map(|targets| {
+            body.targets = Targets::Agents(targets);
+            activate::sign(&body, &ctl.release_key)
+        })
+        .collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn body_for(
+    ctl: &Controller,
+    app: &str,
+    version: &str,
+    digest: stagehand_common::Digest,
+    env: &str,
+    targets: Vec<AgentId>,
+    seq: u64,
+    rollout_id: &str,
+    not_before: u64,
+    ttl_secs: u64,
+    traffic: u8,
+) -> Activate {
+    Activate {
         app: app.to_string(),
         version: version.to_string(),
         digest,
@@ -270,14 +325,20 @@ pub fn sign_for(
         seq,
         not_before,
         // A scheduled message lives its full lifetime from the time it may be applied.
-        expires_at: now.max(not_before) + ttl_secs.max(1),
+        expires_at: now_secs().max(not_before) + ttl_secs.max(1),
         key_id: ctl.release_keys[0].key_id.clone(),
         traffic,
-    };
-    // Every seq signed is in the audit log, durably, before the message can leave.
-    let args = serde_json::json!({ "app": app, "env": env, "version": version, "seq": seq, "rollout": rollout_id, "traffic": traffic });
+    }
+}
+
+/// Every seq signed is in the audit log, durably, before the message can leave.
+fn audit_signed(ctl: &Controller, body: &Activate, parts: usize) -> Result<()> {
+    let mut args = serde_json::json!({ "app": body.app, "env": body.env, "version": body.version, "seq": body.seq, "rollout": body.rollout_id, "traffic": body.traffic });
+    if parts > 1 {
+        args["parts"] = parts.into();
+    }
     ctl.audit.record("controller", "signed", args, "ok")?;
-    Ok((activate::sign(&body, &ctl.release_key), body))
+    Ok(())
 }
 
 /// A signed message, its seq and its targets.

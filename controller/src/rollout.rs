@@ -14,7 +14,7 @@ use crate::plan::rollout::{
     parse_max_unhealthy, parse_waves, split, Action, Control, Host, HostObs, HostState, Kind, Observed, Offline,
     Purpose, Rollout, Staging, State, Wave, DEFAULT_TIMEOUT_MS, RECORD_VERSION,
 };
-use crate::release::{sign_for, Refused};
+use crate::release::{sign_parts, Refused};
 use crate::server::Controller;
 use crate::store::{DesiredRecord, StageState};
 use anyhow::Result;
@@ -497,20 +497,9 @@ fn step_one(
             Purpose::Wave(_) => r.traffic,
             Purpose::Revert => FULL_TRAFFIC,
         };
-        let (message, _) = sign_for(
-            ctl,
-            &r.app,
-            &version,
-            digest,
-            &r.env,
-            hosts.clone(),
-            seq,
-            &r.id,
-            not_before,
-            r.ttl_secs,
-            traffic,
-        )?;
-        r.record_sent(purpose, &hosts, seq, &version, message);
+        let parts =
+            sign_parts(ctl, &r.app, &version, digest, &r.env, &hosts, seq, &r.id, not_before, r.ttl_secs, traffic)?;
+        r.record_sent(purpose, &hosts, seq, &version, parts);
         signed.push((purpose, version, hosts.len(), seq));
     }
     for h in r.hosts_mut() {
@@ -561,7 +550,7 @@ fn step_one(
     // Every host waiting on a message gets it once per session (again after a reconnect or
     // a controller restart: the same seq, so an agent that applied it changes nothing).
     for (host, seq) in to_send {
-        let Some(m) = r.message(seq) else { continue };
+        let Some(m) = r.message_for(seq, &host) else { continue };
         if let Some(token) = ctl.fleet.send_release_on(&host, ReleaseDown::Activate(m.message.clone())) {
             sent_on.insert((host, r.app.clone(), seq), token);
         }
@@ -580,27 +569,26 @@ fn complete(ctl: &Controller, r: &Rollout) -> Result<()> {
         r.kind == Kind::Rollback,
     );
     let targets: Vec<AgentId> = r.hosts().map(|h| h.id.clone()).collect();
-    let last = r.messages.iter().rev().find(|m| matches!(m.purpose, Purpose::Wave(_)));
-    let (seq, message) = match last {
-        Some(m) => (m.seq, m.message.clone()),
+    let (seq, mut parts) = match r.last_wave_message() {
+        Some(last) => last,
         None => {
             // Every host was skipped: a message for all of them, for catch-up to hand out.
             let seq = ctl.store.next_seq(&r.app)?;
             let all: Vec<AgentId> = r.skipped.iter().map(|h| h.id.clone()).chain(targets.clone()).collect();
-            let (m, _) =
-                sign_for(ctl, &r.app, &r.version, r.digest, &r.env, all, seq, &r.id, 0, r.ttl_secs, r.traffic)?;
-            (seq, m)
+            (seq, sign_parts(ctl, &r.app, &r.version, r.digest, &r.env, &all, seq, &r.id, 0, r.ttl_secs, r.traffic)?)
         }
     };
+    let message = parts.remove(0);
     ctl.store.put_desired(
         &r.env,
         &r.app,
         &DesiredRecord {
-            v: 2,
+            v: crate::store::DESIRED_VERSION,
             version: r.version.clone(),
             digest: r.digest,
             seq,
             message,
+            more: parts,
             targets,
             history,
             selectors: r.selectors.clone(),
@@ -623,7 +611,8 @@ fn owe(ctl: &Controller, r: &Rollout) -> Result<()> {
         .filter(|h| matches!(h.state, crate::plan::rollout::HostState::NotReverted(_)))
         .map(|h| h.id.clone())
         .collect();
-    let Some(mut desired) = ctl.store.desired(&r.env, &r.app)?.filter(|_| !stranded.is_empty()) else {
+    let Some(mut desired) = ctl.store.desired(&r.env, &r.app)?.filter(|_| !stranded.is_empty()).map(|d| (*d).clone())
+    else {
         return Ok(());
     };
     for id in stranded {

@@ -9,6 +9,7 @@ use stagehand_common::frame;
 use stagehand_common::protocol::{Labels, Receipt};
 use stagehand_common::{AgentId, Digest};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Records are read whole: a rollout of some thousands of hosts is the largest.
 const RECORD_LIMIT: usize = 32 << 20;
@@ -165,6 +166,22 @@ pub struct DesiredRecord {
     /// Agents a later rollout that failed or was aborted could not send back: catch-up
     /// brings them to this version whatever seq they applied since.
     pub owed: Vec<AgentId>,
+    /// The message's further parts, when it names more hosts than one message holds
+    /// (`plan::rollout::PART_HOSTS`); `message` is the first. The last field (layout 3).
+    pub more: Vec<SignedActivate>,
+}
+
+/// The layout of [`DesiredRecord`] written now.
+pub const DESIRED_VERSION: u8 = 3;
+
+impl DesiredRecord {
+    /// The part of the environment's message that can name `id`.
+    pub fn message_for(&self, id: &AgentId) -> &SignedActivate {
+        match crate::plan::rollout::part_of(id, 1 + self.more.len()) {
+            0 => &self.message,
+            n => &self.more[n - 1],
+        }
+    }
 }
 
 /// What an environment should run, as version 1 stored it (released to every agent).
@@ -182,7 +199,7 @@ struct DesiredRecordV1 {
 fn dec_desired(k: &[u8], bytes: &[u8]) -> Result<DesiredRecord> {
     match bytes.first() {
         Some(1) => dec::<DesiredRecordV1>(k, bytes).map(|d| DesiredRecord {
-            v: 2,
+            v: DESIRED_VERSION,
             version: d.version,
             digest: d.digest,
             seq: d.seq,
@@ -192,7 +209,15 @@ fn dec_desired(k: &[u8], bytes: &[u8]) -> Result<DesiredRecord> {
             selectors: Labels::new(),
             since_seq: d.seq,
             owed: vec![],
+            more: vec![],
         }),
+        // Layout 2 had one message, whatever it named: no further parts (an empty list, as
+        // encoded: a u64 length of zero).
+        Some(2) => {
+            let mut v3 = bytes.to_vec();
+            v3.extend_from_slice(&0u64.to_be_bytes());
+            Ok(DesiredRecord { v: DESIRED_VERSION, ..dec(k, &v3)? })
+        }
         _ => dec(k, bytes),
     }
 }
@@ -222,6 +247,20 @@ pub struct Store {
     rollouts: sled::Tree,
     promoted: sled::Tree,
     recent_receipts: sled::Tree,
+    flushes: Arc<Flushes>,
+    desired_cache: Arc<std::sync::Mutex<DesiredCache>>,
+}
+
+/// Decoded desired records by key, with the bytes they were decoded from.
+type DesiredCache = std::collections::HashMap<Vec<u8>, (sled::IVec, Arc<DesiredRecord>)>;
+
+/// Group commit for [`Store::flush`]: callers that ask at once share one sled flush.
+#[derive(Default)]
+struct Flushes {
+    /// Bumped by every caller, after its writes and before it waits.
+    asked: std::sync::atomic::AtomicU64,
+    /// The highest ask the last completed flush covers.
+    done: std::sync::Mutex<u64>,
 }
 
 fn key(parts: &[&str]) -> Vec<u8> {
@@ -304,13 +343,26 @@ impl Store {
             promoted: db.open_tree("promoted")?,
             recent_receipts: db.open_tree("recent-receipts")?,
             admins: db.open_tree("admins")?,
+            flushes: Default::default(),
+            desired_cache: Default::default(),
             db,
         })
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable. Blocks (an fsync): call it off the async
+    /// threads. Callers that ask while a flush runs share the next one: at 10,000 agents
+    /// reconnecting at once, a few fsyncs instead of one each.
     pub fn flush(&self) -> Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mine = self.flushes.asked.fetch_add(1, SeqCst) + 1;
+        let mut done = self.flushes.done.lock().unwrap_or_else(|p| p.into_inner());
+        if *done >= mine {
+            return Ok(());
+        }
+        // Every ask up to here was made after its writes: this flush covers them all.
+        let covers = self.flushes.asked.load(SeqCst);
         self.db.flush()?;
+        *done = covers;
         Ok(())
     }
 
@@ -608,20 +660,36 @@ impl Store {
         Ok(())
     }
 
-    pub fn desired(&self, env: &str, app: &str) -> Result<Option<DesiredRecord>> {
+    pub fn desired(&self, env: &str, app: &str) -> Result<Option<Arc<DesiredRecord>>> {
         let k = key(&[env, app]);
-        self.desired.get(&k)?.map(|v| dec_desired(&k, &v)).transpose()
+        self.desired.get(&k)?.map(|v| self.decoded_desired(&k, v)).transpose()
     }
 
     /// Desired records of an environment: (app, record).
-    pub fn desired_in(&self, env: &str) -> Result<Vec<(String, DesiredRecord)>> {
+    pub fn desired_in(&self, env: &str) -> Result<Vec<(String, Arc<DesiredRecord>)>> {
         self.desired
             .scan_prefix(key(&[env, ""]))
             .map(|kv| {
                 let (k, v) = kv?;
-                Ok((last_part(&k), dec_desired(&k, &v)?))
+                Ok((last_part(&k), self.decoded_desired(&k, v)?))
             })
             .collect()
+    }
+
+    /// A desired record names every host its release went to: at 10,000 hosts it takes a
+    /// millisecond to decode, and catch-up reads it for every agent that reports. Decoded
+    /// once per content: the cache holds the bytes it decoded and is used only while they
+    /// are what the tree holds.
+    fn decoded_desired(&self, k: &[u8], v: sled::IVec) -> Result<Arc<DesiredRecord>> {
+        let mut cache = self.desired_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((bytes, d)) = cache.get(k) {
+            if *bytes == v {
+                return Ok(d.clone());
+            }
+        }
+        let d = Arc::new(dec_desired(k, &v)?);
+        cache.insert(k.to_vec(), (v, d.clone()));
+        Ok(d)
     }
 
     /// Every desired record: (env, app, record).
@@ -756,5 +824,49 @@ impl Store {
     /// The rollout through which `digest` of `app` completed in `env`, if it did.
     pub fn promoted(&self, env: &str, app: &str, digest: &Digest) -> Result<Option<String>> {
         Ok(self.promoted.get(key(&[env, app, &digest.to_hex()]))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What layout 2 of the desired record was: layout 3 without `more`.
+    #[derive(Serialize)]
+    struct DesiredRecordV2 {
+        v: u8,
+        version: String,
+        digest: Digest,
+        seq: u64,
+        message: SignedActivate,
+        targets: Vec<AgentId>,
+        history: Vec<String>,
+        selectors: Labels,
+        since_seq: u64,
+        owed: Vec<AgentId>,
+    }
+
+    #[test]
+    fn a_desired_record_of_layout_2_reads_as_one_part() {
+        let message = SignedActivate { body: vec![1, 2, 3], signature: vec![4; 64] };
+        let old = DesiredRecordV2 {
+            v: 2,
+            version: "v2".into(),
+            digest: Digest([7; 32]),
+            seq: 9,
+            message: message.clone(),
+            targets: vec![AgentId("a-1".into()), AgentId("a-2".into())],
+            history: vec!["v1".into()],
+            selectors: Labels::new(),
+            since_seq: 8,
+            owed: vec![AgentId("a-3".into())],
+        };
+        let d = dec_desired(b"k", &enc(&old)).unwrap();
+        assert_eq!((d.v, d.version.as_str(), d.seq, d.since_seq), (DESIRED_VERSION, "v2", 9, 8));
+        assert_eq!((d.targets.len(), d.owed.len(), d.more.len()), (2, 1, 0));
+        assert_eq!(d.message_for(&AgentId("a-2".into())), &message);
+        // And the current layout reads back as written.
+        let again = dec_desired(b"k", &enc(&d)).unwrap();
+        assert_eq!((again.message, again.more.len(), again.history), (message, 0, vec!["v1".to_string()]));
     }
 }

@@ -20,7 +20,7 @@ use stagehand_common::token::JoinToken;
 use stagehand_common::{net, AgentId, Digest};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -41,6 +41,8 @@ pub struct Stats {
     acks: Mutex<Vec<Instant>>,
     /// Messages refused, by code.
     refused: Mutex<BTreeMap<&'static str, usize>>,
+    /// Bytes fetched for real (see [`SimAgent::fetch_for_real`]).
+    pub fetched: AtomicU64,
 }
 
 impl Stats {
@@ -76,6 +78,7 @@ pub struct SimAgent {
     state: Mutex<State>,
     release_tx: Mutex<Option<mpsc::UnboundedSender<ReleaseUp>>>,
     stats: Arc<Stats>,
+    fetch: AtomicBool,
 }
 
 /// Enrols one agent with `token` on the shared `endpoint`, as `stagehand-agent join` does,
@@ -125,6 +128,7 @@ pub async fn enrol(
         state: Mutex::default(),
         release_tx: Mutex::default(),
         stats,
+        fetch: AtomicBool::new(false),
     }))
 }
 
@@ -145,6 +149,13 @@ impl SimAgent {
                 me.channel(&endpoint, controller, ALPN_RELEASE)
             );
         })
+    }
+
+    /// From now on, stage orders are carried out for real: the manifest and every chunk are
+    /// fetched over the deploy channel and each is checked against its digest, as the real
+    /// agent does; only writing them to disk is left out.
+    pub fn fetch_for_real(&self) {
+        self.fetch.store(true, Ordering::Relaxed);
     }
 
     /// What is live per app.
@@ -205,8 +216,22 @@ impl SimAgent {
         while let Some(msg) = read_msg::<_, DeployDown, { frame::CONTROL_LIMIT }>(&mut recv).await? {
             match msg {
                 DeployDown::Stage { app, version, digest, size } => {
-                    self.state.lock().unwrap().staged.insert((app.clone(), version.clone()), digest);
-                    let outcome = StageOutcome::Staged { fetched_bytes: 0, reused_bytes: size, millis: 0 };
+                    let outcome = if self.fetch.load(Ordering::Relaxed) {
+                        let t0 = Instant::now();
+                        match fetch(conn, digest).await {
+                            Ok(fetched_bytes) => {
+                                self.stats.fetched.fetch_add(fetched_bytes, Ordering::Relaxed);
+                                let millis = t0.elapsed().as_millis() as u64;
+                                StageOutcome::Staged { fetched_bytes, reused_bytes: 0, millis }
+                            }
+                            Err(e) => StageOutcome::Failed { reason: format!("{e:#}") },
+                        }
+                    } else {
+                        StageOutcome::Staged { fetched_bytes: 0, reused_bytes: size, millis: 0 }
+                    };
+                    if matches!(outcome, StageOutcome::Staged { .. }) {
+                        self.state.lock().unwrap().staged.insert((app.clone(), version.clone()), digest);
+                    }
                     write_msg(&mut send, &DeployUp::StageReport { app, version, digest, outcome }).await?;
                 }
                 DeployDown::Renewed { .. } => {}
@@ -335,6 +360,56 @@ impl SimAgent {
         self.send_release(ReleaseUp::Receipt(answer));
         self.send_release(ReleaseUp::State { apps: self.app_states() });
     }
+}
+
+/// Fetches an artifact's manifest and every distinct chunk of it on two streams at a time,
+/// in batches, as the real agent does (`agent/src/stage.rs`), checking each chunk against its
+/// digest; returns the bytes fetched.
+async fn fetch(conn: &quinn::Connection, digest: Digest) -> Result<u64> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_msg(&mut send, &DeployUp::FetchManifest { digest }).await?;
+    send.finish()?;
+    let Some(Some(bytes)) = frame::read_blob::<_, { frame::MANIFEST_LIMIT }>(&mut recv).await? else {
+        bail!("the controller does not have the manifest {digest}");
+    };
+    if Digest::of(&bytes) != digest {
+        bail!("the manifest does not match its digest");
+    }
+    let manifest = stagehand_common::manifest::Manifest::decode(&bytes)?;
+    let mut seen = std::collections::HashSet::new();
+    let chunks: Vec<Digest> = manifest
+        .files()
+        .flat_map(|(_, _, _, chunks)| chunks.iter().map(|c| c.digest))
+        .filter(|d| seen.insert(*d))
+        .collect();
+    let per_lane = chunks.len().div_ceil(2).max(1);
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane in chunks.chunks(per_lane) {
+        let (conn, lane) = (conn.clone(), lane.to_vec());
+        lanes.spawn(async move {
+            let mut total = 0u64;
+            for batch in lane.chunks(4096) {
+                let (mut send, mut recv) = conn.open_bi().await?;
+                write_msg(&mut send, &DeployUp::FetchChunks { digests: batch.to_vec() }).await?;
+                send.finish()?;
+                for d in batch {
+                    let Some(Some(chunk)) = frame::read_blob::<_, { frame::CHUNK_LIMIT }>(&mut recv).await? else {
+                        bail!("the controller did not send chunk {}", d.short());
+                    };
+                    if Digest::of(&chunk) != *d {
+                        bail!("chunk {} does not match its digest", d.short());
+                    }
+                    total += chunk.len() as u64;
+                }
+            }
+            anyhow::Ok(total)
+        });
+    }
+    let mut total = 0;
+    while let Some(lane) = lanes.join_next().await {
+        total += lane??;
+    }
+    Ok(total)
 }
 
 /// Counts a session up while it lives, and ended when it ends.

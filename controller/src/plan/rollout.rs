@@ -209,6 +209,33 @@ pub struct Message {
     pub message: SignedActivate,
 }
 
+/// Hosts named by one signed message at most. A send to more is signed as several messages
+/// with the same seq ("parts"), each naming the hosts [`part_of`] gives it and sent to them
+/// only: what every host receives stays small however large the wave (one message naming
+/// 10,000 hosts, sent to each, would be 2 GB).
+pub const PART_HOSTS: usize = 64;
+
+/// Which of `parts` parts names `host`: a hash of its id, so that the part is found again
+/// from the id alone (by the driver sending again, by catch-up).
+pub fn part_of(host: &AgentId, parts: usize) -> usize {
+    if parts <= 1 {
+        return 0;
+    }
+    let h = blake3::hash(host.0.as_bytes());
+    (u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) % parts as u64) as usize
+}
+
+/// The hosts of a send, as its parts (some may be empty: each is signed all the same,
+/// so that the number of parts alone says where a host is).
+pub fn parts(hosts: &[AgentId]) -> Vec<Vec<AgentId>> {
+    let n = hosts.len().div_ceil(PART_HOSTS).max(1);
+    let mut parts = vec![Vec::new(); n];
+    for h in hosts {
+        parts[part_of(h, n)].push(h.clone());
+    }
+    parts
+}
+
 /// A rollout, as stored. Times are milliseconds since the Unix epoch, except `not_before`
 /// (seconds, as in the activate message).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -408,27 +435,37 @@ impl Rollout {
         self.hosts().filter(|h| matches!(h.state, HostState::Failed(_) | HostState::NoAnswer)).count()
     }
 
-    /// The message with this seq, for sending again.
-    pub fn message(&self, seq: u64) -> Option<&Message> {
-        self.messages.iter().find(|m| m.seq == seq)
+    /// The message with this seq that names `host`, for sending (again).
+    pub fn message_for(&self, seq: u64, host: &AgentId) -> Option<&Message> {
+        let parts: Vec<&Message> = self.messages.iter().filter(|m| m.seq == seq).collect();
+        parts.get(part_of(host, parts.len())).copied()
     }
 
-    /// Records that the driver signed `message` with `seq` for the hosts of a `Send`.
+    /// The parts of the newest wave's message: what the environment keeps for catch-up.
+    pub fn last_wave_message(&self) -> Option<(u64, Vec<SignedActivate>)> {
+        let seq = self.messages.iter().rev().find(|m| matches!(m.purpose, Purpose::Wave(_)))?.seq;
+        Some((seq, self.messages.iter().filter(|m| m.seq == seq).map(|m| m.message.clone()).collect()))
+    }
+
+    /// Records that the driver signed the parts of a `Send` (see [`parts`]) with `seq`.
     pub fn record_sent(
         &mut self,
         purpose: Purpose,
         hosts: &[AgentId],
         seq: u64,
         version: &str,
-        message: SignedActivate,
+        parts: Vec<SignedActivate>,
     ) {
+        let hosts: std::collections::HashSet<&AgentId> = hosts.iter().collect();
         for h in self.hosts_mut().filter(|h| hosts.contains(&h.id)) {
             h.state = match purpose {
                 Purpose::Wave(_) => HostState::Sent { seq },
                 Purpose::Revert => HostState::Reverting { seq },
             };
         }
-        self.messages.push(Message { seq, purpose, version: version.to_string(), message });
+        for message in parts {
+            self.messages.push(Message { seq, purpose, version: version.to_string(), message });
+        }
     }
 
     /// Pause, resume or abort, as the operator asks.
@@ -562,7 +599,7 @@ impl Rollout {
             }
             let since = *wave.gate_since.get_or_insert(now);
             let in_grace = now < obs.grace_until;
-            let mut unready = Vec::new();
+            let mut unready = std::collections::HashSet::new();
             let mut offline_fail = None;
             for h in wave.hosts.iter_mut().filter(|h| h.state == HostState::Waiting) {
                 match obs.get(&h.id) {
@@ -571,13 +608,13 @@ impl Rollout {
                     Some(HostObs { staging: Staging::Failed(why), .. }) => {
                         h.state = HostState::Failed(format!("staging failed: {why}"))
                     }
-                    Some(o) if !o.connected && in_grace => unready.push(h.id.clone()),
+                    Some(o) if !o.connected && in_grace => drop(unready.insert(h.id.clone())),
                     Some(o) if !o.connected => match offline {
                         Offline::Skip => h.state = HostState::Skipped("offline".into()),
                         Offline::Fail => offline_fail = Some(h.name.clone()),
-                        Offline::Wait => unready.push(h.id.clone()),
+                        Offline::Wait => drop(unready.insert(h.id.clone())),
                     },
-                    Some(o) if o.staging != Staging::Staged => unready.push(h.id.clone()),
+                    Some(o) if o.staging != Staging::Staged => drop(unready.insert(h.id.clone())),
                     Some(_) => {}
                 }
             }
@@ -823,7 +860,7 @@ mod tests {
         let mut out = vec![];
         for Action::Send { purpose, version, hosts, .. } in &step.actions {
             *next_seq += 1;
-            r.record_sent(*purpose, hosts, *next_seq, version, signed());
+            r.record_sent(*purpose, hosts, *next_seq, version, vec![signed()]);
             out.push((*purpose, version.clone(), hosts.clone(), *next_seq));
         }
         out
@@ -833,6 +870,32 @@ mod tests {
         for h in hosts {
             let n: usize = h.0[2..].parse().unwrap();
             obs.get_mut(h).unwrap().receipt = Some(receipt(n, seq, outcome.clone()));
+        }
+    }
+
+    #[test]
+    fn a_large_send_is_signed_in_parts_that_each_host_finds_again() {
+        for n in [0, 1, 64, 65, 1000, 10_000] {
+            let hosts: Vec<AgentId> = (0..n).map(id).collect();
+            let parts = parts(&hosts);
+            assert_eq!(parts.len(), n.div_ceil(PART_HOSTS).max(1), "{n} hosts");
+            // Every host in exactly one part, the one part_of names, and no part far too big.
+            assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), n);
+            for (i, p) in parts.iter().enumerate() {
+                assert!(p.len() <= 2 * PART_HOSTS, "part {i} of {n} hosts names {}", p.len());
+                assert!(p.iter().all(|h| part_of(h, parts.len()) == i));
+            }
+            // The rollout finds each host's part by seq and id, among other messages.
+            let mut r = rollout(n, &[n]);
+            r.record_sent(Purpose::Wave(0), &hosts, 5, "v1", vec![signed()]);
+            let signed_part = |i: usize| SignedActivate { body: vec![i as u8], signature: vec![] };
+            r.record_sent(Purpose::Wave(0), &hosts, 6, "v2", (0..parts.len()).map(signed_part).collect());
+            for h in &hosts {
+                assert_eq!(r.message_for(6, h).unwrap().message, signed_part(part_of(h, parts.len())));
+                assert_eq!(r.message_for(5, h).unwrap().seq, 5);
+            }
+            let (seq, last) = r.last_wave_message().unwrap();
+            assert_eq!((seq, last.len()), (6, parts.len()));
         }
     }
 

@@ -190,7 +190,7 @@ pub fn overview(ctl: &Controller, signed: &Signed) -> anyhow::Result<View> {
     }
     for (name, env) in envs.iter_mut() {
         for (app, d) in ctl.store.desired_in(name)? {
-            env.apps.entry(app).or_default().released = Some(d.version);
+            env.apps.entry(app).or_default().released = Some(d.version.clone());
         }
     }
     let order = env_order(ctl, envs.keys());

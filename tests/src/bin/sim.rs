@@ -13,7 +13,7 @@ use stagehand_controller::client::Client;
 use stagehand_tests::sim::{enrol_many, Stats};
 use stagehand_tests::{http_get, metric, Proc};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,7 +73,7 @@ fn serve(bin: &Path, data: &Path, listen: SocketAddr, http: SocketAddr, log: &Pa
             "--http",
             &http.to_string(),
         ],
-        &[("STAGEHAND_LOG", "warn")],
+        &[("STAGEHAND_LOG", &std::env::var("SIM_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()))],
         log.to_path_buf(),
     )
 }
@@ -99,6 +99,78 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(t0.elapsed())
+}
+
+/// Staging fan-out: every agent fetches an artifact of `mib` MiB (random, so nothing is
+/// shared between its chunks) for real, all at once; what the controller sends and spends.
+async fn fan_out(
+    client: &Client,
+    stats: &Stats,
+    agents: &[Arc<stagehand_tests::sim::SimAgent>],
+    pid: u32,
+    tmp: &Path,
+    size_mib: u64,
+    rest_rss: u64,
+) -> Result<()> {
+    use rand::RngCore;
+    let src = tmp.join("big");
+    std::fs::create_dir_all(&src)?;
+    let mut bytes = vec![0u8; (size_mib << 20) as usize];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    std::fs::write(src.join("blob"), &bytes)?;
+    drop(bytes);
+    stagehand_controller::cli::push::upload(client, "big", "1", &src).await?;
+    for a in agents {
+        a.fetch_for_real();
+    }
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            while let Ok((rss, _)) = usage(pid) {
+                peak.fetch_max(rss, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let (_, cpu0) = usage(pid)?;
+    let me0 = usage(std::process::id())?.1;
+    let t0 = Instant::now();
+    client.call(&AdminRequest::Deploy { app: "big".into(), version: "1".into(), env: "prod".into() }).await?;
+    let resp = client
+        .call(&AdminRequest::WaitStaged {
+            app: "big".into(),
+            version: "1".into(),
+            env: "prod".into(),
+            timeout_secs: 3600,
+        })
+        .await?;
+    let took = t0.elapsed().as_secs_f64();
+    let (rss, cpu1) = usage(pid)?;
+    let me1 = usage(std::process::id())?.1;
+    sampler.abort();
+    let AdminResponse::Waited { pending, failed, .. } = resp else { bail!("wait staged") };
+    if !pending.is_empty() || !failed.is_empty() {
+        bail!("staging: {} pending, {} failed: {failed:?}", pending.len(), failed.len());
+    }
+    let fetched = stats.fetched.load(Ordering::Relaxed);
+    let n = agents.len();
+    println!("\n| {n} agents fetching {size_mib} MiB each for real | |\n|---|---|");
+    println!("| staged on all (makespan) | {took:.1} s |");
+    println!(
+        "| bytes sent by the controller | {:.2} GiB ({n} × {size_mib} MiB) |",
+        fetched as f64 / (1u64 << 30) as f64
+    );
+    println!("| controller egress | {:.0} MiB/s |", fetched as f64 / took / (1u64 << 20) as f64);
+    println!("| controller CPU during the fan-out | {:.0} % of one core |", (cpu1 - cpu0) / took * 100.0);
+    println!("| simulator CPU (receiving, hashing) | {:.0} % of one core |", (me1 - me0) / took * 100.0);
+    println!(
+        "| controller RSS: at rest, peak, after | {}, {}, {} |",
+        mib(rest_rss),
+        mib(peak.load(Ordering::Relaxed)),
+        mib(rss)
+    );
+    Ok(())
 }
 
 async fn rollout(client: &Client, spec: RolloutSpec) -> Result<RolloutView> {
@@ -148,6 +220,7 @@ async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let n: usize = arg(&args, "--agents").unwrap_or(1000);
     let parallel: usize = arg(&args, "--enrol-parallel").unwrap_or(32);
+    let fetch_mib: Option<u64> = arg(&args, "--fetch-mib");
     raise_nofile();
     let bin = std::env::current_exe()?.with_file_name("stagehand-under-test");
     let tmp = tempfile::Builder::new().prefix("stagehand-sim-").tempdir()?;
@@ -160,7 +233,7 @@ async fn main() -> Result<()> {
     if !init.status.success() {
         bail!("controller init: {}", String::from_utf8_lossy(&init.stderr));
     }
-    let log = tmp.path().join("controller.log");
+    let log = std::env::var_os("SIM_LOG_FILE").map(PathBuf::from).unwrap_or_else(|| tmp.path().join("controller.log"));
     let mut ctl = Controller { proc: serve(&bin, &data, listen, http, &log)?, listen, http };
     until("the controller to serve", Duration::from_secs(30), || async { http_get(http, "/metrics").await.is_ok() })
         .await?;
@@ -204,6 +277,10 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (rest_rss, cpu1) = usage(pid)?;
     row("controller at rest", format!("RSS {}, CPU {:.1} %", mib(rest_rss), (cpu1 - cpu0) * 10.0));
+
+    if let Some(mib_each) = fetch_mib {
+        return fan_out(&client, &stats, &agents, pid, tmp.path(), mib_each, rest_rss).await;
+    }
 
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src)?;
@@ -277,20 +354,40 @@ async fn main() -> Result<()> {
     let drops = udp_drops();
     ctl.proc = serve(&bin, &data, ctl.listen, ctl.http, &log)?;
     let stats2 = stats.clone();
+    // When half, 90 % and all of the sessions had noticed.
     let noticed = tokio::spawn(async move {
-        until("every session to notice", Duration::from_secs(600), || async {
-            stats2.ended.load(Ordering::Relaxed) - ended >= 2 * n
-        })
-        .await
+        let mut at = vec![];
+        for share in [0.5, 0.9, 1.0] {
+            let want = (2.0 * n as f64 * share).ceil() as usize;
+            until("sessions to notice", Duration::from_secs(600), || async {
+                stats2.ended.load(Ordering::Relaxed) - ended >= want
+            })
+            .await?;
+            at.push(t0.elapsed());
+        }
+        anyhow::Ok(at)
     });
+    let up = until("the controller to serve", Duration::from_secs(600), || async {
+        http_get(ctl.http, "/metrics").await.is_ok()
+    })
+    .await?;
     until("every agent back", Duration::from_secs(600), || async {
         connected(ctl.http).await as usize == n
             && stats.deploy_up.load(Ordering::Relaxed) == n
             && stats.release_up.load(Ordering::Relaxed) == n
     })
     .await?;
-    if let Ok(Ok(took)) = noticed.await {
-        row("kill -9, restart: every session noticed the loss", format!("{:.1} s", took.as_secs_f64()));
+    if let Ok(Ok(at)) = noticed.await {
+        row(
+            "kill -9, restart: sessions that noticed the loss",
+            format!(
+                "controller up in {:.1} s; half {:.1} s, 90 % {:.1} s, all {:.1} s",
+                up.as_secs_f64(),
+                at[0].as_secs_f64(),
+                at[1].as_secs_f64(),
+                at[2].as_secs_f64()
+            ),
+        );
     }
     row(
         "kill -9, restart: all reconnected",
