@@ -228,13 +228,13 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
                 let seq = ctl.store.next_seq(&app)?;
                 let rollout = format!("catch-up-{seq}");
                 let ttl = ctl.config.message_ttl.as_secs();
-                let (msg, _) = sign_for(
+                let mut msg = sign(
                     ctl,
                     &app,
                     &desired.version,
                     desired.digest,
                     &agent.env,
-                    vec![id.clone()],
+                    vec![vec![id.clone()]],
                     seq,
                     &rollout,
                     0,
@@ -245,7 +245,7 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
                 )?;
                 ctl.store.flush()?;
                 info!(agent = %id, %app, version = %desired.version, seq, "Catching up.");
-                msg
+                msg.remove(0)
             }
         };
         ctl.fleet.send_release(id, ReleaseDown::Activate(message));
@@ -253,74 +253,29 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
     Ok(())
 }
 
-/// Signs one activate message (the seq must be made durable before it leaves).
+/// Signs one activate message per target list, all with the same body but for the targets
+/// (one list for a message to name them all; `plan::rollout::parts` for a wave's parts),
+/// with one audit entry for them all. The seq must be made durable before they leave.
 #[allow(clippy::too_many_arguments)]
-pub fn sign_for(
+pub fn sign(
     ctl: &Controller,
     app: &str,
     version: &str,
     digest: stagehand_common::Digest,
     env: &str,
-    targets: Vec<AgentId>,
-    seq: u64,
-    rollout_id: &str,
-    not_before: u64,
-    ttl_secs: u64,
-    traffic: u8,
-) -> Result<(SignedActivate, Activate)> {
-    let body = body_for(ctl, app, version, digest, env, targets, seq, rollout_id, not_before, ttl_secs, traffic);
-    audit_signed(ctl, &body, 1)?;
-    Ok((activate::sign(&body, &ctl.release_key), body))
-}
-
-/// Signs a message to `hosts` as its parts (`plan::rollout::parts`): the same body but
-/// for the targets, one audit entry for them all.
-#[allow(clippy::too_many_arguments)]
-pub fn sign_parts(
-    ctl: &Controller,
-    app: &str,
-    version: &str,
-    digest: stagehand_common::Digest,
-    env: &str,
-    hosts: &[AgentId],
+    lists: Vec<Vec<AgentId>>,
     seq: u64,
     rollout_id: &str,
     not_before: u64,
     ttl_secs: u64,
     traffic: u8,
 ) -> Result<Vec<SignedActivate>> {
-    let parts = crate::plan::rollout::parts(hosts);
-    let mut body = body_for(ctl, app, version, digest, env, vec![], seq, rollout_id, not_before, ttl_secs, traffic);
-    audit_signed(ctl, &body, parts.len())?;
-    Ok(parts
-        .into_iter()
-        .map(|targets| {
-            body.targets = Targets::Agents(targets);
-            activate::sign(&body, &ctl.release_key)
-        })
-        .collect())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn body_for(
-    ctl: &Controller,
-    app: &str,
-    version: &str,
-    digest: stagehand_common::Digest,
-    env: &str,
-    targets: Vec<AgentId>,
-    seq: u64,
-    rollout_id: &str,
-    not_before: u64,
-    ttl_secs: u64,
-    traffic: u8,
-) -> Activate {
-    Activate {
+    let mut body = Activate {
         app: app.to_string(),
         version: version.to_string(),
         digest,
         env: env.to_string(),
-        targets: Targets::Agents(targets),
+        targets: Targets::Agents(vec![]),
         rollout_id: rollout_id.to_string(),
         seq,
         not_before,
@@ -328,7 +283,15 @@ fn body_for(
         expires_at: now_secs().max(not_before) + ttl_secs.max(1),
         key_id: ctl.release_keys[0].key_id.clone(),
         traffic,
-    }
+    };
+    audit_signed(ctl, &body, lists.len())?;
+    Ok(lists
+        .into_iter()
+        .map(|targets| {
+            body.targets = Targets::Agents(targets);
+            activate::sign(&body, &ctl.release_key)
+        })
+        .collect())
 }
 
 /// Every seq signed is in the audit log, durably, before the message can leave.
@@ -378,13 +341,13 @@ pub fn export(
     let seq = ctl.store.next_seq(app)?;
     let ttl = if ttl_secs == 0 { ctl.config.message_ttl.as_secs() } else { ttl_secs };
     let rollout = format!("export-{seq}");
-    let (message, _) = sign_for(
+    let mut message = sign(
         ctl,
         app,
         version,
         artifact.digest,
         env,
-        targets.clone(),
+        vec![targets.clone()],
         seq,
         &rollout,
         0,
@@ -393,5 +356,5 @@ pub fn export(
     )?;
     ctl.store.flush()?;
     info!(%app, %version, %env, seq, "Exported an activate message.");
-    Ok(Ok((message, seq, targets)))
+    Ok(Ok((message.remove(0), seq, targets)))
 }

@@ -10,11 +10,12 @@
 //! skipped or repeated.
 
 use crate::plan::fleet::{promoted_from, rollback_target};
+use crate::plan::rollout::parts;
 use crate::plan::rollout::{
     parse_max_unhealthy, parse_waves, split, Action, Control, Host, HostObs, HostState, Kind, Observed, Offline,
     Purpose, Rollout, Staging, State, Wave, DEFAULT_TIMEOUT_MS, RECORD_VERSION,
 };
-use crate::release::{sign_parts, Refused};
+use crate::release::{sign, Refused};
 use crate::server::Controller;
 use crate::store::{DesiredRecord, StageState};
 use anyhow::Result;
@@ -498,7 +499,7 @@ fn step_one(
             Purpose::Revert => FULL_TRAFFIC,
         };
         let parts =
-            sign_parts(ctl, &r.app, &version, digest, &r.env, &hosts, seq, &r.id, not_before, r.ttl_secs, traffic)?;
+            sign(ctl, &r.app, &version, digest, &r.env, parts(&hosts), seq, &r.id, not_before, r.ttl_secs, traffic)?;
         r.record_sent(purpose, &hosts, seq, &version, parts);
         signed.push((purpose, version, hosts.len(), seq));
     }
@@ -575,7 +576,7 @@ fn complete(ctl: &Controller, r: &Rollout) -> Result<()> {
             // Every host was skipped: a message for all of them, for catch-up to hand out.
             let seq = ctl.store.next_seq(&r.app)?;
             let all: Vec<AgentId> = r.skipped.iter().map(|h| h.id.clone()).chain(targets.clone()).collect();
-            (seq, sign_parts(ctl, &r.app, &r.version, r.digest, &r.env, &all, seq, &r.id, 0, r.ttl_secs, r.traffic)?)
+            (seq, sign(ctl, &r.app, &r.version, r.digest, &r.env, parts(&all), seq, &r.id, 0, r.ttl_secs, r.traffic)?)
         }
     };
     let message = parts.remove(0);

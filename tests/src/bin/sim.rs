@@ -18,8 +18,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
-    args.windows(2).find(|w| w[0] == name).and_then(|w| w[1].parse().ok())
+/// The value after `name`, if given; a value that does not parse is an error, not a default.
+fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Result<Option<T>> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(None),
+        Some(i) => match args.get(i + 1).map(|v| v.parse()) {
+            Some(Ok(v)) => Ok(Some(v)),
+            _ => bail!("{name} takes a number, for example `{name} 100`"),
+        },
+    }
 }
 
 fn free_port() -> Result<u16> {
@@ -218,9 +225,13 @@ fn timed_cli(bin: &Path, listen: SocketAddr, admin: &Path, args: &[&str]) -> Res
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let n: usize = arg(&args, "--agents").unwrap_or(1000);
-    let parallel: usize = arg(&args, "--enrol-parallel").unwrap_or(32);
-    let fetch_mib: Option<u64> = arg(&args, "--fetch-mib");
+    const FLAGS: [&str; 3] = ["--agents", "--enrol-parallel", "--fetch-mib"];
+    if let Some(bad) = args.iter().skip(1).step_by(2).find(|a| !FLAGS.contains(&a.as_str())) {
+        bail!("unknown argument {bad:?}; usage: stagehand-sim [--agents N] [--enrol-parallel N] [--fetch-mib MIB]");
+    }
+    let n: usize = arg(&args, "--agents")?.unwrap_or(1000);
+    let parallel: usize = arg(&args, "--enrol-parallel")?.unwrap_or(32);
+    let fetch_mib: Option<u64> = arg(&args, "--fetch-mib")?;
     raise_nofile();
     let bin = std::env::current_exe()?.with_file_name("stagehand-under-test");
     let tmp = tempfile::Builder::new().prefix("stagehand-sim-").tempdir()?;
