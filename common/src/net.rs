@@ -51,7 +51,10 @@ fn transport(client: bool) -> Arc<TransportConfig> {
     t.keep_alive_interval(client.then_some(Duration::from_secs(5)));
     t.stream_receive_window(VarInt::from_u32(16 << 20));
     t.receive_window(VarInt::from_u32(64 << 20));
-    t.send_window(64 << 20);
+    // What a connection may have written and not yet acknowledged. A server's is smaller:
+    // it serves many agents at once (a fan-out holds one window per stream being served),
+    // and 16 MiB still fills a 1 Gbit/s link at 130 ms of round trip.
+    t.send_window(if client { 64 << 20 } else { 16 << 20 });
     // Enough for every use (an agent fetches on a few, an upload on four); a peer that opens
     // more waits.
     t.max_concurrent_bidi_streams(VarInt::from_u32(32));
@@ -105,6 +108,10 @@ pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig, reset_secret
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| NetError::Crypto(e.to_string()))?;
     let mut config = ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(false));
+    // What quinn buffers for connections waiting for the controller to take them (its
+    // handshake queue): their first flights, a few datagrams each.
+    config.incoming_buffer_size(64 << 10);
+    config.incoming_buffer_size_total(16 << 20);
     let key = ResetKey(blake3::Hash::from(blake3::derive_key("stagehand 2026 quic stateless reset key", reset_secret)));
     let mut endpoint_config = EndpointConfig::new(Arc::new(key));
     // quinn's default generator rejects connection ids of an earlier process (its key is

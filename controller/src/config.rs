@@ -20,6 +20,11 @@ pub struct ControllerConfig {
     /// or comes back (the released version is always included).
     #[serde(default = "default_catch_up")]
     pub catch_up_versions: usize,
+    /// Chunk streams the controller serves at once, across every agent: what staging to many
+    /// agents at once may hold in memory (each stream at most 4 chunks read ahead and its
+    /// connection's 16 MiB send window). Further streams wait their turn, in order.
+    #[serde(default = "default_fetch_streams")]
+    pub fetch_streams: usize,
     /// How long an agent's certificate lives; agents renew theirs two thirds in.
     #[serde(with = "humantime_serde_compat", default = "default_agent_cert")]
     pub agent_cert_lifetime: Duration,
@@ -106,12 +111,17 @@ fn default_catch_up() -> usize {
     3
 }
 
+fn default_fetch_streams() -> usize {
+    32
+}
+
 impl ControllerConfig {
     pub fn new(listen: SocketAddr) -> Self {
         ControllerConfig {
             listen,
             message_ttl: default_ttl(),
             catch_up_versions: default_catch_up(),
+            fetch_streams: default_fetch_streams(),
             agent_cert_lifetime: default_agent_cert(),
             admin_cert_lifetime: default_admin_cert(),
             environments: Environments::default(),
@@ -124,7 +134,11 @@ impl ControllerConfig {
         let text = std::fs::read_to_string(path).map_err(|e| {
             anyhow::anyhow!("cannot read {}: {e}; run `stagehand controller init --data-dir DIR` first", path.display())
         })?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        let config: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if config.fetch_streams == 0 {
+            anyhow::bail!("{}: fetch_streams must be at least 1 (the default is 32)", path.display());
+        }
+        Ok(config)
     }
 }
 

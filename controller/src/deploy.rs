@@ -13,6 +13,7 @@ use stagehand_common::tls::Role;
 use stagehand_common::{AgentId, Digest};
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -20,10 +21,17 @@ use tracing::{debug, info, warn};
 pub const MAX_FETCH_BATCH: usize = 8192;
 /// Fetch streams served at once per agent session (an agent fetches on two, plus a
 /// manifest). With the read-ahead below, what one agent can make the controller hold is
-/// bounded: FETCH_STREAMS × READ_AHEAD chunks, plus the connection's send window.
+/// bounded: FETCH_STREAMS × READ_AHEAD chunks, plus the connection's send window. Across
+/// agents, chunk streams also wait for one of the controller's `fetch_streams` slots.
 pub const FETCH_STREAMS: usize = 4;
 /// Chunks read ahead of the wire per fetch stream.
-const READ_AHEAD: usize = 8;
+const READ_AHEAD: usize = 4;
+/// A chunk stream holds one of the controller's `fetch_streams` slots, which other agents
+/// wait for: one whose peer takes no chunk (at most 1 MiB) for this long, or takes them
+/// slower on average than [`FETCH_MIN_RATE`] after it, is dropped with its connection.
+pub const FETCH_STALL: Duration = Duration::from_secs(30);
+/// Bytes a second a chunk stream must average, beyond its first [`FETCH_STALL`].
+pub const FETCH_MIN_RATE: u64 = 64 << 10;
 
 pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -> Result<()> {
     let (mut send, mut recv) = conn.accept_bi().await?;
@@ -90,6 +98,8 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
         r = reader => r,
     };
     ctl.fleet.detach(&id, Channel::Deploy, token);
+    // The session is over: so are its fetch streams (they hold slots others wait for).
+    conn.close(0u32.into(), b"deploy session over");
     if let Err(e) = ctl.store.put_last_seen(&id, now_secs()) {
         warn!(agent = %id, error = %e, "Could not record when the agent was last seen.");
     }
@@ -327,6 +337,22 @@ async fn serve_fetch(
             if digests.len() > MAX_FETCH_BATCH {
                 bail!("fetch of {} chunks exceeds the batch limit of {MAX_FETCH_BATCH}", digests.len());
             }
+            // Its turn among every agent's chunk streams (first come, first served): the
+            // memory of a fan-out is bounded by the slots, not by the number of agents.
+            let _slot = match ctl.fetch_slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    ctl.metrics.fetch_streams_queued.inc();
+                    let _waiting = ctl.metrics.fetch_streams_waiting.track();
+                    // A stream its peer gave up (or a connection lost) while it waited
+                    // takes no slot.
+                    tokio::select! {
+                        slot = ctl.fetch_slots.clone().acquire_owned() => slot?,
+                        _ = send.stopped() => bail!("the agent gave up a fetch stream while it waited for a slot"),
+                    }
+                }
+            };
+            let _serving = ctl.metrics.fetch_streams_serving.track();
             // Read ahead on a blocking thread while the previous chunk is on the wire.
             let (tx, mut rx) = mpsc::channel::<Option<Vec<u8>>>(READ_AHEAD);
             let store = ctl.chunks.clone();
@@ -339,17 +365,37 @@ async fn serve_fetch(
                     }
                 }
             });
+            let (started, mut sent) = (Instant::now(), 0u64);
             while let Some(chunk) = rx.recv().await {
+                let allowed = FETCH_STALL + Duration::from_secs(sent / FETCH_MIN_RATE);
+                let Some(left) = allowed.checked_sub(started.elapsed()) else {
+                    bail!("the agent took {sent} bytes in {:?}, under 64 KiB/s", started.elapsed());
+                };
+                sent += chunk.as_ref().map_or(0, |c| c.len() as u64);
                 // The length through the framing, the bytes handed to quinn without a copy.
-                match chunk {
-                    Some(bytes) => {
-                        send.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
-                        send.write_chunk(bytes::Bytes::from(bytes)).await?;
+                let write = async {
+                    match chunk {
+                        Some(bytes) => {
+                            send.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
+                            send.write_chunk(bytes::Bytes::from(bytes)).await?;
+                        }
+                        None => write_blob(&mut send, None).await?,
                     }
-                    None => write_blob(&mut send, None).await?,
+                    anyhow::Ok(())
+                };
+                match tokio::time::timeout(left.min(FETCH_STALL), write).await {
+                    Ok(written) => written?,
+                    Err(_) => bail!("the agent took no chunk for {:?} of its fetch", left.min(FETCH_STALL)),
                 }
             }
             reader.await?;
+            // The slot is held until the peer has every byte: what quinn still buffers for
+            // this stream counts against the slots, not beside them.
+            send.finish()?;
+            match tokio::time::timeout(FETCH_STALL, send.stopped()).await {
+                Ok(_) => return Ok(()),
+                Err(_) => bail!("the agent acknowledged nothing of its fetch for {FETCH_STALL:?}"),
+            }
         }
         other => bail!("unexpected fetch request {other:?}"),
     }

@@ -35,6 +35,23 @@ pub struct Channel {
 
 type U64Gauge = Gauge<u64, AtomicU64>;
 
+/// A gauge of things in progress: [`InProgress::track`] counts one until its guard drops.
+#[derive(Clone, Default)]
+pub struct InProgress(Gauge);
+
+impl InProgress {
+    pub fn track(&self) -> impl Drop {
+        struct Guard(Gauge);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        self.0.inc();
+        Guard(self.0.clone())
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub stagings: Family<Outcome, Counter>,
@@ -43,6 +60,13 @@ pub struct Metrics {
     pub staging_seconds: Histogram,
     /// Connections refused because too many handshakes were in flight.
     pub handshakes_refused: Counter,
+    /// Connections waiting for a handshake slot.
+    pub handshakes_queued: Gauge,
+    /// Chunk streams being served, and waiting for a slot (`fetch_streams`).
+    pub fetch_streams_serving: InProgress,
+    pub fetch_streams_waiting: InProgress,
+    /// Chunk streams that found every slot taken and waited.
+    pub fetch_streams_queued: Counter,
     agents_connected: Family<Env, U64Gauge>,
     agents: Family<Env, U64Gauge>,
     rollouts: Family<State, U64Gauge>,
@@ -76,8 +100,28 @@ impl Default for Metrics {
         let handshakes_refused = Counter::default();
         r.register(
             "handshakes_refused",
-            "Connections refused at once because too many handshakes were in flight (their peers retry with backoff)",
+            "Connections refused at once because the handshake queue was full or they had waited too long in it (their peers retry with backoff)",
             handshakes_refused.clone(),
+        );
+        let handshakes_queued = Gauge::default();
+        r.register(
+            "handshakes_queued",
+            "Connections waiting for one of the controller's handshake slots",
+            handshakes_queued.clone(),
+        );
+        let fetch_streams = Family::<State, Gauge>::default();
+        r.register(
+            "fetch_streams",
+            "Chunk streams to agents: being served, or waiting for one of the controller's fetch_streams slots",
+            fetch_streams.clone(),
+        );
+        let fetch_streams_serving = InProgress(fetch_streams.get_or_create(&State { state: "serving".into() }).clone());
+        let fetch_streams_waiting = InProgress(fetch_streams.get_or_create(&State { state: "waiting".into() }).clone());
+        let fetch_streams_queued = Counter::default();
+        r.register(
+            "fetch_streams_queued",
+            "Chunk streams that found every fetch_streams slot taken and waited their turn",
+            fetch_streams_queued.clone(),
         );
         let agents_connected = Family::<Env, U64Gauge>::default();
         r.register("agents_connected", "Agents with both channels up, by environment", agents_connected.clone());
@@ -103,6 +147,10 @@ impl Default for Metrics {
             staging_bytes,
             staging_seconds,
             handshakes_refused,
+            handshakes_queued,
+            fetch_streams_serving,
+            fetch_streams_waiting,
+            fetch_streams_queued,
             agents_connected,
             agents,
             rollouts,

@@ -47,6 +47,8 @@ pub struct Controller {
     pub web: crate::web::Web,
     /// Pushes in flight: their chunks are kept by the garbage collection (`gc.rs`).
     pub pushes: crate::gc::Pushes,
+    /// Chunk streams served at once across every agent (`fetch_streams`): fan-out's memory.
+    pub fetch_slots: Arc<tokio::sync::Semaphore>,
     /// Open admin connections by identity: closed when it is revoked.
     pub admin_conns: std::sync::Mutex<std::collections::HashMap<String, Vec<quinn::Connection>>>,
 }
@@ -174,6 +176,7 @@ pub async fn start_with(data_dir: &Path, listen: Option<SocketAddr>, http: Optio
     let addr = endpoint.local_addr()?;
     stagehand_common::fsx::write_atomic(&layout.addr_file(), addr.to_string().as_bytes(), 0o644)?;
     let controller = Arc::new(Controller {
+        fetch_slots: Arc::new(tokio::sync::Semaphore::new(config.fetch_streams)),
         release_keys: vec![keys.public],
         key_chain: keys.chain,
         store,
@@ -212,38 +215,70 @@ pub async fn start_with(data_dir: &Path, listen: Option<SocketAddr>, http: Optio
     Ok(Running { addr, http, controller, endpoint, task, driver, http_task })
 }
 
-/// Handshakes in flight at most: beyond them a connection is refused at once (a packet, no
-/// crypto), and its agent retries after its backoff with jitter. A reconnect storm (every
-/// agent after a controller restart) then costs refusals instead of dropped datagrams and
-/// handshakes that time out.
+/// Handshakes in flight at most. Beyond them a connection waits its turn in a queue, in
+/// order; beyond the queue it is refused at once (a packet, no crypto) and its agent retries
+/// after its backoff with jitter. A reconnect storm (every agent after a controller restart)
+/// then keeps the controller's handshakes busy without datagrams dropped, handshakes timing
+/// out, or agents rebuilding connection attempts only to be refused again.
 pub const HANDSHAKES_IN_FLIGHT: usize = 128;
+/// Connections waiting for a handshake slot at most: about ten seconds of handshakes.
+pub const HANDSHAKES_QUEUED: usize = 4096;
+/// A connection that waited longer is refused instead: its agent gives up at the idle timeout
+/// (30 s), and a handshake with a peer that left would hold a slot until it timed out too.
+pub const HANDSHAKE_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 async fn accept_loop(ctl: Arc<Controller>, endpoint: quinn::Endpoint) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT));
-    while let Some(incoming) = endpoint.accept().await {
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            ctl.metrics.handshakes_refused.inc();
-            incoming.refuse();
-            continue;
-        };
-        let ctl = ctl.clone();
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            let conn = incoming.await;
-            drop(permit);
-            let conn = match conn {
-                Ok(c) => c,
-                Err(e) => {
-                    debug!(%remote, error = %e, "Handshake failed.");
-                    return;
+    let mut queue: std::collections::VecDeque<(std::time::Instant, quinn::Incoming)> = Default::default();
+    loop {
+        ctl.metrics.handshakes_queued.set(queue.len() as i64);
+        tokio::select! {
+            // Waiting connections first: they came before anything accept() returns now.
+            biased;
+            permit = handshakes.clone().acquire_owned(), if !queue.is_empty() => {
+                let Ok(permit) = permit else { return };
+                let Some((at, incoming)) = queue.pop_front() else { continue };
+                if at.elapsed() > HANDSHAKE_QUEUE_WAIT {
+                    ctl.metrics.handshakes_refused.inc();
+                    incoming.refuse();
+                } else {
+                    handshake(&ctl, incoming, permit);
                 }
-            };
-            if let Err(e) = dispatch(ctl, conn.clone()).await {
-                debug!(%remote, error = %format!("{e:#}"), "Connection ended with an error.");
-                conn.close(CLOSE_PROTOCOL.into(), b"protocol error");
             }
-        });
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { return };
+                match handshakes.clone().try_acquire_owned() {
+                    Ok(permit) if queue.is_empty() => handshake(&ctl, incoming, permit),
+                    _ if queue.len() < HANDSHAKES_QUEUED => queue.push_back((std::time::Instant::now(), incoming)),
+                    _ => {
+                        ctl.metrics.handshakes_refused.inc();
+                        incoming.refuse();
+                    }
+                }
+            }
+        }
     }
+}
+
+/// Completes the handshake of `incoming` holding `permit`, then serves the connection.
+fn handshake(ctl: &Arc<Controller>, incoming: quinn::Incoming, permit: tokio::sync::OwnedSemaphorePermit) {
+    let ctl = ctl.clone();
+    tokio::spawn(async move {
+        let remote = incoming.remote_address();
+        let conn = incoming.await;
+        drop(permit);
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(%remote, error = %e, "Handshake failed.");
+                return;
+            }
+        };
+        if let Err(e) = dispatch(ctl, conn.clone()).await {
+            debug!(%remote, error = %format!("{e:#}"), "Connection ended with an error.");
+            conn.close(CLOSE_PROTOCOL.into(), b"protocol error");
+        }
+    });
 }
 
 async fn dispatch(ctl: Arc<Controller>, conn: quinn::Connection) -> Result<()> {

@@ -165,11 +165,12 @@ impl SimAgent {
 
     async fn channel(self: &Arc<Self>, endpoint: &quinn::Endpoint, controller: SocketAddr, alpn: &'static [u8]) {
         let mut backoff = BACKOFF_MIN;
+        // Built once: a simulated agent's certificate does not change (the real agent's may be
+        // renewed, and it has a process of its own to parse it in).
+        let config = self.creds.client_config(alpn).ok().and_then(|c| net::client_config(c).ok());
         loop {
             let started = Instant::now();
-            let config =
-                self.creds.client_config(alpn).map_err(anyhow::Error::from).and_then(|c| Ok(net::client_config(c)?));
-            if let Ok(config) = config {
+            if let Some(config) = config.clone() {
                 if let Ok(conn) = net::connect(endpoint, controller, config).await {
                     let up = if alpn == ALPN_DEPLOY { &self.stats.deploy_up } else { &self.stats.release_up };
                     let result = if alpn == ALPN_DEPLOY {

@@ -30,6 +30,11 @@
 //! where it is installed), five runs each, interleaved: median requests/s, MiB/s and p50/p99
 //! latency, and the ratios to direct (goal: throughput ≥ 0.8×, p99 ≤ 1.5×).
 //!
+//! `--restart-only [--restart-agents N]`: N real agent processes (default 250) connected to a
+//! controller process, which is killed with `kill -9` and started again on the same address
+//! and data directory: how long until it serves, and until every agent has both channels up
+//! again in the controller's view (goal at 250: 15 s).
+//!
 //! Run: `cargo run --release -p stagehand-tests --bin stagehand-bench -- [--size-mib N]`
 
 use anyhow::{bail, Result};
@@ -66,6 +71,10 @@ async fn main() -> Result<()> {
         let secs = args.windows(2).find(|w| w[0] == "--traffic-secs").and_then(|w| w[1].parse().ok()).unwrap_or(3);
         let conns = args.windows(2).find(|w| w[0] == "--traffic-conns").and_then(|w| w[1].parse().ok()).unwrap_or(32);
         return traffic_bench(Duration::from_secs(secs), conns).await;
+    }
+    if args.iter().any(|a| a == "--restart-only") {
+        let n = args.windows(2).find(|w| w[0] == "--restart-agents").and_then(|w| w[1].parse().ok()).unwrap_or(250);
+        return restart_bench(n).await;
     }
     if args.iter().any(|a| a == "--rollout-only") {
         let n = args.windows(2).find(|w| w[0] == "--rollout-agents").and_then(|w| w[1].parse().ok()).unwrap_or(100);
@@ -675,6 +684,76 @@ async fn rollout_bench(n: usize, runs: usize) -> Result<()> {
     for mut a in agents {
         a.stop().await;
     }
+    Ok(())
+}
+
+/// Agents with both channels up, in the controller's view; None while it does not answer.
+async fn connected_agents(fleet: &Fleet) -> Option<usize> {
+    let addr = fleet.addr.to_string();
+    let connect =
+        stagehand_controller::client::Client::connect_within(Some(&addr), Some(&fleet.admin), Duration::from_secs(2));
+    let client = connect.await.ok()?;
+    let n = match client.call(&AdminRequest::ListAgents).await {
+        Ok(AdminResponse::Agents { agents }) => Some(agents.iter().filter(|a| a.connected).count()),
+        _ => None,
+    };
+    client.close().await;
+    n
+}
+
+/// `kill -9` of a controller process with `n` real agent processes connected, and a restart
+/// on the same address: until it serves, and until every agent is back.
+async fn restart_bench(n: usize) -> Result<()> {
+    println!("## Controller `kill -9` and restart with {n} agent processes\n");
+    let mut ctl = controller_process().await?;
+    let bin = std::env::current_exe()?.with_file_name("stagehand-agent-under-test");
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let a = ctl.fleet.enrol("prod", &format!("r{i}")).await?;
+        let dir = a.dir.to_str().unwrap_or_default().to_string();
+        let log = ctl.fleet.path().join(format!("agent-{i}.log"));
+        agents.push(Proc::spawn(bin.to_str().unwrap_or_default(), &["run", "--data-dir", &dir], &[], log)?);
+    }
+    let t0 = Instant::now();
+    while connected_agents(&ctl.fleet).await != Some(n) {
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("only {:?} of {n} agents connected", connected_agents(&ctl.fleet).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("all {n} connected {:.1} s after the last was started", t0.elapsed().as_secs_f64());
+    // Keep-alives in flight on every connection, as in a fleet at rest.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ctl.child.kill()?;
+    ctl.child.wait()?;
+    let t0 = Instant::now();
+    let bin = std::env::current_exe()?.with_file_name("stagehand-under-test");
+    let d = ctl.fleet.ctl_dir.to_str().unwrap_or_default().to_string();
+    let log = std::fs::File::create(ctl.fleet.path().join("controller-2.log"))?;
+    ctl.child = std::process::Command::new(&bin)
+        .args(["controller", "serve", "--data-dir", &d, "--listen", &ctl.fleet.addr.to_string()])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let mut up = None;
+    loop {
+        let back = connected_agents(&ctl.fleet).await;
+        if up.is_none() && back.is_some() {
+            up = Some(t0.elapsed());
+        }
+        if back == Some(n) {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("only {back:?} of {n} agents back after 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all = t0.elapsed();
+    println!("| {n} agent processes | |\n|---|---|");
+    println!("| controller serving again (admin connection accepted) | {:.2} s |", up.unwrap_or(all).as_secs_f64());
+    println!("| every agent back, both channels (goal: 15 s at 250) | {:.2} s |", all.as_secs_f64());
+    drop(agents);
     Ok(())
 }
 

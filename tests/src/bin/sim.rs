@@ -93,7 +93,20 @@ async fn connected(http: SocketAddr) -> f64 {
 }
 
 /// Waits until `cond`, checking every 50 ms; returns how long it took.
-async fn until<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> Result<Duration>
+async fn until<F, Fut>(what: &str, timeout: Duration, cond: F) -> Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    until_every(what, timeout, Duration::from_millis(50), cond).await
+}
+
+/// How often a condition that asks the controller (`/metrics` reads every agent's record)
+/// is checked: often enough for the figures, rarely enough not to load the controller.
+const SCRAPE: Duration = Duration::from_millis(500);
+
+/// [`until`], checking every `every`.
+async fn until_every<F, Fut>(what: &str, timeout: Duration, every: Duration, mut cond: F) -> Result<Duration>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -103,13 +116,14 @@ where
         if t0.elapsed() > timeout {
             bail!("timed out after {timeout:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(every).await;
     }
     Ok(t0.elapsed())
 }
 
 /// Staging fan-out: every agent fetches an artifact of `mib` MiB (random, so nothing is
 /// shared between its chunks) for real, all at once; what the controller sends and spends.
+/// Two rounds, two artifacts: the second shows whether memory the first took is reused.
 async fn fan_out(
     client: &Client,
     stats: &Stats,
@@ -117,19 +131,51 @@ async fn fan_out(
     pid: u32,
     tmp: &Path,
     size_mib: u64,
-    rest_rss: u64,
 ) -> Result<()> {
+    for a in agents {
+        a.fetch_for_real();
+    }
+    let n = agents.len();
+    println!(
+        "\n| {n} agents fetching {size_mib} MiB each for real | first artifact | second artifact |\n|---|---|---|"
+    );
+    let mut rows: Vec<(&str, Vec<String>)> = vec![
+        ("staged on all (makespan)", vec![]),
+        ("bytes sent by the controller", vec![]),
+        ("controller egress", vec![]),
+        ("controller CPU during the fan-out", vec![]),
+        ("simulator CPU (receiving, hashing)", vec![]),
+        ("controller RSS: before, peak, after", vec![]),
+    ];
+    for version in ["1", "2"] {
+        let figures = fan_out_once(client, stats, pid, tmp, size_mib, version).await?;
+        for (row, figure) in rows.iter_mut().zip(figures) {
+            row.1.push(figure);
+        }
+    }
+    for (name, figures) in rows {
+        println!("| {name} | {} |", figures.join(" | "));
+    }
+    Ok(())
+}
+
+/// One round of [`fan_out`]: its figures, in the order of the table's rows.
+async fn fan_out_once(
+    client: &Client,
+    stats: &Stats,
+    pid: u32,
+    tmp: &Path,
+    size_mib: u64,
+    version: &str,
+) -> Result<Vec<String>> {
     use rand::RngCore;
-    let src = tmp.join("big");
+    let src = tmp.join(format!("big-{version}"));
     std::fs::create_dir_all(&src)?;
     let mut bytes = vec![0u8; (size_mib << 20) as usize];
     rand::thread_rng().fill_bytes(&mut bytes);
     std::fs::write(src.join("blob"), &bytes)?;
     drop(bytes);
-    stagehand_controller::cli::push::upload(client, "big", "1", &src).await?;
-    for a in agents {
-        a.fetch_for_real();
-    }
+    stagehand_controller::cli::push::upload(client, "big", version, &src).await?;
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sampler = {
         let peak = peak.clone();
@@ -140,14 +186,15 @@ async fn fan_out(
             }
         })
     };
-    let (_, cpu0) = usage(pid)?;
+    let (before, cpu0) = usage(pid)?;
     let me0 = usage(std::process::id())?.1;
+    let fetched0 = stats.fetched.load(Ordering::Relaxed);
     let t0 = Instant::now();
-    client.call(&AdminRequest::Deploy { app: "big".into(), version: "1".into(), env: "prod".into() }).await?;
+    client.call(&AdminRequest::Deploy { app: "big".into(), version: version.into(), env: "prod".into() }).await?;
     let resp = client
         .call(&AdminRequest::WaitStaged {
             app: "big".into(),
-            version: "1".into(),
+            version: version.into(),
             env: "prod".into(),
             timeout_secs: 3600,
         })
@@ -160,24 +207,15 @@ async fn fan_out(
     if !pending.is_empty() || !failed.is_empty() {
         bail!("staging: {} pending, {} failed: {failed:?}", pending.len(), failed.len());
     }
-    let fetched = stats.fetched.load(Ordering::Relaxed);
-    let n = agents.len();
-    println!("\n| {n} agents fetching {size_mib} MiB each for real | |\n|---|---|");
-    println!("| staged on all (makespan) | {took:.1} s |");
-    println!(
-        "| bytes sent by the controller | {:.2} GiB ({n} × {size_mib} MiB) |",
-        fetched as f64 / (1u64 << 30) as f64
-    );
-    println!("| controller egress | {:.0} MiB/s |", fetched as f64 / took / (1u64 << 20) as f64);
-    println!("| controller CPU during the fan-out | {:.0} % of one core |", (cpu1 - cpu0) / took * 100.0);
-    println!("| simulator CPU (receiving, hashing) | {:.0} % of one core |", (me1 - me0) / took * 100.0);
-    println!(
-        "| controller RSS: at rest, peak, after | {}, {}, {} |",
-        mib(rest_rss),
-        mib(peak.load(Ordering::Relaxed)),
-        mib(rss)
-    );
-    Ok(())
+    let fetched = stats.fetched.load(Ordering::Relaxed) - fetched0;
+    Ok(vec![
+        format!("{took:.1} s"),
+        format!("{:.2} GiB", fetched as f64 / (1u64 << 30) as f64),
+        format!("{:.0} MiB/s", fetched as f64 / took / (1u64 << 20) as f64),
+        format!("{:.0} % of one core", (cpu1 - cpu0) / took * 100.0),
+        format!("{:.0} % of one core", (me1 - me0) / took * 100.0),
+        format!("{}, {}, {}", mib(before), mib(peak.load(Ordering::Relaxed)), mib(rss)),
+    ])
 }
 
 async fn rollout(client: &Client, spec: RolloutSpec) -> Result<RolloutView> {
@@ -276,7 +314,12 @@ async fn main() -> Result<()> {
     let t0 = Instant::now();
     let drops = udp_drops();
     let _tasks: Vec<_> = agents.iter().map(|a| a.spawn(listen)).collect();
-    until("every agent connected", Duration::from_secs(600), || async { connected(http).await as usize == n }).await?;
+    until_every("every agent connected", Duration::from_secs(600), SCRAPE, || async {
+        stats.deploy_up.load(Ordering::Relaxed) == n
+            && stats.release_up.load(Ordering::Relaxed) == n
+            && connected(http).await as usize == n
+    })
+    .await?;
     row(
         "all connected",
         format!("{:.1} s ({} UDP datagrams dropped)", t0.elapsed().as_secs_f64(), udp_drops() - drops),
@@ -290,7 +333,7 @@ async fn main() -> Result<()> {
     row("controller at rest", format!("RSS {}, CPU {:.1} %", mib(rest_rss), (cpu1 - cpu0) * 10.0));
 
     if let Some(mib_each) = fetch_mib {
-        return fan_out(&client, &stats, &agents, pid, tmp.path(), mib_each, rest_rss).await;
+        return fan_out(&client, &stats, &agents, pid, tmp.path(), mib_each).await;
     }
 
     let src = tmp.path().join("src");
@@ -337,10 +380,11 @@ async fn main() -> Result<()> {
     row(
         "release to all",
         format!(
-            "makespan {:.2} s; acks p50 {:.2} s, p99 {:.2} s",
+            "makespan {:.2} s; acks p50 {:.2} s, p99 {:.2} s, last {:.2} s",
             makespan.as_secs_f64(),
             p(&acks, 0.5).as_secs_f64(),
-            p(&acks, 0.99).as_secs_f64()
+            p(&acks, 0.99).as_secs_f64(),
+            p(&acks, 1.0).as_secs_f64()
         ),
     );
     let t0 = Instant::now();
@@ -382,10 +426,11 @@ async fn main() -> Result<()> {
         http_get(ctl.http, "/metrics").await.is_ok()
     })
     .await?;
-    until("every agent back", Duration::from_secs(600), || async {
-        connected(ctl.http).await as usize == n
-            && stats.deploy_up.load(Ordering::Relaxed) == n
+    // Our own count first: the controller is asked only once every session is back.
+    until_every("every agent back", Duration::from_secs(600), SCRAPE, || async {
+        stats.deploy_up.load(Ordering::Relaxed) == n
             && stats.release_up.load(Ordering::Relaxed) == n
+            && connected(ctl.http).await as usize == n
     })
     .await?;
     if let Ok(Ok(at)) = noticed.await {

@@ -254,6 +254,57 @@ async fn hundreds_of_unread_fetch_streams_from_one_agent_cannot_exhaust_the_cont
     eprintln!("controller RSS: {} MiB before, {} MiB at the peak", before >> 20, peak >> 20);
 }
 
+/// The controller serves a bounded number of chunk streams across all agents
+/// (`fetch_streams`), so a peer that asks for chunks and reads none could hold every slot and
+/// stall staging for the whole fleet. A stream that takes nothing for `FETCH_STALL` (30 s) is
+/// dropped with its connection: here the attacker holds both of two slots, and another agent
+/// still stages, after the stall is noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_reads_nothing_cannot_hold_the_fleets_fetch_slots() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let config = fleet.ctl_dir.join("controller.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace("fetch_streams = 32", "fetch_streams = 2");
+    std::fs::write(&config, format!("http = \"127.0.0.1:0\"\n{text}")).unwrap();
+    fleet.restart_controller().await.unwrap();
+    let http = fleet.controller.as_ref().unwrap().http.unwrap();
+    let good = fleet.agent("prod", "good").await.unwrap();
+    let bad = fleet.enrol("lab", "bad").await.unwrap();
+    let src = fleet.path().join("src-1");
+    std::fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("data"), 64 << 20, 7).unwrap();
+    let pushed = fleet.push("web", "1", &src).await.unwrap();
+    fleet.call(AdminRequest::Deploy { app: "web".into(), version: "1".into(), env: "lab".into() }).await.unwrap();
+    let (conn, _control, _orders) = session(&fleet, &bad, ALPN_DEPLOY).await;
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    frame::write_msg(&mut s, &DeployUp::FetchManifest { digest: pushed.digest }).await.unwrap();
+    s.finish().unwrap();
+    let bytes = frame::read_blob::<_, { frame::MANIFEST_LIMIT }>(&mut r).await.unwrap().unwrap().unwrap();
+    let manifest = stagehand_common::manifest::Manifest::decode(&bytes).unwrap();
+    let digests: Vec<_> = manifest.files().flat_map(|(_, _, _, c)| c.iter().map(|c| c.digest)).collect();
+    let mut unread = Vec::new();
+    for _ in 0..2 {
+        let (mut s, r) = conn.open_bi().await.unwrap();
+        frame::write_msg(&mut s, &DeployUp::FetchChunks { digests: digests.clone() }).await.unwrap();
+        unread.push((s, r));
+    }
+    let serving = || async {
+        let (_, m) = stagehand_tests::http_get(http, "/metrics").await.unwrap();
+        stagehand_tests::metric(&m, "stagehand_fetch_streams{state=\"serving\"}")
+    };
+    wait_for("the attacker to hold both slots", Duration::from_secs(10), || async { serving().await == Some(2.0) })
+        .await
+        .unwrap();
+
+    let src2 = fleet.path().join("src-2");
+    std::fs::create_dir_all(&src2).unwrap();
+    random_file(&src2.join("data"), 8 << 20, 8).unwrap();
+    fleet.push("web", "2", &src2).await.unwrap();
+    let p = fleet.deploy("web", "2", "prod", 120).await.unwrap();
+    assert!(p.all_done(), "{p:?}");
+    assert_same_tree(&src2, &good.release_dir("web", "2"));
+    assert!(conn.close_reason().is_some(), "the peer that read nothing is dropped");
+}
+
 /// An agent with `apps.<app>` settings, staged with one version of each app carrying
 /// `stagehand.toml`; returns its directory's agent, not started.
 async fn hooked_agent(fleet: &Fleet, apps: &[(&str, &str)], f: impl FnOnce(&mut AgentConfig)) -> TestAgent {

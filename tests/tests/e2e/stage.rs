@@ -160,3 +160,51 @@ async fn a_staged_copy_modified_on_the_host_is_staged_again() {
     assert!(p.all_done(), "{p:?}");
     assert_same_tree(&src, &agent.release_dir("web", "1.0"));
 }
+
+/// `fetch_streams` bounds the chunk streams served at once across every agent: with one slot,
+/// three agents fetching on two lanes each take turns (the rest wait, and are counted), and
+/// every one of them still stages the exact tree. A slot that was never given back would
+/// hang here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_streams_wait_their_turn_for_the_controllers_fetch_slots() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let config = fleet.ctl_dir.join("controller.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("fetch_streams = 32"), "init writes the default:\n{text}");
+    let text = text.replace("fetch_streams = 32", "fetch_streams = 1");
+    // A top-level key goes before any table.
+    std::fs::write(&config, format!("http = \"127.0.0.1:0\"\n{text}")).unwrap();
+    fleet.restart_controller().await.unwrap();
+    let http = fleet.controller.as_ref().unwrap().http.expect("the controller serves HTTP");
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        agents.push(fleet.agent("prod", &format!("p{i}")).await.unwrap());
+    }
+    let src = fleet.path().join("src");
+    sample_tree(&src, 24 << 20);
+    fleet.push("web", "1", &src).await.unwrap();
+    let p = fleet.deploy("web", "1", "prod", 120).await.unwrap();
+    assert!(p.all_done(), "{p:?}");
+    for a in &agents {
+        assert_same_tree(&src, &a.release_dir("web", "1"));
+    }
+    let scrape = || async { stagehand_tests::http_get(http, "/metrics").await.unwrap().1 };
+    let m = scrape().await;
+    let queued = stagehand_tests::metric(&m, "stagehand_fetch_streams_queued_total").unwrap_or(0.0);
+    assert!(queued >= 1.0, "six lanes through one slot: some waited\n{m}");
+    // Every slot is given back once the agents have acknowledged their last bytes.
+    wait_for("every fetch stream to end", Duration::from_secs(10), || async {
+        let m = scrape().await;
+        let gauge = |state: &str| stagehand_tests::metric(&m, &format!("stagehand_fetch_streams{{state=\"{state}\"}}"));
+        gauge("serving") == Some(0.0) && gauge("waiting") == Some(0.0)
+    })
+    .await
+    .unwrap();
+
+    // Zero slots would stage nothing, ever: refused when the controller starts.
+    fleet.stop_controller().await;
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("fetch_streams = 1", "fetch_streams = 0")).unwrap();
+    let err = stagehand_controller::server::start(&fleet.ctl_dir, Some(fleet.addr)).await.err().expect("refused");
+    assert!(format!("{err:#}").contains("fetch_streams must be at least 1"), "{err:#}");
+}
