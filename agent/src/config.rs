@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// The controller's address, HOST:PORT.
-    pub controller: String,
+    /// The controller's address, HOST:PORT, or several (`["a:7443", "b:7443"]`): controllers
+    /// sharing their state (SPEC §13), tried in turn.
+    pub controller: Controllers,
     /// Staged versions each app keeps besides the live one; older ones are removed after a
     /// staging succeeds. 0 keeps everything.
     #[serde(default = "default_keep")]
@@ -34,6 +35,62 @@ pub struct AgentConfig {
     /// "127.0.0.1:9101".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+}
+
+/// The controllers an agent may hold its channels to: written as one address, or a list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "OneOrMany", into = "OneOrMany")]
+pub struct Controllers(Vec<String>);
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl TryFrom<OneOrMany> for Controllers {
+    type Error = String;
+
+    fn try_from(v: OneOrMany) -> Result<Self, String> {
+        let list = match v {
+            OneOrMany::One(a) => vec![a],
+            OneOrMany::Many(l) => l,
+        };
+        if list.is_empty() {
+            return Err("controller = [] names no controller; give \"HOST:PORT\" or a list of them".into());
+        }
+        if let Some(a) = list.iter().find(|a| !a.contains(':')) {
+            return Err(format!("the controller address {a:?} has no port; give HOST:PORT, for example {a}:7443"));
+        }
+        Ok(Controllers(list))
+    }
+}
+
+impl From<Controllers> for OneOrMany {
+    fn from(c: Controllers) -> Self {
+        match <[String; 1]>::try_from(c.0) {
+            Ok([one]) => OneOrMany::One(one),
+            Err(many) => OneOrMany::Many(many),
+        }
+    }
+}
+
+impl Controllers {
+    pub fn one(addr: &str) -> Self {
+        Controllers(vec![addr.to_string()])
+    }
+
+    /// In the order to try them.
+    pub fn addrs(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Controllers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
 }
 
 /// `[limits]`: the most any artifact's hooks and health checks get on this host, whatever
@@ -284,5 +341,35 @@ mod tests {
         assert!(format!("{:#}", typo.check().unwrap_err()).contains("hook_timeout"));
         let unit = std::fs::read_to_string(dir.join("stagehand-agent.service")).unwrap();
         assert!(unit.contains("stagehand-agent run --data-dir"));
+    }
+
+    /// `controller` is one address or a list; either is written back as it was read, and a
+    /// list that names nothing, or an address without a port, is refused with why.
+    #[test]
+    fn controller_is_one_address_or_a_list() {
+        let parse = |line: &str| toml::from_str::<AgentConfig>(line).map(|c| c.controller);
+        let one = parse("controller = \"a:7443\"").unwrap();
+        assert_eq!(one.addrs(), ["a:7443"]);
+        let many = parse("controller = [\"a:7443\", \"b:7443\"]").unwrap();
+        assert_eq!(many.addrs(), ["a:7443", "b:7443"]);
+        assert_eq!(many.to_string(), "a:7443, b:7443");
+        for c in [one, many] {
+            let config = AgentConfig {
+                controller: c.clone(),
+                keep_releases: 5,
+                apps: Default::default(),
+                limits: Default::default(),
+                health_ca: None,
+                metrics_listen: None,
+            };
+            assert_eq!(parse(&toml::to_string(&config).unwrap()).unwrap(), c);
+        }
+        assert!(toml::to_string(
+            &AgentConfig::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").as_path()).unwrap()
+        )
+        .unwrap()
+        .starts_with("controller = \"controller.example.internal:7443\""));
+        assert!(parse("controller = []").unwrap_err().to_string().contains("names no controller"));
+        assert!(parse("controller = [\"a:7443\", \"b\"]").unwrap_err().to_string().contains("\"b\" has no port"));
     }
 }

@@ -199,6 +199,9 @@ pub struct Host {
     pub metrics: crate::metrics::Metrics,
     /// Per app: its listener (traffic mode) and the versions it routes to.
     traffic: Mutex<std::collections::HashMap<String, crate::switch::AppTraffic>>,
+    /// Which of agent.toml's controllers both channels go to (an index): they fail over
+    /// together, so that they stay with one controller.
+    pub controller_at: std::sync::atomic::AtomicUsize,
 }
 
 impl Host {
@@ -231,6 +234,7 @@ impl Host {
             services: std::sync::Arc::new(crate::service::Services::new(data_dir)),
             traffic: Mutex::default(),
             metrics: crate::metrics::Metrics::default(),
+            controller_at: Default::default(),
         };
         host.rebuild_index()?;
         Ok(host)

@@ -97,7 +97,7 @@ pub async fn join(
     };
     identity.save(data_dir)?;
     AgentConfig {
-        controller: controller.to_string(),
+        controller: crate::config::Controllers::one(controller),
         keep_releases: crate::config::default_keep(),
         apps: Default::default(),
         limits: Default::default(),

@@ -245,12 +245,35 @@ async fn channel_loop(host: Arc<Host>, alpn: &'static [u8], session: fn(Arc<Host
     }
 }
 
+/// With several controllers, how long one may take to answer before the next is tried (a
+/// host that is down sends nothing back; QUIC alone would wait out its 30 s idle timeout).
+const FAILOVER_AFTER: Duration = Duration::from_secs(10);
+
+/// Connects to the controller both channels use; when that fails, the next one in
+/// agent.toml becomes the one both channels use (the caller backs off before trying it).
 async fn connect(host: &Host, alpn: &[u8]) -> Result<(quinn::Connection, quinn::Endpoint)> {
-    let addr = net::resolve(&host.layout.config.controller).await?;
-    let endpoint = net::client_endpoint(addr)?;
-    let config = net::client_config(host.credentials().client_config(alpn)?)?;
-    let conn = net::connect(&endpoint, addr, config).await?;
-    Ok((conn, endpoint))
+    use std::sync::atomic::Ordering;
+    let all = host.layout.config.controller.addrs();
+    let at = host.controller_at.load(Ordering::Relaxed) % all.len();
+    let attempt = async {
+        let addr = net::resolve(&all[at]).await?;
+        let endpoint = net::client_endpoint(addr)?;
+        let config = net::client_config(host.credentials().client_config(alpn)?)?;
+        let conn = net::connect(&endpoint, addr, config).await?;
+        anyhow::Ok((conn, endpoint))
+    };
+    let result = if all.len() > 1 {
+        tokio::time::timeout(FAILOVER_AFTER, attempt)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {} within {FAILOVER_AFTER:?}", all[at])))
+    } else {
+        attempt.await
+    };
+    if result.is_err() && all.len() > 1 {
+        // Only the first channel to find it down moves both on.
+        let _ = host.controller_at.compare_exchange(at, (at + 1) % all.len(), Ordering::Relaxed, Ordering::Relaxed);
+    }
+    result
 }
 
 async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> {

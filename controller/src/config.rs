@@ -134,12 +134,20 @@ impl ControllerConfig {
         let text = std::fs::read_to_string(path).map_err(|e| {
             anyhow::anyhow!("cannot read {}: {e}; run `stagehand controller init --data-dir DIR` first", path.display())
         })?;
-        let config: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let config: Self = toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?;
         if config.fetch_streams == 0 {
             anyhow::bail!("{}: fetch_streams must be at least 1 (the default is 32)", path.display());
         }
         Ok(config)
     }
+}
+
+/// A parse error on one line, with the line it is on: toml's own text draws the line on
+/// several, which the CLI's error output (control characters escaped) would print as `\n`.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let at = e.span().map(|s| format!(", line {}", text[..s.start.min(text.len())].matches('\n').count() + 1));
+    let why = e.message().trim().replace('\n', "; ");
+    anyhow::anyhow!("{}{}: {why}", path.display(), at.unwrap_or_default())
 }
 
 /// Durations as humans write them ("1h", "90s").
@@ -234,6 +242,20 @@ mod tests {
         let prod = c.environments.get("prod");
         assert_eq!(prod.waves.as_deref(), Some("1,10%,50%,100%"));
         assert_eq!(prod.bake, Some(Duration::from_secs(300)));
+    }
+
+    /// A mistake in controller.toml is told on one line, with where it is and what is known.
+    #[test]
+    fn a_bad_config_says_which_line_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap();
+        let e = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("controller.toml, line 2: unknown field `bogus`, expected one of `listen`"), "{e}");
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\nfetch_streams = 0\n").unwrap();
+        let e = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("fetch_streams must be at least 1"), "{e}");
     }
 
     #[test]

@@ -69,8 +69,9 @@ pub async fn run(a: DevArgs, ctx: &Ctx) -> Result<i32> {
             stagehand_agent::join::join(&addr, &token, &dir, Some(format!("{env}-1")), Default::default()).await?;
         } else {
             let mut config = stagehand_agent::config::AgentConfig::load(&dir)?;
-            if config.controller != addr {
-                config.controller = addr.clone();
+            let here = stagehand_agent::config::Controllers::one(&addr);
+            if config.controller != here {
+                config.controller = here;
                 config.save(&dir)?;
             }
         }

@@ -3,6 +3,7 @@
 
 mod cli;
 mod enrol;
+mod failover;
 mod faults;
 mod hardening;
 mod metrics;
