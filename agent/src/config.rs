@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// The controller's address, HOST:PORT, or several (`["a:7443", "b:7443"]`): controllers
-    /// sharing their state (SPEC §13), tried in turn.
+    /// The controller's address, HOST:PORT, or several (`["a:7443", "b:7443"]`), tried in
+    /// turn: controllers that share their state (SPEC §13; not built yet).
     pub controller: Controllers,
     /// Staged versions each app keeps besides the live one; older ones are removed after a
     /// staging succeeds. 0 keeps everything.
@@ -60,7 +60,13 @@ impl TryFrom<OneOrMany> for Controllers {
         if list.is_empty() {
             return Err("controller = [] names no controller; give \"HOST:PORT\" or a list of them".into());
         }
-        if let Some(a) = list.iter().find(|a| !a.contains(':')) {
+        // HOST:PORT or [IPv6]:PORT.
+        let has_port = |a: &str| {
+            a.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok() && (!host.starts_with('[') || host.ends_with(']'))
+            })
+        };
+        if let Some(a) = list.iter().find(|a| !has_port(a)) {
             return Err(format!("the controller address {a:?} has no port; give HOST:PORT, for example {a}:7443"));
         }
         Ok(Controllers(list))
@@ -371,5 +377,7 @@ mod tests {
         .starts_with("controller = \"controller.example.internal:7443\""));
         assert!(parse("controller = []").unwrap_err().to_string().contains("names no controller"));
         assert!(parse("controller = [\"a:7443\", \"b\"]").unwrap_err().to_string().contains("\"b\" has no port"));
+        assert!(parse("controller = \"[::1]\"").unwrap_err().to_string().contains("has no port"));
+        assert_eq!(parse("controller = \"[::1]:7443\"").unwrap().addrs(), ["[::1]:7443"]);
     }
 }

@@ -199,9 +199,10 @@ pub struct Host {
     pub metrics: crate::metrics::Metrics,
     /// Per app: its listener (traffic mode) and the versions it routes to.
     traffic: Mutex<std::collections::HashMap<String, crate::switch::AppTraffic>>,
-    /// Which of agent.toml's controllers both channels go to (an index): they fail over
-    /// together, so that they stay with one controller.
-    pub controller_at: std::sync::atomic::AtomicUsize,
+    /// Which of agent.toml's controllers both channels go to (a count, taken modulo their
+    /// number): moved on by a channel that cannot reach it, followed by the other, so both
+    /// stay with one controller.
+    pub controller_at: tokio::sync::watch::Sender<u64>,
 }
 
 impl Host {
@@ -234,7 +235,7 @@ impl Host {
             services: std::sync::Arc::new(crate::service::Services::new(data_dir)),
             traffic: Mutex::default(),
             metrics: crate::metrics::Metrics::default(),
-            controller_at: Default::default(),
+            controller_at: tokio::sync::watch::Sender::new(0),
         };
         host.rebuild_index()?;
         Ok(host)

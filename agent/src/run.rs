@@ -212,13 +212,26 @@ async fn channel_loop(host: Arc<Host>, alpn: &'static [u8], session: fn(Arc<Host
             host.stop_for_good(why);
             return;
         }
-        match connect(&host, alpn).await {
+        let at = *host.controller_at.borrow();
+        match connect(&host, alpn, at).await {
             Ok((conn, endpoint)) => {
                 told = false;
-                let result = session(host.clone(), conn.clone()).await;
+                // The other channel moved both on to another controller: follow it.
+                let mut moved = host.controller_at.subscribe();
+                let result = tokio::select! {
+                    r = session(host.clone(), conn.clone()) => r,
+                    _ = moved.wait_for(|now| *now != at) => Err(anyhow::anyhow!("following the other channel to another controller")),
+                };
                 if let Some(why) = stop_reason(&host, Some(&conn)) {
                     host.stop_for_good(why);
                     return;
+                }
+                // A controller that does not know this agent (one that shares no state with
+                // the others): the next one may.
+                if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
+                    if c.error_code == quinn::VarInt::from_u32(stagehand_common::protocol::CLOSE_UNAUTHORISED) {
+                        move_on(&host, at);
+                    }
                 }
                 conn.close(0u32.into(), b"session over");
                 match result {
@@ -247,33 +260,51 @@ async fn channel_loop(host: Arc<Host>, alpn: &'static [u8], session: fn(Arc<Host
 
 /// With several controllers, how long one may take to answer before the next is tried (a
 /// host that is down sends nothing back; QUIC alone would wait out its 30 s idle timeout).
-const FAILOVER_AFTER: Duration = Duration::from_secs(10);
+/// Longer than a controller keeps a connection in its handshake queue (15 s), so that
+/// during a reconnect storm agents wait their turn instead of hopping between controllers.
+pub const FAILOVER_AFTER: Duration = Duration::from_secs(20);
 
-/// Connects to the controller both channels use; when that fails, the next one in
-/// agent.toml becomes the one both channels use (the caller backs off before trying it).
-async fn connect(host: &Host, alpn: &[u8]) -> Result<(quinn::Connection, quinn::Endpoint)> {
-    use std::sync::atomic::Ordering;
-    let all = host.layout.config.controller.addrs();
-    let at = host.controller_at.load(Ordering::Relaxed) % all.len();
-    let attempt = async {
-        let addr = net::resolve(&all[at]).await?;
-        let endpoint = net::client_endpoint(addr)?;
-        let config = net::client_config(host.credentials().client_config(alpn)?)?;
-        let conn = net::connect(&endpoint, addr, config).await?;
-        anyhow::Ok((conn, endpoint))
-    };
-    let result = if all.len() > 1 {
-        tokio::time::timeout(FAILOVER_AFTER, attempt)
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from {} within {FAILOVER_AFTER:?}", all[at])))
-    } else {
-        attempt.await
-    };
-    if result.is_err() && all.len() > 1 {
-        // Only the first channel to find it down moves both on.
-        let _ = host.controller_at.compare_exchange(at, (at + 1) % all.len(), Ordering::Relaxed, Ordering::Relaxed);
+/// Moves both channels on from the controller at `at` to the next (once, whichever channel
+/// finds it unreachable first).
+fn move_on(host: &Host, at: u64) {
+    if host.layout.config.controller.addrs().len() > 1 {
+        host.controller_at.send_if_modified(|now| {
+            let moved = *now == at;
+            if moved {
+                *now += 1;
+            }
+            moved
+        });
     }
-    result
+}
+
+/// Connects to controller `at` (of agent.toml's, modulo their number). When it cannot be
+/// reached, both channels move on to the next (the caller backs off before trying it); a
+/// failure of this host's own (a socket, its credentials) moves nothing.
+async fn connect(host: &Host, alpn: &[u8], at: u64) -> Result<(quinn::Connection, quinn::Endpoint)> {
+    let all = host.layout.config.controller.addrs();
+    let target = &all[(at % all.len() as u64) as usize];
+    let reach = async {
+        let addr = net::resolve(target).await.map_err(|e| (true, e.into()))?;
+        let endpoint = net::client_endpoint(addr).map_err(|e| (false, e.into()))?;
+        let config = host.credentials().client_config(alpn).map_err(|e| (false, e.into()))?;
+        let config = net::client_config(config).map_err(|e| (false, e.into()))?;
+        let conn = net::connect(&endpoint, addr, config).await.map_err(|e| (true, e.into()))?;
+        Ok((conn, endpoint))
+    };
+    let result: Result<_, (bool, anyhow::Error)> = if all.len() > 1 {
+        tokio::time::timeout(FAILOVER_AFTER, reach)
+            .await
+            .unwrap_or_else(|_| Err((true, anyhow::anyhow!("no answer from {target} within {FAILOVER_AFTER:?}"))))
+    } else {
+        reach.await
+    };
+    result.map_err(|(unreachable, e)| {
+        if unreachable {
+            move_on(host, at);
+        }
+        e
+    })
 }
 
 async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> {

@@ -15,12 +15,15 @@ pub const ALPN_DEPLOY: &[u8] = b"stagehand-deploy/1";
 pub const ALPN_RELEASE: &[u8] = b"stagehand-release/1";
 pub const ALPN_JOIN: &[u8] = b"stagehand-join/1";
 
-/// The name every controller certificate carries and every client checks, whatever
-/// address it dialled.
 /// The QUIC close code with which the controller tells an agent it is revoked (or removed):
 /// the agent stops for good (exit status 3) instead of reconnecting.
 pub const CLOSE_REVOKED: u32 = 3;
+/// The QUIC close code of a connection whose certificate does not grant its channel (an
+/// agent this controller does not know): an agent with other controllers tries the next.
+pub const CLOSE_UNAUTHORISED: u32 = 1;
 
+/// The name every controller certificate carries and every client checks, whatever
+/// address it dialled.
 pub const CONTROLLER_SERVER_NAME: &str = "stagehand-controller";
 
 pub type Labels = BTreeMap<String, String>;

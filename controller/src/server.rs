@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 /// Close codes the controller uses.
-pub const CLOSE_UNAUTHORISED: u32 = 1;
+pub const CLOSE_UNAUTHORISED: u32 = stagehand_common::protocol::CLOSE_UNAUTHORISED;
 pub const CLOSE_PROTOCOL: u32 = 2;
 
 /// Everything a connection handler needs.
@@ -328,4 +328,15 @@ pub async fn serve(
     info!("Shutting down.");
     running.stop().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// An agent with several controllers moves on after `FAILOVER_AFTER` without an answer:
+    /// a connection waiting in this controller's queue must have been taken or refused by
+    /// then, or its handshake would start with a peer that has left and hold a slot.
+    #[test]
+    fn agents_wait_longer_than_the_handshake_queue_before_failing_over() {
+        assert!(stagehand_agent::run::FAILOVER_AFTER > super::HANDSHAKE_QUEUE_WAIT);
+    }
 }

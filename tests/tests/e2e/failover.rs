@@ -43,30 +43,42 @@ async fn release(fleet: &Fleet, agent: &TestAgent, version: &str) {
     assert_eq!(agent.current("web").unwrap(), std::path::Path::new("releases").join(version));
 }
 
-/// The first address does not answer: the agent moves on to the second and is served there.
-/// Then the controller it uses goes away and comes back on another of the agent's addresses
-/// (as a second controller would take over): both channels follow, and releases go on.
+/// The first controller listed does not know the agent (a copy of the data directory from
+/// before it enrolled: same CA, state of its own) and the second does not answer: the agent
+/// moves on to the third and is served there. Then that controller goes away and comes back
+/// on the agent's fourth address (as a second controller would take over): both channels
+/// follow, and releases go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_fails_over_between_its_controllers_and_keeps_receiving_releases() {
     let mut fleet = Fleet::start().await.unwrap();
+    fleet.stop_controller().await;
+    let stranger_dir = fleet.path().join("stranger");
+    let copied = std::process::Command::new("cp").arg("-a").arg(&fleet.ctl_dir).arg(&stranger_dir).status().unwrap();
+    assert!(copied.success());
+    fleet.restart_controller().await.unwrap();
+    let stranger =
+        stagehand_controller::server::start(&stranger_dir, Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
     let (_down, down) = silent();
-    // Where the controller will serve next: a port that is free now.
-    let next = silent().1;
+    // Where the controller will serve next: held until then, so that nothing else takes it.
+    let (hold, next) = silent();
     let mut agent = fleet.enrol("prod", "ha").await.unwrap();
-    controllers(&agent, &[down, fleet.addr, next]);
+    controllers(&agent, &[stranger.addr, down, fleet.addr, next]);
     agent.start().await.unwrap();
-    wait_for("the agent to pass the silent controller", Duration::from_secs(60), || connected(&fleet, "ha"))
+    wait_for("the agent to pass the stranger and the silent one", Duration::from_secs(90), || connected(&fleet, "ha"))
         .await
         .unwrap();
     release(&fleet, &agent, "1").await;
     let config = stagehand_agent::config::AgentConfig::load(&agent.dir).unwrap();
-    let listed = serde_json::json!([down.to_string(), fleet.addr.to_string(), next.to_string()]);
+    let listed =
+        serde_json::json!([stranger.addr.to_string(), down.to_string(), fleet.addr.to_string(), next.to_string()]);
     assert_eq!(serde_json::to_value(&config.controller).unwrap(), listed, "status -o json shows the list");
 
     fleet.stop_controller().await;
-    fleet.controller = Some(stagehand_controller::server::start(&fleet.ctl_dir, Some(next)).await.unwrap());
+    drop(hold);
     fleet.addr = next;
+    fleet.restart_controller().await.unwrap();
     wait_for("the agent to follow the controller", Duration::from_secs(90), || connected(&fleet, "ha")).await.unwrap();
     release(&fleet, &agent, "2").await;
     agent.stop().await;
+    stranger.stop().await;
 }
