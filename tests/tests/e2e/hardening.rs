@@ -88,6 +88,33 @@ async fn session(
     (conn, s, r)
 }
 
+/// An honest agent in prod, and an attacker enrolled in lab whose deploy session has fetched
+/// the manifest of a 64 MiB artifact deployed to lab (which makes its chunks the attacker's
+/// to fetch).
+struct Attacker {
+    good: TestAgent,
+    conn: quinn::Connection,
+    _session: (quinn::SendStream, quinn::RecvStream),
+    manifest: stagehand_common::manifest::Manifest,
+}
+
+async fn attacker(fleet: &Fleet) -> Attacker {
+    let good = fleet.agent("prod", "good").await.unwrap();
+    let bad = fleet.enrol("lab", "bad").await.unwrap();
+    let src = fleet.path().join("src-1");
+    std::fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("data"), 64 << 20, 7).unwrap();
+    let pushed = fleet.push("web", "1", &src).await.unwrap();
+    fleet.call(AdminRequest::Deploy { app: "web".into(), version: "1".into(), env: "lab".into() }).await.unwrap();
+    let (conn, control, orders) = session(fleet, &bad, ALPN_DEPLOY).await;
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    frame::write_msg(&mut s, &DeployUp::FetchManifest { digest: pushed.digest }).await.unwrap();
+    s.finish().unwrap();
+    let bytes = frame::read_blob::<_, { frame::MANIFEST_LIMIT }>(&mut r).await.unwrap().unwrap().unwrap();
+    let manifest = stagehand_common::manifest::Manifest::decode(&bytes).unwrap();
+    Attacker { good, conn, _session: (control, orders), manifest }
+}
+
 /// Finding 2: one enrolled agent sent 76 stage reports for versions nobody ordered, each
 /// with a reason of about 1 MiB; they were all kept, and `agents list` and `status` broke
 /// for every operator, for good. Names with escape sequences reached operators' terminals.
@@ -201,21 +228,7 @@ fn rss(pid: u32) -> u64 {
 async fn hundreds_of_unread_fetch_streams_from_one_agent_cannot_exhaust_the_controller() {
     let ctl = crate::rollout::CtlProc::start().await;
     let fleet = &ctl.fleet;
-    let good = fleet.agent("prod", "good").await.unwrap();
-    let bad = fleet.enrol("lab", "bad").await.unwrap();
-    let src = fleet.path().join("src-1");
-    std::fs::create_dir_all(&src).unwrap();
-    random_file(&src.join("data"), 64 << 20, 7).unwrap();
-    let pushed = fleet.push("web", "1", &src).await.unwrap();
-    fleet.call(AdminRequest::Deploy { app: "web".into(), version: "1".into(), env: "lab".into() }).await.unwrap();
-
-    // The attacker's session, and the manifest, which makes the chunks its to fetch.
-    let (conn, _control, _orders) = session(fleet, &bad, ALPN_DEPLOY).await;
-    let (mut s, mut r) = conn.open_bi().await.unwrap();
-    frame::write_msg(&mut s, &DeployUp::FetchManifest { digest: pushed.digest }).await.unwrap();
-    s.finish().unwrap();
-    let bytes = frame::read_blob::<_, { frame::MANIFEST_LIMIT }>(&mut r).await.unwrap().unwrap().unwrap();
-    let manifest = stagehand_common::manifest::Manifest::decode(&bytes).unwrap();
+    let Attacker { good, conn, manifest, _session } = attacker(fleet).await;
     let largest = manifest.files().flat_map(|(_, _, _, c)| c.iter()).max_by_key(|c| c.len).unwrap();
     assert!(largest.len > 512 << 10, "a large chunk to ask for");
 
@@ -267,19 +280,7 @@ async fn an_agent_that_reads_nothing_cannot_hold_the_fleets_fetch_slots() {
     std::fs::write(&config, format!("http = \"127.0.0.1:0\"\n{text}")).unwrap();
     fleet.restart_controller().await.unwrap();
     let http = fleet.controller.as_ref().unwrap().http.unwrap();
-    let good = fleet.agent("prod", "good").await.unwrap();
-    let bad = fleet.enrol("lab", "bad").await.unwrap();
-    let src = fleet.path().join("src-1");
-    std::fs::create_dir_all(&src).unwrap();
-    random_file(&src.join("data"), 64 << 20, 7).unwrap();
-    let pushed = fleet.push("web", "1", &src).await.unwrap();
-    fleet.call(AdminRequest::Deploy { app: "web".into(), version: "1".into(), env: "lab".into() }).await.unwrap();
-    let (conn, _control, _orders) = session(&fleet, &bad, ALPN_DEPLOY).await;
-    let (mut s, mut r) = conn.open_bi().await.unwrap();
-    frame::write_msg(&mut s, &DeployUp::FetchManifest { digest: pushed.digest }).await.unwrap();
-    s.finish().unwrap();
-    let bytes = frame::read_blob::<_, { frame::MANIFEST_LIMIT }>(&mut r).await.unwrap().unwrap().unwrap();
-    let manifest = stagehand_common::manifest::Manifest::decode(&bytes).unwrap();
+    let Attacker { good, conn, manifest, _session } = attacker(&fleet).await;
     let digests: Vec<_> = manifest.files().flat_map(|(_, _, _, c)| c.iter().map(|c| c.digest)).collect();
     let mut unread = Vec::new();
     for _ in 0..2 {
