@@ -228,10 +228,16 @@ async fn channel_loop(host: Arc<Host>, alpn: &'static [u8], session: fn(Arc<Host
                 }
                 // A controller that does not know this agent (one that shares no state with
                 // the others): the next one may.
-                if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
-                    if c.error_code == quinn::VarInt::from_u32(stagehand_common::protocol::CLOSE_UNAUTHORISED) {
-                        move_on(&host, at);
+                match conn.close_reason() {
+                    Some(quinn::ConnectionError::ApplicationClosed(c))
+                        if c.error_code == quinn::VarInt::from_u32(stagehand_common::protocol::CLOSE_UNAUTHORISED) =>
+                    {
+                        move_on(&host, at)
                     }
+                    // It went silent for the whole idle timeout (a host down, a process killed):
+                    // the next controller is tried at once rather than this one again.
+                    Some(quinn::ConnectionError::TimedOut) => move_on(&host, at),
+                    _ => {}
                 }
                 conn.close(0u32.into(), b"session over");
                 match result {

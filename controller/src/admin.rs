@@ -102,6 +102,20 @@ pub async fn answer(
         }
         return Ok(error(why, "an owner can grant a role: stagehand admin add NAME --role ROLE"));
     }
+    // Shared state that cannot be written now: a change is refused before it starts, while
+    // what only reads is still answered from what this controller holds.
+    if need != crate::access::Need::Read {
+        if let Err(e) = ctl.store.writable() {
+            let resp = error(
+                format!("{e}; nothing was changed"),
+                "try again once etcd answers (this controller's log says when); reads still work",
+            );
+            if let Some((what, args)) = audited {
+                ctl.audit.record(admin, &what, args, "refused: the shared state is unavailable")?;
+            }
+            return Ok(resp);
+        }
+    }
     let resp = match req {
         AdminRequest::PushChunks { digests } => match recv {
             Some(recv) => push_chunks(ctl, &digests, recv).await?,
@@ -461,6 +475,11 @@ fn push_begin(ctl: &Controller, app: &str, version: &str, bytes: &[u8]) -> Resul
     // Registered before the missing chunks are decided: a collection from now on keeps them.
     let mut pushes = ctl.pushes.lock();
     pushes.insert(digest, std::time::Instant::now());
+    // Controllers sharing a chunk directory keep it too (their collections read the store).
+    if ctl.store.shared() {
+        ctl.store.put_push(&digest, now_secs())?;
+        ctl.store.flush()?;
+    }
     ctl.chunks.put_manifest(&digest, bytes)?;
     let mut seen = HashSet::new();
     let missing = manifest
@@ -625,6 +644,9 @@ fn push_commit(ctl: &Controller, app: &str, version: &str, digest: Digest) -> Re
     ctl.store.put_artifact(app, version, &ArtifactRecord { v: 1, digest, size, pushed_at: now_secs() })?;
     ctl.store.flush()?;
     pushes.remove(&digest);
+    if ctl.store.shared() {
+        ctl.store.remove_push(&digest)?;
+    }
     info!(%app, %version, %digest, size, "Artifact pushed.");
     Ok(AdminResponse::Pushed { digest, size })
 }
@@ -762,7 +784,7 @@ pub fn agent_info(ctl: &Controller, a: crate::store::AgentRecord) -> Result<Agen
     for (app, st) in ctl.store.appstates_of(&a.id)? {
         entry(&mut apps, &app).active = st.active;
     }
-    let connected = ctl.fleet.is_connected(&a.id);
+    let connected = ctl.connected(&a.id);
     Ok(AgentInfo {
         version: ctl.store.agent_version(&a.id)?,
         last_seen: if connected { now_secs() } else { ctl.store.last_seen(&a.id)? },
@@ -791,7 +813,7 @@ fn status(ctl: &Controller, app: &str, env: &str) -> Result<AppStatus> {
         }
         let st = ctl.store.appstate(&a.id, app)?;
         agents.push(AgentAppStatus {
-            connected: ctl.fleet.is_connected(&a.id),
+            connected: ctl.connected(&a.id),
             last_receipt: ctl.store.receipt(&a.id, app)?,
             id: a.id,
             name: a.name,

@@ -42,6 +42,10 @@ pub struct ControllerConfig {
     /// and the address served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_url: Option<String>,
+    /// Where artifacts' chunks are kept; none: `store/` in the data directory. Controllers
+    /// sharing their state in etcd share this directory too (SPEC §13, ARCHITECTURE.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<std::path::PathBuf>,
 }
 
 fn default_agent_cert() -> Duration {
@@ -127,6 +131,7 @@ impl ControllerConfig {
             environments: Environments::default(),
             http: None,
             http_url: None,
+            chunks: None,
         }
     }
 

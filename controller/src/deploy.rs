@@ -51,9 +51,12 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
     let allowed = Arc::new(Allowed { env: agent.env, chunks: Default::default() });
     let (tx, mut rx) = mpsc::unbounded_channel();
     let token = ctl.fleet.attach_deploy(&id, tx, conn.clone());
+    ctl.note_presence(&id);
     // A revocation between the role check and here would have found nothing to close.
     if !crate::server::active_agent(&ctl, &id)? {
         ctl.fleet.detach(&id, Channel::Deploy, token);
+        ctl.note_presence(&id);
+        ctl.note_presence(&id);
         conn.close(stagehand_common::protocol::CLOSE_REVOKED.into(), b"revoked");
         return Ok(());
     }
@@ -98,6 +101,7 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
         r = reader => r,
     };
     ctl.fleet.detach(&id, Channel::Deploy, token);
+    ctl.note_presence(&id);
     // The session is over: so are its fetch streams (they hold slots others wait for).
     conn.close(0u32.into(), b"deploy session over");
     if let Err(e) = ctl.store.put_last_seen(&id, now_secs()) {
@@ -281,6 +285,21 @@ fn reconcile(ctl: &Controller, id: &AgentId, staged: &[StagedArtifact]) -> Resul
     }
     ctl.fleet.bump();
     crate::release::catch_up(ctl, id, false)
+}
+
+/// Sends a connected agent the stage orders for what its environment wants and it is not
+/// known to hold: after a deploy made through another controller. An agent ignores an order
+/// it is already carrying out, and answers one for something it holds by reporting it staged.
+pub fn order_pending(ctl: &Controller, id: &AgentId) -> Result<()> {
+    let Some(agent) = ctl.store.agent(id)? else { return Ok(()) };
+    for (app, version, digest, size) in wanted(ctl, &agent.env)? {
+        let staged =
+            ctl.store.stage(id, &app, &version)?.is_some_and(|s| s.state != StageState::Pending && s.digest == digest);
+        if !staged {
+            ctl.fleet.send_deploy(id, DeployDown::Stage { app, version, digest, size });
+        }
+    }
+    Ok(())
 }
 
 /// Answers one fetch stream: a manifest, or chunks in the order asked.

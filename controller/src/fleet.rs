@@ -110,6 +110,15 @@ impl Fleet {
         self.lock().get(id).is_some_and(|s| s.deploy.is_some() && s.release.is_some())
     }
 
+    /// Agents with a session here.
+    pub fn agents(&self) -> Vec<AgentId> {
+        self.lock()
+            .iter()
+            .filter(|(_, s)| s.deploy.is_some() || s.release.is_some())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// Closes every connection of an agent (revocation).
     pub fn kick(&self, id: &AgentId) {
         if let Some(s) = self.lock().remove(id) {

@@ -40,6 +40,15 @@ pub fn collect(ctl: &Controller) -> Result<Collected> {
     let mut pushes = ctl.pushes.lock();
     pushes.retain(|_, since| since.elapsed() < PUSH_GRACE);
     let mut manifests: HashSet<Digest> = pushes.keys().copied().collect();
+    // Pushes in flight on other controllers sharing the chunk directory.
+    let now = stagehand_common::ids::now_secs();
+    manifests.extend(
+        ctl.store
+            .pushes()?
+            .into_iter()
+            .filter(|(_, at)| now.saturating_sub(*at) < PUSH_GRACE.as_secs())
+            .map(|(d, _)| d),
+    );
     manifests.extend(ctl.store.artifacts()?.into_iter().map(|(_, _, a)| a.digest));
     let mut live = HashSet::new();
     for m in &manifests {

@@ -169,7 +169,7 @@ impl Metrics {
             for a in agents.iter().filter(|a| !a.revoked) {
                 let e = envs.entry(a.env.clone()).or_default();
                 e.0 += 1;
-                e.1 += u64::from(ctl.fleet.is_connected(&a.id));
+                e.1 += u64::from(ctl.connected(&a.id));
             }
             for (env, (all, up)) in envs {
                 self.agents.get_or_create(&Env { env: env.clone() }).set(all);

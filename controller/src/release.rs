@@ -34,9 +34,11 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let token = ctl.fleet.attach_release(&id, tx, conn.clone());
+    ctl.note_presence(&id);
     // A revocation between the role check and here would have found nothing to close.
     if !crate::server::active_agent(&ctl, &id)? {
         ctl.fleet.detach(&id, Channel::Release, token);
+        ctl.note_presence(&id);
         conn.close(stagehand_common::protocol::CLOSE_REVOKED.into(), b"revoked");
         return Ok(());
     }
@@ -58,6 +60,7 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
         r = reader => r,
     };
     ctl.fleet.detach(&id, Channel::Release, token);
+    ctl.note_presence(&id);
     info!(agent = %id, "Release channel down.");
     match result {
         Err(e) if crate::deploy::is_disconnect(&e) => Ok(()),
@@ -161,7 +164,7 @@ pub fn catch_up(ctl: &Controller, id: &AgentId, staged_now: bool) -> Result<()> 
 
 /// [`catch_up`] for a caller that holds the rollout lock.
 pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -> Result<()> {
-    if !ctl.fleet.is_connected(id) {
+    if !ctl.connected(id) {
         return Ok(());
     }
     let Some(agent) = ctl.store.agent(id)? else {
@@ -248,7 +251,25 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -
                 msg.remove(0)
             }
         };
-        ctl.fleet.send_release(id, ReleaseDown::Activate(message));
+        // Sent here, or left for the controller the agent is connected to.
+        if !ctl.fleet.send_release(id, ReleaseDown::Activate(message.clone())) && ctl.store.shared() {
+            ctl.store.put_outbox(id, &app, &message)?;
+        }
+    }
+    Ok(())
+}
+
+/// Delivers the catch-up messages the driving controller left for agents connected here.
+pub fn deliver_outbox(ctl: &Controller) -> Result<()> {
+    for id in ctl.store.outbox_agents()? {
+        if ctl.fleet.release_session(&id).is_none() {
+            continue;
+        }
+        for (app, message, bytes) in ctl.store.outbox_of(&id)? {
+            if ctl.store.take_outbox(&id, &app, &bytes)? {
+                ctl.fleet.send_release(&id, ReleaseDown::Activate(message));
+            }
+        }
     }
     Ok(())
 }

@@ -145,7 +145,7 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
     let mut skipped = Vec::new();
     let mut refusing = Vec::new();
     for a in targets {
-        let connected = ctl.fleet.is_connected(&a.id);
+        let connected = ctl.connected(&a.id);
         let stage = ctl.store.stage(&a.id, app, &version)?;
         let staged = stage.as_ref().is_some_and(|s| s.state == StageState::Staged && s.digest == artifact.digest);
         let host = Host::new(a.id.clone(), a.name.clone());
@@ -247,7 +247,13 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
         )));
     }
     rollout.id = ctl.store.next_rollout_id()?;
-    ctl.store.put_rollout(&rollout)?;
+    // Another controller may start one at the same moment: one of the two holds the mark.
+    if let Some(other) = ctl.store.start_rollout(&rollout)? {
+        return Ok(Err(refused(
+            format!("rollout {other} of {app} in {env} has just started; one rollout per app and environment runs at a time"),
+            format!("stagehand rollout status {other} --watch   (or stagehand rollout abort {other})"),
+        )));
+    }
     ctl.store.flush()?;
     if forced {
         warn!(rollout = %rollout.id, %app, %version, %env, by = %who, "Released past the promotion rule (--force).");
@@ -265,24 +271,30 @@ pub fn control(
     who: &str,
 ) -> Result<std::result::Result<Started, Refused>> {
     let _one_at_a_time = ctl.rollout_lock();
-    let Some(mut r) = ctl.store.rollout(id)? else {
-        return Ok(Err(refused(format!("no rollout {id}"), "stagehand rollout list")));
-    };
     let action = match action {
         RolloutAction::Pause => Control::Pause,
         RolloutAction::Resume => Control::Resume,
         RolloutAction::Abort => Control::Abort,
     };
-    match r.control(action, who, now_ms()) {
-        Ok(said) => {
-            r.revision += 1;
-            ctl.store.put_rollout(&r)?;
-            ctl.store.flush()?;
-            info!(rollout = %id, ?action, by = %who, "{said}");
-            ctl.fleet.bump();
-            Ok(Ok((view(ctl, &r), vec![said.to_string()])))
+    // The driver may step it on another controller meanwhile: changed only as it was read.
+    loop {
+        let Some(before) = ctl.store.rollout(id)? else {
+            return Ok(Err(refused(format!("no rollout {id}"), "stagehand rollout list")));
+        };
+        let mut r = before.clone();
+        match r.control(action, who, now_ms()) {
+            Ok(said) => {
+                r.revision += 1;
+                if !ctl.store.replace_rollout(&before, &r)? {
+                    continue;
+                }
+                ctl.store.flush()?;
+                info!(rollout = %id, ?action, by = %who, "{said}");
+                ctl.fleet.bump();
+                return Ok(Ok((view(ctl, &r), vec![said.to_string()])));
+            }
+            Err(why) => return Ok(Err(refused(why, format!("stagehand rollout status {id}")))),
         }
-        Err(why) => Ok(Err(refused(why, format!("stagehand rollout status {id}")))),
     }
 }
 
@@ -299,7 +311,7 @@ pub fn view(ctl: &Controller, r: &Rollout) -> RolloutView {
             state: if scheduled { "scheduled".into() } else { h.state.name().into() },
             detail: h.state.detail().to_string(),
             previous: h.previous.clone(),
-            connected: ctl.fleet.is_connected(&h.id),
+            connected: ctl.connected(&h.id),
             receipt: h.receipt.clone(),
         }
     };
@@ -370,7 +382,7 @@ fn observe(ctl: &Controller, r: &Rollout, grace_until: u64) -> Result<Observed> 
         obs.insert(
             h.id.clone(),
             HostObs {
-                connected: ctl.fleet.is_connected(&h.id),
+                connected: ctl.connected(&h.id),
                 revoked: agent.revoked,
                 staging,
                 active: ctl.store.appstate(&h.id, &r.app)?.active,
@@ -435,12 +447,39 @@ fn tick(ctl: &Controller, sent_on: &mut SentOn, grace_until: u64) -> Result<Opti
     let _one_at_a_time = ctl.rollout_lock();
     let mut wake: Option<u64> = None;
     let mut awaited = HashSet::new();
-    for (id, staged_now) in ctl.take_catch_ups() {
+    if ctl.store.shared() {
+        crate::release::deliver_outbox(ctl)?;
+    }
+    if !ctl.store.is_leader() {
+        // Another controller drives: this one asks it to catch its agents up, and hands
+        // them the messages the driver recorded.
+        for (id, staged_now) in ctl.take_catch_ups() {
+            ctl.store.ask_catch_up(&id, staged_now)?;
+        }
+        for (_, _, id) in ctl.store.active_rollouts()? {
+            if let Some(r) = ctl.store.rollout(&id)?.filter(|r| !r.state.is_final()) {
+                deliver(ctl, &r, sent_on, &mut awaited);
+            }
+        }
+        sent_on.retain(|k, _| awaited.contains(k));
+        // Looks again soon: it may be the one to drive next.
+        return Ok(Some(now_ms() + 500));
+    }
+    let mut catch_ups = ctl.take_catch_ups();
+    if ctl.store.shared() {
+        for (id, staged_now) in ctl.store.take_catch_ups()? {
+            *catch_ups.entry(id).or_default() |= staged_now;
+        }
+    }
+    for (id, staged_now) in catch_ups {
         if let Err(e) = crate::release::catch_up_holding_lock(ctl, &id, staged_now) {
             warn!(agent = %id, error = %format!("{e:#}"), "Catch-up failed; it is tried again when the agent reconnects.");
         }
     }
     for (env, app, id) in ctl.store.active_rollouts()? {
+        if !ctl.store.is_leader() {
+            break;
+        }
         let step = step_one(ctl, &env, &app, &id, sent_on, &mut awaited, grace_until);
         let mut stalled = ctl.stalled.lock().unwrap_or_else(|p| p.into_inner());
         let was_stalled = match &step {
@@ -510,25 +549,22 @@ fn step_one(
     }
     if r != before {
         r.revision += 1;
+        // An operator's control through another controller came first: step again from it.
+        if ctl.store.rollout(&r.id)?.as_ref() != Some(&before) {
+            return Ok(Some(now_ms()));
+        }
         if r.state == State::Succeeded {
             complete(ctl, &r)?;
         } else if r.state.is_final() {
             owe(ctl, &r)?;
         }
-        ctl.store.put_rollout(&r)?;
+        if !ctl.store.replace_rollout(&before, &r)? {
+            return Ok(Some(now_ms()));
+        }
     }
     // Messages leave only after the record that holds them is durable: flushed now, even
     // when nothing changed in this step (an earlier flush may have failed).
-    let mut to_send = Vec::new();
-    for h in r.hosts() {
-        let Some(seq) = h.state.awaited_seq() else { continue };
-        let key = (h.id.clone(), r.app.clone(), seq);
-        awaited.insert(key.clone());
-        let session = ctl.fleet.release_session(&h.id);
-        if session.is_some() && sent_on.get(&key) != session.as_ref() {
-            to_send.push((h.id.clone(), seq));
-        }
-    }
+    let to_send = awaiting(ctl, &r, sent_on, awaited);
     if r != before || !to_send.is_empty() {
         ctl.store.flush()?;
     }
@@ -548,15 +584,47 @@ fn step_one(
         }
         ctl.fleet.bump();
     }
-    // Every host waiting on a message gets it once per session (again after a reconnect or
-    // a controller restart: the same seq, so an agent that applied it changes nothing).
+    send(ctl, &r, to_send, sent_on);
+    Ok(step.wake_at)
+}
+
+/// The hosts of `r` waiting on a message that have a release session here it was not sent
+/// on yet: (host, seq). Every awaited message goes into `awaited`.
+fn awaiting(
+    ctl: &Controller,
+    r: &Rollout,
+    sent_on: &SentOn,
+    awaited: &mut HashSet<(AgentId, String, u64)>,
+) -> Vec<(AgentId, u64)> {
+    let mut to_send = Vec::new();
+    for h in r.hosts() {
+        let Some(seq) = h.state.awaited_seq() else { continue };
+        let key = (h.id.clone(), r.app.clone(), seq);
+        awaited.insert(key.clone());
+        let session = ctl.fleet.release_session(&h.id);
+        if session.is_some() && sent_on.get(&key) != session.as_ref() {
+            to_send.push((h.id.clone(), seq));
+        }
+    }
+    to_send
+}
+
+/// Every host waiting on a message gets it once per session (again after a reconnect or a
+/// controller restart: the same seq, so an agent that applied it changes nothing).
+fn send(ctl: &Controller, r: &Rollout, to_send: Vec<(AgentId, u64)>, sent_on: &mut SentOn) {
     for (host, seq) in to_send {
         let Some(m) = r.message_for(seq, &host) else { continue };
         if let Some(token) = ctl.fleet.send_release_on(&host, ReleaseDown::Activate(m.message.clone())) {
             sent_on.insert((host, r.app.clone(), seq), token);
         }
     }
-    Ok(step.wake_at)
+}
+
+/// Hands the agents connected here the messages of a rollout another controller drives
+/// (its record holds them, durable in the shared state before it is seen here).
+fn deliver(ctl: &Controller, r: &Rollout, sent_on: &mut SentOn, awaited: &mut HashSet<(AgentId, String, u64)>) {
+    let to_send = awaiting(ctl, r, sent_on, awaited);
+    send(ctl, r, to_send, sent_on);
 }
 
 /// A rollout succeeded: its version is the environment's released version (catch-up brings

@@ -51,6 +51,8 @@ pub struct Controller {
     pub fetch_slots: Arc<tokio::sync::Semaphore>,
     /// Open admin connections by identity: closed when it is revoked.
     pub admin_conns: std::sync::Mutex<std::collections::HashMap<String, Vec<quinn::Connection>>>,
+    /// This controller's name among several sharing the state: its address.
+    pub name: String,
 }
 
 impl Controller {
@@ -63,6 +65,22 @@ impl Controller {
     pub fn ask_catch_up(&self, id: &AgentId, staged_now: bool) {
         *self.catch_ups.lock().unwrap_or_else(|p| p.into_inner()).entry(id.clone()).or_default() |= staged_now;
         self.fleet.bump();
+    }
+
+    /// Whether an agent is connected: to this controller, or (sharing the state) to another.
+    pub fn connected(&self, id: &AgentId) -> bool {
+        self.fleet.is_connected(id)
+            || (self.store.shared() && self.store.connected_elsewhere(id, &self.name).unwrap_or(false))
+    }
+
+    /// Tells the other controllers whether an agent is connected here (after its sessions
+    /// changed).
+    pub fn note_presence(&self, id: &AgentId) {
+        if self.store.shared() {
+            if let Err(e) = self.store.set_presence(id, &self.name, self.fleet.is_connected(id)) {
+                warn!(agent = %id, error = %e, "Could not record where the agent is connected.");
+            }
+        }
     }
 
     /// The agents asked to be caught up since the last call.
@@ -98,6 +116,7 @@ impl Running {
         if let Err(e) = self.controller.store.flush() {
             warn!(error = %e, "Could not flush state at shutdown.");
         }
+        self.controller.store.close();
     }
 }
 
@@ -106,9 +125,44 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>) -> Result<Runnin
     start_with(data_dir, listen, None).await
 }
 
+/// Where the controller keeps its state: `etcd://HOST:PORT[,HOST:PORT…]` shares it with
+/// other controllers (SPEC §13); none keeps it in the data directory.
+pub fn etcd_endpoints(url: &str) -> Result<Vec<String>> {
+    let Some(list) = url.strip_prefix("etcd://") else {
+        return Err(crate::client::OpError::new(
+            format!("--store {url:?} is not a store this controller knows"),
+            "pass --store etcd://HOST:PORT[,HOST:PORT…], or leave it out to keep the state in the data directory",
+        )
+        .into());
+    };
+    let endpoints: Vec<String> = list.trim_end_matches('/').split(',').map(str::trim).map(str::to_string).collect();
+    for e in &endpoints {
+        let ok = e.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            return Err(crate::client::OpError::new(
+                format!("--store names {e:?}, which is not HOST:PORT"),
+                "pass --store etcd://HOST:PORT[,HOST:PORT…], for example --store etcd://127.0.0.1:2379",
+            )
+            .into());
+        }
+    }
+    Ok(endpoints)
+}
+
 /// [`start`], serving the fleet page and `/metrics` on `http` (else on controller.toml's
 /// `http`, if set).
 pub async fn start_with(data_dir: &Path, listen: Option<SocketAddr>, http: Option<SocketAddr>) -> Result<Running> {
+    start_shared(data_dir, listen, http, None).await
+}
+
+/// [`start_with`], keeping the state in etcd (`--store etcd://…`) when `store` says so.
+pub async fn start_shared(
+    data_dir: &Path,
+    listen: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    store_url: Option<&str>,
+) -> Result<Running> {
+    let endpoints = store_url.map(etcd_endpoints).transpose()?;
     let layout = Layout::new(data_dir);
     let config = ControllerConfig::load(&layout.config())?;
     let listen = listen.unwrap_or(config.listen);
@@ -132,6 +186,51 @@ pub async fn start_with(data_dir: &Path, listen: Option<SocketAddr>, http: Optio
         server.save(&layout.tls_dir())?;
         info!("Renewed the controller's certificate.");
     }
+    let chunk_dir = config.chunks.clone().unwrap_or_else(|| layout.store());
+    let chunks =
+        ChunkStore::open(&chunk_dir).with_context(|| format!("opening the chunk store {}", chunk_dir.display()))?;
+    let (audit, entries) = crate::audit::Audit::open(&layout.root)
+        .map_err(|e| anyhow::anyhow!("{e:#}; the audit log is the record of who did what: restore it from a backup"))?;
+    let ca_fingerprint = tls::fingerprint(&tls::cert_der(&ca.cert_pem)?);
+    let tls = tls::server_config(&ca.cert_pem, &server.me, &[ALPN_ADMIN, ALPN_DEPLOY, ALPN_RELEASE, ALPN_JOIN])?;
+    // Derived from the server's private key: stable across restarts, known to nobody else.
+    let endpoint = net::server_endpoint(listen, tls, server.me.key_pem.as_bytes()).map_err(|e| {
+        let in_use = format!("{e}").contains("in use");
+        let next = if in_use {
+            format!("another process listens on {listen}: stop it, or pass --listen ADDR (for example --listen 0.0.0.0:7444)")
+        } else {
+            "pass --listen ADDR with an address of this host".to_string()
+        };
+        anyhow::Error::new(crate::client::OpError::new(format!("cannot listen on {listen}: {e}"), next))
+    })?;
+    let addr = endpoint.local_addr()?;
+    let name = controller_name(addr);
+    let store = match endpoints {
+        None => store,
+        Some(endpoints) => {
+            let shared = Store::open_etcd(endpoints, name.clone()).map_err(|e| {
+                anyhow::Error::new(crate::client::OpError::new(
+                    format!("{e}"),
+                    "start etcd, or check the address given to --store (etcd's client URL, e.g. etcd://127.0.0.1:2379)",
+                ))
+            })?;
+            // The first controller on an empty etcd brings the data directory's state.
+            if shared.seed_from(&store)? {
+                info!("Copied the data directory's state into etcd: this is the first controller sharing it.");
+            }
+            shared
+        }
+    };
+    // Checked against the state in use: shared, it is at least as far on as this log.
+    let disagreements = crate::audit::disagreements(&store, &crate::audit::Facts::of(&entries))?;
+    if !disagreements.is_empty() {
+        anyhow::bail!(
+            "the state database disagrees with the audit log: {}; it may be damaged. Repair it from the log with \
+             `stagehand controller repair --data-dir {}`",
+            disagreements.join("; "),
+            layout.root.display()
+        );
+    }
     // A data directory from before identities: its one admin is the owner.
     if store.admins()?.is_empty() {
         store.put_admin(&crate::store::AdminRecord {
@@ -149,31 +248,6 @@ pub async fn start_with(data_dir: &Path, listen: Option<SocketAddr>, http: Optio
     if resigned > 0 {
         info!(messages = resigned, key = %keys.public.key_id, "Signed stored messages again with the new release key.");
     }
-    let chunks = ChunkStore::open(&layout.store()).context("opening the chunk store")?;
-    let (audit, entries) = crate::audit::Audit::open(&layout.root)
-        .map_err(|e| anyhow::anyhow!("{e:#}; the audit log is the record of who did what: restore it from a backup"))?;
-    let disagreements = crate::audit::disagreements(&store, &crate::audit::Facts::of(&entries))?;
-    if !disagreements.is_empty() {
-        anyhow::bail!(
-            "the state database disagrees with the audit log: {}; it may be damaged. Repair it from the log with \
-             `stagehand controller repair --data-dir {}`",
-            disagreements.join("; "),
-            layout.root.display()
-        );
-    }
-    let ca_fingerprint = tls::fingerprint(&tls::cert_der(&ca.cert_pem)?);
-    let tls = tls::server_config(&ca.cert_pem, &server.me, &[ALPN_ADMIN, ALPN_DEPLOY, ALPN_RELEASE, ALPN_JOIN])?;
-    // Derived from the server's private key: stable across restarts, known to nobody else.
-    let endpoint = net::server_endpoint(listen, tls, server.me.key_pem.as_bytes()).map_err(|e| {
-        let in_use = format!("{e}").contains("in use");
-        let next = if in_use {
-            format!("another process listens on {listen}: stop it, or pass --listen ADDR (for example --listen 0.0.0.0:7444)")
-        } else {
-            "pass --listen ADDR with an address of this host".to_string()
-        };
-        anyhow::Error::new(crate::client::OpError::new(format!("cannot listen on {listen}: {e}"), next))
-    })?;
-    let addr = endpoint.local_addr()?;
     stagehand_common::fsx::write_atomic(&layout.addr_file(), addr.to_string().as_bytes(), 0o644)?;
     let controller = Arc::new(Controller {
         fetch_slots: Arc::new(tokio::sync::Semaphore::new(config.fetch_streams)),
@@ -194,6 +268,7 @@ pub async fn start_with(data_dir: &Path, listen: Option<SocketAddr>, http: Optio
         pushes: Default::default(),
         metrics: Default::default(),
         web: Default::default(),
+        name,
     });
     info!(%addr, "Controller listening.");
     let http = match http.or(controller.config.http) {
@@ -211,8 +286,69 @@ pub async fn start_with(data_dir: &Path, listen: Option<SocketAddr>, http: Optio
     };
     let task = tokio::spawn(accept_loop(controller.clone(), endpoint.clone()));
     let driver = tokio::spawn(crate::rollout::drive(controller.clone()));
+    if controller.store.shared() {
+        info!(controller = %controller.name, "Sharing the state in etcd with other controllers.");
+        tokio::spawn(follow(controller.clone()));
+    }
     let (http, http_task) = http.unzip();
     Ok(Running { addr, http, controller, endpoint, task, driver, http_task })
+}
+
+/// This controller's name among those sharing the state: its address, with the host's name
+/// when it listens on every address.
+fn controller_name(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}:{}", host.trim(), addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// Acts on what other controllers change: their revocations close sessions here, their
+/// deploys reach the agents connected here, and waiters (`--wait`, the fleet page, the
+/// rollout driver) look again.
+async fn follow(ctl: Arc<Controller>) {
+    let mut changes = ctl.store.subscribe();
+    while changes.changed().await.is_ok() {
+        let tables = ctl.store.take_changed();
+        let c = ctl.clone();
+        match tokio::task::spawn_blocking(move || react(&c, tables)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "Could not act on a change another controller made."),
+            Err(e) => warn!(error = %e, "Acting on another controller's change panicked."),
+        }
+        ctl.fleet.bump();
+    }
+}
+
+fn react(ctl: &Controller, tables: u32) -> Result<()> {
+    use crate::store::backend::Table;
+    if tables & Table::Agents.bit() != 0 {
+        for id in ctl.fleet.agents() {
+            if !active_agent(ctl, &id)? {
+                info!(agent = %id, "Revoked through another controller: closing its sessions.");
+                ctl.fleet.kick(&id);
+            }
+        }
+    }
+    if tables & Table::Admins.bit() != 0 {
+        let names: Vec<String> = ctl.admin_conns.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        for name in names {
+            if admin::identity(ctl, &name).is_err() {
+                for conn in ctl.admin_conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&name).unwrap_or_default()
+                {
+                    conn.close(CLOSE_UNAUTHORISED.into(), b"identity revoked");
+                }
+            }
+        }
+    }
+    if tables & Table::Deploys.bit() != 0 {
+        for id in ctl.fleet.agents() {
+            deploy::order_pending(ctl, &id)?;
+        }
+    }
+    Ok(())
 }
 
 /// Handshakes in flight at most. Beyond them a connection waits its turn in a queue, in
@@ -321,9 +457,10 @@ pub async fn serve(
     data_dir: &Path,
     listen: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    store: Option<&str>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let running = start_with(data_dir, listen, http).await?;
+    let running = start_shared(data_dir, listen, http, store).await?;
     shutdown.await;
     info!("Shutting down.");
     running.stop().await;
@@ -332,6 +469,17 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn store_urls_name_etcd_endpoints() {
+        assert_eq!(
+            super::etcd_endpoints("etcd://10.0.0.1:2379, etcd-2:2379/").unwrap(),
+            ["10.0.0.1:2379", "etcd-2:2379"]
+        );
+        for bad in ["10.0.0.1:2379", "etcd://", "etcd://host", "etcd://host:port", "sled:///var/lib"] {
+            assert!(super::etcd_endpoints(bad).is_err(), "{bad}");
+        }
+    }
+
     /// An agent with several controllers moves on after `FAILOVER_AFTER` without an answer:
     /// a connection waiting in this controller's queue must have been taken or refused by
     /// then, or its handshake would start with a peer that has left and hold a slot.

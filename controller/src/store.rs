@@ -1,6 +1,14 @@
-//! The controller's state in sled. Only this module touches sled; records are versioned
-//! types of their own, encoded by `common::frame`. Anything acknowledged to an operator or
-//! an agent is flushed first.
+//! The controller's state: typed records, and the operations the controller needs of them,
+//! over one of two backends (`backend`): sled in the data directory, or etcd shared by
+//! several controllers. Records are versioned types of their own, encoded by
+//! `common::frame`. Anything acknowledged to an operator or an agent is flushed first.
+
+pub mod backend;
+mod embedded;
+pub mod etcd;
+pub mod etcd_api;
+
+use backend::{Backend, Table, Val};
 
 use crate::plan::rollout::Rollout;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -23,6 +31,9 @@ pub enum StoreError {
     /// A record could not be decoded (written by an incompatible version, or corrupted).
     #[error("state database record {key:?} is unreadable: {why}")]
     Corrupt { key: String, why: String },
+    /// The shared state cannot be reached or written now.
+    #[error("the shared state store is unavailable: {0}")]
+    Unavailable(String),
     /// Another process holds the database: a controller already runs on this data directory.
     #[error(
         "the state database {0} is in use by another process (a controller already running on this data directory?)"
@@ -232,36 +243,12 @@ pub struct AppStateRecord {
 /// The controller's database.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    agents: sled::Tree,
-    admins: sled::Tree,
-    certs: sled::Tree,
-    tokens: sled::Tree,
-    artifacts: sled::Tree,
-    deploys: sled::Tree,
-    stage: sled::Tree,
-    desired: sled::Tree,
-    receipts: sled::Tree,
-    appstate: sled::Tree,
-    meta: sled::Tree,
-    rollouts: sled::Tree,
-    promoted: sled::Tree,
-    recent_receipts: sled::Tree,
-    flushes: Arc<Flushes>,
+    db: Arc<dyn Backend>,
     desired_cache: Arc<std::sync::Mutex<DesiredCache>>,
 }
 
 /// Decoded desired records by key, with the bytes they were decoded from.
-type DesiredCache = std::collections::HashMap<Vec<u8>, (sled::IVec, Arc<DesiredRecord>)>;
-
-/// Group commit for [`Store::flush`]: callers that ask at once share one sled flush.
-#[derive(Default)]
-struct Flushes {
-    /// Bumped by every caller, after its writes and before it waits.
-    asked: std::sync::atomic::AtomicU64,
-    /// The highest ask the last completed flush covers.
-    done: std::sync::Mutex<u64>,
-}
+type DesiredCache = std::collections::HashMap<Vec<u8>, (Val, Arc<DesiredRecord>)>;
 
 fn key(parts: &[&str]) -> Vec<u8> {
     parts.join("\0").into_bytes()
@@ -276,18 +263,26 @@ fn dec<T: DeserializeOwned>(k: &[u8], bytes: &[u8]) -> Result<T> {
         .map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(k).replace('\0', "/"), why: e.to_string() })
 }
 
-fn get<T: DeserializeOwned>(tree: &sled::Tree, k: &[u8]) -> Result<Option<T>> {
-    tree.get(k)?.map(|v| dec(k, &v)).transpose()
-}
+impl Store {
+    fn raw(&self, t: Table, k: impl AsRef<[u8]>) -> Result<Option<Val>> {
+        self.db.get(t, k.as_ref())
+    }
 
-fn scan<T: DeserializeOwned>(tree: &sled::Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>> {
-    tree.scan_prefix(prefix)
-        .map(|kv| {
-            let (k, v) = kv?;
-            let value = dec(&k, &v)?;
-            Ok((k.to_vec(), value))
-        })
-        .collect()
+    fn put(&self, t: Table, k: impl AsRef<[u8]>, v: impl Into<Vec<u8>>) -> Result<()> {
+        self.db.put(t, k.as_ref(), v.into())
+    }
+
+    fn del(&self, t: Table, k: impl AsRef<[u8]>) -> Result<()> {
+        self.db.remove(t, k.as_ref())
+    }
+
+    fn get<T: DeserializeOwned>(&self, t: Table, k: &[u8]) -> Result<Option<T>> {
+        self.db.get(t, k)?.map(|v| dec(k, &v)).transpose()
+    }
+
+    fn scan<T: DeserializeOwned>(&self, t: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>> {
+        self.db.scan(t, prefix)?.into_iter().map(|(k, v)| Ok((k.clone(), dec(&k, &v)?))).collect()
+    }
 }
 
 /// A rollout record, read in its current layout or brought up from an older one; one of
@@ -318,59 +313,61 @@ fn last_part(k: &[u8]) -> String {
 }
 
 impl Store {
+    /// The store in sled, in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).open().map_err(|e| match &e {
-            // sled reports the lock it could not take as an error of its own making.
-            sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock") =>
-            {
-                StoreError::Locked(dir.display().to_string())
-            }
-            _ => StoreError::Sled(e),
-        })?;
-        Ok(Store {
-            agents: db.open_tree("agents")?,
-            certs: db.open_tree("certs")?,
-            tokens: db.open_tree("tokens")?,
-            artifacts: db.open_tree("artifacts")?,
-            deploys: db.open_tree("deploys")?,
-            stage: db.open_tree("stage")?,
-            desired: db.open_tree("desired")?,
-            receipts: db.open_tree("receipts")?,
-            appstate: db.open_tree("appstate")?,
-            meta: db.open_tree("meta")?,
-            rollouts: db.open_tree("rollouts")?,
-            promoted: db.open_tree("promoted")?,
-            recent_receipts: db.open_tree("recent-receipts")?,
-            admins: db.open_tree("admins")?,
-            flushes: Default::default(),
-            desired_cache: Default::default(),
-            db,
-        })
+        Ok(Self::on(Arc::new(embedded::Sled::open(dir)?)))
     }
 
-    /// Makes everything written so far durable. Blocks (an fsync): call it off the async
-    /// threads. Callers that ask while a flush runs share the next one: at 10,000 agents
-    /// reconnecting at once, a few fsyncs instead of one each.
+    /// The store shared in etcd at `endpoints`; `name` is this controller's address.
+    pub fn open_etcd(endpoints: Vec<String>, name: String) -> Result<Self> {
+        Ok(Self::on(Arc::new(etcd::Etcd::open(endpoints, name)?)))
+    }
+
+    fn on(db: Arc<dyn Backend>) -> Self {
+        Store { db, desired_cache: Default::default() }
+    }
+
+    /// Makes everything written so far durable (shared: in etcd). Blocks: call it off the
+    /// async threads.
     pub fn flush(&self) -> Result<()> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let mine = self.flushes.asked.fetch_add(1, SeqCst) + 1;
-        let mut done = self.flushes.done.lock().unwrap_or_else(|p| p.into_inner());
-        if *done >= mine {
-            return Ok(());
-        }
-        // Every ask up to here was made after its writes: this flush covers them all.
-        let covers = self.flushes.asked.load(SeqCst);
-        self.db.flush()?;
-        *done = covers;
-        Ok(())
+        self.db.flush()
+    }
+
+    /// Whether other controllers share this state (etcd).
+    pub fn shared(&self) -> bool {
+        self.db.shared()
+    }
+
+    /// Whether this controller drives rollouts and catch-up now.
+    pub fn is_leader(&self) -> bool {
+        self.db.is_leader()
+    }
+
+    /// Whether a write would be made durable now; the error says why not.
+    pub fn writable(&self) -> Result<()> {
+        self.db.writable()
+    }
+
+    /// Bumped whenever another controller changes the state.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.db.subscribe()
+    }
+
+    /// The tables other controllers changed since the last call (`Table::bit`s).
+    pub fn take_changed(&self) -> u32 {
+        self.db.take_changed()
+    }
+
+    /// Lands what is written and lets another controller take over at once.
+    pub fn close(&self) {
+        self.db.close()
     }
 
     // ---- identities ----
 
     pub fn put_agent(&self, a: &AgentRecord) -> Result<()> {
-        self.agents.insert(a.id.0.as_bytes(), enc(a))?;
-        self.certs.insert(a.cert_fingerprint.as_bytes(), enc(&CertRole::Agent(a.id.clone())))?;
+        self.put(Table::Agents, a.id.0.as_bytes(), enc(a))?;
+        self.put(Table::Certs, a.cert_fingerprint.as_bytes(), enc(&CertRole::Agent(a.id.clone())))?;
         Ok(())
     }
 
@@ -382,15 +379,20 @@ impl Store {
         id: &AgentId,
         f: impl Fn(AgentRecord) -> std::result::Result<AgentRecord, E>,
     ) -> Result<std::result::Result<AgentRecord, Option<E>>> {
+        let mut old = self.raw(Table::Agents, id.0.as_bytes())?;
         loop {
-            let Some(old) = self.agents.get(id.0.as_bytes())? else { return Ok(Err(None)) };
-            let new = match f(dec_agent(id.0.as_bytes(), &old)?) {
+            let Some(current) = old else { return Ok(Err(None)) };
+            let new = match f(dec_agent(id.0.as_bytes(), &current)?) {
                 Ok(n) => n,
                 Err(e) => return Ok(Err(Some(e))),
             };
-            if self.agents.compare_and_swap(id.0.as_bytes(), Some(&old), Some(enc(&new)))?.is_ok() {
-                self.certs.insert(new.cert_fingerprint.as_bytes(), enc(&CertRole::Agent(new.id.clone())))?;
-                return Ok(Ok(new));
+            // Lost to another change: `f` decides again on the record as it is now.
+            match self.db.swap(Table::Agents, id.0.as_bytes(), Some(&current), Some(enc(&new)))? {
+                Ok(()) => {
+                    self.put(Table::Certs, new.cert_fingerprint.as_bytes(), enc(&CertRole::Agent(new.id.clone())))?;
+                    return Ok(Ok(new));
+                }
+                Err(now) => old = now,
             }
         }
     }
@@ -399,27 +401,26 @@ impl Store {
     /// receipts). A certificate naming an unknown agent is refused everywhere.
     pub fn remove_agent(&self, id: &AgentId) -> Result<()> {
         let prefix = key(&[&id.0, ""]);
-        for tree in [&self.stage, &self.appstate, &self.receipts, &self.recent_receipts] {
-            for k in tree.scan_prefix(&prefix).keys() {
-                tree.remove(k?)?;
+        for t in [Table::Stage, Table::AppState, Table::Receipts, Table::RecentReceipts] {
+            for (k, _) in self.db.scan(t, &prefix)? {
+                self.db.remove(t, &k)?;
             }
         }
-        self.agents.remove(id.0.as_bytes())?;
+        self.del(Table::Agents, id.0.as_bytes())?;
         Ok(())
     }
 
     pub fn agent(&self, id: &AgentId) -> Result<Option<AgentRecord>> {
-        self.agents.get(id.0.as_bytes())?.map(|v| dec_agent(id.0.as_bytes(), &v)).transpose()
+        // One enrolled through another controller a moment ago is found too.
+        let v = match self.raw(Table::Agents, id.0.as_bytes())? {
+            Some(v) => Some(v),
+            None => self.db.get_fresh(Table::Agents, id.0.as_bytes())?,
+        };
+        v.map(|v| dec_agent(id.0.as_bytes(), &v)).transpose()
     }
 
     pub fn agents(&self) -> Result<Vec<AgentRecord>> {
-        self.agents
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                dec_agent(&k, &v)
-            })
-            .collect()
+        self.db.scan(Table::Agents, b"")?.into_iter().map(|(k, v)| dec_agent(&k, &v)).collect()
     }
 
     /// Agents of an environment that are not revoked.
@@ -428,36 +429,44 @@ impl Store {
     }
 
     pub fn put_admin(&self, a: &AdminRecord) -> Result<()> {
-        self.admins.insert(a.name.as_bytes(), enc(a))?;
+        self.put(Table::Admins, a.name.as_bytes(), enc(a))?;
         Ok(())
     }
 
     pub fn admin(&self, name: &str) -> Result<Option<AdminRecord>> {
-        get(&self.admins, name.as_bytes())
+        self.get(Table::Admins, name.as_bytes())
     }
 
     pub fn admins(&self) -> Result<Vec<AdminRecord>> {
-        Ok(scan(&self.admins, b"")?.into_iter().map(|(_, a)| a).collect())
+        Ok(self.scan(Table::Admins, b"")?.into_iter().map(|(_, a)| a).collect())
     }
 
     pub fn put_admin_cert(&self, fingerprint: &str, name: &str) -> Result<()> {
-        self.certs.insert(fingerprint.as_bytes(), enc(&CertRole::Admin(name.to_string())))?;
+        self.put(Table::Certs, fingerprint.as_bytes(), enc(&CertRole::Admin(name.to_string())))?;
         Ok(())
     }
 
+    /// A certificate's role; one another controller registered a moment ago is found too.
     pub fn cert_role(&self, fingerprint: &str) -> Result<Option<CertRole>> {
-        get(&self.certs, fingerprint.as_bytes())
+        match self.get(Table::Certs, fingerprint.as_bytes())? {
+            Some(role) => Ok(Some(role)),
+            None => self
+                .db
+                .get_fresh(Table::Certs, fingerprint.as_bytes())?
+                .map(|v| dec(fingerprint.as_bytes(), &v))
+                .transpose(),
+        }
     }
 
     // ---- tokens ----
 
     pub fn put_token(&self, id: &str, t: &TokenRecord) -> Result<()> {
-        self.tokens.insert(id.as_bytes(), enc(t))?;
+        self.put(Table::Tokens, id.as_bytes(), enc(t))?;
         Ok(())
     }
 
     pub fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
-        get(&self.tokens, id.as_bytes())
+        self.get(Table::Tokens, id.as_bytes())
     }
 
     /// Uses a token once, atomically: `f` decides from the record whether it may be used.
@@ -466,19 +475,25 @@ impl Store {
         id: &str,
         f: impl Fn(&TokenRecord) -> std::result::Result<(), E>,
     ) -> Result<std::result::Result<TokenRecord, Option<E>>> {
+        let mut old = match self.raw(Table::Tokens, id.as_bytes())? {
+            Some(v) => Some(v),
+            None => self.db.get_fresh(Table::Tokens, id.as_bytes())?,
+        };
         loop {
-            let Some(old) = self.tokens.get(id.as_bytes())? else {
+            let Some(current) = old else {
                 return Ok(Err(None));
             };
-            let rec: TokenRecord = dec(id.as_bytes(), &old)?;
+            let rec: TokenRecord = dec(id.as_bytes(), &current)?;
             if let Err(e) = f(&rec) {
                 return Ok(Err(Some(e)));
             }
             let mut next = rec.clone();
             next.uses_left -= 1;
             let new = if next.uses_left == 0 { None } else { Some(enc(&next)) };
-            if self.tokens.compare_and_swap(id.as_bytes(), Some(old), new)?.is_ok() {
-                return Ok(Ok(rec));
+            // Lost to another use: decided again on what the token holds now.
+            match self.db.swap(Table::Tokens, id.as_bytes(), Some(&current), new)? {
+                Ok(()) => return Ok(Ok(rec)),
+                Err(now) => old = now,
             }
         }
     }
@@ -486,17 +501,18 @@ impl Store {
     // ---- artifacts and deploys ----
 
     pub fn put_artifact(&self, app: &str, version: &str, a: &ArtifactRecord) -> Result<()> {
-        self.artifacts.insert(key(&[app, version]), enc(a))?;
+        self.put(Table::Artifacts, key(&[app, version]), enc(a))?;
         Ok(())
     }
 
     pub fn artifact(&self, app: &str, version: &str) -> Result<Option<ArtifactRecord>> {
-        get(&self.artifacts, &key(&[app, version]))
+        self.get(Table::Artifacts, &key(&[app, version]))
     }
 
     /// Every artifact: (app, version, record), by app then version.
     pub fn artifacts(&self) -> Result<Vec<(String, String, ArtifactRecord)>> {
-        Ok(scan::<ArtifactRecord>(&self.artifacts, b"")?
+        Ok(self
+            .scan::<ArtifactRecord>(Table::Artifacts, b"")?
             .into_iter()
             .filter_map(|(k, a)| {
                 let s = String::from_utf8_lossy(&k).into_owned();
@@ -509,56 +525,55 @@ impl Store {
     /// Forgets an artifact and every environment's order to stage it (flushed by the caller
     /// before any chunk goes).
     pub fn remove_artifact(&self, app: &str, version: &str) -> Result<()> {
-        for kv in self.deploys.iter() {
-            let (k, _) = kv?;
+        for (k, _) in self.db.scan(Table::Deploys, b"")? {
             let s = String::from_utf8_lossy(&k).into_owned();
             let mut parts = s.split('\0').skip(1);
             if parts.next() == Some(app) && parts.next() == Some(version) {
-                self.deploys.remove(&k)?;
+                self.del(Table::Deploys, &k)?;
             }
         }
-        self.artifacts.remove(key(&[app, version]))?;
+        self.del(Table::Artifacts, key(&[app, version]))?;
         Ok(())
     }
 
     /// The version an agent says it runs (informational, not flushed).
     pub fn put_agent_about(&self, id: &AgentId, version: &str) -> Result<()> {
-        self.meta.insert(key(&["agent-version", &id.0]), version.as_bytes())?;
+        self.put(Table::Meta, key(&["agent-version", &id.0]), version.as_bytes())?;
         Ok(())
     }
 
     pub fn agent_version(&self, id: &AgentId) -> Result<Option<String>> {
-        Ok(self.meta.get(key(&["agent-version", &id.0]))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self.raw(Table::Meta, key(&["agent-version", &id.0]))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// When an agent was last connected (informational, not flushed).
     pub fn put_last_seen(&self, id: &AgentId, at: u64) -> Result<()> {
-        self.meta.insert(key(&["agent-seen", &id.0]), &at.to_be_bytes()[..])?;
+        self.put(Table::Meta, key(&["agent-seen", &id.0]), &at.to_be_bytes()[..])?;
         Ok(())
     }
 
     pub fn last_seen(&self, id: &AgentId) -> Result<u64> {
         Ok(self
-            .meta
-            .get(key(&["agent-seen", &id.0]))?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .raw(Table::Meta, key(&["agent-seen", &id.0]))?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
             .map_or(0, u64::from_be_bytes))
     }
 
     /// Whether any version of `app` was pushed.
     pub fn knows_app(&self, app: &str) -> Result<bool> {
-        Ok(self.artifacts.scan_prefix(key(&[app, ""])).next().transpose()?.is_some())
+        Ok(!self.db.scan(Table::Artifacts, &key(&[app, ""]))?.is_empty())
     }
 
     pub fn put_deploy(&self, env: &str, app: &str, version: &str, d: &DeployRecord) -> Result<()> {
-        self.deploys.insert(key(&[env, app, version]), enc(d))?;
+        self.put(Table::Deploys, key(&[env, app, version]), enc(d))?;
         Ok(())
     }
 
     /// Deploys of an environment: (app, version, record).
     pub fn deploys_in(&self, env: &str) -> Result<Vec<(String, String, DeployRecord)>> {
         let prefix = key(&[env, ""]);
-        Ok(scan::<DeployRecord>(&self.deploys, &prefix)?
+        Ok(self
+            .scan::<DeployRecord>(Table::Deploys, &prefix)?
             .into_iter()
             .filter_map(|(k, d)| {
                 let s = String::from_utf8_lossy(&k).into_owned();
@@ -569,17 +584,17 @@ impl Store {
     }
 
     pub fn put_stage(&self, agent: &AgentId, app: &str, version: &str, r: &StageRecord) -> Result<()> {
-        self.stage.insert(key(&[&agent.0, app, version]), enc(r))?;
+        self.put(Table::Stage, key(&[&agent.0, app, version]), enc(r))?;
         Ok(())
     }
 
     pub fn remove_stage(&self, agent: &AgentId, app: &str, version: &str) -> Result<()> {
-        self.stage.remove(key(&[&agent.0, app, version]))?;
+        self.del(Table::Stage, key(&[&agent.0, app, version]))?;
         Ok(())
     }
 
     pub fn stage(&self, agent: &AgentId, app: &str, version: &str) -> Result<Option<StageRecord>> {
-        get(&self.stage, &key(&[&agent.0, app, version]))
+        self.get(Table::Stage, &key(&[&agent.0, app, version]))
     }
 
     /// Stage records of an agent for one app (or all apps with `app = None`):
@@ -589,7 +604,8 @@ impl Store {
             Some(app) => key(&[&agent.0, app, ""]),
             None => key(&[&agent.0, ""]),
         };
-        Ok(scan::<StageRecord>(&self.stage, &prefix)?
+        Ok(self
+            .scan::<StageRecord>(Table::Stage, &prefix)?
             .into_iter()
             .filter_map(|(k, r)| {
                 let s = String::from_utf8_lossy(&k).into_owned();
@@ -609,7 +625,7 @@ impl Store {
     /// The last seq issued for an app (0 if none).
     pub fn seq_counter(&self, app: &str) -> Result<u64> {
         let k = key(&["seq", app]);
-        match self.meta.get(&k)? {
+        match self.raw(Table::Meta, &k)? {
             None => Ok(0),
             Some(b) => <[u8; 8]>::try_from(&b[..]).map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt {
                 key: format!("seq/{app}"),
@@ -620,7 +636,7 @@ impl Store {
 
     /// Sets an app's seq counter (repair from the audit log).
     pub fn set_seq_counter(&self, app: &str, seq: u64) -> Result<()> {
-        self.meta.insert(key(&["seq", app]), &seq.to_be_bytes())?;
+        self.put(Table::Meta, key(&["seq", app]), seq.to_be_bytes())?;
         Ok(())
     }
 
@@ -628,7 +644,7 @@ impl Store {
     /// unreadable fails closed: reading it as 0 would issue numbers already used.
     fn bump(&self, k: &[u8], what: &str) -> Result<u64> {
         loop {
-            let old = self.meta.get(k)?;
+            let old = self.raw(Table::Meta, k)?;
             let n = match old.as_deref() {
                 None => 0,
                 Some(b) => match <[u8; 8]>::try_from(b) {
@@ -649,30 +665,28 @@ impl Store {
                 key: String::from_utf8_lossy(k).into_owned(),
                 why: format!("{what} is exhausted"),
             })?;
-            if self.meta.compare_and_swap(k, old, Some(&new.to_be_bytes()[..]))?.is_ok() {
+            if self.db.swap(Table::Meta, k, old.as_deref(), Some(new.to_be_bytes().to_vec()))?.is_ok() {
                 return Ok(new);
             }
         }
     }
 
     pub fn put_desired(&self, env: &str, app: &str, d: &DesiredRecord) -> Result<()> {
-        self.desired.insert(key(&[env, app]), enc(d))?;
+        self.put(Table::Desired, key(&[env, app]), enc(d))?;
         Ok(())
     }
 
     pub fn desired(&self, env: &str, app: &str) -> Result<Option<Arc<DesiredRecord>>> {
         let k = key(&[env, app]);
-        self.desired.get(&k)?.map(|v| self.decoded_desired(&k, v)).transpose()
+        self.raw(Table::Desired, &k)?.map(|v| self.decoded_desired(&k, v)).transpose()
     }
 
     /// Desired records of an environment: (app, record).
     pub fn desired_in(&self, env: &str) -> Result<Vec<(String, Arc<DesiredRecord>)>> {
-        self.desired
-            .scan_prefix(key(&[env, ""]))
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((last_part(&k), self.decoded_desired(&k, v)?))
-            })
+        self.db
+            .scan(Table::Desired, &key(&[env, ""]))?
+            .into_iter()
+            .map(|(k, v)| Ok((last_part(&k), self.decoded_desired(&k, v)?)))
             .collect()
     }
 
@@ -680,7 +694,7 @@ impl Store {
     /// millisecond to decode, and catch-up reads it for every agent that reports. Decoded
     /// once per content: the cache holds the bytes it decoded and is used only while they
     /// are what the tree holds.
-    fn decoded_desired(&self, k: &[u8], v: sled::IVec) -> Result<Arc<DesiredRecord>> {
+    fn decoded_desired(&self, k: &[u8], v: Val) -> Result<Arc<DesiredRecord>> {
         let mut cache = self.desired_cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((bytes, d)) = cache.get(k) {
             if *bytes == v {
@@ -694,10 +708,10 @@ impl Store {
 
     /// Every desired record: (env, app, record).
     pub fn all_desired(&self) -> Result<Vec<(String, String, DesiredRecord)>> {
-        self.desired
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
+        self.db
+            .scan(Table::Desired, b"")?
+            .into_iter()
+            .map(|(k, v)| {
                 let text = String::from_utf8_lossy(&k).into_owned();
                 let mut parts = text.split('\0');
                 let (env, app) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
@@ -707,12 +721,12 @@ impl Store {
     }
 
     pub fn put_receipt(&self, r: &Receipt) -> Result<()> {
-        self.receipts.insert(key(&[&r.agent_id.0, &r.app]), enc(r))?;
+        self.put(Table::Receipts, key(&[&r.agent_id.0, &r.app]), enc(r))?;
         Ok(())
     }
 
     pub fn receipt(&self, agent: &AgentId, app: &str) -> Result<Option<Receipt>> {
-        get(&self.receipts, &key(&[&agent.0, app]))
+        self.get(Table::Receipts, &key(&[&agent.0, app]))
     }
 
     /// Keeps a receipt by its seq too, with the few before it of the same agent and app: a
@@ -722,11 +736,10 @@ impl Store {
         let prefix = key(&[&r.agent_id.0, &r.app, ""]);
         let mut k = prefix.clone();
         k.extend_from_slice(&r.seq.to_be_bytes());
-        self.recent_receipts.insert(k, enc(r))?;
-        let keys: Vec<sled::IVec> =
-            self.recent_receipts.scan_prefix(&prefix).keys().collect::<std::result::Result<_, _>>()?;
+        self.put(Table::RecentReceipts, k, enc(r))?;
+        let keys: Vec<Vec<u8>> = self.db.scan(Table::RecentReceipts, &prefix)?.into_iter().map(|(k, _)| k).collect();
         for old in keys.iter().rev().skip(KEEP) {
-            self.recent_receipts.remove(old)?;
+            self.del(Table::RecentReceipts, old)?;
         }
         Ok(())
     }
@@ -735,21 +748,21 @@ impl Store {
     pub fn receipt_for(&self, agent: &AgentId, app: &str, seq: u64) -> Result<Option<Receipt>> {
         let mut k = key(&[&agent.0, app, ""]);
         k.extend_from_slice(&seq.to_be_bytes());
-        get(&self.recent_receipts, &k)
+        self.get(Table::RecentReceipts, &k)
     }
 
     pub fn put_appstate(&self, agent: &AgentId, app: &str, s: &AppStateRecord) -> Result<()> {
-        self.appstate.insert(key(&[&agent.0, app]), enc(s))?;
+        self.put(Table::AppState, key(&[&agent.0, app]), enc(s))?;
         Ok(())
     }
 
     pub fn appstate(&self, agent: &AgentId, app: &str) -> Result<AppStateRecord> {
-        Ok(get(&self.appstate, &key(&[&agent.0, app]))?.unwrap_or_default())
+        Ok(self.get(Table::AppState, &key(&[&agent.0, app]))?.unwrap_or_default())
     }
 
     /// All app states of an agent: (app, record).
     pub fn appstates_of(&self, agent: &AgentId) -> Result<Vec<(String, AppStateRecord)>> {
-        Ok(scan(&self.appstate, &key(&[&agent.0, ""]))?.into_iter().map(|(k, s)| (last_part(&k), s)).collect())
+        Ok(self.scan(Table::AppState, &key(&[&agent.0, ""]))?.into_iter().map(|(k, s)| (last_part(&k), s)).collect())
     }
 
     // ---- rollouts ----
@@ -771,42 +784,191 @@ impl Store {
     pub fn put_rollout(&self, r: &Rollout) -> Result<()> {
         let marker = key(&["active-rollout", &r.env, &r.app]);
         if r.state.is_final() {
-            self.rollouts.insert(Self::rollout_key(&r.id), enc(r))?;
-            self.meta.remove(marker)?;
+            self.put(Table::Rollouts, Self::rollout_key(&r.id), enc(r))?;
+            self.del(Table::Meta, marker)?;
         } else {
-            self.meta.insert(marker, r.id.as_bytes())?;
-            self.rollouts.insert(Self::rollout_key(&r.id), enc(r))?;
+            self.put(Table::Meta, marker, r.id.as_bytes())?;
+            self.put(Table::Rollouts, Self::rollout_key(&r.id), enc(r))?;
         }
         Ok(())
     }
 
+    /// Stores a new rollout and marks it as the running one of its app and environment,
+    /// unless one already runs: atomically across controllers, the record and its mark
+    /// together (a driver on another controller never sees one without the other). None if
+    /// it now runs, else the id of the rollout that does.
+    pub fn start_rollout(&self, r: &Rollout) -> Result<Option<String>> {
+        let marker = key(&["active-rollout", &r.env, &r.app]);
+        let record = (Table::Rollouts, &Self::rollout_key(&r.id)[..], enc(r));
+        Ok(match self.db.swap_and_put(Table::Meta, &marker, None, Some(r.id.as_bytes().to_vec()), Some(record))? {
+            Ok(()) => None,
+            Err(held) => Some(held.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default()),
+        })
+    }
+
+    /// Replaces a rollout record with `new` if it still is `before`, atomically across
+    /// controllers (an operator's pause through one, the driver's step on another): false if
+    /// it changed meanwhile, and nothing was written.
+    pub fn replace_rollout(&self, before: &Rollout, new: &Rollout) -> Result<bool> {
+        let k = Self::rollout_key(&before.id);
+        let mut expected = enc(before);
+        for _ in 0..2 {
+            match self.db.swap(Table::Rollouts, &k, Some(&expected), Some(enc(new)))? {
+                Ok(()) => {
+                    // The marker of an ended rollout goes after its record (see put_rollout).
+                    if new.state.is_final() {
+                        self.del(Table::Meta, key(&["active-rollout", &new.env, &new.app]))?;
+                    }
+                    return Ok(true);
+                }
+                // Written in an older layout: the same rollout, other bytes.
+                Err(Some(current)) if dec_rollout(&k, &current).is_ok_and(|r| r == *before) => {
+                    expected = current.to_vec()
+                }
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+
+    // ---- several controllers ----
+
+    /// Copies every record of `from` (a data directory's database) here, if this shared
+    /// store has never been seeded: true if it copied. Of controllers starting at once on an
+    /// empty etcd, one copies.
+    pub fn seed_from(&self, from: &Store) -> Result<bool> {
+        if self.db.swap(Table::Meta, b"seeded", None, Some(b"1".to_vec()))?.is_err() {
+            return Ok(false);
+        }
+        for t in Table::ALL {
+            if matches!(t, Table::Presence | Table::CatchUp | Table::Outbox) {
+                continue;
+            }
+            for (k, v) in from.db.scan(t, b"")? {
+                if t == Table::Meta && &k[..] == etcd::leader_key() {
+                    continue;
+                }
+                self.db.put(t, &k, v.to_vec())?;
+            }
+        }
+        self.flush()?;
+        Ok(true)
+    }
+
+    /// Records that `agent` is (or is no longer) connected to the controller `me`, for the
+    /// other controllers (kept on this controller's lease: it goes when the controller does).
+    pub fn set_presence(&self, agent: &AgentId, me: &str, connected: bool) -> Result<()> {
+        self.db.set_ephemeral(Table::Presence, &key(&[&agent.0, me]), connected.then(Vec::new))
+    }
+
+    /// Whether `agent` is connected to a controller other than `me`.
+    pub fn connected_elsewhere(&self, agent: &AgentId, me: &str) -> Result<bool> {
+        Ok(self.db.scan(Table::Presence, &key(&[&agent.0, ""]))?.iter().any(|(k, _)| last_part(k) != me))
+    }
+
+    /// Asks the controller that drives to catch `agent` up (from one that does not).
+    pub fn ask_catch_up(&self, agent: &AgentId, staged_now: bool) -> Result<()> {
+        let staged_before = self.raw(Table::CatchUp, agent.0.as_bytes())?.is_some_and(|v| v.first() == Some(&1));
+        self.put(Table::CatchUp, agent.0.as_bytes(), vec![u8::from(staged_now || staged_before)])
+    }
+
+    /// The agents other controllers asked to catch up, and whether each has just staged.
+    pub fn take_catch_ups(&self) -> Result<Vec<(AgentId, bool)>> {
+        let asked = self.db.scan(Table::CatchUp, b"")?;
+        for (k, _) in &asked {
+            self.db.remove(Table::CatchUp, k)?;
+        }
+        Ok(asked
+            .into_iter()
+            .map(|(k, v)| (AgentId(String::from_utf8_lossy(&k).into_owned()), v.first() == Some(&1)))
+            .collect())
+    }
+
+    /// Leaves a catch-up message for the controller `agent` is connected to.
+    pub fn put_outbox(&self, agent: &AgentId, app: &str, m: &SignedActivate) -> Result<()> {
+        self.put(Table::Outbox, key(&[&agent.0, app]), enc(m))
+    }
+
+    /// Catch-up messages waiting for `agent`: (app, message, bytes to take it with).
+    pub fn outbox_of(&self, agent: &AgentId) -> Result<Vec<(String, SignedActivate, Vec<u8>)>> {
+        self.db
+            .scan(Table::Outbox, &key(&[&agent.0, ""]))?
+            .into_iter()
+            .map(|(k, v)| Ok((last_part(&k), dec(&k, &v)?, v.to_vec())))
+            .collect()
+    }
+
+    /// Takes a message from the outbox, unless a newer one replaced it: whether it was taken.
+    pub fn take_outbox(&self, agent: &AgentId, app: &str, bytes: &[u8]) -> Result<bool> {
+        Ok(self.db.swap(Table::Outbox, &key(&[&agent.0, app]), Some(bytes), None)?.is_ok())
+    }
+
+    /// Every agent with catch-up messages waiting.
+    pub fn outbox_agents(&self) -> Result<Vec<AgentId>> {
+        let mut ids: Vec<AgentId> = self
+            .db
+            .scan(Table::Outbox, b"")?
+            .into_iter()
+            .filter_map(|(k, _)| Some(AgentId(String::from_utf8_lossy(k.split(|&b| b == 0).next()?).into_owned())))
+            .collect();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// A push under way (shared chunk directories: every controller's collection keeps it).
+    pub fn put_push(&self, manifest: &Digest, at: u64) -> Result<()> {
+        self.put(Table::Meta, key(&["push", &manifest.to_hex()]), at.to_be_bytes().to_vec())
+    }
+
+    pub fn remove_push(&self, manifest: &Digest) -> Result<()> {
+        self.del(Table::Meta, key(&["push", &manifest.to_hex()]))
+    }
+
+    /// Pushes under way on any controller: (manifest, started at).
+    pub fn pushes(&self) -> Result<Vec<(Digest, u64)>> {
+        Ok(self
+            .db
+            .scan(Table::Meta, &key(&["push", ""]))?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let d = Digest::from_hex(&last_part(&k))?;
+                Some((d, u64::from_be_bytes(<[u8; 8]>::try_from(&v[..]).ok()?)))
+            })
+            .collect())
+    }
+
+    /// The controller that drives rollouts now, when several share the state.
+    pub fn leader(&self) -> Result<Option<String>> {
+        Ok(self.raw(Table::Meta, etcd::leader_key())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
     /// Forgets a marker whose rollout is missing or ended.
     pub fn clear_active_rollout(&self, env: &str, app: &str) -> Result<()> {
-        self.meta.remove(key(&["active-rollout", env, app]))?;
+        self.del(Table::Meta, key(&["active-rollout", env, app]))?;
         Ok(())
     }
 
     pub fn rollout(&self, id: &str) -> Result<Option<Rollout>> {
         let k = Self::rollout_key(id);
-        self.rollouts.get(&k)?.map(|v| dec_rollout(&k, &v)).transpose()
+        self.raw(Table::Rollouts, &k)?.map(|v| dec_rollout(&k, &v)).transpose()
     }
 
     /// Every rollout, oldest first.
     pub fn rollouts(&self) -> Result<Vec<Rollout>> {
-        self.rollouts.iter().map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| dec_rollout(&k, &v))).collect()
+        self.db.scan(Table::Rollouts, b"")?.into_iter().map(|(k, v)| dec_rollout(&k, &v)).collect()
     }
 
     /// The id of the rollout of (env, app) that has not ended, if any.
     pub fn active_rollout(&self, env: &str, app: &str) -> Result<Option<String>> {
-        Ok(self.meta.get(key(&["active-rollout", env, app]))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self.raw(Table::Meta, key(&["active-rollout", env, app]))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// Every rollout that has not ended: (env, app, id).
     pub fn active_rollouts(&self) -> Result<Vec<(String, String, String)>> {
-        self.meta
-            .scan_prefix(key(&["active-rollout", ""]))
-            .map(|kv| {
-                let (k, v) = kv?;
+        self.db
+            .scan(Table::Meta, &key(&["active-rollout", ""]))?
+            .into_iter()
+            .map(|(k, v)| {
                 let k = String::from_utf8_lossy(&k).into_owned();
                 let mut parts = k.split('\0').skip(1);
                 let (env, app) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
@@ -817,13 +979,15 @@ impl Store {
 
     /// Records that `digest` of `app` completed a rollout in `env` (promotion).
     pub fn put_promoted(&self, env: &str, app: &str, digest: &Digest, rollout: &str) -> Result<()> {
-        self.promoted.insert(key(&[env, app, &digest.to_hex()]), rollout.as_bytes())?;
+        self.put(Table::Promoted, key(&[env, app, &digest.to_hex()]), rollout.as_bytes())?;
         Ok(())
     }
 
     /// The rollout through which `digest` of `app` completed in `env`, if it did.
     pub fn promoted(&self, env: &str, app: &str, digest: &Digest) -> Result<Option<String>> {
-        Ok(self.promoted.get(key(&[env, app, &digest.to_hex()]))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self
+            .raw(Table::Promoted, key(&[env, app, &digest.to_hex()]))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 }
 

@@ -2,6 +2,7 @@
 //! directories, in-process or as processes. Nothing of ours is mocked.
 
 pub mod browser;
+pub mod etcd;
 pub mod sim;
 
 use anyhow::{bail, Context, Result};

@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// controller.toml's `http`), e.g. 127.0.0.1:9100.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<SocketAddr>,
+    /// Keep the state in etcd, shared with other controllers: etcd://HOST:PORT[,HOST:PORT…]
+    /// (SPEC §13). Without it, the state stays in the data directory.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
 }
 
 pub async fn run(cmd: ControllerCommand, ctx: &Ctx) -> Result<i32> {
@@ -73,7 +77,7 @@ pub async fn run(cmd: ControllerCommand, ctx: &Ctx) -> Result<i32> {
             Ok(0)
         }
         ControllerCommand::Serve(a) => {
-            crate::server::serve(&a.data_dir, a.listen, a.http, shutdown_signal()).await?;
+            crate::server::serve(&a.data_dir, a.listen, a.http, a.store.as_deref(), shutdown_signal()).await?;
             Ok(0)
         }
         ControllerCommand::Repair(a) => {

@@ -20,7 +20,7 @@ fn silent() -> (std::net::UdpSocket, SocketAddr) {
 }
 
 /// Rewrites agent.toml's `controller` (the address `join` wrote) to this list.
-fn controllers(agent: &TestAgent, list: &[SocketAddr]) {
+pub fn controllers(agent: &TestAgent, list: &[SocketAddr]) {
     let path = agent.dir.join("agent.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     let list: Vec<String> = list.iter().map(|a| format!("\"{a}\"")).collect();

@@ -5,6 +5,7 @@ mod cli;
 mod enrol;
 mod failover;
 mod faults;
+mod ha;
 mod hardening;
 mod metrics;
 mod operator;
@@ -14,6 +15,7 @@ mod reuse;
 mod rollout;
 mod sim;
 mod stage;
+mod store;
 mod traffic;
 mod ui;
 
