@@ -163,8 +163,10 @@ pub fn catch_up(ctl: &Controller, id: &AgentId, staged_now: bool) -> Result<()> 
 }
 
 /// [`catch_up`] for a caller that holds the rollout lock.
-pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool) -> Result<()> {
-    if !ctl.connected(id) {
+/// `relayed`: asked by the controller the agent is connected to, through the store (which may
+/// not show the agent connected there yet).
+pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool, relayed: bool) -> Result<()> {
+    if !relayed && !ctl.connected(id) {
         return Ok(());
     }
     let Some(agent) = ctl.store.agent(id)? else {

@@ -17,7 +17,7 @@ use crate::plan::rollout::{
 };
 use crate::release::{sign, Refused};
 use crate::server::Controller;
-use crate::store::{DesiredRecord, StageState};
+use crate::store::{DesiredRecord, Ends, StageState};
 use anyhow::Result;
 use stagehand_common::activate::FULL_TRAFFIC;
 use stagehand_common::ids::check_name;
@@ -277,6 +277,7 @@ pub fn control(
         RolloutAction::Abort => Control::Abort,
     };
     // The driver may step it on another controller meanwhile: changed only as it was read.
+    let mut tries = 0;
     loop {
         let Some(before) = ctl.store.rollout(id)? else {
             return Ok(Err(refused(format!("no rollout {id}"), "stagehand rollout list")));
@@ -285,7 +286,11 @@ pub fn control(
         match r.control(action, who, now_ms()) {
             Ok(said) => {
                 r.revision += 1;
-                if !ctl.store.replace_rollout(&before, &r)? {
+                if !ctl.store.replace_rollout(&before, &r, Default::default())? {
+                    if tries > 20 {
+                        anyhow::bail!("rollout {id} kept changing while it was being changed; try again");
+                    }
+                    tries += 1;
                     continue;
                 }
                 ctl.store.flush()?;
@@ -410,9 +415,16 @@ pub const RECONNECT_GRACE_MS: u64 = 20_000;
 pub async fn drive(ctl: Arc<Controller>) {
     let mut changes = ctl.fleet.subscribe();
     let mut sent_on = SentOn::new();
-    let grace_until = now_ms() + RECONNECT_GRACE_MS;
+    let mut grace_until = now_ms() + RECONNECT_GRACE_MS;
+    let mut leading = ctl.store.is_leader();
     loop {
         changes.borrow_and_update();
+        // A controller that takes over gives the agents of the one that died time to move.
+        let leads = ctl.store.is_leader();
+        if leads && !leading {
+            grace_until = now_ms() + RECONNECT_GRACE_MS;
+        }
+        leading = leads;
         let c = ctl.clone();
         let (wake, back) = match tokio::task::spawn_blocking(move || {
             let wake = tick(&c, &mut sent_on, grace_until);
@@ -465,14 +477,13 @@ fn tick(ctl: &Controller, sent_on: &mut SentOn, grace_until: u64) -> Result<Opti
         // Looks again soon: it may be the one to drive next.
         return Ok(Some(now_ms() + 500));
     }
-    let mut catch_ups = ctl.take_catch_ups();
+    let mut catch_ups: Vec<(AgentId, bool, bool)> =
+        ctl.take_catch_ups().into_iter().map(|(id, staged_now)| (id, staged_now, false)).collect();
     if ctl.store.shared() {
-        for (id, staged_now) in ctl.store.take_catch_ups()? {
-            *catch_ups.entry(id).or_default() |= staged_now;
-        }
+        catch_ups.extend(ctl.store.take_catch_ups()?.into_iter().map(|(id, staged_now)| (id, staged_now, true)));
     }
-    for (id, staged_now) in catch_ups {
-        if let Err(e) = crate::release::catch_up_holding_lock(ctl, &id, staged_now) {
+    for (id, staged_now, relayed) in catch_ups {
+        if let Err(e) = crate::release::catch_up_holding_lock(ctl, &id, staged_now, relayed) {
             warn!(agent = %id, error = %format!("{e:#}"), "Catch-up failed; it is tried again when the agent reconnects.");
         }
     }
@@ -517,7 +528,7 @@ fn step_one(
     grace_until: u64,
 ) -> Result<Option<u64>> {
     let Some(mut r) = ctl.store.rollout(id)?.filter(|r| !r.state.is_final()) else {
-        ctl.store.clear_active_rollout(env, app)?;
+        ctl.store.clear_active_rollout_of(env, app, id)?;
         return Ok(None);
     };
     let before = r.clone();
@@ -553,12 +564,14 @@ fn step_one(
         if ctl.store.rollout(&r.id)?.as_ref() != Some(&before) {
             return Ok(Some(now_ms()));
         }
-        if r.state == State::Succeeded {
-            complete(ctl, &r)?;
+        let ends = if r.state == State::Succeeded {
+            complete(ctl, &r)?
         } else if r.state.is_final() {
-            owe(ctl, &r)?;
-        }
-        if !ctl.store.replace_rollout(&before, &r)? {
+            owe(ctl, &r)?
+        } else {
+            Default::default()
+        };
+        if !ctl.store.replace_rollout(&before, &r, ends)? {
             return Ok(Some(now_ms()));
         }
     }
@@ -629,7 +642,7 @@ fn deliver(ctl: &Controller, r: &Rollout, sent_on: &mut SentOn, awaited: &mut Ha
 
 /// A rollout succeeded: its version is the environment's released version (catch-up brings
 /// skipped and new agents to it) and its digest is promoted from this environment.
-fn complete(ctl: &Controller, r: &Rollout) -> Result<()> {
+fn complete(ctl: &Controller, r: &Rollout) -> Result<Ends> {
     let previous = ctl.store.desired(&r.env, &r.app)?;
     let history = crate::plan::fleet::next_history(
         previous.as_ref().map(|p| p.history.as_slice()).unwrap_or_default(),
@@ -648,10 +661,8 @@ fn complete(ctl: &Controller, r: &Rollout) -> Result<()> {
         }
     };
     let message = parts.remove(0);
-    ctl.store.put_desired(
-        &r.env,
-        &r.app,
-        &DesiredRecord {
+    Ok(Ends {
+        desired: Some(DesiredRecord {
             v: crate::store::DESIRED_VERSION,
             version: r.version.clone(),
             digest: r.digest,
@@ -663,18 +674,15 @@ fn complete(ctl: &Controller, r: &Rollout) -> Result<()> {
             selectors: r.selectors.clone(),
             since_seq: r.messages.first().map_or(seq, |m| m.seq),
             owed: vec![],
-        },
-    )?;
-    // Promotion needs the artifact to have run somewhere here, not only a rollout of skips.
-    if r.hosts().any(|h| h.state == crate::plan::rollout::HostState::Committed) {
-        ctl.store.put_promoted(&r.env, &r.app, &r.digest, &r.id)?;
-    }
-    Ok(())
+        }),
+        // Promotion needs the artifact to have run somewhere here, not only a rollout of skips.
+        promoted: r.hosts().any(|h| h.state == crate::plan::rollout::HostState::Committed),
+    })
 }
 
 /// A rollout that failed or was aborted left hosts on its version: the environment's
 /// released version is owed to them (catch-up brings them back when they return).
-fn owe(ctl: &Controller, r: &Rollout) -> Result<()> {
+fn owe(ctl: &Controller, r: &Rollout) -> Result<Ends> {
     let stranded: Vec<AgentId> = r
         .hosts()
         .filter(|h| matches!(h.state, crate::plan::rollout::HostState::NotReverted(_)))
@@ -682,15 +690,14 @@ fn owe(ctl: &Controller, r: &Rollout) -> Result<()> {
         .collect();
     let Some(mut desired) = ctl.store.desired(&r.env, &r.app)?.filter(|_| !stranded.is_empty()).map(|d| (*d).clone())
     else {
-        return Ok(());
+        return Ok(Ends::default());
     };
     for id in stranded {
         if !desired.owed.contains(&id) {
             desired.owed.push(id);
         }
     }
-    ctl.store.put_desired(&r.env, &r.app, &desired)?;
-    Ok(())
+    Ok(Ends { desired: Some(desired), promoted: false })
 }
 
 /// Cuts `s` to at most `limit` bytes (at a character boundary), marking the cut.
@@ -714,7 +721,7 @@ fn catch_up_env(ctl: &Controller, env: &str) {
         }
     };
     for a in agents {
-        if let Err(e) = crate::release::catch_up_holding_lock(ctl, &a.id, false) {
+        if let Err(e) = crate::release::catch_up_holding_lock(ctl, &a.id, false, false) {
             warn!(agent = %a.id, error = %format!("{e:#}"), "Catch-up failed; it is tried again when the agent reconnects.");
         }
     }

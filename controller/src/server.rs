@@ -53,6 +53,8 @@ pub struct Controller {
     pub admin_conns: std::sync::Mutex<std::collections::HashMap<String, Vec<quinn::Connection>>>,
     /// This controller's name among several sharing the state: its address.
     pub name: String,
+    /// Serialises presence records (`note_presence`).
+    pub presence: std::sync::Mutex<()>,
 }
 
 impl Controller {
@@ -77,6 +79,8 @@ impl Controller {
     /// changed).
     pub fn note_presence(&self, id: &AgentId) {
         if self.store.shared() {
+            // Read and recorded under one lock: a detach and an attach racing leave the last word.
+            let _one_at_a_time = self.presence.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = self.store.set_presence(id, &self.name, self.fleet.is_connected(id)) {
                 warn!(agent = %id, error = %e, "Could not record where the agent is connected.");
             }
@@ -215,7 +219,7 @@ pub async fn start_shared(
                 ))
             })?;
             // The first controller on an empty etcd brings the data directory's state.
-            if shared.seed_from(&store)? {
+            if shared.seed_from(&store, &name)? {
                 info!("Copied the data directory's state into etcd: this is the first controller sharing it.");
             }
             shared
@@ -269,6 +273,7 @@ pub async fn start_shared(
         metrics: Default::default(),
         web: Default::default(),
         name,
+        presence: Default::default(),
     });
     info!(%addr, "Controller listening.");
     let http = match http.or(controller.config.http) {

@@ -182,6 +182,15 @@ pub struct DesiredRecord {
     pub more: Vec<SignedActivate>,
 }
 
+/// What a rollout's end writes with its record (`Store::replace_rollout`).
+#[derive(Default)]
+pub struct Ends {
+    /// The environment's released version, as the rollout leaves it.
+    pub desired: Option<DesiredRecord>,
+    /// The rollout's digest completed here (promotion).
+    pub promoted: bool,
+}
+
 /// The layout of [`DesiredRecord`] written now.
 pub const DESIRED_VERSION: u8 = 3;
 
@@ -643,8 +652,8 @@ impl Store {
     /// Adds one to a counter in `meta` and returns the new value. A counter that is there and
     /// unreadable fails closed: reading it as 0 would issue numbers already used.
     fn bump(&self, k: &[u8], what: &str) -> Result<u64> {
+        let mut old = self.raw(Table::Meta, k)?;
         loop {
-            let old = self.raw(Table::Meta, k)?;
             let n = match old.as_deref() {
                 None => 0,
                 Some(b) => match <[u8; 8]>::try_from(b) {
@@ -665,8 +674,10 @@ impl Store {
                 key: String::from_utf8_lossy(k).into_owned(),
                 why: format!("{what} is exhausted"),
             })?;
-            if self.db.swap(Table::Meta, k, old.as_deref(), Some(new.to_be_bytes().to_vec()))?.is_ok() {
-                return Ok(new);
+            // Lost to another controller: counted on from what it holds now.
+            match self.db.swap(Table::Meta, k, old.as_deref(), Some(new.to_be_bytes().to_vec()))? {
+                Ok(()) => return Ok(new),
+                Err(now) => old = now,
             }
         }
     }
@@ -799,8 +810,8 @@ impl Store {
     /// it now runs, else the id of the rollout that does.
     pub fn start_rollout(&self, r: &Rollout) -> Result<Option<String>> {
         let marker = key(&["active-rollout", &r.env, &r.app]);
-        let record = (Table::Rollouts, &Self::rollout_key(&r.id)[..], enc(r));
-        Ok(match self.db.swap_and_put(Table::Meta, &marker, None, Some(r.id.as_bytes().to_vec()), Some(record))? {
+        let record = vec![(Table::Rollouts, Self::rollout_key(&r.id), enc(r))];
+        Ok(match self.db.swap_and_put(Table::Meta, &marker, None, Some(r.id.as_bytes().to_vec()), record)? {
             Ok(()) => None,
             Err(held) => Some(held.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default()),
         })
@@ -808,16 +819,24 @@ impl Store {
 
     /// Replaces a rollout record with `new` if it still is `before`, atomically across
     /// controllers (an operator's pause through one, the driver's step on another): false if
-    /// it changed meanwhile, and nothing was written.
-    pub fn replace_rollout(&self, before: &Rollout, new: &Rollout) -> Result<bool> {
+    /// it changed meanwhile, and nothing was written. What its end decides (the released
+    /// version, the promotion) is written with it, in the same transaction, or not at all.
+    pub fn replace_rollout(&self, before: &Rollout, new: &Rollout, ends: Ends) -> Result<bool> {
         let k = Self::rollout_key(&before.id);
+        let mut then = Vec::new();
+        if let Some(d) = &ends.desired {
+            then.push((Table::Desired, key(&[&new.env, &new.app]), enc(d)));
+        }
+        if ends.promoted {
+            then.push((Table::Promoted, key(&[&new.env, &new.app, &new.digest.to_hex()]), new.id.as_bytes().to_vec()));
+        }
         let mut expected = enc(before);
         for _ in 0..2 {
-            match self.db.swap(Table::Rollouts, &k, Some(&expected), Some(enc(new)))? {
+            match self.db.swap_and_put(Table::Rollouts, &k, Some(&expected), Some(enc(new)), then.clone())? {
                 Ok(()) => {
-                    // The marker of an ended rollout goes after its record (see put_rollout).
+                    // The mark of an ended rollout goes after its record (see put_rollout).
                     if new.state.is_final() {
-                        self.del(Table::Meta, key(&["active-rollout", &new.env, &new.app]))?;
+                        self.clear_active_rollout_of(&new.env, &new.app, &new.id)?;
                     }
                     return Ok(true);
                 }
@@ -831,14 +850,39 @@ impl Store {
         Ok(false)
     }
 
+    /// Removes the mark of the running rollout of (env, app) if it is still `id`'s: a late
+    /// removal never takes the mark of a rollout started since.
+    pub fn clear_active_rollout_of(&self, env: &str, app: &str, id: &str) -> Result<()> {
+        // Not `id`'s any more (or gone already): nothing to remove.
+        let _ = self.db.swap(Table::Meta, &key(&["active-rollout", env, app]), Some(id.as_bytes()), None)?;
+        Ok(())
+    }
+
     // ---- several controllers ----
 
     /// Copies every record of `from` (a data directory's database) here, if this shared
     /// store has never been seeded: true if it copied. Of controllers starting at once on an
     /// empty etcd, one copies.
-    pub fn seed_from(&self, from: &Store) -> Result<bool> {
-        if self.db.swap(Table::Meta, b"seeded", None, Some(b"1".to_vec()))?.is_err() {
-            return Ok(false);
+    pub fn seed_from(&self, from: &Store, me: &str) -> Result<bool> {
+        let claim = format!("seeding by {me}").into_bytes();
+        match self.db.swap(Table::Meta, b"seeded", None, Some(claim))? {
+            Ok(()) => {}
+            Err(Some(done)) if &done[..] == b"1" => return Ok(false),
+            // Another controller copies now: its copy is waited for, not read half done.
+            Err(_) => {
+                let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                while std::time::Instant::now() < until {
+                    if self.db.get_fresh(Table::Meta, b"seeded")?.is_some_and(|v| &v[..] == b"1") {
+                        return Ok(false);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                return Err(StoreError::Unavailable(
+                    "another controller began copying its state into etcd and has not finished in 60 s; if it \
+                     died, remove the key (etcdctl del /stagehand/meta/seeded) and start again"
+                        .into(),
+                ));
+            }
         }
         for t in Table::ALL {
             if matches!(t, Table::Presence | Table::CatchUp | Table::Outbox) {
@@ -851,6 +895,8 @@ impl Store {
                 self.db.put(t, &k, v.to_vec())?;
             }
         }
+        self.flush()?;
+        self.put(Table::Meta, b"seeded", b"1".to_vec())?;
         self.flush()?;
         Ok(true)
     }
@@ -874,14 +920,14 @@ impl Store {
 
     /// The agents other controllers asked to catch up, and whether each has just staged.
     pub fn take_catch_ups(&self) -> Result<Vec<(AgentId, bool)>> {
-        let asked = self.db.scan(Table::CatchUp, b"")?;
-        for (k, _) in &asked {
-            self.db.remove(Table::CatchUp, k)?;
+        let mut taken = Vec::new();
+        for (k, v) in self.db.scan(Table::CatchUp, b"")? {
+            // Taken as read: one asked again meanwhile stays for the next call.
+            if self.db.swap(Table::CatchUp, &k, Some(&v), None)?.is_ok() {
+                taken.push((AgentId(String::from_utf8_lossy(&k).into_owned()), v.first() == Some(&1)));
+            }
         }
-        Ok(asked
-            .into_iter()
-            .map(|(k, v)| (AgentId(String::from_utf8_lossy(&k).into_owned()), v.first() == Some(&1)))
-            .collect())
+        Ok(taken)
     }
 
     /// Leaves a catch-up message for the controller `agent` is connected to.
@@ -940,12 +986,6 @@ impl Store {
     /// The controller that drives rollouts now, when several share the state.
     pub fn leader(&self) -> Result<Option<String>> {
         Ok(self.raw(Table::Meta, etcd::leader_key())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
-    }
-
-    /// Forgets a marker whose rollout is missing or ended.
-    pub fn clear_active_rollout(&self, env: &str, app: &str) -> Result<()> {
-        self.del(Table::Meta, key(&["active-rollout", env, app]))?;
-        Ok(())
     }
 
     pub fn rollout(&self, id: &str) -> Result<Option<Rollout>> {

@@ -68,6 +68,9 @@ impl Etcd {
                 // A rollout record of many hosts is one value.
                 "--max-request-bytes",
                 "33554432",
+                // A rollout rewrites its record at every step: old revisions go.
+                "--auto-compaction-retention",
+                "1h",
                 "--log-level",
                 "warn",
             ],

@@ -130,17 +130,17 @@ pub trait Backend: Send + Sync {
     /// Sets `key` to `new` (None: removes it) if it holds `old` (None: absent), atomically
     /// for every controller sharing the state, after every write made before it.
     fn swap(&self, t: Table, key: &[u8], old: Option<&[u8]>, new: Option<Vec<u8>>) -> Result<Swapped> {
-        self.swap_and_put(t, key, old, new, None)
+        self.swap_and_put(t, key, old, new, Vec::new())
     }
     /// [`Backend::swap`] that also writes `then` (table, key, value) if it succeeds, in the
-    /// same transaction: no other controller sees one without the other.
+    /// same transaction: no other controller sees the one without the others.
     fn swap_and_put(
         &self,
         t: Table,
         key: &[u8],
         old: Option<&[u8]>,
         new: Option<Vec<u8>>,
-        then: Option<(Table, &[u8], Vec<u8>)>,
+        then: Vec<(Table, Vec<u8>, Vec<u8>)>,
     ) -> Result<Swapped>;
     /// Makes every write made so far durable (and, shared, seen by the other controllers).
     /// Blocks: call it off the async threads.

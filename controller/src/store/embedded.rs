@@ -73,11 +73,13 @@ impl Backend for Sled {
         key: &[u8],
         old: Option<&[u8]>,
         new: Option<Vec<u8>>,
-        then: Option<(Table, &[u8], Vec<u8>)>,
+        then: Vec<(Table, Vec<u8>, Vec<u8>)>,
     ) -> Result<Swapped> {
         let swapped = self.tree(t).compare_and_swap(key, old, new)?.map_err(|e| e.current.map(Val::Sled));
-        if let (Ok(()), Some((t, k, v))) = (&swapped, then) {
-            self.tree(t).insert(k, v)?;
+        if swapped.is_ok() {
+            for (t, k, v) in then {
+                self.tree(t).insert(k, v)?;
+            }
         }
         Ok(swapped)
     }

@@ -136,8 +136,9 @@ enum Op {
         old: Option<Vec<u8>>,
         new: Option<Arc<[u8]>>,
         /// Written with it if it succeeds.
-        then: Option<(Vec<u8>, Arc<[u8]>)>,
-        reply: std::sync::mpsc::SyncSender<Swapped>,
+        then: Vec<(Vec<u8>, Arc<[u8]>)>,
+        /// The outcome, or why etcd refused the transaction.
+        reply: std::sync::mpsc::SyncSender<std::result::Result<Swapped, String>>,
         cancelled: Arc<AtomicBool>,
     },
 }
@@ -383,7 +384,7 @@ fn swap_now(inner: &Inner, op: Op) -> Option<String> {
         Some(v) => Write::Put { key: &key, value: v, lease: None },
         None => Write::Delete { key: &key },
     }];
-    if let Some((k, v)) = &then {
+    for (k, v) in &then {
         writes.push(Write::Put { key: k, value: v, lease: None });
     }
     let mut attempt = 0;
@@ -399,8 +400,9 @@ fn swap_now(inner: &Inner, op: Op) -> Option<String> {
                 }
             }
             Err(e) => {
-                let _ = reply.send(Err(None));
-                return Some(e.to_string());
+                // Said to the caller, not left for the next flush to find.
+                let _ = reply.send(Err(e.to_string()));
+                return None;
             }
         }
     };
@@ -409,7 +411,7 @@ fn swap_now(inner: &Inner, op: Op) -> Option<String> {
     let answer = if outcome.succeeded {
         // As etcd reported it (a later change may already be here from the watch).
         m.take(key.clone(), new.clone(), outcome.revision);
-        if let Some((k, v)) = then {
+        for (k, v) in then {
             m.take(k, Some(v), outcome.revision);
         }
         Ok(())
@@ -420,7 +422,7 @@ fn swap_now(inner: &Inner, op: Op) -> Option<String> {
         Err(current.map(|kv| Val::Shared(Arc::from(kv.value))))
     };
     drop(m);
-    let _ = reply.send(answer);
+    let _ = reply.send(Ok(answer));
     None
 }
 
@@ -532,15 +534,15 @@ fn lease_loop(inner: &Inner) {
             }
         }
         // Renewal late enough that etcd may already have let the lease go: step down.
-        if let Some((_, renewed)) = *lock(&inner.lease) {
-            if renewed.elapsed() + Duration::from_secs(1) >= LEASE_TTL {
-                if inner.leader.swap(false, SeqCst) {
-                    warn!("This controller could not renew its lease in etcd: it stops driving rollouts.");
-                }
-                if renewed.elapsed() >= LEASE_TTL {
-                    *lock(&inner.lease) = None;
-                }
+        // The lease is given up with the leadership: a renewal that succeeds later would keep
+        // the leadership key alive for a controller that no longer drives, and nobody would.
+        let late = lock(&inner.lease).filter(|(_, renewed)| renewed.elapsed() + Duration::from_secs(1) >= LEASE_TTL);
+        if let Some((id, _)) = late {
+            if inner.leader.swap(false, SeqCst) {
+                warn!("This controller could not renew its lease in etcd in time: it stops driving rollouts.");
             }
+            *lock(&inner.lease) = None;
+            let _ = inner.api.lease_revoke(id);
         }
         std::thread::sleep(Duration::from_millis(if attempt == 0 { 250 } else { 500 }));
     }
@@ -617,7 +619,7 @@ impl Backend for Etcd {
         key: &[u8],
         old: Option<&[u8]>,
         new: Option<Vec<u8>>,
-        then: Option<(Table, &[u8], Vec<u8>)>,
+        then: Vec<(Table, Vec<u8>, Vec<u8>)>,
     ) -> Result<Swapped> {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
         let cancelled = Arc::new(AtomicBool::new(false));
@@ -625,15 +627,13 @@ impl Backend for Etcd {
             key: full_key(t, key),
             old: old.map(<[u8]>::to_vec),
             new: new.map(Arc::from),
-            then: then.map(|(t, k, v)| (full_key(t, k), Arc::from(v))),
+            then: then.into_iter().map(|(t, k, v)| (full_key(t, &k), Arc::from(v))).collect(),
             reply,
             cancelled: cancelled.clone(),
         });
         match answer.recv_timeout(WAIT) {
-            Ok(Err(None)) if lock(&self.0.queue).refused.is_some() => {
-                Err(StoreError::Unavailable(lock(&self.0.queue).refused.take().unwrap_or_default()))
-            }
-            Ok(swapped) => Ok(swapped),
+            Ok(Ok(swapped)) => Ok(swapped),
+            Ok(Err(why)) => Err(StoreError::Unavailable(format!("etcd refused a write: {why}"))),
             Err(_) => {
                 cancelled.store(true, SeqCst);
                 Err(self.0.unavailable())

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 /// How long one call may take before etcd counts as unreachable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long loading the whole state may take.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// The largest answer read from etcd (a range over the whole state).
 const RESPONSE_LIMIT: u64 = 1 << 30;
 
@@ -77,6 +79,8 @@ pub struct Etcd {
     /// The endpoint that answered last: asked first.
     at: std::sync::atomic::AtomicUsize,
     agent: ureq::Agent,
+    /// Loading the whole state: as long as its size needs.
+    loading: ureq::Agent,
     /// Watches read for as long as etcd sends.
     streaming: ureq::Agent,
 }
@@ -137,7 +141,13 @@ impl Etcd {
                 .build()
                 .into()
         };
-        Etcd { endpoints, at: Default::default(), agent: build(Some(CALL_TIMEOUT)), streaming: build(None) }
+        Etcd {
+            endpoints,
+            at: Default::default(),
+            agent: build(Some(CALL_TIMEOUT)),
+            loading: build(Some(LOAD_TIMEOUT)),
+            streaming: build(None),
+        }
     }
 
     pub fn endpoints(&self) -> String {
@@ -153,7 +163,10 @@ impl Etcd {
         for i in 0..self.endpoints.len() {
             let n = (first + i) % self.endpoints.len();
             let url = format!("http://{}{path}", self.endpoints[n]);
-            match agent.post(&url).header("content-type", "application/json").send(&body[..]) {
+            // A watch on a member cut off from its cluster is cancelled rather than left silent.
+            let request =
+                agent.post(&url).header("content-type", "application/json").header("grpc-metadata-hasleader", "true");
+            match request.send(&body[..]) {
                 Ok(r) if r.status().is_server_error() => why = format!("{url} answered {}", r.status()),
                 Ok(mut r) if !r.status().is_success() => {
                     let status = r.status().as_u16();
@@ -167,7 +180,9 @@ impl Etcd {
                     // Busy, between leaders, timed out: gRPC's deadline exceeded (4), resource
                     // exhausted (8), aborted (10) and unavailable (14). Worth trying again.
                     let code = body.get("code").and_then(Value::as_u64).unwrap_or(0);
-                    if matches!(status, 408 | 429) || matches!(code, 4 | 8 | 10 | 14) {
+                    // A request larger than etcd takes is refused for good, whatever the code.
+                    let too_large = message.contains("too large") || message.contains("larger than max");
+                    if !too_large && (matches!(status, 408 | 429) || matches!(code, 4 | 8 | 10 | 14)) {
                         why = format!("{url}: {message}");
                         continue;
                     }
@@ -184,7 +199,11 @@ impl Etcd {
     }
 
     fn call(&self, path: &str, body: &Value) -> Result<Value> {
-        let r = self.post(&self.agent, path, body)?;
+        self.call_with(&self.agent, path, body)
+    }
+
+    fn call_with(&self, agent: &ureq::Agent, path: &str, body: &Value) -> Result<Value> {
+        let r = self.post(agent, path, body)?;
         let mut text = Vec::new();
         r.into_body()
             .into_with_config()
@@ -202,7 +221,8 @@ impl Etcd {
 
     /// Every key under `prefix`, and the revision they were read at.
     pub fn range(&self, prefix: &[u8]) -> Result<(Vec<Kv>, i64)> {
-        let v = self.call("/v3/kv/range", &json!({ "key": b64(prefix), "range_end": b64(&prefix_end(prefix)) }))?;
+        let range = json!({ "key": b64(prefix), "range_end": b64(&prefix_end(prefix)) });
+        let v = self.call_with(&self.loading, "/v3/kv/range", &range)?;
         let kvs = v.get("kvs").cloned().map(serde_json::from_value::<Vec<RawKv>>).transpose();
         let kvs = kvs.map_err(|e| EtcdError::Refused(format!("a range answer etcd should not send: {e}")))?;
         let kvs = kvs.unwrap_or_default().into_iter().map(RawKv::kv).collect::<Result<_>>()?;

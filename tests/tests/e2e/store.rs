@@ -257,12 +257,37 @@ async fn a_rollout_is_replaced_only_as_it_was_read(a: &Store, b: &Store) {
     seen("b to see the rollout", || b.rollout("r-1").unwrap().is_some()).await;
     let paused = Rollout { pause_requested: true, revision: 2, ..r.clone() };
     let stepped = Rollout { wave: 1, revision: 2, ..r.clone() };
-    assert!(tokio::task::block_in_place(|| a.replace_rollout(&r, &paused)).unwrap());
-    // b read `r` too: its step is refused, and the pause stays.
-    assert!(!tokio::task::block_in_place(|| b.replace_rollout(&r, &stepped)).unwrap());
+    assert!(tokio::task::block_in_place(|| a.replace_rollout(&r, &paused, Default::default())).unwrap());
+    // b read `r` too: its step is refused, and the pause stays; what its step's end would
+    // have written (the released version) is not written either.
+    let message = stagehand_common::activate::SignedActivate { body: vec![1], signature: vec![2; 64] };
+    let desired = DesiredRecord {
+        v: DESIRED_VERSION,
+        version: "2".into(),
+        digest: Digest([2; 32]),
+        seq: 9,
+        message,
+        targets: vec![],
+        history: vec![],
+        selectors: Labels::new(),
+        since_seq: 9,
+        owed: vec![],
+        more: vec![],
+    };
+    let ends = Ends { desired: Some(desired), promoted: true };
+    assert!(!tokio::task::block_in_place(|| b.replace_rollout(&r, &stepped, ends)).unwrap());
+    tokio::task::block_in_place(|| b.flush()).unwrap();
+    assert!(
+        b.desired("prod", "web").unwrap().is_none() && b.promoted("prod", "web", &Digest([2; 32])).unwrap().is_none()
+    );
     seen("the pause to hold", || b.rollout("r-1").unwrap() == Some(paused.clone())).await;
     let done = Rollout { state: State::Succeeded, revision: 3, ..paused.clone() };
-    assert!(tokio::task::block_in_place(|| b.replace_rollout(&paused, &done)).unwrap());
+    let ends = Ends { desired: None, promoted: true };
+    assert!(tokio::task::block_in_place(|| b.replace_rollout(&paused, &done, ends)).unwrap());
+    seen("the promotion to come with the ended record", || {
+        a.promoted("prod", "web", &Digest([2; 32])).unwrap().is_some()
+    })
+    .await;
     seen("the ended rollout to leave the running ones", || a.active_rollouts().unwrap().is_empty()).await;
 }
 
