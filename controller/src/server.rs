@@ -327,13 +327,19 @@ async fn follow(ctl: Arc<Controller>) {
     }
 }
 
+/// One agent's or one identity's failure does not keep the others from being acted on.
 fn react(ctl: &Controller, tables: u32) -> Result<()> {
     use crate::store::backend::Table;
+    let mut failed = None;
     if tables & Table::Agents.bit() != 0 {
         for id in ctl.fleet.agents() {
-            if !active_agent(ctl, &id)? {
-                info!(agent = %id, "Revoked through another controller: closing its sessions.");
-                ctl.fleet.kick(&id);
+            match active_agent(ctl, &id) {
+                Ok(true) => {}
+                Ok(false) => {
+                    info!(agent = %id, "Revoked through another controller: closing its sessions.");
+                    ctl.fleet.kick(&id);
+                }
+                Err(e) => failed = Some(e),
             }
         }
     }
@@ -350,10 +356,12 @@ fn react(ctl: &Controller, tables: u32) -> Result<()> {
     }
     if tables & Table::Deploys.bit() != 0 {
         for id in ctl.fleet.agents() {
-            deploy::order_pending(ctl, &id)?;
+            if let Err(e) = deploy::order_pending(ctl, &id) {
+                failed = Some(e);
+            }
         }
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// Handshakes in flight at most. Beyond them a connection waits its turn in a queue, in

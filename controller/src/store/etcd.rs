@@ -210,15 +210,21 @@ impl Etcd {
                 .spawn(move || work(&inner))
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         }
+        // A large state takes its time to load; an etcd that does not answer fails soon.
+        let started = Instant::now();
         let (loaded, cv) = &inner.loaded;
-        let (loaded, timeout) = cv.wait_timeout_while(lock(loaded), WAIT, |l| !*l).unwrap_or_else(|p| p.into_inner());
-        if !*loaded && timeout.timed_out() {
-            drop(loaded);
-            inner.stop.store(true, SeqCst);
-            let why = lock(&inner.trouble).clone().unwrap_or_else(|| "no answer".into());
-            return Err(StoreError::Unavailable(why));
+        let mut done = lock(loaded);
+        while !*done {
+            let unreachable = started.elapsed() > WAIT && lock(&inner.trouble).is_some();
+            if unreachable || started.elapsed() > etcd_api::LOAD_TIMEOUT {
+                drop(done);
+                inner.stop.store(true, SeqCst);
+                let why = lock(&inner.trouble).clone().unwrap_or_else(|| "the state did not load in time".into());
+                return Err(StoreError::Unavailable(why));
+            }
+            done = cv.wait_timeout(done, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
         }
-        drop(loaded);
+        drop(done);
         Ok(Etcd(inner))
     }
 }
@@ -260,8 +266,11 @@ impl Inner {
         if let Op::Write { key, val } = &op {
             let mut m = self.mirror.write().unwrap_or_else(|p| p.into_inner());
             let e = m.map.entry(key.clone()).or_insert(Entry::new());
+            let deleted = val.is_none() && e.val.is_some();
             e.val = val.clone();
             e.pending = gen;
+            // Counted for pruning like a deletion another controller made.
+            m.deleted += usize::from(deleted);
         }
         q.ops.push_back((gen, op));
         drop(q);

@@ -17,7 +17,7 @@ use std::time::Duration;
 /// How long one call may take before etcd counts as unreachable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long loading the whole state may take.
-const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// The largest answer read from etcd (a range over the whole state).
 const RESPONSE_LIMIT: u64 = 1 << 30;
 
