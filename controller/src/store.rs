@@ -889,7 +889,7 @@ impl Store {
                 continue;
             }
             for (k, v) in from.db.scan(t, b"")? {
-                if t == Table::Meta && &k[..] == etcd::leader_key() {
+                if t == Table::Meta && &k[..] == etcd::LEADER_KEY {
                     continue;
                 }
                 self.db.put(t, &k, v.to_vec())?;
@@ -981,11 +981,6 @@ impl Store {
                 Some((d, u64::from_be_bytes(<[u8; 8]>::try_from(&v[..]).ok()?)))
             })
             .collect())
-    }
-
-    /// The controller that drives rollouts now, when several share the state.
-    pub fn leader(&self) -> Result<Option<String>> {
-        Ok(self.raw(Table::Meta, etcd::leader_key())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     pub fn rollout(&self, id: &str) -> Result<Option<Rollout>> {

@@ -23,6 +23,8 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
+/// The key in `meta` that the controller driving rollouts holds on its lease.
+pub const LEADER_KEY: &[u8] = b"leader";
 /// Every key of the state lives under this prefix.
 const PREFIX: &[u8] = b"/stagehand/";
 /// How long a controller that stops renewing its lease stays the leader in etcd's eyes.
@@ -494,7 +496,7 @@ fn watch_loop(inner: &Inner) {
 /// leadership key. A controller that cannot renew its lease in time stops driving before
 /// etcd lets it go, so two never drive at once.
 fn lease_loop(inner: &Inner) {
-    let leader_key = full_key(Table::Meta, b"leader");
+    let leader_key = full_key(Table::Meta, LEADER_KEY);
     let mut attempt = 0;
     while !inner.stop.load(SeqCst) {
         let lease = *lock(&inner.lease);
@@ -714,9 +716,4 @@ impl Backend for Etcd {
         }
         self.0.queue_moved.notify_all();
     }
-}
-
-/// The leader's name, as the mirror holds it (for status).
-pub fn leader_key() -> &'static [u8] {
-    b"leader"
 }

@@ -3,18 +3,13 @@
 //! 3-wave rollout; etcd goes away for a while and comes back.
 
 use crate::failover::controllers;
+use crate::rollout::{activations, current, tree};
 use crate::STAGEHAND;
 use stagehand_tests::etcd::Etcd;
 use stagehand_tests::{wait_for, Fleet, Proc, TestAgent};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// Every activation is appended to `activations` in the app's root.
-const TOML: &str = r#"
-[hooks]
-post_activate = "echo $STAGEHAND_VERSION >> ../../activations"
-"#;
 
 struct Controller {
     proc: Proc,
@@ -76,7 +71,7 @@ async fn serve(dir: &Path, etcd: &Etcd, n: usize) -> Controller {
     let d = dir.to_str().unwrap();
     let url = etcd.url();
     let args = ["controller", "serve", "--data-dir", d, "--listen", "127.0.0.1:0", "--store", &url];
-    let env = [("STAGEHAND_LOG", "info,stagehand_controller::store=trace")];
+    let env = [("STAGEHAND_LOG", "info")];
     let proc = Proc::spawn(STAGEHAND, &args, &env, dir.join(format!("serve-{n}.log"))).unwrap();
     let file = &addr_file;
     wait_for("the controller to listen", Duration::from_secs(30), || async move { file.exists() }).await.unwrap();
@@ -94,22 +89,6 @@ fn cli(cluster: &Cluster, at: usize, args: &[&str]) -> (i32, String, String) {
         .unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
-}
-
-fn tree(root: &Path, version: &str) -> PathBuf {
-    let dir = root.join(format!("src-{version}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("VERSION"), version).unwrap();
-    std::fs::write(dir.join("stagehand.toml"), TOML).unwrap();
-    dir
-}
-
-fn current(a: &TestAgent) -> Option<String> {
-    a.current("web").map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-}
-
-fn activations(a: &TestAgent) -> String {
-    std::fs::read_to_string(a.app_root("web").join("activations")).unwrap_or_default()
 }
 
 /// Agents enrolled through the first controller, each given every controller's address,

@@ -22,7 +22,7 @@ interval = "10ms"
 timeout = "5s"
 "#;
 
-fn tree(root: &Path, version: &str) -> PathBuf {
+pub fn tree(root: &Path, version: &str) -> PathBuf {
     let dir = root.join(format!("src-{version}"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("VERSION"), version).unwrap();
@@ -34,11 +34,11 @@ fn spec(version: &str) -> RolloutSpec {
     RolloutSpec { app: "web".into(), version: Some(version.into()), env: "prod".into(), ..Default::default() }
 }
 
-fn current(a: &TestAgent) -> Option<String> {
+pub fn current(a: &TestAgent) -> Option<String> {
     a.current("web").map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
 }
 
-fn activations(a: &TestAgent) -> String {
+pub fn activations(a: &TestAgent) -> String {
     std::fs::read_to_string(a.app_root("web").join("activations")).unwrap_or_default()
 }
 
