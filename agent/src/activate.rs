@@ -24,9 +24,15 @@ pub async fn handle(host: &Arc<Host>, msg: SignedActivate) -> Receipt {
     let app = Activate::decode_unverified(&msg.body).map(|b| b.app).unwrap_or_default();
     let lock = host.activation(&app);
     let _one_at_a_time = lock.lock().await;
+    let before = host.layout.active(&app);
     let receipt = apply(host, &msg, started).await;
     host.metrics.receipt(&receipt);
     if receipt.outcome == ReceiptOutcome::Committed {
+        if let Some(before) = before.filter(|b| *b != receipt.version) {
+            if let Err(e) = host.store.set_prior(&app, &before) {
+                warn!(error = %e, "Could not record the version that ran before.");
+            }
+        }
         // A version without a service replaced one with: the services stop.
         crate::switch::leave_service_mode(host, &receipt.app, &receipt.version);
     }
@@ -132,7 +138,13 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
         last_seq: journal.last_seq,
         staged: staged.map(|s| s.map_err(|_| ())),
     };
-    match activate::check(&body, &view, now) {
+    let verdict = activate::check(&body, &view, now);
+    if matches!(verdict, Ok(Verdict::Apply | Verdict::Wait { .. })) {
+        if let Err((r, why)) = policy_allows(host, &body) {
+            return refuse_why(Some(&body), r, why);
+        }
+    }
+    match verdict {
         // What was modified, and where: the receipt says it to the operator.
         Err(Refusal::DigestMismatch) => {
             return refuse_why(Some(&body), Refusal::DigestMismatch, damage.unwrap_or_default());
@@ -170,6 +182,40 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
     }
     failpoint::hit("activate-after-intent");
     Prepared::Go { body, journal, previous, check_us }
+}
+
+/// The rules the environment's release policy adds (SPEC §14): approvals, and `[verify]`
+/// passed here. Going back to the version that ran before the current one (or staying on the
+/// current one) is always allowed, as rollbacks are.
+fn policy_allows(host: &Host, body: &Activate) -> Result<(), (Refusal, String)> {
+    let policy = host.policy.get();
+    let active = host.layout.active(&body.app);
+    let undo = active.as_deref() == Some(body.version.as_str())
+        || (active.is_some() && host.store.prior(&body.app).as_deref() == Some(body.version.as_str()));
+    if let Err((have, need)) = stagehand_common::policy::approvals_hold(&policy, body, undo) {
+        let why = format!(
+            "{} requires {need} approval(s) of a release (policy {}); this message for {} {} carries {have} valid one(s)",
+            policy.env, policy.serial, body.app, body.version
+        );
+        return Err((Refusal::ApprovalsMissing, why));
+    }
+    if policy.verify && !undo {
+        use stagehand_common::protocol::VerifyOutcome;
+        let why = match crate::verify::verified(host, &body.app, &body.version, &body.digest) {
+            Some(VerifyOutcome::Passed) => return Ok(()),
+            Some(VerifyOutcome::Failed { .. }) => "its [verify] failed on this host",
+            Some(VerifyOutcome::NotDeclared) => "it declares no [verify]",
+            None => "its [verify] has not run on this host",
+        };
+        return Err((
+            Refusal::NotVerified,
+            format!(
+                "{} requires a verified version (policy {}); {} {}: {why}",
+                policy.env, policy.serial, body.app, body.version
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs synchronous file work on the blocking pool, off the async threads.

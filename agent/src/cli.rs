@@ -260,17 +260,29 @@ fn status(data_dir: &Path, json: bool) -> Result<i32> {
             "traffic": crate::switch::load_route(&layout, &app).map(|r| r.versions),
         }));
     }
+    let policy = crate::policy::Enforced::load(data_dir, &identity.env)?.get();
+    let approvers: Vec<&str> = policy.approvers.iter().map(|a| a.name.as_str()).collect();
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "id": identity.id, "name": identity.name, "env": identity.env,
                 "controller": layout.config.controller, "apps": apps,
+                "policy": { "serial": policy.serial, "approvals": policy.approvals, "approvers": approvers, "verify": policy.verify },
             }))?
         );
         return Ok(0);
     }
     println!("agent {} ({}) in {}, controller {}", identity.id, identity.name, identity.env, layout.config.controller);
+    if policy.serial > 0 {
+        println!(
+            "release policy {}: {} approval(s) from [{}]{}",
+            policy.serial,
+            policy.approvals,
+            approvers.join(", "),
+            if policy.verify { ", verified versions only" } else { "" }
+        );
+    }
     if apps.is_empty() {
         println!("No apps staged yet.");
     }
@@ -321,6 +333,7 @@ async fn activate(data_dir: &Path, file: &Path, json: bool) -> Result<i32> {
         Err(_) => {
             let host = Arc::new(Host::open(data_dir)?);
             host.apply_key_changes(&chain)?;
+            crate::policy::offer_from_export(&host, &text)?;
             // The services the routes name, as the daemon would have them (adopted).
             crate::switch::restore(&host).await;
             crate::activate::recover(&host).await;
@@ -383,6 +396,14 @@ fn next_after(why: &stagehand_common::activate::Refusal, app: &str) -> String {
             "{app} is not in traffic mode here, or the version has no [service]: put `listen` under [apps.{app}] in \
              agent.toml and restart the agent (it reads listen at start), give the artifact a [service], or release \
              without --traffic"
+        ),
+        ApprovalsMissing => format!(
+            "this environment's policy requires approvals the message does not carry: release through the controller \
+             (stagehand release {app} VERSION --env ENV), have it approved (stagehand approve ROLLOUT), then export it"
+        ),
+        NotVerified => format!(
+            "the version's [verify] has not passed on this host: `stagehand status {app} --env ENV` shows why; fix it, \
+             push and deploy a new version"
         ),
     }
 }

@@ -171,6 +171,7 @@ pub fn activate_seed() -> Vec<u8> {
         expires_at: 2000,
         key_id: public.key_id,
         traffic: stagehand_common::activate::FULL_TRAFFIC,
+        approved: None,
     };
     encode(&activate::sign(&body, &key))
 }

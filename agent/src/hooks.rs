@@ -1,4 +1,4 @@
-//! What an artifact says about itself (`stagehand.toml`, SPEC §5b) and running it: hooks and
+//! What an artifact says about itself (`stagehand.toml`, SPEC §5b and §14) and running it: hooks,
 //! health checks with timeouts, their output bounded for the receipt. A hook runs in its own
 //! process group (the whole group is killed at its timeout), with an allow-listed
 //! environment, under the host's ceilings on timeouts and tries, and as the app's `user`
@@ -25,6 +25,18 @@ pub struct ArtifactConfig {
     pub service: Option<Service>,
     /// Runs after a switch, for apps behind a proxy the agent does not run (nginx, HAProxy).
     pub switch: Option<Switch>,
+    /// Run against the staged, not-live tree right after staging (SPEC §14).
+    pub verify: Option<Verify>,
+}
+
+/// `[verify]`: a test of the staged tree, run like a hook before anything can make it live.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verify {
+    /// Run with `sh -c` in the release directory.
+    pub command: String,
+    /// Default: `[hooks] timeout`, else the hooks' default (60s).
+    pub timeout: Option<String>,
 }
 
 /// `[service]`: what the agent starts from the release directory, with `PORT` set.
@@ -125,6 +137,12 @@ impl ArtifactConfig {
                 return Err("stagehand.toml: [service] start is empty".into());
             }
         }
+        if let Some(v) = &c.verify {
+            key("[verify] timeout", c.verify_timeout())?;
+            if v.command.trim().is_empty() {
+                return Err("stagehand.toml: [verify] command is empty".into());
+            }
+        }
         if c.switch.is_some() && c.service.is_none() {
             return Err("stagehand.toml: [switch] needs a [service] (it is told the service's PORT)".into());
         }
@@ -133,6 +151,14 @@ impl ArtifactConfig {
 
     pub fn hook_timeout(&self) -> Result<Duration, String> {
         duration(&self.hooks.timeout, Duration::from_secs(60))
+    }
+
+    /// `[verify] timeout`, else the hooks' (a verify is a hook run early).
+    pub fn verify_timeout(&self) -> Result<Duration, String> {
+        match self.verify.as_ref().map(|v| &v.timeout) {
+            Some(t @ Some(_)) => duration(t, Duration::ZERO),
+            _ => self.hook_timeout(),
+        }
     }
 }
 
@@ -325,4 +351,36 @@ fn roots(ca: Option<&Path>) -> Result<ureq::tls::RootCerts, String> {
         return Err(format!("{} holds no certificate", path.display()));
     }
     Ok(ureq::tls::RootCerts::new_with_certs(&certs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_is_read_with_its_timeout() {
+        let c = ArtifactConfig::parse("[verify]\ncommand = \"bin/test\"\ntimeout = \"5m\"\n").unwrap();
+        assert_eq!(c.verify.as_ref().map(|v| v.command.as_str()), Some("bin/test"));
+        assert_eq!(c.verify_timeout(), Ok(Duration::from_secs(300)));
+    }
+
+    /// Without its own timeout a verify has the hooks': the artifact's, else 60s.
+    #[test]
+    fn verify_timeout_defaults_to_the_hooks() {
+        let c = ArtifactConfig::parse("[verify]\ncommand = \"true\"\n").unwrap();
+        assert_eq!(c.verify_timeout(), Ok(Duration::from_secs(60)));
+        let c = ArtifactConfig::parse("[hooks]\ntimeout = \"7s\"\n[verify]\ncommand = \"true\"\n").unwrap();
+        assert_eq!(c.verify_timeout(), Ok(Duration::from_secs(7)));
+        assert!(ArtifactConfig::parse("").unwrap().verify.is_none());
+    }
+
+    #[test]
+    fn a_bad_verify_is_refused_naming_the_key() {
+        let e = ArtifactConfig::parse("[verify]\ncommand = \"true\"\ntimeout = \"soon\"\n").unwrap_err();
+        assert!(e.contains("[verify] timeout"), "{e}");
+        let e = ArtifactConfig::parse("[verify]\ncommand = \"  \"\n").unwrap_err();
+        assert!(e.contains("[verify] command is empty"), "{e}");
+        assert!(ArtifactConfig::parse("[verify]\ntimeout = \"1s\"\n").is_err(), "command is required");
+        assert!(ArtifactConfig::parse("[verify]\ncommand = \"true\"\nretries = 2\n").is_err(), "unknown key");
+    }
 }

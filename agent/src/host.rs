@@ -182,6 +182,10 @@ pub struct Host {
     credentials: Mutex<stagehand_common::tls::Credentials>,
     /// Set once when the agent must stop for good (revoked, certificate expired), with why.
     stop: tokio::sync::watch::Sender<Option<String>>,
+    /// The environment's release policy in force (SPEC §14).
+    pub policy: crate::policy::Enforced,
+    /// Per app: the version previewed beside the live one (SPEC §14).
+    previews: Mutex<std::collections::HashMap<String, String>>,
     /// The release keys pinned now: the identity's, moved on by key changes.
     release_keys: Mutex<Vec<stagehand_common::activate::ReleaseKey>>,
     pending_key: Mutex<Option<(String, Vec<u8>)>>,
@@ -217,7 +221,10 @@ impl Host {
                 data_dir.display()
             )
         })?;
+        let policy = crate::policy::Enforced::load(data_dir, &identity.env)?;
         let host = Host {
+            policy,
+            previews: Mutex::default(),
             layout,
             credentials: Mutex::new(identity.credentials.clone()),
             release_keys: Mutex::new(identity.release_keys.clone()),
@@ -265,6 +272,19 @@ impl Host {
     /// Watches for [`Host::stop_for_good`].
     pub fn stopped_for_good(&self) -> tokio::sync::watch::Receiver<Option<String>> {
         self.stop.subscribe()
+    }
+
+    /// The version previewed for an app, if any.
+    pub fn preview_of(&self, app: &str) -> Option<String> {
+        self.previews.lock().unwrap_or_else(|p| p.into_inner()).get(app).cloned()
+    }
+
+    pub fn set_preview(&self, app: &str, version: &str) {
+        self.previews.lock().unwrap_or_else(|p| p.into_inner()).insert(app.to_string(), version.to_string());
+    }
+
+    pub fn take_preview(&self, app: &str) -> Option<String> {
+        self.previews.lock().unwrap_or_else(|p| p.into_inner()).remove(app)
     }
 
     /// Whether a message names a release key pinned now (its signature is checked later).

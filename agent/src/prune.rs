@@ -118,6 +118,8 @@ pub fn prune(host: &Host, app: &str, just_staged: &str, keep: usize) -> Result<V
 /// changed meanwhile: the version was used again and stays.
 fn remove(host: &Host, app: &str, version: &str, record: &crate::store::StagedRecord) -> Result<Option<PathBuf>> {
     let layout = &host.layout;
+    // Leaves the index with it (`Store::remove_staged_if`), and returns with it below.
+    let verified = host.store.verify_result(app, version).ok().flatten();
     if !host.store.remove_staged_if(app, version, record)? {
         return Ok(None);
     }
@@ -131,6 +133,9 @@ fn remove(host: &Host, app: &str, version: &str, record: &crate::store::StagedRe
         Err(e) => {
             // Still in releases/: back into the index, as it was.
             host.store.put_staged(app, version, record)?;
+            if let Some(r) = verified {
+                host.store.put_verify(app, version, &r)?;
+            }
             return Err(e).with_context(|| format!("moving {} aside", dir.display()));
         }
     }

@@ -328,6 +328,8 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
     write_msg(&mut send, &DeployUp::About { version: env!("CARGO_PKG_VERSION").to_string() }).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<DeployUp>();
     host.set_deploy(Some((tx, conn.clone())));
+    // Verify results go on this session, after the inventory.
+    crate::verify::after_connect(&host);
     let writer = async {
         while let Some(msg) = rx.recv().await {
             write_msg(&mut send, &msg).await?;
@@ -364,6 +366,8 @@ async fn deploy_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()> 
                                 outcome,
                             });
                             if !failed {
+                                // In the background, its result after the report (SPEC §14).
+                                crate::verify::after_staging(&host, &app, &version, digest);
                                 crate::prune::after_staging(&host, &app, &version).await;
                             }
                             return;
@@ -453,6 +457,7 @@ async fn release_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()>
         }
     }
     let _ = tx.send(ReleaseUp::State { apps: app_states(&host) });
+    let _ = tx.send(host.policy.report());
     host.set_release_tx(Some(tx));
     let writer = async {
         while let Some(msg) = rx.recv().await {
@@ -480,6 +485,18 @@ async fn release_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()>
                     tokio::task::spawn_blocking(move || host.apply_key_changes(&chain))
                         .await
                         .context("applying release key changes")??;
+                }
+                // In force before the next message is read, as key changes are.
+                ReleaseDown::Policy(signed) => {
+                    let h = host.clone();
+                    tokio::task::spawn_blocking(move || h.policy.offer(&signed, &h.release_keys()))
+                        .await
+                        .context("applying a release policy")??;
+                    host.send_release(host.policy.report());
+                }
+                ReleaseDown::Preview(p) => {
+                    let host = host.clone();
+                    tokio::spawn(async move { crate::preview::handle(&host, p).await });
                 }
             }
         }
@@ -512,7 +529,10 @@ async fn serve_socket(host: Arc<Host>, listener: tokio::net::UnixListener) {
         tokio::spawn(async move {
             let reply = match read_blob::<_, { EXPORT_LIMIT as usize }>(&mut stream).await {
                 Ok(Some(Some(bytes))) => match SignedActivate::from_export_with(&String::from_utf8_lossy(&bytes)) {
-                    Ok((msg, chain)) => match host.apply_key_changes(&chain) {
+                    Ok((msg, chain)) => match host
+                        .apply_key_changes(&chain)
+                        .and_then(|_| crate::policy::offer_from_export(&host, &String::from_utf8_lossy(&bytes)))
+                    {
                         Ok(_) => Ok(activate::handle(&host, msg).await),
                         Err(e) => Err(format!("pinning the release key changes the file carries: {e:#}")),
                     },

@@ -128,6 +128,8 @@ async fn stage_inner(host: &Arc<Host>, conn: &quinn::Connection, order: &Order) 
     tokio::task::spawn_blocking(move || {
         let target = Target { staging: &staging, release_dir: &release_dir, manifest_file: &manifest_file };
         let seal = finish(&host2.ledger, &app2, &target, &bytes, &manifest, &plan.files, &plan.made)?;
+        // A result left by an earlier copy (a crash between two removals) is not this one's.
+        host2.store.remove_verify(&app2, &version2)?;
         host2.store.put_staged(
             &app2,
             &version2,

@@ -1,10 +1,12 @@
 //! The agent's sled index: which versions are staged, with their digest and a seal of the
 //! staged files, and the ctime the agent's own last link or unlink left on each inode that
-//! versions share (`share.rs`). The filesystem (`releases/`, `current`, the journal) is the truth; this
+//! versions share (`share.rs`), and what each staged version's `[verify]` said (`verify.rs`).
+//! The filesystem (`releases/`, `current`, the journal) is the truth; this
 //! index is rebuilt from it at start-up when it disagrees. Only this module touches sled.
 
 use serde::{Deserialize, Serialize};
 use stagehand_common::frame;
+use stagehand_common::protocol::VerifyOutcome;
 use stagehand_common::Digest;
 use std::path::Path;
 
@@ -33,6 +35,49 @@ pub struct SealEntry {
     pub ctime_ns: i64,
 }
 
+/// What a staged version's `[verify]` said, for the content it was staged with. Its own type,
+/// not the wire's: a change of the protocol does not change what is on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyRecord {
+    pub v: u8,
+    pub digest: Digest,
+    pub outcome: StoredVerify,
+}
+
+impl VerifyRecord {
+    pub const VERSION: u8 = 1;
+
+    pub fn new(digest: Digest, outcome: &VerifyOutcome) -> Self {
+        let outcome = match outcome {
+            VerifyOutcome::Passed => StoredVerify::Passed,
+            VerifyOutcome::Failed { log } => StoredVerify::Failed { log: log.clone() },
+            VerifyOutcome::NotDeclared => StoredVerify::NotDeclared,
+        };
+        VerifyRecord { v: Self::VERSION, digest, outcome }
+    }
+
+    pub fn outcome(&self) -> VerifyOutcome {
+        match &self.outcome {
+            StoredVerify::Passed => VerifyOutcome::Passed,
+            StoredVerify::Failed { log } => VerifyOutcome::Failed { log: log.clone() },
+            StoredVerify::NotDeclared => VerifyOutcome::NotDeclared,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredVerify {
+    Passed,
+    Failed { log: String },
+    NotDeclared,
+}
+
+/// A verify record of another version (or none that decodes) counts as absent: the
+/// command runs again.
+fn decode_verify(v: &[u8]) -> Option<VerifyRecord> {
+    frame::decode::<VerifyRecord, RECORD_LIMIT>(v).ok().filter(|r| r.v == VerifyRecord::VERSION)
+}
+
 /// A counter kept in `meta`: 8 big-endian bytes, 0 when absent or malformed.
 fn counter(v: Option<&[u8]>) -> u64 {
     v.and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_be_bytes).unwrap_or(0)
@@ -48,6 +93,7 @@ pub struct Store {
     staged: sled::Tree,
     meta: sled::Tree,
     shared: sled::Tree,
+    verify: sled::Tree,
 }
 
 fn key(app: &str, version: &str) -> Vec<u8> {
@@ -63,7 +109,13 @@ fn shared_key(app: &str, ino: u64) -> Vec<u8> {
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, sled::Error> {
         let db = sled::Config::new().path(dir).cache_capacity(8 << 20).open()?;
-        Ok(Store { staged: db.open_tree("staged")?, meta: db.open_tree("meta")?, shared: db.open_tree("shared")?, db })
+        Ok(Store {
+            staged: db.open_tree("staged")?,
+            meta: db.open_tree("meta")?,
+            shared: db.open_tree("shared")?,
+            verify: db.open_tree("verify")?,
+            db,
+        })
     }
 
     pub fn flush(&self) -> Result<(), sled::Error> {
@@ -75,8 +127,10 @@ impl Store {
         Ok(())
     }
 
+    /// Takes a version out of the index, with its verify result.
     pub fn remove_staged(&self, app: &str, version: &str) -> Result<(), sled::Error> {
         self.staged.remove(key(app, version))?;
+        self.verify.remove(key(app, version))?;
         Ok(())
     }
 
@@ -116,7 +170,56 @@ impl Store {
     pub fn remove_staged_if(&self, app: &str, version: &str, expected: &StagedRecord) -> Result<bool, sled::Error> {
         let swapped =
             self.staged.compare_and_swap(key(app, version), Some(frame::encode(expected)), None::<Vec<u8>>)?;
+        if swapped.is_ok() {
+            self.verify.remove(key(app, version))?;
+        }
         Ok(swapped.is_ok())
+    }
+
+    /// Records a verify result, only while the version is indexed with the digest it is
+    /// for (atomically: a removal that wins leaves no result behind); false if it is not.
+    pub fn put_verify(&self, app: &str, version: &str, r: &VerifyRecord) -> Result<bool, sled::Error> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let k = key(app, version);
+        let value = frame::encode(r);
+        let put = (&self.staged, &self.verify).transaction(|(staged, verify)| {
+            let held = staged.get(&k)?.and_then(|v| frame::decode::<StagedRecord, RECORD_LIMIT>(&v).ok());
+            if held.is_some_and(|s| s.digest == r.digest) {
+                verify.insert(k.as_slice(), value.as_slice())?;
+                return Ok(true);
+            }
+            Ok::<_, ConflictableTransactionError<()>>(false)
+        });
+        match put {
+            Ok(put) => Ok(put),
+            Err(TransactionError::Storage(e)) => Err(e),
+            // Never raised: the closure aborts with nothing.
+            Err(TransactionError::Abort(())) => Ok(false),
+        }
+    }
+
+    /// The verify result recorded for a version, whatever digest it is for.
+    pub fn verify_result(&self, app: &str, version: &str) -> Result<Option<VerifyRecord>, sled::Error> {
+        Ok(self.verify.get(key(app, version))?.and_then(|v| decode_verify(&v)))
+    }
+
+    pub fn remove_verify(&self, app: &str, version: &str) -> Result<(), sled::Error> {
+        self.verify.remove(key(app, version))?;
+        Ok(())
+    }
+
+    /// Every (app, version) with a verify record, including those that do not decode (so
+    /// that they can be removed).
+    pub fn all_verify(&self) -> Result<Vec<(String, String, Option<VerifyRecord>)>, sled::Error> {
+        let mut out = Vec::new();
+        for kv in self.verify.iter() {
+            let (k, v) = kv?;
+            let k = String::from_utf8_lossy(&k).into_owned();
+            if let Some((app, version)) = k.split_once('\0') {
+                out.push((app.to_string(), version.to_string(), decode_verify(&v)));
+            }
+        }
+        Ok(out)
     }
 
     /// A record that cannot be decoded counts as absent (the index is rebuildable).
@@ -179,5 +282,76 @@ impl Store {
         }
         self.meta.fetch_and_update(b"latest_time", |old| Some(counter(old).max(t).to_be_bytes().to_vec()))?;
         Ok(())
+    }
+
+    /// The version an app ran before its current one (SPEC §14: going back to it needs no
+    /// approvals). An index: lost, it only makes that rollback ask for approvals.
+    pub fn prior(&self, app: &str) -> Option<String> {
+        let v = self.meta.get(format!("prior\0{app}")).ok().flatten()?;
+        String::from_utf8(v.to_vec()).ok()
+    }
+
+    pub fn set_prior(&self, app: &str, version: &str) -> Result<(), sled::Error> {
+        self.meta.insert(format!("prior\0{app}"), version.as_bytes())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(digest: Digest) -> StagedRecord {
+        StagedRecord { v: 1, digest, seal: Vec::new(), used_at: 1 }
+    }
+
+    #[test]
+    fn a_verify_record_survives_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = Digest([7; 32]);
+        store.put_staged("web", "1", &staged(d)).unwrap();
+        for outcome in [VerifyOutcome::Passed, VerifyOutcome::Failed { log: "no".into() }, VerifyOutcome::NotDeclared] {
+            assert!(store.put_verify("web", "1", &VerifyRecord::new(d, &outcome)).unwrap());
+            let back = store.verify_result("web", "1").unwrap().unwrap();
+            assert_eq!((back.v, back.digest, back.outcome()), (VerifyRecord::VERSION, d, outcome));
+        }
+        assert_eq!(store.all_verify().unwrap().len(), 1);
+    }
+
+    /// A result is kept only for a version indexed with its digest, and leaves with it.
+    #[test]
+    fn a_verify_record_belongs_to_its_staged_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (d, other) = (Digest([1; 32]), Digest([2; 32]));
+        let r = VerifyRecord::new(d, &VerifyOutcome::Passed);
+        assert!(!store.put_verify("web", "1", &r).unwrap(), "not staged");
+        store.put_staged("web", "1", &staged(other)).unwrap();
+        assert!(!store.put_verify("web", "1", &r).unwrap(), "staged with other content");
+        store.put_staged("web", "1", &staged(d)).unwrap();
+        assert!(store.put_verify("web", "1", &r).unwrap());
+        store.remove_staged("web", "1").unwrap();
+        assert_eq!(store.verify_result("web", "1").unwrap(), None);
+
+        store.put_staged("web", "2", &staged(d)).unwrap();
+        assert!(store.put_verify("web", "2", &r).unwrap());
+        assert!(!store.remove_staged_if("web", "2", &staged(other)).unwrap());
+        assert!(store.verify_result("web", "2").unwrap().is_some(), "kept while the version stays");
+        assert!(store.remove_staged_if("web", "2", &staged(d)).unwrap());
+        assert_eq!(store.verify_result("web", "2").unwrap(), None);
+    }
+
+    /// A record written by another record version reads as absent.
+    #[test]
+    fn a_verify_record_of_another_version_is_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = Digest([3; 32]);
+        store.put_staged("web", "1", &staged(d)).unwrap();
+        let r = VerifyRecord { v: 9, ..VerifyRecord::new(d, &VerifyOutcome::Passed) };
+        assert!(store.put_verify("web", "1", &r).unwrap());
+        assert_eq!(store.verify_result("web", "1").unwrap(), None);
+        assert_eq!(store.all_verify().unwrap(), vec![("web".into(), "1".into(), None)]);
     }
 }

@@ -27,8 +27,11 @@ pub struct Activate {
     pub key_id: String,
     /// The share of new connections (percent) the named version gets on a host in traffic
     /// mode (SPEC §9); the rest stay with the version that had them. 100 moves them all.
-    /// Encoded only below 100 (see [`Activate::encode`]).
+    /// Encoded only below 100 or when `approved` follows (see [`Activate::encode`]).
     pub traffic: u8,
+    /// The approvals of the rollout's plan (SPEC §14), where the environment requires them.
+    /// Encoded only when present.
+    pub approved: Option<crate::policy::Approved>,
 }
 
 /// Every connection.
@@ -118,6 +121,10 @@ pub enum Refusal {
     /// The message splits traffic (`--traffic` below 100) and the app is not in traffic
     /// mode on this host (no `listen` in agent.toml, or no `[service]` in the artifact).
     NotTrafficMode,
+    /// The environment's policy requires approvals the message does not carry (SPEC §14).
+    ApprovalsMissing,
+    /// The environment's policy requires `[verify]` to have passed here, and it did not.
+    NotVerified,
 }
 
 impl Refusal {
@@ -139,13 +146,15 @@ impl Refusal {
             Refusal::HostError => "host-error",
             Refusal::NotYetValid => "not-yet-valid",
             Refusal::NotTrafficMode => "not-traffic-mode",
+            Refusal::ApprovalsMissing => "approvals-missing",
+            Refusal::NotVerified => "not-verified",
         }
     }
 }
 
 impl Refusal {
     /// Every refusal, in code order.
-    pub const ALL: [Refusal; 15] = [
+    pub const ALL: [Refusal; 17] = [
         Refusal::Malformed,
         Refusal::UnknownKey,
         Refusal::BadSignature,
@@ -161,6 +170,8 @@ impl Refusal {
         Refusal::HostError,
         Refusal::NotYetValid,
         Refusal::NotTrafficMode,
+        Refusal::ApprovalsMissing,
+        Refusal::NotVerified,
     ];
 
     /// The refusal a stable code names (as `-o json` prints it).
@@ -176,31 +187,41 @@ impl fmt::Display for Refusal {
 }
 
 impl Activate {
-    /// The bytes that are signed. `traffic` is the body's last byte (a `u8` is one byte),
-    /// and it is left out at 100: a message that moves all traffic is byte for byte the
-    /// message of protocol 2, which agents of before traffic mode still accept. A weighted
-    /// message is refused by them as malformed: it fails closed.
+    /// The bytes that are signed. The two last fields are left out while they say nothing:
+    /// `approved` when absent (its `None` is one byte), then `traffic` at 100 (a `u8` is one
+    /// byte). So a message that moves all traffic without approvals is byte for byte the
+    /// message of protocol 2, which agents of before traffic mode still accept; a weighted or
+    /// approved message is refused by them as malformed: it fails closed.
     pub fn encode(&self) -> Vec<u8> {
         let mut bytes = frame::encode(self);
-        if self.traffic == FULL_TRAFFIC {
+        if self.approved.is_none() {
             bytes.pop();
+            if self.traffic == FULL_TRAFFIC {
+                bytes.pop();
+            }
         }
         bytes
     }
 
-    /// The inverse of [`Activate::encode`]. A body without the weight byte means 100; one
-    /// with it must say 1 to 99, so that each message has exactly one encoding.
+    /// The inverse of [`Activate::encode`], accepting exactly one encoding per message: with
+    /// approvals, every field; without, the weight only when it is 1 to 99.
     pub fn decode(body: &[u8]) -> Option<Activate> {
         if let Ok(a) = frame::decode::<Activate, { frame::CONTROL_LIMIT }>(body) {
-            return (a.traffic > 0 && a.traffic < FULL_TRAFFIC).then_some(a);
+            return (a.approved.is_some() && a.traffic > 0 && a.traffic <= FULL_TRAFFIC).then_some(a);
         }
-        if body.len() >= frame::CONTROL_LIMIT {
+        if body.len() + 2 > frame::CONTROL_LIMIT {
             return None;
         }
-        let mut full = Vec::with_capacity(body.len() + 1);
-        full.extend_from_slice(body);
-        full.push(FULL_TRAFFIC);
-        frame::decode::<Activate, { frame::CONTROL_LIMIT }>(&full).ok().filter(|a| a.traffic == FULL_TRAFFIC)
+        let with = |tail: &[u8]| {
+            let mut full = Vec::with_capacity(body.len() + tail.len());
+            full.extend_from_slice(body);
+            full.extend_from_slice(tail);
+            frame::decode::<Activate, { frame::CONTROL_LIMIT }>(&full).ok()
+        };
+        if let Some(a) = with(&[0]) {
+            return (a.traffic > 0 && a.traffic < FULL_TRAFFIC).then_some(a);
+        }
+        with(&[FULL_TRAFFIC, 0]).filter(|a| a.traffic == FULL_TRAFFIC && a.approved.is_none())
     }
 
     /// Decodes a body without checking its signature: for describing a message to a
@@ -294,6 +315,10 @@ pub struct ExportFile {
     /// applied in order before the message is checked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub key_changes: Vec<crate::keychain::HexKeyChange>,
+    /// The environment's newest release policy (SPEC §14), hex of its encoding: offered to
+    /// the agent (which takes it only as the policy in force allows) before the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 pub const EXPORT_FORMAT: &str = "stagehand-activate/1";
@@ -308,7 +333,18 @@ impl SignedActivate {
 
     /// The JSON text of an export file that also carries the release key changes.
     pub fn to_export_with(&self, describe: &Activate, key_changes: &[crate::keychain::SignedKeyChange]) -> String {
+        self.to_export_full(describe, key_changes, None)
+    }
+
+    /// The JSON text of an export file that carries key changes and the release policy.
+    pub fn to_export_full(
+        &self,
+        describe: &Activate,
+        key_changes: &[crate::keychain::SignedKeyChange],
+        policy: Option<&crate::policy::SignedPolicy>,
+    ) -> String {
         let file = ExportFile {
+            policy: policy.map(|p| hex::encode(frame::encode(p))),
             key_changes: key_changes.iter().map(Into::into).collect(),
             format: EXPORT_FORMAT.into(),
             body: hex::encode(&self.body),
@@ -341,6 +377,14 @@ impl SignedActivate {
         let changes = file.key_changes.iter().map(TryInto::try_into).collect::<Result<_, _>>()?;
         Ok((message, changes))
     }
+
+    /// The release policy an export file carries, if any.
+    pub fn policy_of_export(text: &str) -> Result<Option<crate::policy::SignedPolicy>, String> {
+        let file: ExportFile = serde_json::from_str(text).map_err(|e| format!("not an activate message file: {e}"))?;
+        let Some(hex_text) = file.policy else { return Ok(None) };
+        let bytes = hex::decode(hex_text.trim()).map_err(|e| format!("policy is not hex: {e}"))?;
+        frame::decode::<_, { frame::CONTROL_LIMIT }>(&bytes).map(Some).map_err(|e| format!("policy: {e}"))
+    }
 }
 
 #[cfg(test)]
@@ -371,6 +415,7 @@ mod tests {
             expires_at: 2000,
             key_id: keys[0].key_id.clone(),
             traffic: crate::activate::FULL_TRAFFIC,
+            approved: None,
         };
         Fixture { key, keys, me, body }
     }

@@ -10,6 +10,7 @@ pub mod ids;
 pub mod keychain;
 pub mod manifest;
 pub mod net;
+pub mod policy;
 pub mod protocol;
 pub mod tls;
 pub mod token;

@@ -35,7 +35,8 @@ impl Need {
             | AdminRequest::RenewCertificate { .. }
             | AdminRequest::ListApps
             // The page shows what a viewer may read; its buttons are authorised one by one.
-            | AdminRequest::UiLogin => Need::Read,
+            | AdminRequest::UiLogin
+            | AdminRequest::ShowPolicy { .. } => Need::Read,
             AdminRequest::PushBegin { .. }
             | AdminRequest::PushChunks { .. }
             | AdminRequest::PushCommit { .. }
@@ -44,7 +45,13 @@ impl Need {
             AdminRequest::Release { env, .. } | AdminRequest::Rollback { env, .. } => Need::Release(env.clone()),
             AdminRequest::Rollout(spec) => Need::Release(spec.env.clone()),
             // An unknown rollout: the request fails anyway; only an owner learns that.
-            AdminRequest::ControlRollout { id, .. } => rollout_env(id).map(Need::Release).unwrap_or(Need::Own),
+            AdminRequest::ControlRollout { id, .. }
+            | AdminRequest::ToApprove { id }
+            | AdminRequest::Approve { id, .. }
+            | AdminRequest::Reject { id, .. } => rollout_env(id).map(Need::Release).unwrap_or(Need::Own),
+            AdminRequest::Freeze { env, .. } | AdminRequest::Unfreeze { env } | AdminRequest::Preview { env, .. } => {
+                Need::Release(env.clone())
+            }
             AdminRequest::CreateToken { .. }
             | AdminRequest::RevokeAgent { .. }
             | AdminRequest::RemoveAgent { .. }

@@ -90,7 +90,15 @@ pub async fn answer(
     recv: Option<&mut quinn::RecvStream>,
 ) -> Result<AdminResponse> {
     // Every request is authorised against the identity's role, as it is now.
-    let need = crate::access::Need::of(&req, |id| ctl.store.rollout(id).ok().flatten().map(|r| r.env));
+    // A rollout's environment, or a policy change's (`policy-ENV-SERIAL`).
+    let need = crate::access::Need::of(&req, |id| {
+        ctl.store
+            .rollout(id)
+            .ok()
+            .flatten()
+            .map(|r| r.env)
+            .or_else(|| crate::policy::parse_policy_id(id).map(|(env, _)| env))
+    });
     // What changes anything is recorded in the audit log, with its outcome, before the answer;
     // so are renewals and login links, which only read but grant access.
     let granted = matches!(req, AdminRequest::RenewCertificate { .. } | AdminRequest::UiLogin);
@@ -130,6 +138,7 @@ pub async fn answer(
         AdminRequest::RolloutStatus { id, after_revision, timeout_secs } => {
             rollout_status(ctl, &id, after_revision, timeout_secs).await?
         }
+        AdminRequest::Preview { app, env, version } => crate::policy::preview(ctl, &app, &env, version).await?,
         other => match handle(ctl, other, admin) {
             Ok(r) => r,
             Err(e) => error(format!("{e:#}"), "see the controller's log for details"),
@@ -278,9 +287,14 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
                 return Ok(started(crate::rollout::start(ctl, spec, admin)?));
             }
             match crate::release::export(ctl, &app, &version, &env, ttl_secs)? {
-                Ok((message, seq, targets)) => {
-                    AdminResponse::Exported { message, version, seq, targets, key_changes: ctl.key_chain.clone() }
-                }
+                Ok((message, seq, targets)) => AdminResponse::Exported {
+                    message,
+                    version,
+                    seq,
+                    targets,
+                    key_changes: ctl.key_chain.clone(),
+                    policy: ctl.store.policy(&env)?.map(|p| p.signed),
+                },
                 Err(r) => r.into(),
             }
         }
@@ -306,9 +320,14 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
                 },
             };
             match crate::release::export(ctl, &app, &version, &env, ttl_secs)? {
-                Ok((message, seq, targets)) => {
-                    AdminResponse::Exported { message, version, seq, targets, key_changes: ctl.key_chain.clone() }
-                }
+                Ok((message, seq, targets)) => AdminResponse::Exported {
+                    message,
+                    version,
+                    seq,
+                    targets,
+                    key_changes: ctl.key_chain.clone(),
+                    policy: ctl.store.policy(&env)?.map(|p| p.signed),
+                },
                 Err(r) => r.into(),
             }
         }
@@ -362,7 +381,7 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
             info!(agent = %id, "Revoked agent removed.");
             AdminResponse::Removed { agent: id }
         }
-        AdminRequest::AddAdmin { name, role, envs } => {
+        AdminRequest::AddAdmin { name, role, envs, approval_key } => {
             if let Some(e) = names(&[("name", &name)]) {
                 return Ok(e);
             }
@@ -396,8 +415,13 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
                 &stagehand_common::tls::fingerprint(&stagehand_common::tls::cert_der(&pair.cert_pem)?),
                 &name,
             )?;
+            if let Some(key) = approval_key {
+                ctl.store.put_approval_key(&name, &key)?;
+            }
             ctl.store.flush()?;
             info!(%admin, %name, role = %record.role, "Identity added.");
+            // A new approver changes what agents enforce.
+            crate::policy::sync_all(ctl)?;
             AdminResponse::AdminAdded {
                 admin: admin_info(&record),
                 cert_pem: pair.cert_pem,
@@ -447,9 +471,23 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
             // Open fleet pages look at their session again, and end.
             ctl.fleet.bump();
             info!(%admin, %name, "Identity revoked.");
+            // An approver gone loosens the policy: agents take it only with approvals.
+            crate::policy::sync_all(ctl)?;
             AdminResponse::AdminRevoked { name }
         }
+        AdminRequest::ToApprove { id } => crate::policy::to_approve(ctl, &id, admin)?,
+        AdminRequest::Approve { id, approval } => crate::policy::approve(ctl, &id, admin, approval)?,
+        AdminRequest::Reject { id, reason } => crate::policy::reject(ctl, &id, admin, &reason)?,
+        AdminRequest::Freeze { env, until, reason } => {
+            if let Some(e) = names(&[("environment", &env)]) {
+                return Ok(e);
+            }
+            crate::policy::freeze(ctl, &env, until, &reason, admin)?
+        }
+        AdminRequest::Unfreeze { env } => crate::policy::unfreeze(ctl, &env, admin)?,
+        AdminRequest::ShowPolicy { env } => crate::policy::show(ctl, env.as_deref())?,
         AdminRequest::Hello { .. }
+        | AdminRequest::Preview { .. }
         | AdminRequest::PushChunks { .. }
         | AdminRequest::WaitStaged { .. }
         | AdminRequest::WaitRelease { .. }
@@ -812,7 +850,22 @@ fn status(ctl: &Controller, app: &str, env: &str) -> Result<AppStatus> {
             }
         }
         let st = ctl.store.appstate(&a.id, app)?;
+        let preview = ctl.store.preview(&a.id, app)?.and_then(|p| Some((p.version?, p.port?)));
+        let mut verify = Vec::new();
+        for v in &staged {
+            if let Some(r) = ctl.store.verify(&a.id, app, v)? {
+                use stagehand_common::protocol::VerifyOutcome;
+                let what = match r.outcome {
+                    VerifyOutcome::Passed => "passed".to_string(),
+                    VerifyOutcome::Failed { log } => format!("failed: {}", log.lines().last().unwrap_or("no output")),
+                    VerifyOutcome::NotDeclared => "none declared".to_string(),
+                };
+                verify.push((v.clone(), what));
+            }
+        }
         agents.push(AgentAppStatus {
+            preview,
+            verify,
             connected: ctl.connected(&a.id),
             last_receipt: ctl.store.receipt(&a.id, app)?,
             id: a.id,

@@ -94,6 +94,16 @@ pub struct EnvironmentConfig {
     /// `wait`, `skip` or `fail`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offline: Option<String>,
+    /// Distinct operator identities, other than the requester, that must approve a release
+    /// (SPEC §14); agents enforce it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approvals: Option<u32>,
+    /// Releases start only inside one of these (`Mon-Thu 09:00-16:00 Europe/Berlin`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Vec<String>>,
+    /// Every target must have passed the artifact's `[verify]`; agents enforce it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<bool>,
 }
 
 impl Environments {
@@ -142,6 +152,12 @@ impl ControllerConfig {
         let config: Self = toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?;
         if config.fetch_streams == 0 {
             anyhow::bail!("{}: fetch_streams must be at least 1 (the default is 32)", path.display());
+        }
+        for (env, e) in &config.environments.envs {
+            if let Some(w) = &e.windows {
+                crate::plan::window::parse_all(w)
+                    .map_err(|why| anyhow::anyhow!("{}: [environments.{env}] windows: {why}", path.display()))?;
+            }
         }
         Ok(config)
     }

@@ -220,6 +220,19 @@ fn handle(ctl: &Controller, id: &AgentId, msg: DeployUp) -> Result<()> {
             ctl.store.flush()?;
             ctl.fleet.bump();
         }
+        DeployUp::Verified { app, version, digest, mut outcome } => {
+            check_names(&[("app", &app), ("version", &version)])?;
+            if ctl.store.stage(id, &app, &version)?.is_none_or(|s| s.digest != digest) {
+                warn!(agent = %id, %app, %version, "A verify report for nothing staged here; ignored.");
+                return Ok(());
+            }
+            if let stagehand_common::protocol::VerifyOutcome::Failed { log } = &mut outcome {
+                crate::rollout::truncate(log, PEER_TEXT_LIMIT);
+                warn!(agent = %id, %app, %version, "[verify] failed.");
+            }
+            ctl.store.put_verify(id, &app, &version, &crate::store::VerifyRecord { v: 1, digest, outcome })?;
+            ctl.fleet.bump();
+        }
         other => bail!("unexpected message on the control stream: {other:?}"),
     }
     Ok(())

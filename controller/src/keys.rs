@@ -172,6 +172,40 @@ pub fn resign_stored(store: &Store, keys: &ReleaseKeys) -> Result<usize> {
     Ok(n)
 }
 
+/// Where an operator's approval key lives in its credentials directory (SPEC §14).
+pub fn approval_key_path(credentials: &Path) -> PathBuf {
+    credentials.join("approval.key")
+}
+
+/// Makes an operator's approval key; written with [`save_approval_key`] once the identity
+/// exists. Only its public half ever leaves the operator's machine.
+pub fn new_approval_key() -> SigningKey {
+    SigningKey::generate(&mut rand::rngs::OsRng)
+}
+
+pub fn save_approval_key(credentials: &Path, key: &SigningKey) -> Result<()> {
+    let path = approval_key_path(credentials);
+    fsx::write_atomic(&path, hex::encode(key.to_bytes()).as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The approval key of a credentials directory.
+pub fn load_approval_key(credentials: &Path) -> Result<SigningKey> {
+    let path = approval_key_path(credentials);
+    let text = fsx::read_limited(&path, 1024).with_context(|| {
+        format!(
+            "reading {}: these credentials hold no approval key (identities issued before release policy have none; \
+             an owner issues a new one with `stagehand admin add NAME --role releaser --out DIR`)",
+            path.display()
+        )
+    })?;
+    let bytes: [u8; 32] = hex::decode(String::from_utf8_lossy(&text).trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .with_context(|| format!("{} is not an approval key", path.display()))?;
+    Ok(SigningKey::from_bytes(&bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

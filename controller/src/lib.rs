@@ -16,6 +16,7 @@ pub mod init;
 pub mod keys;
 pub mod metrics;
 pub mod plan;
+pub mod policy;
 pub mod release;
 pub mod rollout;
 pub mod server;

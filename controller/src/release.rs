@@ -32,6 +32,12 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
     if !ctl.key_chain.is_empty() {
         write_msg(&mut send, &ReleaseDown::KeyChanges(ctl.key_chain.clone())).await?;
     }
+    // The environment's release policy before any message, too (SPEC §14).
+    if let Some(env) = ctl.store.agent(&id)?.map(|a| a.env) {
+        if let Some(p) = ctl.store.policy(&env)? {
+            write_msg(&mut send, &ReleaseDown::Policy(p.signed)).await?;
+        }
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let token = ctl.fleet.attach_release(&id, tx, conn.clone());
     ctl.note_presence(&id);
@@ -146,6 +152,24 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
             ctl.fleet.bump();
         }
         ReleaseUp::Hello { .. } => bail!("second hello"),
+        ReleaseUp::Policy { serial, approvals, mut refused } => {
+            if let Some((_, why)) = refused.as_mut() {
+                crate::rollout::truncate(why, crate::deploy::PEER_TEXT_LIMIT);
+            }
+            let record = crate::store::AgentPolicyRecord { v: 1, serial, approvals, refused };
+            ctl.store.put_agent_policy(id, &record)?;
+            ctl.fleet.bump();
+        }
+        ReleaseUp::Preview { app, version, port, mut detail } => {
+            crate::deploy::check_names(&[("app", &app)])?;
+            if let Some(v) = &version {
+                crate::deploy::check_names(&[("version", v)])?;
+            }
+            crate::rollout::truncate(&mut detail, crate::deploy::PEER_TEXT_LIMIT);
+            let at = crate::rollout::now_ms();
+            ctl.store.put_preview(id, &app, &crate::store::PreviewRecord { v: 1, version, port, detail, at })?;
+            ctl.fleet.bump();
+        }
     }
     Ok(())
 }
@@ -230,6 +254,7 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool, r
             CatchUp::Nothing => continue,
             CatchUp::Resend => desired.message_for(id).clone(),
             CatchUp::SignFresh => {
+                let env_body = activate::verify(desired.message_for(id), &ctl.release_keys).ok();
                 let seq = ctl.store.next_seq(&app)?;
                 let rollout = format!("catch-up-{seq}");
                 let ttl = ctl.config.message_ttl.as_secs();
@@ -244,9 +269,10 @@ pub fn catch_up_holding_lock(ctl: &Controller, id: &AgentId, staged_now: bool, r
                     &rollout,
                     0,
                     ttl,
-                    // What the environment's message gives the version, this host gets too.
-                    activate::verify(desired.message_for(id), &ctl.release_keys)
-                        .map_or(stagehand_common::activate::FULL_TRAFFIC, |b| b.traffic),
+                    // What the environment's message gives the version (its share, its
+                    // approvals), this host gets too.
+                    env_body.as_ref().map_or(stagehand_common::activate::FULL_TRAFFIC, |b| b.traffic),
+                    env_body.and_then(|b| b.approved),
                 )?;
                 ctl.store.flush()?;
                 info!(agent = %id, %app, version = %desired.version, seq, "Catching up.");
@@ -292,6 +318,7 @@ pub fn sign(
     not_before: u64,
     ttl_secs: u64,
     traffic: u8,
+    approved: Option<stagehand_common::policy::Approved>,
 ) -> Result<Vec<SignedActivate>> {
     let mut body = Activate {
         app: app.to_string(),
@@ -306,6 +333,7 @@ pub fn sign(
         expires_at: now_secs().max(not_before) + ttl_secs.max(1),
         key_id: ctl.release_keys[0].key_id.clone(),
         traffic,
+        approved,
     };
     audit_signed(ctl, &body, lists.len())?;
     Ok(lists
@@ -364,6 +392,14 @@ pub fn export(
     let seq = ctl.store.next_seq(app)?;
     let ttl = if ttl_secs == 0 { ctl.config.message_ttl.as_secs() } else { ttl_secs };
     let rollout = format!("export-{seq}");
+    // The environment's released message carries the approvals of its rollout: a copy of the
+    // same version, carried by hand, carries them too.
+    let approved = ctl
+        .store
+        .desired(env, app)?
+        .filter(|d| d.version == version && d.digest == artifact.digest)
+        .and_then(|d| activate::verify(&d.message, &ctl.release_keys).ok())
+        .and_then(|b| b.approved);
     let mut message = sign(
         ctl,
         app,
@@ -376,6 +412,7 @@ pub fn export(
         0,
         ttl,
         stagehand_common::activate::FULL_TRAFFIC,
+        approved,
     )?;
     ctl.store.flush()?;
     info!(%app, %version, %env, seq, "Exported an activate message.");

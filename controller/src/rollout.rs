@@ -65,7 +65,11 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
         )));
     }
     let _one_at_a_time = ctl.rollout_lock();
-    if let Some(id) = ctl.store.active_rollout(env, app)? {
+    if let Some(id) = ctl.store.active_rollout(env, app)?.filter(|id| {
+        // A rollback goes ahead of a release that has sent nothing yet (awaiting approval or
+        // its window), which ends: rollbacks are always allowed (SPEC §14).
+        !(spec.rollback && !spec.dry_run && supersede(ctl, id, who).unwrap_or(false))
+    }) {
         return Ok(Err(refused(
             format!("rollout {id} of {app} in {env} has not ended; one rollout per app and environment runs at a time"),
             format!("stagehand rollout status {id} --watch   (or stagehand rollout abort {id})"),
@@ -95,6 +99,41 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
         )));
     };
     let mut notes = Vec::new();
+    // Release policy (SPEC §14): a freeze or a window holds back releases, never rollbacks.
+    let policy = crate::policy::settings(ctl, env);
+    let now = now_ms() / 1000;
+    let mut window_opens = None;
+    if !spec.rollback {
+        if let Some(f) = crate::policy::frozen(ctl, env, now)? {
+            let why = crate::policy::frozen_why(env, &f);
+            if !spec.dry_run {
+                return Ok(Err(refused(
+                    format!("{why}; nothing was released"),
+                    format!("stagehand unfreeze --env {env}   (or roll back: stagehand rollback {app} --env {env})"),
+                )));
+            }
+            notes.push(format!("would refuse: {why}"));
+        }
+        if let Some(t) = crate::plan::window::wait_until(&policy.windows.0, now as i64) {
+            let when = crate::plan::window::describe(&policy.windows.0, t);
+            if spec.no_wait_window && !spec.dry_run {
+                return Ok(Err(refused(
+                    format!("{env} is outside its release windows; the next opens {when}; nothing was released (--no-wait-window)"),
+                    format!("release without --no-wait-window to wait for it (stagehand policy show --env {env})"),
+                )));
+            }
+            notes.push(format!("outside {env}'s release windows: it waits for the next, opening {when}"));
+            window_opens = Some(t.max(0) as u64);
+        }
+    }
+    // Approvals: every release, and a rollback to anything but the version before the
+    // current one (the one agents take back without approvals).
+    let undo = spec.rollback && {
+        let current = desired.as_ref().map(|d| d.version.as_str());
+        let history = desired.as_ref().map(|d| d.history.as_slice()).unwrap_or_default();
+        rollback_target(app, env, current, history).is_ok_and(|v| v == version)
+    };
+    let approvals_needed = if undo { 0 } else { policy.approvals.0 };
     let mut forced = false;
     // Promotion: a rollback to a version that was live here is always allowed.
     let was_live = ctl.store.promoted(env, app, &artifact.digest)?.is_some()
@@ -166,6 +205,21 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
                 _ => "not staged".to_string(),
             };
             refusing.push(format!("{}: {version} {why}", a.name));
+        } else if policy.verify.0 && !spec.rollback {
+            use stagehand_common::protocol::VerifyOutcome;
+            let why = match ctl.store.verify(&a.id, app, &version)?.filter(|v| v.digest == artifact.digest) {
+                Some(v) => match v.outcome {
+                    VerifyOutcome::Passed => None,
+                    VerifyOutcome::Failed { log } => {
+                        Some(format!("[verify] failed: {}", log.lines().last().unwrap_or("no output")))
+                    }
+                    VerifyOutcome::NotDeclared => Some("declares no [verify], and verify = true".to_string()),
+                },
+                None => Some("[verify] has not run yet".to_string()),
+            };
+            if let Some(why) = why {
+                refusing.push(format!("{}: {version} {why}", a.name));
+            }
         }
         planned.push(host);
     }
@@ -181,6 +235,14 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
         Err(e) => return Ok(Err(refused(e, "stagehand release --help"))),
     };
     let bake_ms = spec.bake_secs.map(|s| s * 1000).or(defaults.bake.map(|d| d.as_millis() as u64)).unwrap_or(0);
+    let plan_ids: Vec<&str> = planned.iter().chain(skipped.iter()).map(|h| h.id.0.as_str()).collect();
+    let gate = crate::plan::rollout::Gate {
+        approvals_needed,
+        approvals: vec![],
+        plan_targets: plan_ids.len() as u32,
+        plan_hosts: stagehand_common::policy::hosts_digest(plan_ids),
+        window_opens,
+    };
     let mut hosts = planned.into_iter();
     let waves = split(hosts.len(), &sizes)
         .into_iter()
@@ -212,7 +274,6 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
         offline,
         timeout_ms: if spec.timeout_secs == 0 { DEFAULT_TIMEOUT_MS } else { spec.timeout_secs * 1000 },
         ttl_secs: if spec.ttl_secs == 0 { ctl.config.message_ttl.as_secs() } else { spec.ttl_secs },
-        state: State::Running,
         reason: String::new(),
         pause_requested: false,
         wave: 0,
@@ -222,6 +283,14 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
         messages: vec![],
         revision: 1,
         traffic,
+        state: if approvals_needed > 0 {
+            State::AwaitingApproval
+        } else if window_opens.is_some() {
+            State::AwaitingWindow
+        } else {
+            State::Running
+        },
+        gate,
     };
     if spec.dry_run {
         for r in &refusing {
@@ -247,6 +316,12 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
         )));
     }
     rollout.id = ctl.store.next_rollout_id()?;
+    if rollout.state == State::AwaitingApproval {
+        notes.push(format!(
+            "awaiting {approvals_needed} approval(s) by other identities than {who}: stagehand approve {}",
+            rollout.id
+        ));
+    }
     // Another controller may start one at the same moment: one of the two holds the mark.
     if let Some(other) = ctl.store.start_rollout(&rollout)? {
         return Ok(Err(refused(
@@ -261,6 +336,21 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
     info!(rollout = %rollout.id, %app, %version, %env, waves = rollout.waves.len(), by = %who, "Rollout started.");
     ctl.fleet.bump();
     Ok(Ok((view(ctl, &rollout), notes)))
+}
+
+/// Ends a rollout that has sent nothing yet, for a rollback; false if it is under way.
+fn supersede(ctl: &Controller, id: &str, who: &str) -> Result<bool> {
+    let Some(before) = ctl.store.rollout(id)?.filter(|r| r.state.is_awaiting()) else { return Ok(false) };
+    let mut r = before.clone();
+    r.state = State::Aborted;
+    r.ended = Some(now_ms());
+    r.reason = format!("superseded by a rollback {who} asked for before it started; nothing was sent");
+    r.revision += 1;
+    if !ctl.store.replace_rollout(&before, &r, Default::default())? {
+        return Ok(false);
+    }
+    info!(rollout = %id, by = %who, "Superseded by a rollback before it started.");
+    Ok(true)
 }
 
 /// Pause, resume or abort.
@@ -367,6 +457,14 @@ pub fn view(ctl: &Controller, r: &Rollout) -> RolloutView {
         skipped: r.skipped.iter().map(host).collect(),
         revision: r.revision,
         traffic: r.traffic,
+        approvals_needed: r.gate.approvals_needed,
+        approvals: r
+            .gate
+            .approvals
+            .iter()
+            .map(|a| stagehand_common::protocol::ApprovalView { by: a.by.clone(), at: a.at })
+            .collect(),
+        window_opens: r.gate.window_opens.filter(|_| r.state == State::AwaitingWindow),
     }
 }
 
@@ -535,6 +633,7 @@ fn step_one(
     // Only a rollout that was under way when the controller started needs the grace: one
     // started since sees every host as it is.
     let grace_until = if r.created + RECONNECT_GRACE_MS >= grace_until { 0 } else { grace_until };
+    crate::policy::hold_for_window(ctl, &mut r, now_ms())?;
     let step = r.advance(&observe(ctl, &r, grace_until)?, now_ms());
     let mut signed = Vec::new();
     for Action::Send { purpose, version, hosts, not_before } in step.actions {
@@ -543,13 +642,15 @@ fn step_one(
             None => anyhow::bail!("{} {version} is no longer in the artifact store", r.app),
         };
         let seq = ctl.store.next_seq(&r.app)?;
-        // A revert moves every connection back; a wave gives the new version its share.
-        let traffic = match purpose {
-            Purpose::Wave(_) => r.traffic,
-            Purpose::Revert => FULL_TRAFFIC,
+        // A revert moves every connection back (and needs no approvals: agents take back the
+        // version they ran before); a wave gives the new version its share, with its approvals.
+        let (traffic, approved) = match purpose {
+            Purpose::Wave(_) => (r.traffic, crate::policy::approved(&r)),
+            Purpose::Revert => (FULL_TRAFFIC, None),
         };
+        let lists = parts(&hosts);
         let parts =
-            sign(ctl, &r.app, &version, digest, &r.env, parts(&hosts), seq, &r.id, not_before, r.ttl_secs, traffic)?;
+            sign(ctl, &r.app, &version, digest, &r.env, lists, seq, &r.id, not_before, r.ttl_secs, traffic, approved)?;
         r.record_sent(purpose, &hosts, seq, &version, parts);
         signed.push((purpose, version, hosts.len(), seq));
     }
@@ -657,7 +758,24 @@ fn complete(ctl: &Controller, r: &Rollout) -> Result<Ends> {
             // Every host was skipped: a message for all of them, for catch-up to hand out.
             let seq = ctl.store.next_seq(&r.app)?;
             let all: Vec<AgentId> = r.skipped.iter().map(|h| h.id.clone()).chain(targets.clone()).collect();
-            (seq, sign(ctl, &r.app, &r.version, r.digest, &r.env, parts(&all), seq, &r.id, 0, r.ttl_secs, r.traffic)?)
+            let approved = crate::policy::approved(r);
+            (
+                seq,
+                sign(
+                    ctl,
+                    &r.app,
+                    &r.version,
+                    r.digest,
+                    &r.env,
+                    parts(&all),
+                    seq,
+                    &r.id,
+                    0,
+                    r.ttl_secs,
+                    r.traffic,
+                    approved,
+                )?,
+            )
         }
     };
     let message = parts.remove(0);

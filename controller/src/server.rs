@@ -55,6 +55,8 @@ pub struct Controller {
     pub name: String,
     /// Serialises presence records (`note_presence`).
     pub presence: std::sync::Mutex<()>,
+    /// Per environment: a digest of the signed policy last sent to its agents from here.
+    pub policy_sent: std::sync::Mutex<std::collections::HashMap<String, stagehand_common::Digest>>,
 }
 
 impl Controller {
@@ -274,7 +276,12 @@ pub async fn start_shared(
         web: Default::default(),
         name,
         presence: Default::default(),
+        policy_sent: Default::default(),
     });
+    // What agents must enforce, signed before the first of them connects.
+    if let Err(e) = crate::policy::sync_all(&controller) {
+        warn!(error = %format!("{e:#}"), "Could not bring the release policies up to date; agents keep what they enforce.");
+    }
     info!(%addr, "Controller listening.");
     let http = match http.or(controller.config.http) {
         Some(at) => {
@@ -351,6 +358,14 @@ fn react(ctl: &Controller, tables: u32) -> Result<()> {
                 {
                     conn.close(CLOSE_UNAUTHORISED.into(), b"identity revoked");
                 }
+            }
+        }
+    }
+    if tables & Table::Policy.bit() != 0 {
+        // A policy another controller signed or had approved reaches the agents here too.
+        for env in crate::policy::environments(ctl)? {
+            if let Some(p) = ctl.store.policy(&env)? {
+                crate::policy::push(ctl, &env, &p.signed)?;
             }
         }
     }

@@ -43,6 +43,56 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// A release policy signed for an environment's agents, with the approvals it carries.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub v: u8,
+    pub signed: stagehand_common::policy::SignedPolicy,
+    /// The policy agents enforce as far as is known: a loosening counts only with its approvals.
+    pub base: stagehand_common::policy::Policy,
+    /// When the approvals were last changed (ms), for humans.
+    pub at: u64,
+}
+
+/// A freeze of an environment (SPEC §14).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FreezeRecord {
+    pub v: u8,
+    pub reason: String,
+    pub by: String,
+    pub at: u64,
+    /// Unix seconds; 0: until unfrozen.
+    pub until: u64,
+}
+
+/// What an agent enforces, as it last reported.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentPolicyRecord {
+    pub v: u8,
+    pub serial: u64,
+    pub approvals: u32,
+    pub refused: Option<(u64, String)>,
+}
+
+/// What a staged version's `[verify]` said on a host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifyRecord {
+    pub v: u8,
+    pub digest: Digest,
+    pub outcome: stagehand_common::protocol::VerifyOutcome,
+}
+
+/// A host's preview of an app, as it last reported.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PreviewRecord {
+    pub v: u8,
+    pub version: Option<String>,
+    pub port: Option<u16>,
+    pub detail: String,
+    /// When it was reported (ms).
+    pub at: u64,
+}
+
 /// An operator identity (SPEC §10).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminRecord {
@@ -298,13 +348,17 @@ impl Store {
 /// an unknown layout is refused, not misread.
 fn dec_rollout(k: &[u8], bytes: &[u8]) -> Result<Rollout> {
     use crate::plan::rollout::RECORD_VERSION;
+    let gate = || enc(&crate::plan::rollout::Gate::default());
     let r: Rollout = match bytes.first() {
-        // Layout 1 had no traffic weight, the last field (one byte): it moved all traffic.
+        // Layout 1 had no traffic weight (one byte: it moved all traffic) and no gate;
+        // layout 2 no gate (the last field: it waited for nothing).
         Some(1) => {
-            let mut v2 = bytes.to_vec();
-            v2.push(stagehand_common::activate::FULL_TRAFFIC);
-            Rollout { v: RECORD_VERSION, ..dec(k, &v2)? }
+            let mut v3 = bytes.to_vec();
+            v3.push(stagehand_common::activate::FULL_TRAFFIC);
+            v3.extend(gate());
+            Rollout { v: RECORD_VERSION, ..dec(k, &v3)? }
         }
+        Some(2) => Rollout { v: RECORD_VERSION, ..dec(k, &[bytes, &gate()].concat())? },
         _ => dec(k, bytes)?,
     };
     if r.v != RECORD_VERSION {
@@ -409,6 +463,12 @@ impl Store {
     /// Removes an agent's record and everything kept about it (stagings, app states,
     /// receipts). A certificate naming an unknown agent is refused everywhere.
     pub fn remove_agent(&self, id: &AgentId) -> Result<()> {
+        for kind in ["verify", "preview"] {
+            for (k, _) in self.db.scan(Table::Policy, &key(&[kind, &id.0, ""]))? {
+                self.db.remove(Table::Policy, &k)?;
+            }
+        }
+        self.del(Table::Policy, key(&["agent", &id.0]))?;
         let prefix = key(&[&id.0, ""]);
         for t in [Table::Stage, Table::AppState, Table::Receipts, Table::RecentReceipts] {
             for (k, _) in self.db.scan(t, &prefix)? {
@@ -1023,6 +1083,71 @@ impl Store {
         Ok(self
             .raw(Table::Promoted, key(&[env, app, &digest.to_hex()]))?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    // ---- release policy (SPEC §14) ----
+
+    pub fn put_approval_key(&self, name: &str, public: &[u8; 32]) -> Result<()> {
+        self.put(Table::Policy, key(&["key", name]), public.to_vec())
+    }
+
+    /// An identity's approval public key, if it was issued one.
+    pub fn approval_key(&self, name: &str) -> Result<Option<[u8; 32]>> {
+        Ok(self.raw(Table::Policy, key(&["key", name]))?.and_then(|v| <[u8; 32]>::try_from(&*v).ok()))
+    }
+
+    pub fn put_policy(&self, env: &str, r: &PolicyRecord) -> Result<()> {
+        self.put(Table::Policy, key(&["signed", env]), enc(r))
+    }
+
+    /// The newest policy signed for an environment's agents.
+    pub fn policy(&self, env: &str) -> Result<Option<PolicyRecord>> {
+        self.get(Table::Policy, &key(&["signed", env]))
+    }
+
+    /// Replaces a policy record only as it was read (another controller may sign one too).
+    pub fn swap_policy(&self, env: &str, before: Option<&PolicyRecord>, new: &PolicyRecord) -> Result<bool> {
+        let before = before.map(enc);
+        Ok(self.db.swap(Table::Policy, &key(&["signed", env]), before.as_deref(), Some(enc(new)))?.is_ok())
+    }
+
+    pub fn put_freeze(&self, env: &str, f: Option<&FreezeRecord>) -> Result<()> {
+        match f {
+            Some(f) => self.put(Table::Policy, key(&["freeze", env]), enc(f)),
+            None => self.del(Table::Policy, key(&["freeze", env])),
+        }
+    }
+
+    pub fn freeze(&self, env: &str) -> Result<Option<FreezeRecord>> {
+        self.get(Table::Policy, &key(&["freeze", env]))
+    }
+
+    pub fn put_agent_policy(&self, agent: &AgentId, r: &AgentPolicyRecord) -> Result<()> {
+        self.put(Table::Policy, key(&["agent", &agent.0]), enc(r))
+    }
+
+    pub fn agent_policy(&self, agent: &AgentId) -> Result<Option<AgentPolicyRecord>> {
+        self.get(Table::Policy, &key(&["agent", &agent.0]))
+    }
+
+    pub fn put_verify(&self, agent: &AgentId, app: &str, version: &str, r: &VerifyRecord) -> Result<()> {
+        self.put(Table::Policy, key(&["verify", &agent.0, app, version]), enc(r))
+    }
+
+    pub fn verify(&self, agent: &AgentId, app: &str, version: &str) -> Result<Option<VerifyRecord>> {
+        self.get(Table::Policy, &key(&["verify", &agent.0, app, version]))
+    }
+
+    pub fn remove_verify(&self, agent: &AgentId, app: &str, version: &str) -> Result<()> {
+        self.del(Table::Policy, key(&["verify", &agent.0, app, version]))
+    }
+
+    pub fn put_preview(&self, agent: &AgentId, app: &str, r: &PreviewRecord) -> Result<()> {
+        self.put(Table::Policy, key(&["preview", &agent.0, app]), enc(r))
+    }
+
+    pub fn preview(&self, agent: &AgentId, app: &str) -> Result<Option<PreviewRecord>> {
+        self.get(Table::Policy, &key(&["preview", &agent.0, app]))
     }
 }
 

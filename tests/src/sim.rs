@@ -283,6 +283,8 @@ impl SimAgent {
                     }
                     ReleaseDown::Goodbye { reason } => bail!("goodbye: {reason}"),
                     ReleaseDown::Hello { .. } => bail!("second hello"),
+                    // Simulated agents run no release policy and no services.
+                    ReleaseDown::Policy(_) | ReleaseDown::Preview(_) => {}
                 }
             }
             anyhow::Ok(())

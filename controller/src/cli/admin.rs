@@ -50,11 +50,17 @@ fn describe(a: &AdminInfo) -> String {
 
 pub async fn run(cmd: AdminCommand, ctx: &Ctx) -> Result<i32> {
     let client = ctx.client().await?;
+    // The new identity's approval key is made here: only its public half is sent.
+    let approval = crate::keys::new_approval_key();
     let resp = match &cmd {
         AdminCommand::Add(a) => {
-            client
-                .call(&AdminRequest::AddAdmin { name: a.name.clone(), role: a.role.clone(), envs: a.envs.clone() })
-                .await
+            let request = AdminRequest::AddAdmin {
+                name: a.name.clone(),
+                role: a.role.clone(),
+                envs: a.envs.clone(),
+                approval_key: Some(approval.verifying_key().to_bytes()),
+            };
+            client.call(&request).await
         }
         AdminCommand::List => client.call(&AdminRequest::ListAdmins).await,
         AdminCommand::Revoke(a) => client.call(&AdminRequest::RevokeAdmin { name: a.name.clone() }).await,
@@ -64,6 +70,7 @@ pub async fn run(cmd: AdminCommand, ctx: &Ctx) -> Result<i32> {
         (AdminCommand::Add(a), AdminResponse::AdminAdded { admin, cert_pem, key_pem, ca_pem }) => {
             let dir = a.out.unwrap_or_else(|| PathBuf::from(format!("stagehand-{}", admin.name)));
             Credentials { me: Pair { cert_pem, key_pem }, ca_pem }.save(&dir)?;
+            crate::keys::save_approval_key(&dir, &approval)?;
             if ctx.json() {
                 super::print_json(&serde_json::json!({ "admin": admin, "credentials": dir }));
             } else {

@@ -19,6 +19,7 @@ mod controller;
 mod deploy;
 mod dev;
 mod install;
+mod policy;
 pub mod push;
 mod release;
 mod rollout;
@@ -109,6 +110,20 @@ pub enum Command {
     /// Pushed versions: rm.
     #[command(subcommand)]
     Artifact(apps::ArtifactCommand),
+    /// Approve a rollout awaiting approval (or a policy change) with your own approval key.
+    Approve(policy::ApproveArgs),
+    /// End a rollout awaiting approval or its release window; nothing is sent.
+    Reject(policy::RejectArgs),
+    /// Stop new releases to an environment (rollbacks stay allowed), with a reason.
+    Freeze(policy::FreezeArgs),
+    /// End an environment's freeze.
+    Unfreeze(policy::UnfreezeArgs),
+    /// Release policy: show what applies to each environment and where it comes from.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Start a staged version beside the live one on traffic-mode hosts, without traffic
+    /// (`preview APP VERSION --env ENV`); `preview stop APP --env ENV` ends it.
+    Preview(policy::PreviewArgs),
     /// Print a shell completion script: bash, zsh or fish (e.g. `stagehand completion bash >
     /// /etc/bash_completion.d/stagehand`).
     Completion { shell: clap_complete::Shell },
@@ -202,6 +217,12 @@ pub fn main() -> i32 {
             Command::Versions(a) => apps::show_versions(a, &ctx).await,
             Command::History(a) => apps::history(a, &ctx).await,
             Command::Artifact(c) => apps::artifact(c, &ctx).await,
+            Command::Approve(a) => policy::approve(a, &ctx).await,
+            Command::Reject(a) => policy::reject(a, &ctx).await,
+            Command::Freeze(a) => policy::freeze(a, &ctx).await,
+            Command::Unfreeze(a) => policy::unfreeze(a, &ctx).await,
+            Command::Policy(c) => policy::policy(c, &ctx).await,
+            Command::Preview(a) => policy::preview(a, &ctx).await,
             Command::Completion { shell } => {
                 use clap::CommandFactory;
                 let mut out = Vec::new();

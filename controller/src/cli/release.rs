@@ -32,6 +32,9 @@ pub struct ReleaseArgs {
     /// for the rest; a later release at 100 completes the move, a rollback undoes it.
     #[arg(long, conflicts_with = "export", value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
     pub traffic: Option<u8>,
+    /// Outside the environment's release windows, refuse instead of waiting for the next.
+    #[arg(long, conflicts_with = "export")]
+    pub no_wait_window: bool,
     #[command(flatten)]
     pub send: SendArgs,
 }
@@ -143,6 +146,7 @@ impl PlanArgs {
             ttl_secs: send.valid_for.map_or(0, |d| d.as_secs()),
             timeout_secs: self.timeout.as_secs(),
             traffic: 100,
+            no_wait_window: false,
         }
     }
 }
@@ -161,6 +165,7 @@ pub async fn run_release(a: ReleaseArgs, ctx: &Ctx) -> Result<i32> {
     let spec = RolloutSpec {
         force: a.force,
         traffic: a.traffic.unwrap_or(100),
+        no_wait_window: a.no_wait_window,
         ..a.plan.spec(&a.app, Some(a.version.clone()), &a.env, false, &a.send)
     };
     start(ctx, spec, a.send.wait, a.plan.timeout).await
@@ -208,12 +213,16 @@ async fn export(ctx: &Ctx, req: AdminRequest, app: &str, env: &str, path: &PathB
     let client = ctx.client().await?;
     let resp = client.call(&req).await?;
     client.close().await;
-    let AdminResponse::Exported { message, version, seq, targets, key_changes } = resp else {
+    let AdminResponse::Exported { message, version, seq, targets, key_changes, policy } = resp else {
         bail!("{}", super::unexpected(&resp))
     };
     let body = Activate::decode_unverified(&message.body).context("the controller sent an undecodable message")?;
-    stagehand_common::fsx::write_atomic(path, message.to_export_with(&body, &key_changes).as_bytes(), 0o644)
-        .with_context(|| format!("writing {}", path.display()))?;
+    stagehand_common::fsx::write_atomic(
+        path,
+        message.to_export_full(&body, &key_changes, policy.as_ref()).as_bytes(),
+        0o644,
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
     if ctx.json() {
         super::print_json(
             &serde_json::json!({ "app": app, "version": version, "env": env, "seq": seq, "file": path, "targets": targets }),

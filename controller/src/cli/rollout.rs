@@ -130,13 +130,13 @@ async fn control(client: &Client, ctx: &Ctx, id: String, action: RolloutAction) 
 /// Exit status of a rollout: 0 succeeded (or still going), 1 failed, aborted or rolled back.
 fn exit_code(r: &RolloutView) -> i32 {
     match r.state.as_str() {
-        "failed" | "aborted" | "rolling-back" => 1,
+        "failed" | "aborted" | "rolling-back" | "rejected" => 1,
         _ => 0,
     }
 }
 
 fn is_final(r: &RolloutView) -> bool {
-    matches!(r.state.as_str(), "succeeded" | "failed" | "aborted")
+    matches!(r.state.as_str(), "succeeded" | "failed" | "aborted" | "rejected")
 }
 
 /// A rollout for `-o json`: the view, with `rollout` (its id) and the digest in hex.
@@ -381,6 +381,7 @@ pub fn render(r: &RolloutView) -> String {
     if !r.reason.is_empty() {
         let _ = writeln!(s, "  reason: {}", clean(&r.reason));
     }
+    let _ = write!(s, "{}", gate_lines(r));
     let _ = writeln!(
         s,
         "  {:<6} {:<12} {:<20} {:<13} {:<10} {:<10} DETAIL",
@@ -422,6 +423,37 @@ pub fn render(r: &RolloutView) -> String {
             if h.connected { "yes" } else { "no" },
             clean(&h.detail)
         );
+    }
+    s
+}
+
+/// What a rollout waits for, or was let through by: approvals, a release window.
+pub fn gate_lines(r: &RolloutView) -> String {
+    let mut s = String::new();
+    let time = |t: u64| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t)).to_string();
+    if r.approvals_needed > 0 || !r.approvals.is_empty() {
+        let by: Vec<String> =
+            r.approvals.iter().map(|a| format!("{} at {}", clean(&a.by), time(a.at / 1000))).collect();
+        s.push_str(&format!(
+            "  approvals: {} of {}{}{}\n",
+            r.approvals.len(),
+            r.approvals_needed,
+            if by.is_empty() { String::new() } else { format!(" ({})", by.join(", ")) },
+            if r.state == "awaiting-approval" {
+                format!("; another identity than {} runs: stagehand approve {}", clean(&r.requested_by), r.id)
+            } else {
+                String::new()
+            }
+        ));
+    }
+    if let (Some(t), "awaiting-window") = (r.window_opens, r.state.as_str()) {
+        if t > 0 {
+            s.push_str(&format!(
+                "  waits for its release window, opening {} (stagehand policy show --env {})\n",
+                time(t),
+                clean(&r.env)
+            ));
+        }
     }
     s
 }

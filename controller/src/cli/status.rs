@@ -110,6 +110,16 @@ fn print_one(status: &stagehand_common::protocol::AppStatus) {
         for (v, why) in &ag.staging_failed {
             outln!("{:<20} staging {} failed: {}", "", clean(v), clean(why));
         }
+        for (v, what) in ag.verify.iter().filter(|(_, w)| w != "passed") {
+            outln!("{:<20} [verify] of {}: {}", "", clean(v), clean(what));
+        }
+        if let Some((v, port)) = &ag.preview {
+            outln!(
+                "{:<20} preview: {} on port {port} (no traffic; stagehand preview stop APP --env ENV ends it)",
+                "",
+                clean(v)
+            );
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use stagehand_common::{AgentId, Digest};
 use std::collections::{BTreeMap, HashMap};
 
 /// The version of the stored [`Rollout`] record.
-pub const RECORD_VERSION: u8 = 2;
+pub const RECORD_VERSION: u8 = 3;
 
 /// How long a wave waits for its hosts when the operator gave no `--timeout`.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
@@ -75,11 +75,22 @@ pub enum State {
     Succeeded,
     Failed,
     Aborted,
+    /// Waits for the approvals the environment's policy requires (SPEC §14).
+    AwaitingApproval,
+    /// Waits for the environment's next release window (`Gate::window_opens`).
+    AwaitingWindow,
+    /// An approver rejected it; nothing was sent.
+    Rejected,
 }
 
 impl State {
     pub fn is_final(self) -> bool {
-        matches!(self, State::Succeeded | State::Failed | State::Aborted)
+        matches!(self, State::Succeeded | State::Failed | State::Aborted | State::Rejected)
+    }
+
+    /// Waiting before its first message: for approvals or a window.
+    pub fn is_awaiting(self) -> bool {
+        matches!(self, State::AwaitingApproval | State::AwaitingWindow)
     }
 
     pub fn name(self) -> &'static str {
@@ -90,6 +101,9 @@ impl State {
             State::Succeeded => "succeeded",
             State::Failed => "failed",
             State::Aborted => "aborted",
+            State::AwaitingApproval => "awaiting-approval",
+            State::AwaitingWindow => "awaiting-window",
+            State::Rejected => "rejected",
         }
     }
 }
@@ -276,8 +290,31 @@ pub struct Rollout {
     /// Bumped on every stored change: watchers wait for it to move.
     pub revision: u64,
     /// The share of new connections (percent) each host in traffic mode gives the version
-    /// (SPEC §9); 100 for a rollout that moves them all. The last field (layout 2).
+    /// (SPEC §9); 100 for a rollout that moves them all.
     pub traffic: u8,
+    /// What the environment's release policy holds it to (SPEC §14). The last field (layout 3).
+    pub gate: Gate,
+}
+
+/// What a rollout waits for before its first message: approvals, a release window.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gate {
+    pub approvals_needed: u32,
+    pub approvals: Vec<GivenApproval>,
+    /// The plan approvers sign names the targets by their number and a digest of their ids.
+    pub plan_targets: u32,
+    pub plan_hosts: Digest,
+    /// Unix seconds at which its release window opens, while it waits for one.
+    pub window_opens: Option<u64>,
+}
+
+/// One approver's signature over the plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GivenApproval {
+    pub by: String,
+    /// Milliseconds since the Unix epoch.
+    pub at: u64,
+    pub signature: Vec<u8>,
 }
 
 /// What is known of a host right now.
@@ -479,6 +516,18 @@ impl Rollout {
                 self.pause_requested = true;
                 Ok("pausing: the current wave finishes, then the rollout holds")
             }
+            (Control::Resume, State::AwaitingApproval) => {
+                Err(format!("rollout {} awaits approval: stagehand approve {} (or reject it)", self.id, self.id))
+            }
+            (Control::Resume, State::AwaitingWindow) => Err(format!(
+                "rollout {} waits for its release window; it starts by itself when the window opens",
+                self.id
+            )),
+            (Control::Abort, s) if s.is_awaiting() => {
+                self.reason = format!("aborted by {who} before it started");
+                self.end(State::Aborted, now);
+                Ok("aborted: nothing had been sent")
+            }
             (Control::Resume, State::Running) => {
                 let was = std::mem::take(&mut self.pause_requested);
                 Ok(if was { "resumed: the pause was cancelled" } else { "already running" })
@@ -505,6 +554,52 @@ impl Rollout {
         }
     }
 
+    /// Records `by`'s approval (its signature already checked against its key and its role
+    /// against the environment). Once enough approvers signed, the rollout waits for its
+    /// window or starts.
+    pub fn approve(&mut self, by: &str, signature: Vec<u8>, now: u64) -> Result<String, String> {
+        if self.state != State::AwaitingApproval {
+            return Err(format!("rollout {} is {}, not awaiting approval", self.id, self.state.name()));
+        }
+        if by == self.requested_by {
+            return Err(format!(
+                "{by} requested rollout {}; another identity must approve it (SPEC §14: a requester never approves their own release)",
+                self.id
+            ));
+        }
+        if self.gate.approvals.iter().any(|a| a.by == by) {
+            return Err(format!("{by} has already approved rollout {}; an identity counts once", self.id));
+        }
+        self.gate.approvals.push(GivenApproval { by: by.to_string(), at: now, signature });
+        let (have, need) = (self.gate.approvals.len() as u32, self.gate.approvals_needed);
+        if have < need {
+            return Ok(format!("approved by {by} ({have} of {need}); it waits for {} more", need - have));
+        }
+        // The window and any freeze are looked at again now: the approval may come hours later.
+        self.state = State::AwaitingWindow;
+        let opens = *self.gate.window_opens.get_or_insert(0);
+        Ok(if opens > now / 1000 {
+            format!("approved by {by} ({have} of {need}); it starts when its release window opens")
+        } else {
+            format!("approved by {by} ({have} of {need}); it starts now, unless its environment is frozen")
+        })
+    }
+
+    /// Ends a rollout that has not started, as an approver decided.
+    pub fn reject(&mut self, by: &str, reason: &str, now: u64) -> Result<String, String> {
+        if !self.state.is_awaiting() {
+            return Err(format!(
+                "rollout {} is {}; only one awaiting approval or a window can be rejected",
+                self.id,
+                self.state.name()
+            ));
+        }
+        self.reason =
+            if reason.is_empty() { format!("rejected by {by}") } else { format!("rejected by {by}: {reason}") };
+        self.end(State::Rejected, now);
+        Ok(format!("rejected; nothing was sent ({})", self.reason))
+    }
+
     fn begin_rollback(&mut self, ending: Ending, reason: String, now: u64) {
         self.state = State::RollingBack(ending);
         self.reason = reason;
@@ -526,7 +621,23 @@ impl Rollout {
             let progressed = match self.state {
                 State::Running => self.run(obs, now, &mut step),
                 State::RollingBack(ending) => self.roll_back(ending, obs, now, &mut step),
-                State::Paused | State::Succeeded | State::Failed | State::Aborted => false,
+                State::AwaitingWindow => match self.gate.window_opens {
+                    Some(at) if now < at * 1000 => {
+                        step.wake(at * 1000);
+                        false
+                    }
+                    _ => {
+                        self.gate.window_opens = None;
+                        self.state = State::Running;
+                        true
+                    }
+                },
+                State::Paused
+                | State::Succeeded
+                | State::Failed
+                | State::Aborted
+                | State::AwaitingApproval
+                | State::Rejected => false,
             };
             if !progressed {
                 break;
@@ -789,6 +900,7 @@ mod tests {
         Rollout {
             v: RECORD_VERSION,
             traffic: 100,
+            gate: Gate::default(),
             id: "r-1".into(),
             app: "web".into(),
             version: "v2".into(),
@@ -964,6 +1076,38 @@ mod tests {
         assert!(r.advance(&obs, 5_999).actions.is_empty());
         let s = r.advance(&obs, 6_000);
         assert_eq!(perform(&mut r, &s, &mut seq)[0].2, vec![id(1)]);
+    }
+
+    #[test]
+    fn a_gated_rollout_sends_nothing_until_approved_by_others_and_its_window_opens() {
+        let mut r = rollout(2, &[2]);
+        r.state = State::AwaitingApproval;
+        r.gate.approvals_needed = 2;
+        r.gate.window_opens = Some(100);
+        let obs = fleet(2);
+        assert!(r.advance(&obs, 1_000).actions.is_empty());
+        assert!(r.approve("admin", vec![1], 1_000).is_err(), "the requester approves nothing");
+        assert!(r.approve("alice", vec![1], 1_000).unwrap().contains("1 of 2"));
+        assert!(r.approve("alice", vec![1], 1_000).is_err(), "an identity counts once");
+        assert_eq!(r.state, State::AwaitingApproval);
+        assert!(r.advance(&obs, 2_000).actions.is_empty());
+        r.approve("bob", vec![2], 2_000).unwrap();
+        assert_eq!(r.state, State::AwaitingWindow);
+        let step = r.advance(&obs, 50_000);
+        assert!(step.actions.is_empty());
+        assert_eq!(step.wake_at, Some(100_000));
+        assert!(r.control(Control::Resume, "bob", 60_000).is_err(), "a window is not skipped by resume");
+        let step = r.advance(&obs, 100_000);
+        assert_eq!(r.state, State::Running);
+        assert_eq!(step.actions.len(), 1);
+        // Rejected before it started: ended, nothing sent.
+        let mut r = rollout(1, &[1]);
+        r.state = State::AwaitingApproval;
+        r.gate.approvals_needed = 1;
+        r.reject("bob", "not today", 5).unwrap();
+        assert_eq!((r.state, r.reason.as_str()), (State::Rejected, "rejected by bob: not today"));
+        assert!(r.state.is_final() && r.advance(&obs, 10).actions.is_empty());
+        assert!(r.approve("bob", vec![], 20).is_err());
     }
 
     #[test]

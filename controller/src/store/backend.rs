@@ -32,10 +32,13 @@ pub enum Table {
     CatchUp,
     /// Catch-up messages the driver asks the agent's controller to deliver.
     Outbox,
+    /// Release policy (SPEC §14): approval keys, signed policies, freezes, what agents
+    /// enforce and what their `[verify]` said, previews.
+    Policy,
 }
 
 impl Table {
-    pub const ALL: [Table; 17] = [
+    pub const ALL: [Table; 18] = [
         Table::Agents,
         Table::Admins,
         Table::Certs,
@@ -53,6 +56,7 @@ impl Table {
         Table::Presence,
         Table::CatchUp,
         Table::Outbox,
+        Table::Policy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +78,7 @@ impl Table {
             Table::Presence => "presence",
             Table::CatchUp => "catch-up",
             Table::Outbox => "outbox",
+            Table::Policy => "policy",
         }
     }
 

@@ -283,7 +283,7 @@ fn env_order<'a>(ctl: &Controller, present: impl Iterator<Item = &'a String>) ->
 /// A rollout with its waves; `compact` folds big waves to counts.
 fn rollout_card(r: &RolloutView, signed: &Signed, compact: bool) -> Markup {
     let may = check(&signed.who, &Need::Release(r.env.clone())).is_ok();
-    let ended = matches!(r.state.as_str(), "succeeded" | "failed" | "aborted" | "planned");
+    let ended = matches!(r.state.as_str(), "succeeded" | "failed" | "aborted" | "rejected" | "planned");
     html! {
         section.card.rollout #{ "rollout-" (r.id) } data-state=(r.state) {
             h3 {
@@ -299,6 +299,18 @@ fn rollout_card(r: &RolloutView, signed: &Signed, compact: bool) -> Markup {
                 @if r.bake_secs > 0 { " · bake " (humantime::format_duration(std::time::Duration::from_secs(r.bake_secs))) }
             }
             @if !r.reason.is_empty() { p.reason { (r.reason) } }
+            @if r.approvals_needed > 0 || !r.approvals.is_empty() {
+                p.approvals {
+                    "Approvals " (r.approvals.len()) " of " (r.approvals_needed)
+                    @for a in &r.approvals { " · " (a.by) " " (ago(a.at / 1000)) }
+                    @if r.state == "awaiting-approval" {
+                        " · another identity than " (r.requested_by) " runs " code { "stagehand approve " (r.id) }
+                    }
+                }
+            }
+            @if let (Some(t), "awaiting-window") = (r.window_opens.filter(|t| *t > 0), r.state.as_str()) {
+                p.window { "Waits for its release window, opening " (humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))) }
+            }
             @if may && !ended {
                 div.actions {
                     @if r.state == "running" && !r.pause_requested { (button(r, "pause", "Pause", signed)) }
@@ -628,7 +640,7 @@ fn pager(base: &str, page: usize, pages: usize) -> Markup {
 fn class_of(state: &str) -> &'static str {
     match state {
         "committed" | "passed" | "succeeded" | "reverted" => "ok",
-        "failed" | "aborted" | "not-reverted" | "no-answer" => "bad",
+        "failed" | "aborted" | "rejected" | "not-reverted" | "no-answer" => "bad",
         "sent" | "scheduled" | "in-progress" | "baking" | "running" | "reverting" | "rolling-back" | "staging-gate" => {
             "busy"
         }

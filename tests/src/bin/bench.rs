@@ -428,6 +428,7 @@ fn floor_message() -> (stagehand_common::activate::SignedActivate, Vec<ReleaseKe
         expires_at: u64::MAX,
         key_id: keys[0].key_id.clone(),
         traffic: stagehand_common::activate::FULL_TRAFFIC,
+        approved: None,
     };
     (activate::sign(&body, &key), keys)
 }

@@ -9,6 +9,7 @@ mod ha;
 mod hardening;
 mod metrics;
 mod operator;
+mod policy;
 mod release;
 mod retention;
 mod reuse;

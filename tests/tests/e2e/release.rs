@@ -66,6 +66,7 @@ fn body(fleet_key: &SigningKey, me: &AgentId, version: &str, digest: Digest, seq
         expires_at: now_secs() + 600,
         key_id: activate::ReleaseKey::from_signing(fleet_key).key_id,
         traffic: stagehand_common::activate::FULL_TRAFFIC,
+        approved: None,
     }
 }
 
@@ -480,6 +481,7 @@ async fn a_rotated_release_key_reaches_every_agent_and_the_old_key_is_refused() 
         expires_at: now_secs() + 600,
         key_id: old_id.clone(),
         traffic: stagehand_common::activate::FULL_TRAFFIC,
+        approved: None,
     };
     let forged = fleet.path().join("old-key.json");
     std::fs::write(&forged, activate::sign(&body, &old).to_export(&body)).unwrap();

@@ -122,6 +122,7 @@ fn rollout(id: &str) -> Rollout {
         messages: vec![],
         revision: 1,
         traffic: FULL_TRAFFIC,
+        gate: Default::default(),
     }
 }
 

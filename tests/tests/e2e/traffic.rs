@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 pub const WEB: &str = env!("CARGO_BIN_EXE_stagehand-test-web");
 
 /// An artifact whose service is the test web server, serving `version` as its content.
-fn web_artifact(root: &Path, version: &str, extra: &str) -> PathBuf {
+pub fn web_artifact(root: &Path, version: &str, extra: &str) -> PathBuf {
     let dir = root.join(format!("web-{version}"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("content"), format!("web {version}")).unwrap();
@@ -29,12 +29,12 @@ fn web_artifact(root: &Path, version: &str, extra: &str) -> PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Puts `app` in traffic mode on an enrolled (stopped) agent.
-fn listen(agent_dir: &Path, app: &str, port: u16) {
+pub fn listen(agent_dir: &Path, app: &str, port: u16) {
     let path = agent_dir.join("agent.toml");
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str(&format!("\n[apps.{app}]\nlisten = \"127.0.0.1:{port}\"\n"));
@@ -42,7 +42,7 @@ fn listen(agent_dir: &Path, app: &str, port: u16) {
 }
 
 /// One GET on a new connection; the body.
-async fn get(port: u16, path: &str) -> anyhow::Result<String> {
+pub async fn get(port: u16, path: &str) -> anyhow::Result<String> {
     let s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(("127.0.0.1", port))).await??;
     let mut s = BufReader::new(s);
     s.get_mut().write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).await?;
@@ -73,7 +73,7 @@ async fn read_response(s: &mut BufReader<tokio::net::TcpStream>) -> anyhow::Resu
 }
 
 /// Kills every service an agent directory recorded, when the test ends however it ends.
-struct Reaper(PathBuf);
+pub struct Reaper(pub PathBuf);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
@@ -100,7 +100,7 @@ fn service_pids(agent_dir: &Path) -> Vec<i32> {
 }
 
 /// Live processes of the test web server started from this agent's releases.
-fn web_processes(agent_dir: &Path) -> Vec<i32> {
+pub fn web_processes(agent_dir: &Path) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
@@ -172,7 +172,7 @@ impl Loop {
 }
 
 /// A fleet with one prod agent (in this process) serving `web` on a port of its own.
-async fn traffic_fleet() -> (Fleet, TestAgent, u16, Reaper) {
+pub async fn traffic_fleet() -> (Fleet, TestAgent, u16, Reaper) {
     let fleet = Fleet::start().await.unwrap();
     let mut agent = fleet.enrol("prod", "p").await.unwrap();
     let port = free_port();
@@ -182,13 +182,13 @@ async fn traffic_fleet() -> (Fleet, TestAgent, u16, Reaper) {
     (fleet, agent, port, reaper)
 }
 
-async fn push_and_stage(fleet: &Fleet, version: &str, extra: &str) {
+pub async fn push_and_stage(fleet: &Fleet, version: &str, extra: &str) {
     let src = web_artifact(fleet.path(), version, extra);
     fleet.push("web", version, &src).await.unwrap();
     assert!(fleet.deploy("web", version, "prod", 60).await.unwrap().all_done());
 }
 
-async fn release(fleet: &Fleet, version: &str, traffic: u8) -> stagehand_common::protocol::RolloutView {
+pub async fn release(fleet: &Fleet, version: &str, traffic: u8) -> stagehand_common::protocol::RolloutView {
     let spec = RolloutSpec {
         app: "web".into(),
         version: Some(version.into()),
