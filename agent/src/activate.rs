@@ -29,7 +29,8 @@ pub async fn handle(host: &Arc<Host>, msg: SignedActivate) -> Receipt {
     host.metrics.receipt(&receipt);
     if receipt.outcome == ReceiptOutcome::Committed {
         if let Some(before) = before.filter(|b| *b != receipt.version) {
-            if let Err(e) = host.store.set_prior(&app, &before) {
+            let digest = host.store.staged(&app, &before).ok().flatten().map(|r| r.digest);
+            if let Err(e) = digest.map_or(Ok(()), |d| host.store.set_prior(&app, &before, &d)) {
                 warn!(error = %e, "Could not record the version that ran before.");
             }
         }
@@ -191,7 +192,7 @@ fn policy_allows(host: &Host, body: &Activate) -> Result<(), (Refusal, String)> 
     let policy = host.policy.get();
     let active = host.layout.active(&body.app);
     let undo = active.as_deref() == Some(body.version.as_str())
-        || (active.is_some() && host.store.prior(&body.app).as_deref() == Some(body.version.as_str()));
+        || (active.is_some() && host.store.prior(&body.app) == Some((body.version.clone(), body.digest)));
     if let Err((have, need)) = stagehand_common::policy::approvals_hold(&policy, body, undo) {
         let why = format!(
             "{} requires {need} approval(s) of a release (policy {}); this message for {} {} carries {have} valid one(s)",

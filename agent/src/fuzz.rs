@@ -18,13 +18,14 @@ use std::collections::HashMap;
 pub type Oracle = fn(&[u8]);
 
 /// The targets by name, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/` call them.
-pub const TARGETS: [(&str, Oracle); 6] = [
+pub const TARGETS: [(&str, Oracle); 7] = [
     ("frames", frames),
     ("manifest", manifest),
     ("activate", activate),
     ("journal", journal),
     ("export", export),
     ("token", token),
+    ("policy", policy),
 ];
 
 /// Decodes `data` as `T`; what decodes must encode back to something that decodes the same.
@@ -198,4 +199,78 @@ pub fn token(data: &[u8]) {
     if let Ok(t) = JoinToken::parse(text) {
         assert_eq!(JoinToken::parse(&t.to_string()), Ok(t));
     }
+}
+
+/// The approver whose approvals the `policy` target's policy in force requires; the fuzzer
+/// never has its private half.
+fn approver() -> SigningKey {
+    SigningKey::from_bytes(&[8u8; 32])
+}
+
+/// The policy in force for the `policy` target: one approval, from the fixed approver.
+fn policy_in_force() -> stagehand_common::policy::Policy {
+    use stagehand_common::policy::{Approver, Policy};
+    let (_, key) = pinned();
+    let approvers = vec![Approver { name: "alice".into(), key: approver().verifying_key().to_bytes() }];
+    Policy { serial: 5, approvals: 1, approvers, key_id: key.key_id, ..Policy::none("prod") }
+}
+
+/// Release policy: an update is taken only signed by the pinned release key, and one that
+/// loosens the policy in force only with the approver's signature over it; an activate body
+/// has one encoding; a message the release key signed applies under the policy only with a
+/// valid approval of its plan (which the fuzzer cannot make).
+pub fn policy(data: &[u8]) {
+    use stagehand_common::policy::{self as pol, SignedPolicy, Update};
+    let (_, key) = pinned();
+    let current = policy_in_force();
+    if let Ok(update) = decode::<SignedPolicy, CONTROL_LIMIT>(data) {
+        if let Ok(Update::Enforce(p)) = pol::accept(&current, &update, std::slice::from_ref(&key), "prod") {
+            assert!(p.serial > current.serial && p.env == "prod");
+            if current.loosened_by(&p) {
+                let alice = approver().verifying_key().to_bytes();
+                assert!(
+                    update
+                        .approvals
+                        .iter()
+                        .any(|a| a.approver == "alice" && pol::policy_approval_verifies(&update.body, &alice, a)),
+                    "a loosening was taken without the approval of the policy in force"
+                );
+            }
+        }
+    }
+    if let Some(body) = Activate::decode(data) {
+        assert_eq!(body.encode(), data, "an activate body with two encodings");
+        assert!(pol::approvals_hold(&current, &body, true).is_ok());
+        if pol::approvals_hold(&current, &body, false).is_ok() {
+            let a = body.approved.as_ref().expect("approvals held without any");
+            let plan = a.plan(&body);
+            let alice = approver().verifying_key().to_bytes();
+            assert!(a.requester != "alice");
+            assert!(a.approvals.iter().any(|x| x.approver == "alice" && pol::plan_approval_verifies(&plan, &alice, x)));
+        }
+    }
+}
+
+/// Seed inputs for `policy`: a policy update that tightens, one that loosens with its
+/// approval, and an approved activate body.
+pub fn policy_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use stagehand_common::policy::{self as pol, Approved, Policy};
+    let (release, _) = pinned();
+    let tighter = pol::sign(Policy { serial: 6, approvals: 2, ..policy_in_force() }, &release);
+    let mut looser = pol::sign(Policy { serial: 7, approvals: 0, ..policy_in_force() }, &release);
+    looser.approvals = vec![pol::approve_policy(&looser.body, "alice", &approver())];
+    let mut body =
+        Activate::decode(&decode::<SignedActivate, CONTROL_LIMIT>(&activate_seed()).expect("the seed decodes").body)
+            .expect("the seed's body decodes");
+    let mut approved = Approved {
+        rollout_id: "r-1".into(),
+        requester: "bob".into(),
+        targets: 1,
+        hosts: Digest([0; 32]),
+        approvals: vec![],
+    };
+    let plan = approved.plan(&body);
+    approved.approvals = vec![pol::approve_plan(&plan, "alice", &approver())];
+    body.approved = Some(approved);
+    vec![("tighter", encode(&tighter)), ("looser", encode(&looser)), ("approved-body", body.encode())]
 }

@@ -71,6 +71,8 @@ impl Enforced {
                 s.0 = p;
                 Ok(())
             }
+            // An older policy (the controller sends the chain that leads to the newest): passed by.
+            Err(policy::PolicyRefusal::Stale) => Ok(()),
             Err(why) => {
                 let serial = policy::decode_unverified(signed).map_or(0, |p| p.serial);
                 warn!(serial, reason = %why, "Refused a release policy update.");

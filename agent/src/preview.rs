@@ -58,6 +58,13 @@ async fn start(
     version: &str,
     digest: Option<stagehand_common::Digest>,
 ) -> Result<u16, String> {
+    let policy = host.policy.get();
+    if policy.approvals > 0 {
+        return Err(format!(
+            "{} requires approvals (policy {}), and a preview runs code nobody approved: preview it in an earlier environment",
+            policy.env, policy.serial
+        ));
+    }
     if host.listener(app).is_none() {
         return Err(format!("{app} is not in traffic mode on this host (no `listen` in agent.toml)"));
     }

@@ -489,10 +489,15 @@ async fn release_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()>
                 // In force before the next message is read, as key changes are.
                 ReleaseDown::Policy(signed) => {
                     let h = host.clone();
+                    let verify_before = host.policy.get().verify;
                     tokio::task::spawn_blocking(move || h.policy.offer(&signed, &h.release_keys()))
                         .await
                         .context("applying a release policy")??;
                     host.send_release(host.policy.report());
+                    // Verification asked for from now on: what is staged is verified now.
+                    if !verify_before && host.policy.get().verify {
+                        crate::verify::after_connect(&host);
+                    }
                 }
                 ReleaseDown::Preview(p) => {
                     let host = host.clone();

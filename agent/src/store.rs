@@ -286,13 +286,16 @@ impl Store {
 
     /// The version an app ran before its current one (SPEC §14: going back to it needs no
     /// approvals). An index: lost, it only makes that rollback ask for approvals.
-    pub fn prior(&self, app: &str) -> Option<String> {
+    /// With the digest it ran with: a version of that name staged again with other content
+    /// is not the one that ran.
+    pub fn prior(&self, app: &str) -> Option<(String, Digest)> {
         let v = self.meta.get(format!("prior\0{app}")).ok().flatten()?;
-        String::from_utf8(v.to_vec()).ok()
+        let (digest, version) = v.split_at_checked(32)?;
+        Some((String::from_utf8(version.to_vec()).ok()?, Digest(digest.try_into().ok()?)))
     }
 
-    pub fn set_prior(&self, app: &str, version: &str) -> Result<(), sled::Error> {
-        self.meta.insert(format!("prior\0{app}"), version.as_bytes())?;
+    pub fn set_prior(&self, app: &str, version: &str, digest: &Digest) -> Result<(), sled::Error> {
+        self.meta.insert(format!("prior\0{app}"), [&digest.0[..], version.as_bytes()].concat())?;
         Ok(())
     }
 }

@@ -3,7 +3,8 @@
 //! (`hooks::run`: the same environment allow-list, limits, process group and bounded output).
 //! Its result is recorded in the store for the digest it was staged with, reported on the
 //! deploy channel after the stage report, and reported again after every reconnection. The
-//! activation path asks [`verified`].
+//! activation path asks [`verified`]. It runs only where the environment's signed policy
+//! says `verify` (it runs the artifact's code before anything is approved or released).
 
 use crate::hooks::{self, ArtifactConfig};
 use crate::host::Host;
@@ -27,6 +28,11 @@ pub fn verified(host: &Host, app: &str, version: &str, digest: &Digest) -> Optio
 /// or runs its verify in the background and sends that. Returns at once: the stage report
 /// never waits for a verify.
 pub fn after_staging(host: &Arc<Host>, app: &str, version: &str, digest: Digest) {
+    // Only where the environment's signed policy asks for it: a verify runs the artifact's
+    // code at deploy time, before any release or approval.
+    if !host.policy.get().verify {
+        return;
+    }
     let (host, app, version) = (Arc::downgrade(host), app.to_string(), version.to_string());
     tokio::spawn(async move { verify(host, &app, &version, digest).await });
 }
@@ -35,6 +41,9 @@ pub fn after_staging(host: &Arc<Host>, app: &str, version: &str, digest: Digest)
 /// staged version, then runs, one after another, the verify of those that have none (staged
 /// before verify existed, or interrupted by a restart). Returns at once.
 pub fn after_connect(host: &Arc<Host>) {
+    if !host.policy.get().verify {
+        return;
+    }
     let weak = Arc::downgrade(host);
     let h = host.clone();
     tokio::spawn(async move {

@@ -69,4 +69,7 @@ fn write_seeds() {
     put("journal", "valid", &std::fs::read(&path).unwrap());
     let t = stagehand_common::token::JoinToken::generate(&"ab".repeat(32), &"cd".repeat(32));
     put("token", "valid", t.to_string().as_bytes());
+    for (name, bytes) in stagehand_agent::fuzz::policy_seeds() {
+        put("policy", name, &bytes);
+    }
 }

@@ -53,12 +53,24 @@ impl Policy {
         }
     }
 
-    /// Whether `new` asks less than `self`: fewer approvals, an approver gone or re-keyed,
-    /// or verification off.
+    /// Whether `new` asks less than `self`: fewer approvals, verification off, or any change
+    /// to who may approve (one added can approve as well as one re-keyed: as TUF's root, the
+    /// approver set changes only with the approvals of the set in force).
     pub fn loosened_by(&self, new: &Policy) -> bool {
         new.approvals < self.approvals
             || (self.verify && !new.verify)
+            || self.approvers.len() != new.approvers.len()
             || self.approvers.iter().any(|a| !new.approvers.contains(a))
+    }
+
+    /// Whether the policy can be met at all: approvers named and keyed once each, and at
+    /// least as many as the approvals it requires.
+    pub fn well_formed(&self) -> bool {
+        let names: BTreeSet<&str> = self.approvers.iter().map(|a| a.name.as_str()).collect();
+        let keys: BTreeSet<&[u8; 32]> = self.approvers.iter().map(|a| &a.key).collect();
+        names.len() == self.approvers.len()
+            && keys.len() == self.approvers.len()
+            && self.approvals as usize <= self.approvers.len()
     }
 
     /// Counts the distinct approvers of this policy, other than `requester`, whose signature
@@ -298,6 +310,9 @@ pub fn accept(current: &Policy, new: &SignedPolicy, keys: &[ReleaseKey], env: &s
     if policy.env != env {
         return Err(PolicyRefusal::WrongEnvironment);
     }
+    if !policy.well_formed() {
+        return Err(PolicyRefusal::Malformed);
+    }
     if policy.serial == current.serial && current.serial > 0 {
         return if policy == *current { Ok(Update::Same) } else { Err(PolicyRefusal::Stale) };
     }
@@ -428,6 +443,22 @@ mod tests {
         let mut fewer = policy(&f, 2, 1);
         fewer.approvers.pop();
         assert!(accept(&p1, &sign(fewer, &f.release), &f.keys, "prod").is_err());
+        // Adding an approver, too: a new approver can approve alone.
+        let mut more = policy(&f, 2, 1);
+        more.approvers.push(approver("mallory", &SigningKey::from_bytes(&[9; 32])));
+        assert!(p1.loosened_by(&more));
+        assert!(accept(&p1, &sign(more, &f.release), &f.keys, "prod").is_err());
+        // A name twice (a second key for alice), a key twice, more approvals than approvers:
+        // refused whatever approvals they carry.
+        let mut twice = policy(&f, 2, 1);
+        twice.approvers.insert(0, approver("alice", &SigningKey::from_bytes(&[9; 32])));
+        let mut twice = sign(twice, &f.release);
+        twice.approvals = vec![approve_policy(&twice.body, "bob", &f.bob)];
+        assert_eq!(accept(&p1, &twice, &f.keys, "prod"), Err(PolicyRefusal::Malformed));
+        let mut same_key = policy(&f, 2, 1);
+        same_key.approvers[1].key = same_key.approvers[0].key;
+        assert_eq!(accept(&p1, &sign(same_key, &f.release), &f.keys, "prod"), Err(PolicyRefusal::Malformed));
+        assert_eq!(accept(&p1, &sign(policy(&f, 2, 4), &f.release), &f.keys, "prod"), Err(PolicyRefusal::Malformed));
         // Turning verification off as well.
         let mut verifying = p1.clone();
         verifying.verify = true;

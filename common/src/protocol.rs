@@ -498,6 +498,10 @@ pub enum AdminRequest {
         env: String,
         version: Option<String>,
     },
+    /// Registers the asking identity's approval public key (made on the operator's machine).
+    SetApprovalKey {
+        public: [u8; 32],
+    },
 }
 
 /// What an approval signs.
@@ -794,6 +798,9 @@ pub enum AdminResponse {
     /// Per host of a preview: its name and what happened (`port N`, or why not).
     Previews {
         hosts: Vec<(String, String)>,
+    },
+    ApprovalKeySet {
+        name: String,
     },
 }
 

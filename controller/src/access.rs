@@ -36,7 +36,9 @@ impl Need {
             | AdminRequest::ListApps
             // The page shows what a viewer may read; its buttons are authorised one by one.
             | AdminRequest::UiLogin
-            | AdminRequest::ShowPolicy { .. } => Need::Read,
+            | AdminRequest::ShowPolicy { .. }
+            // Its own key: any identity that is not revoked (only owners' and releasers' count).
+            | AdminRequest::SetApprovalKey { .. } => Need::Read,
             AdminRequest::PushBegin { .. }
             | AdminRequest::PushChunks { .. }
             | AdminRequest::PushCommit { .. }

@@ -101,7 +101,10 @@ pub async fn answer(
     });
     // What changes anything is recorded in the audit log, with its outcome, before the answer;
     // so are renewals and login links, which only read but grant access.
-    let granted = matches!(req, AdminRequest::RenewCertificate { .. } | AdminRequest::UiLogin);
+    let granted = matches!(
+        req,
+        AdminRequest::RenewCertificate { .. } | AdminRequest::UiLogin | AdminRequest::SetApprovalKey { .. }
+    );
     let audited = (need != crate::access::Need::Read || granted).then(|| audit_entry(&req)).flatten();
     if let Err(why) = identity(ctl, admin).and_then(|who| crate::access::check(&who, &need)) {
         tracing::warn!(%admin, %why, "Refused an admin request.");
@@ -112,7 +115,7 @@ pub async fn answer(
     }
     // Shared state that cannot be written now: a change is refused before it starts, while
     // what only reads is still answered from what this controller holds.
-    if need != crate::access::Need::Read {
+    if need != crate::access::Need::Read || matches!(req, AdminRequest::SetApprovalKey { .. }) {
         if let Err(e) = ctl.store.writable() {
             let resp = error(
                 format!("{e}; nothing was changed"),
@@ -486,6 +489,18 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
         }
         AdminRequest::Unfreeze { env } => crate::policy::unfreeze(ctl, &env, admin)?,
         AdminRequest::ShowPolicy { env } => crate::policy::show(ctl, env.as_deref())?,
+        AdminRequest::SetApprovalKey { public } => {
+            if ed25519_dalek::VerifyingKey::from_bytes(&public).is_err() {
+                return Ok(error("that is not an Ed25519 public key", "stagehand admin approval-key"));
+            }
+            ctl.store.put_approval_key(admin, &public)?;
+            ctl.store.flush()?;
+            info!(%admin, "Approval key registered.");
+            // A new or re-keyed approver changes what agents enforce (a change that needs the
+            // approvals of the policy in force where approvals are required).
+            crate::policy::sync_all(ctl)?;
+            AdminResponse::ApprovalKeySet { name: admin.to_string() }
+        }
         AdminRequest::Hello { .. }
         | AdminRequest::Preview { .. }
         | AdminRequest::PushChunks { .. }

@@ -49,12 +49,9 @@ pub fn init(data_dir: &Path, listen: SocketAddr) -> Result<Initialised> {
     let admin = tls::issue_with_key(&ca, &Role::Admin("admin".into()), tls::ADMIN_LIFETIME)?;
     let admin_fp = tls::fingerprint(&tls::cert_der(&admin.cert_pem)?);
     Credentials { me: admin, ca_pem: ca.cert_pem.clone() }.save(&layout.admin_dir())?;
-    let approval = crate::keys::new_approval_key();
-    crate::keys::save_approval_key(&layout.admin_dir(), &approval)?;
 
     let store = Store::open(&layout.state())?;
     store.put_admin_cert(&admin_fp, "admin")?;
-    store.put_approval_key("admin", &approval.verifying_key().to_bytes())?;
     store.flush()?;
     drop(store);
 

@@ -12,7 +12,7 @@ use crate::server::Controller;
 use crate::store::{FreezeRecord, PolicyRecord};
 use anyhow::Result;
 use stagehand_common::ids::now_secs;
-use stagehand_common::policy::{self, Approval, Approver, Plan, Policy, SignedPolicy};
+use stagehand_common::policy::{self, Approval, Approver, Plan, Policy};
 use stagehand_common::protocol::{AdminResponse, FreezeView, PolicyView, ReleaseDown, Setting, ToSign};
 use tracing::{info, warn};
 
@@ -110,12 +110,26 @@ pub fn sync(ctl: &Controller, env: &str) -> Result<Option<PolicyRecord>> {
             (Some(r), _) => r.base.clone(),
             (None, _) => Policy::none(env),
         };
+        if !want.well_formed() {
+            // Agents would take it and then no release could ever be approved, nor the policy
+            // changed again: it is not signed (`policy show` says why).
+            warn!(%env, approvals = want.approvals, approvers = want.approvers.len(), "{}", unmeetable(env, &want));
+            return Ok(current);
+        }
         let serial = signed.as_ref().map_or(0, |p| p.serial) + 1;
         let new = Policy { serial, at: now_secs(), ..want.clone() };
+        // The chain agents walk: every policy that took, the newest last.
+        let mut chain = current.as_ref().map(|r| r.chain.clone()).unwrap_or_default();
+        if let Some(r) = current.as_ref().filter(|r| complete(ctl, env, r)) {
+            chain.push(r.signed.clone());
+        }
+        let drop = chain.len().saturating_sub(crate::store::POLICY_CHAIN);
+        chain.drain(..drop);
         let record = PolicyRecord {
             v: 1,
             signed: policy::sign(new.clone(), &ctl.release_key),
             base: base.clone(),
+            chain,
             at: crate::rollout::now_ms(),
         };
         if !ctl.store.swap_policy(env, current.as_ref(), &record)? {
@@ -131,9 +145,33 @@ pub fn sync(ctl: &Controller, env: &str) -> Result<Option<PolicyRecord>> {
         } else {
             info!(%env, serial, approvals = new.approvals, verify = new.verify, "Release policy signed.");
         }
-        push(ctl, env, &record.signed)?;
+        push(ctl, env, &record)?;
         return Ok(Some(record));
     }
+}
+
+/// Why a policy cannot be met, for the log and `policy show`.
+fn unmeetable(env: &str, p: &Policy) -> String {
+    format!(
+        "{env} requires {} approval(s) and {} identit(ies) can approve there (owners and its releasers with an approval \
+         key); the policy is not signed until there are enough: stagehand admin add NAME --role releaser --env {env} \
+         --out DIR, or stagehand admin approval-key (run by an owner or releaser)",
+        p.approvals,
+        p.approvers.len()
+    )
+}
+
+/// What agents enforce as far as is known: the newest policy if it took, else its base.
+pub fn enforced(ctl: &Controller, env: &str, r: &PolicyRecord) -> Policy {
+    match policy::decode_unverified(&r.signed) {
+        Some(p) if complete(ctl, env, r) => p,
+        _ => r.base.clone(),
+    }
+}
+
+/// What an agent of `env` is sent: the chain of earlier policies, then the newest.
+pub fn messages(r: &PolicyRecord) -> Vec<ReleaseDown> {
+    r.chain.iter().chain(std::iter::once(&r.signed)).map(|p| ReleaseDown::Policy(p.clone())).collect()
 }
 
 /// [`sync`] for every environment; an error in one does not stop the others.
@@ -150,14 +188,16 @@ pub fn sync_all(ctl: &Controller) -> Result<()> {
 
 /// Sends a policy to the environment's agents connected here, unless it was sent already
 /// (a newly connected agent gets it when its release channel opens).
-pub fn push(ctl: &Controller, env: &str, signed: &SignedPolicy) -> Result<()> {
-    let digest = stagehand_common::Digest::of(&stagehand_common::frame::encode(signed));
+pub fn push(ctl: &Controller, env: &str, record: &PolicyRecord) -> Result<()> {
+    let digest = stagehand_common::Digest::of(&stagehand_common::frame::encode(&record.signed));
     if ctl.policy_sent.lock().unwrap_or_else(|p| p.into_inner()).insert(env.to_string(), digest) == Some(digest) {
         return Ok(());
     }
     for id in ctl.fleet.agents() {
         if ctl.store.agent(&id)?.is_some_and(|a| a.env == env) {
-            ctl.fleet.send_release(&id, ReleaseDown::Policy(signed.clone()));
+            for m in messages(record) {
+                ctl.fleet.send_release(&id, m);
+            }
         }
     }
     Ok(())
@@ -277,7 +317,7 @@ pub fn approve(ctl: &Controller, id: &str, who: &str, approval: Approval) -> Res
             ));
         }
         // Only an approver of the policy agents enforce counts there.
-        let enforced = ctl.store.policy(&before.env)?.and_then(|r| policy::decode_unverified(&r.signed));
+        let enforced = ctl.store.policy(&before.env)?.map(|r| enforced(ctl, &before.env, &r));
         if before.state == State::AwaitingApproval
             && !enforced.as_ref().is_some_and(|p| p.approvers.iter().any(|a| a.name == who && a.key == key))
         {
@@ -354,13 +394,16 @@ fn approve_policy(
         ctl.store.flush()?;
         let have = r.signed.approvals.len() as u32;
         info!(%env, serial, by = %who, have, need, "Release policy change approved.");
-        push(ctl, env, &r.signed)?;
+        push(ctl, env, &r)?;
         return Ok(AdminResponse::PolicyApproved { id: id.to_string(), have: have.min(need), need });
     }
 }
 
 /// Ends a rollout awaiting approval or a window.
 pub fn reject(ctl: &Controller, id: &str, who: &str, reason: &str) -> Result<AdminResponse> {
+    if reason.len() > REASON_LIMIT {
+        return Ok(refused(format!("the reason is longer than {REASON_LIMIT} bytes"), "say it shorter"));
+    }
     let _one_at_a_time = ctl.rollout_lock();
     loop {
         let Some(before) = ctl.store.rollout(id)? else {
@@ -399,15 +442,31 @@ pub fn frozen_why(env: &str, f: &FreezeRecord) -> String {
     } else {
         format!(
             "until {}",
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.until))
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.until.min(LATEST))
+            )
         )
     };
     format!("{env} is frozen {until} by {} ({}); releases do not start, rollbacks do", f.by, f.reason)
 }
 
+/// The latest time a freeze may end at (9999-12-31): times print, and add, without overflow.
+pub const LATEST: u64 = 253_402_300_799;
+/// The longest reason kept (freeze, reject), in bytes.
+pub const REASON_LIMIT: usize = 1024;
+
 pub fn freeze(ctl: &Controller, env: &str, until: u64, reason: &str, who: &str) -> Result<AdminResponse> {
-    if reason.trim().is_empty() {
-        return Ok(refused("a freeze needs a reason", format!("stagehand freeze --env {env} --reason TEXT")));
+    if reason.trim().is_empty() || reason.len() > REASON_LIMIT {
+        return Ok(refused(
+            format!("a freeze needs a reason of 1 to {REASON_LIMIT} bytes"),
+            format!("stagehand freeze --env {env} --reason TEXT"),
+        ));
+    }
+    if until > LATEST {
+        return Ok(refused(
+            "--until is after 9999-12-31",
+            format!("stagehand freeze --env {env} --reason TEXT   (without --until: until unfrozen)"),
+        ));
     }
     if until != 0 && until <= now_secs() {
         return Ok(refused(
@@ -424,8 +483,16 @@ pub fn freeze(ctl: &Controller, env: &str, until: u64, reason: &str, who: &str) 
 }
 
 pub fn unfreeze(ctl: &Controller, env: &str, who: &str) -> Result<AdminResponse> {
-    if ctl.store.freeze(env)?.is_none() {
+    let Some(f) = ctl.store.freeze(env)? else {
         return Ok(refused(format!("{env} is not frozen"), "stagehand policy show --env ENV"));
+    };
+    // A freeze is lifted by whoever froze, or an owner: not by any releaser it holds back.
+    let owner = ctl.store.admin(who)?.is_some_and(|a| a.role == "owner");
+    if f.by != who && !owner {
+        return Ok(refused(
+            format!("{env} was frozen by {}; only they or an owner can unfreeze it", f.by),
+            format!("ask {} or an owner: stagehand unfreeze --env {env}", f.by),
+        ));
     }
     ctl.store.put_freeze(env, None)?;
     ctl.store.flush()?;
@@ -439,6 +506,11 @@ pub fn unfreeze(ctl: &Controller, env: &str, who: &str) -> Result<AdminResponse>
 /// and is let go otherwise.
 pub fn hold_for_window(ctl: &Controller, r: &mut Rollout, now_ms: u64) -> Result<()> {
     if r.state != State::AwaitingWindow || r.gate.window_opens.is_some_and(|t| t * 1000 > now_ms) {
+        return Ok(());
+    }
+    // A rollback (one that needed approvals) is never held by a window or a freeze.
+    if r.kind == crate::plan::rollout::Kind::Rollback {
+        r.gate.window_opens = Some(0);
         return Ok(());
     }
     let now = now_ms / 1000;
@@ -516,6 +588,10 @@ pub fn show(ctl: &Controller, env: Option<&str>) -> Result<AdminResponse> {
                 source: from(set && configured),
             });
         }
+        let want = wanted(ctl, &env)?;
+        if !want.well_formed() {
+            settings.push(Setting { name: "problem".into(), value: unmeetable(&env, &want), source: String::new() });
+        }
         let record = ctl.store.policy(&env)?;
         let signed = record.as_ref().and_then(|r| policy::decode_unverified(&r.signed));
         let pending = match (&record, &signed) {
@@ -524,20 +600,23 @@ pub fn show(ctl: &Controller, env: Option<&str>) -> Result<AdminResponse> {
             }
             _ => None,
         };
-        let mut enforced = Vec::new();
+        let mut per_agent = Vec::new();
         for a in agents.iter().filter(|a| a.env == env && !a.revoked) {
             let p = ctl.store.agent_policy(&a.id)?.unwrap_or_default();
             let refused = p.refused.map(|(serial, why)| format!("refused policy {serial}: {why}")).unwrap_or_default();
-            enforced.push((a.name.clone(), p.serial, p.approvals, refused));
+            per_agent.push((a.name.clone(), p.serial, p.approvals, refused));
         }
         out.push(PolicyView {
             env: env.clone(),
             settings,
             freeze: frozen(ctl, &env, now_secs())?.as_ref().map(freeze_view),
             serial: signed.as_ref().map_or(0, |p| p.serial),
-            approvers: signed.map(|p| p.approvers.into_iter().map(|a| a.name).collect()).unwrap_or_default(),
+            approvers: record
+                .as_ref()
+                .map(|r| enforced(ctl, &env, r).approvers.into_iter().map(|a| a.name).collect())
+                .unwrap_or_default(),
             pending,
-            agents: enforced,
+            agents: per_agent,
         });
     }
     Ok(AdminResponse::Policies { envs: out })
@@ -564,6 +643,14 @@ pub async fn preview(ctl: &Controller, app: &str, env: &str, version: Option<Str
     let agents = ctl.store.agents_in(env)?;
     if agents.is_empty() {
         return Ok(refused(format!("environment {env:?} has no agents"), "stagehand agents list"));
+    }
+    if version.is_some() && settings(ctl, env).approvals.0 > 0 {
+        return Ok(refused(
+            format!(
+                "{env} requires approvals, and a preview runs code nobody approved on its hosts (agents refuse it too)"
+            ),
+            "preview it in an earlier environment: stagehand preview APP VERSION --env staging",
+        ));
     }
     let request = policy::Preview {
         app: app.to_string(),

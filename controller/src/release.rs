@@ -35,7 +35,9 @@ pub async fn serve(ctl: Arc<Controller>, conn: quinn::Connection, id: AgentId) -
     // The environment's release policy before any message, too (SPEC §14).
     if let Some(env) = ctl.store.agent(&id)?.map(|a| a.env) {
         if let Some(p) = ctl.store.policy(&env)? {
-            write_msg(&mut send, &ReleaseDown::Policy(p.signed)).await?;
+            for m in crate::policy::messages(&p) {
+                write_msg(&mut send, &m).await?;
+            }
         }
     }
     let (tx, mut rx) = mpsc::unbounded_channel();

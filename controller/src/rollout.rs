@@ -65,10 +65,15 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
         )));
     }
     let _one_at_a_time = ctl.rollout_lock();
+    // A rollback goes ahead of a release that has sent nothing yet (awaiting approval or its
+    // window): rollbacks are always allowed (SPEC §14). That one ends once this one is planned.
+    let mut superseded = None;
     if let Some(id) = ctl.store.active_rollout(env, app)?.filter(|id| {
-        // A rollback goes ahead of a release that has sent nothing yet (awaiting approval or
-        // its window), which ends: rollbacks are always allowed (SPEC §14).
-        !(spec.rollback && !spec.dry_run && supersede(ctl, id, who).unwrap_or(false))
+        let waiting = spec.rollback && ctl.store.rollout(id).ok().flatten().is_some_and(|r| r.state.is_awaiting());
+        if waiting {
+            superseded = Some(id.clone());
+        }
+        !waiting
     }) {
         return Ok(Err(refused(
             format!("rollout {id} of {app} in {env} has not ended; one rollout per app and environment runs at a time"),
@@ -314,6 +319,15 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
             format!("every target of {env} is offline; nothing was released"),
             "stagehand agents list   (or --offline wait to wait for them)",
         )));
+    }
+    if let Some(id) = &superseded {
+        if !supersede(ctl, id, who)? {
+            return Ok(Err(refused(
+                format!("rollout {id} of {app} in {env} started meanwhile; one rollout per app and environment runs at a time"),
+                format!("stagehand rollout abort {id}, then roll back"),
+            )));
+        }
+        notes.push(format!("{id}, which had sent nothing yet, ends: this rollback goes first"));
     }
     rollout.id = ctl.store.next_rollout_id()?;
     if rollout.state == State::AwaitingApproval {

@@ -365,7 +365,7 @@ fn react(ctl: &Controller, tables: u32) -> Result<()> {
         // A policy another controller signed or had approved reaches the agents here too.
         for env in crate::policy::environments(ctl)? {
             if let Some(p) = ctl.store.policy(&env)? {
-                crate::policy::push(ctl, &env, &p.signed)?;
+                crate::policy::push(ctl, &env, &p)?;
             }
         }
     }

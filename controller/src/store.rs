@@ -50,9 +50,15 @@ pub struct PolicyRecord {
     pub signed: stagehand_common::policy::SignedPolicy,
     /// The policy agents enforce as far as is known: a loosening counts only with its approvals.
     pub base: stagehand_common::policy::Policy,
+    /// The policies agents took before this one, oldest first (at most [`POLICY_CHAIN`]):
+    /// sent before it, so an agent that missed some walks from its own to the newest.
+    pub chain: Vec<stagehand_common::policy::SignedPolicy>,
     /// When the approvals were last changed (ms), for humans.
     pub at: u64,
 }
+
+/// How many earlier policies a policy record carries for agents to walk.
+pub const POLICY_CHAIN: usize = 16;
 
 /// A freeze of an environment (SPEC §14).
 #[derive(Clone, Debug, Serialize, Deserialize)]

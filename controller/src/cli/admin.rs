@@ -15,6 +15,10 @@ pub enum AdminCommand {
     List,
     /// Refuse an identity from now on and close its connections.
     Revoke(RevokeArgs),
+    /// Make an approval key for the identity of --credentials, in that directory, and register
+    /// its public half (SPEC §14). `controller init`'s `admin` has none: its credentials sit
+    /// on the controller host, and approvals are what that host alone must not be able to give.
+    ApprovalKey,
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +68,24 @@ pub async fn run(cmd: AdminCommand, ctx: &Ctx) -> Result<i32> {
         }
         AdminCommand::List => client.call(&AdminRequest::ListAdmins).await,
         AdminCommand::Revoke(a) => client.call(&AdminRequest::RevokeAdmin { name: a.name.clone() }).await,
+        AdminCommand::ApprovalKey => {
+            let dir = ctx.credentials.clone().unwrap_or_default();
+            if crate::keys::approval_key_path(&dir).exists() {
+                client.close().await;
+                return Err(crate::client::OpError::new(
+                    format!("{} holds an approval key already", crate::keys::approval_key_path(&dir).display()),
+                    "to replace it, move it away first (a new key changes the approvers agents know: where approvals are required, that needs them)",
+                )
+                .into());
+            }
+            // Kept first, so that a registered key is never one nobody holds.
+            crate::keys::save_approval_key(&dir, &approval)?;
+            let resp = client.call(&AdminRequest::SetApprovalKey { public: approval.verifying_key().to_bytes() }).await;
+            if !matches!(resp, Ok(AdminResponse::ApprovalKeySet { .. })) {
+                let _ = std::fs::remove_file(crate::keys::approval_key_path(&dir));
+            }
+            resp
+        }
     };
     client.close().await;
     match (cmd, resp?) {
@@ -86,6 +108,19 @@ pub async fn run(cmd: AdminCommand, ctx: &Ctx) -> Result<i32> {
                 for a in &admins {
                     outln!("{}", describe(a));
                 }
+            }
+        }
+        (AdminCommand::ApprovalKey, AdminResponse::ApprovalKeySet { name }) => {
+            let dir = ctx.credentials.clone().unwrap_or_default();
+            if ctx.json() {
+                super::print_json(
+                    &serde_json::json!({ "name": name, "approval_key": crate::keys::approval_key_path(&dir) }),
+                );
+            } else {
+                outln!(
+                    "{name}'s approval key is in {}; `stagehand policy show` lists the approvers agents know.",
+                    crate::keys::approval_key_path(&dir).display()
+                );
             }
         }
         (AdminCommand::Revoke(_), AdminResponse::AdminRevoked { name }) => {

@@ -12,6 +12,9 @@ use std::time::Duration;
 pub struct ApproveArgs {
     /// The rollout (`r-N`) awaiting approval, or a policy change (`policy-ENV-N`).
     pub id: String,
+    /// Sign without asking (on a terminal, `approve` shows what it signs and asks first).
+    #[arg(long, short)]
+    pub yes: bool,
 }
 
 #[derive(Args, Debug)]
@@ -64,7 +67,7 @@ fn until(text: &str) -> Result<u64> {
     let now = stagehand_common::ids::now_secs();
     if let Some(d) = text.strip_prefix('+') {
         let d = humantime::parse_duration(d).with_context(|| format!("--until {text}: not a duration"))?;
-        return Ok(now + d.as_secs().max(1));
+        return Ok(now.saturating_add(d.as_secs().max(1)));
     }
     let t = humantime::parse_rfc3339_weak(text)
         .with_context(|| format!("--until {text}: expected RFC 3339 (2026-12-01T09:00:00Z) or +DUR (+2h)"))?;
@@ -74,7 +77,22 @@ fn until(text: &str) -> Result<u64> {
 pub async fn approve(a: ApproveArgs, ctx: &Ctx) -> Result<i32> {
     let client = ctx.client().await?;
     let resp = client.call(&AdminRequest::ToApprove { id: a.id.clone() }).await?;
-    let AdminResponse::ToApprove { describe, sign, you: me, .. } = resp else { bail!("{}", super::unexpected(&resp)) };
+    let AdminResponse::ToApprove { sign, you: me, .. } = resp else { bail!("{}", super::unexpected(&resp)) };
+    // What is signed is read here, from the bytes signed, and must be what was asked for: a
+    // controller cannot turn the approval of one thing into the approval of another.
+    let describe = what_is_signed(&a.id, &sign)?;
+    if !a.yes && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        for line in &describe {
+            eprintln!("{}", clean(line));
+        }
+        eprint!("Approve this as {}? [y/N] ", clean(&me));
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("Not approved; nothing was signed.");
+            return Ok(1);
+        }
+    }
     // `client()` found the credentials directory, so there is one.
     let key = crate::keys::load_approval_key(ctx.credentials.as_deref().unwrap_or(std::path::Path::new(".")))?;
     let approval = match &sign {
@@ -118,6 +136,34 @@ pub async fn approve(a: ApproveArgs, ctx: &Ctx) -> Result<i32> {
         other => bail!("{}", super::unexpected(&other)),
     }
     Ok(0)
+}
+
+/// Describes what an approval of `id` signs, from the bytes themselves; an error if they are
+/// not what `id` names.
+fn what_is_signed(id: &str, sign: &ToSign) -> Result<Vec<String>> {
+    match (crate::policy::parse_policy_id(id), sign) {
+        (Some((env, serial)), ToSign::Policy(body)) => {
+            let signed =
+                stagehand_common::policy::SignedPolicy { body: body.clone(), signature: vec![], approvals: vec![] };
+            let p = stagehand_common::policy::decode_unverified(&signed)
+                .context("the controller sent an undecodable policy")?;
+            if p.env != env || p.serial != serial {
+                bail!("the controller sent policy {} of {} to sign for {id}; nothing was signed", p.serial, p.env);
+            }
+            let names: Vec<&str> = p.approvers.iter().map(|a| a.name.as_str()).collect();
+            Ok(vec![format!(
+                "policy {serial} of {env}: {} approval(s) from [{}], verify {}",
+                p.approvals,
+                names.join(", "),
+                p.verify
+            )])
+        }
+        (None, ToSign::Plan(plan)) if plan.rollout_id == id => Ok(vec![
+            format!("rollout {id}: release {} {} ({}) to {}", plan.app, plan.version, plan.digest.short(), plan.env),
+            format!("requested by {}, {} target(s)", plan.requester, plan.targets),
+        ]),
+        _ => bail!("the controller sent something else than {id} to sign; nothing was signed"),
+    }
 }
 
 pub async fn reject(a: RejectArgs, ctx: &Ctx) -> Result<i32> {

@@ -114,14 +114,17 @@ fn reason(out: &str) -> String {
 async fn approvals_are_checked_by_agents_and_a_loosened_policy_is_refused_without_them() {
     let mut fleet = Fleet::start().await.unwrap();
     let base = std::fs::read_to_string(fleet.ctl_dir.join("controller.toml")).unwrap();
-    configure(&mut fleet, &base, "[environments.prod]\napprovals = 1\n").await;
+    // Approvers first: a policy that requires more approvals than there are approvers is
+    // never signed (and `admin`, whose credentials sit on the controller host, has no key).
     let alice = releaser(&fleet, "alice").await;
+    let bob = releaser(&fleet, "bob").await;
+    configure(&mut fleet, &base, "[environments.prod]\napprovals = 1\n").await;
     let agents = [fleet.agent("prod", "p1").await.unwrap(), fleet.agent("prod", "p2").await.unwrap()];
     stage(&fleet, &["v1", "v2", "v3"]).await;
     agents_report(&fleet, "agents enforcing one approval", |serial, approvals, _| serial > 0 && approvals == 1).await;
 
     // The release waits for approval; nothing switches.
-    let (code, out, err) = cli(&fleet, None, &["release", "web", "v1", "--env", "prod", "-o", "json"]).await;
+    let (code, out, err) = cli(&fleet, Some(&alice), &["release", "web", "v1", "--env", "prod", "-o", "json"]).await;
     assert_eq!(code, 0, "{out}{err}");
     let r = json(&out);
     let id = r["rollout"].as_str().unwrap().to_string();
@@ -129,22 +132,25 @@ async fn approvals_are_checked_by_agents_and_a_loosened_policy_is_refused_withou
     let (_, list, _) = cli(&fleet, None, &["rollout", "list"]).await;
     assert!(list.contains(&id) && list.contains("awaiting-approval"), "{list}");
 
-    // Its requester cannot approve it.
+    // Its requester cannot approve it, nor can an identity without an approval key.
+    let (code, _, err) = cli(&fleet, Some(&alice), &["approve", &id]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("alice requested rollout") && err.contains("another identity"), "{err}");
     let (code, _, err) = cli(&fleet, None, &["approve", &id]).await;
     assert_eq!(code, 1);
-    assert!(err.contains("admin requested rollout") && err.contains("another identity"), "{err}");
+    assert!(err.contains("no approval key"), "{err}");
     assert!(agents.iter().all(|a| current(a).is_none()));
 
     // A second identity approves it: it runs to the end, and says who approved.
-    let (code, out, err) = cli(&fleet, Some(&alice), &["approve", &id]).await;
+    let (code, out, err) = cli(&fleet, Some(&bob), &["approve", &id]).await;
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = cli(&fleet, None, &["rollout", "status", &id, "--watch"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(agents.iter().all(|a| current(a).as_deref() == Some("v1")));
     let (_, out, _) = cli(&fleet, None, &["rollout", "status", &id, "-o", "json"]).await;
-    assert_eq!(json(&out)["approvals"][0]["by"], "alice", "{out}");
+    assert_eq!(json(&out)["approvals"][0]["by"], "bob", "{out}");
     let (_, out, _) = cli(&fleet, None, &["rollout", "status", &id]).await;
-    assert!(out.contains("approvals: 1 of 1 (alice at "), "{out}");
+    assert!(out.contains("approvals: 1 of 1 (bob at "), "{out}");
 
     // The controller's config says approvals = 0 now: agents refuse that loosening.
     configure(&mut fleet, &base, "[environments.prod]\napprovals = 0\n").await;
@@ -232,8 +238,8 @@ fn write(dir: &Path, name: &str, m: &SignedActivate, policy: Option<&pol::Signed
 async fn a_tampered_controller_and_forged_approvals_are_refused_by_the_agent() {
     let mut fleet = Fleet::start().await.unwrap();
     let base = std::fs::read_to_string(fleet.ctl_dir.join("controller.toml")).unwrap();
-    configure(&mut fleet, &base, "[environments.prod]\napprovals = 1\n").await;
     let alice_dir = releaser(&fleet, "alice").await;
+    configure(&mut fleet, &base, "[environments.prod]\napprovals = 1\n").await;
     let agent = fleet.agent("prod", "p1").await.unwrap();
     let digests = stage(&fleet, &["v1", "v2"]).await;
     let (d1, d2) = (digests[0], digests[1]);
@@ -263,18 +269,29 @@ async fn a_tampered_controller_and_forged_approvals_are_refused_by_the_agent() {
     let loosened = pol::sign(Policy { serial: 1000, ..Policy::none("prod") }, &key);
     let (code, out) = apply(&agent, &write(dir, "e", &message("v1", d1, 104, None, &key), Some(&loosened))).await;
     assert_eq!((code, reason(&out)), (1, "approvals-missing".into()), "{out}");
+    // One that adds the controller's own approver, carried without approvals; then that
+    // approver's approval.
+    let alice_public = pol::Approver { name: "alice".into(), key: alice.verifying_key().to_bytes() };
+    let mallory_public = pol::Approver { name: "mallory".into(), key: mallory.verifying_key().to_bytes() };
+    let widened =
+        Policy { serial: 1001, approvals: 1, approvers: vec![alice_public, mallory_public], ..Policy::none("prod") };
+    let widened = pol::sign(widened, &key);
+    let by_mallory = approved_by(("v1", d1), "admin", &[("mallory", &mallory)]);
+    let m = message("v1", d1, 105, Some(by_mallory), &key);
+    let (code, out) = apply(&agent, &write(dir, "e2", &m, Some(&widened))).await;
+    assert_eq!((code, reason(&out)), (1, "approvals-missing".into()), "{out}");
     assert_eq!(current(&agent), None, "nothing switched");
 
     // With alice's approval of this plan, the same message applies.
     let good = approved_by(("v1", d1), "admin", &[("alice", &alice)]);
-    let (code, out) = apply(&agent, &write(dir, "f", &message("v1", d1, 105, Some(good), &key), None)).await;
+    let (code, out) = apply(&agent, &write(dir, "f", &message("v1", d1, 106, Some(good), &key), None)).await;
     assert_eq!(code, 0, "{out}");
     assert_eq!(current(&agent).as_deref(), Some("v1"));
     // And the loosened policy with alice's approval is taken: no approvals needed after it.
     let mut approved_policy = loosened.clone();
     approved_policy.approvals = vec![pol::approve_policy(&loosened.body, "alice", &alice)];
     let (code, out) =
-        apply(&agent, &write(dir, "g", &message("v2", d2, 106, None, &key), Some(&approved_policy))).await;
+        apply(&agent, &write(dir, "g", &message("v2", d2, 107, None, &key), Some(&approved_policy))).await;
     assert_eq!(code, 0, "{out}");
     assert_eq!(current(&agent).as_deref(), Some("v2"));
 }
@@ -328,11 +345,25 @@ async fn windows_and_freezes_hold_back_releases_and_never_rollbacks() {
     assert_eq!(current(&agent).as_deref(), Some("v2"));
     let (_, shown, _) = cli(&fleet, None, &["policy", "show", "--env", "prod"]).await;
     assert!(shown.contains("incident 42"), "{shown}");
+    // Lifted by whoever froze it or an owner, not by a releaser it holds back.
+    let alice = releaser(&fleet, "alice").await;
+    let (code, _, err) = cli(&fleet, Some(&alice), &["unfreeze", "--env", "prod"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("frozen by admin; only they or an owner"), "{err}");
     let (code, _, err) = cli(&fleet, None, &["unfreeze", "--env", "prod"]).await;
     assert_eq!(code, 0, "{err}");
     let (code, out, err) = cli(&fleet, None, &["release", "web", "v3", "--env", "prod", "--wait"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(current(&agent).as_deref(), Some("v3"));
+
+    // `admin`, made by `controller init`, has no approval key; it can make one, once.
+    assert!(!fleet.admin.join("approval.key").exists());
+    let (code, out, err) = cli(&fleet, None, &["admin", "approval-key"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(fleet.admin.join("approval.key").exists());
+    let (code, _, err) = cli(&fleet, None, &["admin", "approval-key"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("holds an approval key already"), "{err}");
 
     // All of it is in the audit log.
     let (_, log, _) =
