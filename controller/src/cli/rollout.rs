@@ -82,7 +82,7 @@ pub async fn run(c: RolloutCommand, ctx: &Ctx) -> Result<i32> {
                         r.kind,
                         r.state,
                         format!("{}/{}", (r.wave as usize + 1).min(r.waves.len()), r.waves.len()),
-                        clean(&r.reason)
+                        list_note(r)
                     );
                 }
             }
@@ -456,4 +456,33 @@ pub fn gate_lines(r: &RolloutView) -> String {
         }
     }
     s
+}
+
+/// The last column of `rollout list`: why it failed or what it waits for, and who approved it.
+fn list_note(r: &RolloutView) -> String {
+    let time = |t: u64| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t)).to_string();
+    let mut parts = Vec::new();
+    match r.state.as_str() {
+        "awaiting-approval" => parts.push(format!(
+            "{} of {} approval(s): stagehand approve {}",
+            r.approvals.len(),
+            r.approvals_needed,
+            r.id
+        )),
+        "awaiting-window" => {
+            if let Some(t) = r.window_opens.filter(|t| *t > 0) {
+                parts.push(format!("window opens {}", time(t)));
+            }
+        }
+        _ => {}
+    }
+    if !r.reason.is_empty() {
+        parts.push(clean(&r.reason));
+    }
+    if !r.approvals.is_empty() {
+        let by: Vec<String> =
+            r.approvals.iter().map(|a| format!("{} at {}", clean(&a.by), time(a.at / 1000))).collect();
+        parts.push(format!("approved by {}", by.join(", ")));
+    }
+    parts.join("; ")
 }

@@ -131,6 +131,7 @@ async fn approvals_are_checked_by_agents_and_a_loosened_policy_is_refused_withou
     assert_eq!(r["state"], "awaiting-approval", "{r}");
     let (_, list, _) = cli(&fleet, None, &["rollout", "list"]).await;
     assert!(list.contains(&id) && list.contains("awaiting-approval"), "{list}");
+    assert!(list.contains(&format!("0 of 1 approval(s): stagehand approve {id}")), "{list}");
 
     // Its requester cannot approve it, nor can an identity without an approval key.
     let (code, _, err) = cli(&fleet, Some(&alice), &["approve", &id]).await;
@@ -151,6 +152,8 @@ async fn approvals_are_checked_by_agents_and_a_loosened_policy_is_refused_withou
     assert_eq!(json(&out)["approvals"][0]["by"], "bob", "{out}");
     let (_, out, _) = cli(&fleet, None, &["rollout", "status", &id]).await;
     assert!(out.contains("approvals: 1 of 1 (bob at "), "{out}");
+    let (_, list, _) = cli(&fleet, None, &["rollout", "list"]).await;
+    assert!(list.contains("approved by bob at "), "{list}");
 
     // The controller's config says approvals = 0 now: agents refuse that loosening.
     configure(&mut fleet, &base, "[environments.prod]\napprovals = 0\n").await;
