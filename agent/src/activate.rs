@@ -28,10 +28,12 @@ pub async fn handle(host: &Arc<Host>, msg: SignedActivate) -> Receipt {
     let receipt = apply(host, &msg, started).await;
     host.metrics.receipt(&receipt);
     if receipt.outcome == ReceiptOutcome::Committed {
-        if let Some(before) = before.filter(|b| *b != receipt.version) {
-            let digest = host.store.staged(&app, &before).ok().flatten().map(|r| r.digest);
-            if let Err(e) = digest.map_or(Ok(()), |d| host.store.set_prior(&app, &before, &d)) {
-                warn!(error = %e, "Could not record the version that ran before.");
+        // What ran here, with the content it ran with (the version before too: it may have
+        // been made live by an agent of before release policy).
+        for v in before.iter().chain(std::iter::once(&receipt.version)) {
+            let digest = host.store.staged(&app, v).ok().flatten().map(|r| r.digest);
+            if let Err(e) = digest.map_or(Ok(()), |d| host.store.add_ran(&app, v, &d)) {
+                warn!(error = %e, "Could not record the version that ran.");
             }
         }
         // A version without a service replaced one with: the services stop.
@@ -186,13 +188,14 @@ fn prepare(host: &Host, msg: &SignedActivate, started: Instant) -> Prepared {
 }
 
 /// The rules the environment's release policy adds (SPEC §14): approvals, and `[verify]`
-/// passed here. Going back to the version that ran before the current one (or staying on the
-/// current one) is always allowed, as rollbacks are.
+/// passed here. Going back to a version that ran here, with the very content it ran with (or
+/// staying on the current one), is always allowed, as rollbacks are: what an approval let go
+/// live once may come back; nothing new goes live without one.
 fn policy_allows(host: &Host, body: &Activate) -> Result<(), (Refusal, String)> {
     let policy = host.policy.get();
     let active = host.layout.active(&body.app);
     let undo = active.as_deref() == Some(body.version.as_str())
-        || (active.is_some() && host.store.prior(&body.app) == Some((body.version.clone(), body.digest)));
+        || host.store.ran(&body.app).contains(&(body.version.clone(), body.digest));
     if let Err((have, need)) = stagehand_common::policy::approvals_hold(&policy, body, undo) {
         let why = format!(
             "{} requires {need} approval(s) of a release (policy {}); this message for {} {} carries {have} valid one(s)",

@@ -53,10 +53,16 @@ impl Enforced {
 
     /// Takes an update if the policy in force lets it (durably, before it counts); a refusal
     /// is kept for the report. Blocking file work: call it off the async threads.
-    pub fn offer(&self, signed: &SignedPolicy, keys: &[stagehand_common::activate::ReleaseKey]) -> Result<()> {
+    /// Returns whether what the controller is told changed.
+    pub fn offer(&self, signed: &SignedPolicy, keys: &[stagehand_common::activate::ReleaseKey]) -> Result<bool> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match policy::accept(&s.0, signed, keys, &self.env) {
-            Ok(Update::Same) => Ok(()),
+            Ok(Update::Same) => {
+                let serial = s.0.serial;
+                let before = s.1.take();
+                s.1 = before.clone().filter(|(refused, _)| *refused > serial);
+                Ok(s.1 != before)
+            }
             Ok(Update::Enforce(p)) => {
                 fsx::write_atomic(&self.path, &frame::encode(signed), 0o600)
                     .with_context(|| format!("writing {}", self.path.display()))?;
@@ -69,25 +75,31 @@ impl Enforced {
                 );
                 s.1 = s.1.take().filter(|(serial, _)| *serial > p.serial);
                 s.0 = p;
-                Ok(())
+                Ok(true)
             }
             // An older policy (the controller sends the chain that leads to the newest): passed by.
-            Err(policy::PolicyRefusal::Stale) => Ok(()),
+            Err(policy::PolicyRefusal::Stale) => Ok(false),
             Err(why) => {
                 let serial = policy::decode_unverified(signed).map_or(0, |p| p.serial);
-                warn!(serial, reason = %why, "Refused a release policy update.");
-                s.1 = Some((serial, why.to_string()));
-                Ok(())
+                let refused = Some((serial, why.to_string()));
+                if s.1 != refused {
+                    warn!(serial, reason = %why, "Refused a release policy update.");
+                }
+                let changed = s.1 != refused;
+                s.1 = refused;
+                Ok(changed)
             }
         }
     }
 }
 
-/// Offers the policy an export file carries (if any), after its key changes were pinned.
+/// Offers the policies an export file carries (the chain, then the newest), after its key
+/// changes were pinned.
 pub fn offer_from_export(host: &crate::host::Host, text: &str) -> Result<()> {
-    match stagehand_common::activate::SignedActivate::policy_of_export(text) {
-        Ok(Some(p)) => host.policy.offer(&p, &host.release_keys()),
-        Ok(None) => Ok(()),
-        Err(e) => anyhow::bail!("the file's release policy: {e}"),
+    let policies = stagehand_common::activate::SignedActivate::policies_of_export(text)
+        .map_err(|e| anyhow::anyhow!("the file's release policy: {e}"))?;
+    for p in &policies {
+        host.policy.offer(p, &host.release_keys())?;
     }
+    Ok(())
 }

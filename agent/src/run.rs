@@ -490,10 +490,12 @@ async fn release_session(host: Arc<Host>, conn: quinn::Connection) -> Result<()>
                 ReleaseDown::Policy(signed) => {
                     let h = host.clone();
                     let verify_before = host.policy.get().verify;
-                    tokio::task::spawn_blocking(move || h.policy.offer(&signed, &h.release_keys()))
+                    let changed = tokio::task::spawn_blocking(move || h.policy.offer(&signed, &h.release_keys()))
                         .await
                         .context("applying a release policy")??;
-                    host.send_release(host.policy.report());
+                    if changed {
+                        host.send_release(host.policy.report());
+                    }
                     // Verification asked for from now on: what is staged is verified now.
                     if !verify_before && host.policy.get().verify {
                         crate::verify::after_connect(&host);

@@ -96,6 +96,10 @@ pub struct Store {
     verify: sled::Tree,
 }
 
+/// How many versions [`Store::ran`] remembers per app.
+pub const RAN_LIMIT: usize = 16;
+const RAN_BYTES: usize = 16 << 10;
+
 fn key(app: &str, version: &str) -> Vec<u8> {
     format!("{app}\0{version}").into_bytes()
 }
@@ -284,18 +288,22 @@ impl Store {
         Ok(())
     }
 
-    /// The version an app ran before its current one (SPEC §14: going back to it needs no
-    /// approvals). An index: lost, it only makes that rollback ask for approvals.
-    /// With the digest it ran with: a version of that name staged again with other content
-    /// is not the one that ran.
-    pub fn prior(&self, app: &str) -> Option<(String, Digest)> {
-        let v = self.meta.get(format!("prior\0{app}")).ok().flatten()?;
-        let (digest, version) = v.split_at_checked(32)?;
-        Some((String::from_utf8(version.to_vec()).ok()?, Digest(digest.try_into().ok()?)))
+    /// The versions an app ran here (committed), with the digest each ran with, oldest
+    /// first, at most [`RAN_LIMIT`] (SPEC §14: going back to one needs no approvals). An index:
+    /// lost, going back asks for approvals.
+    pub fn ran(&self, app: &str) -> Vec<(String, Digest)> {
+        let Some(v) = self.meta.get(format!("ran\0{app}")).ok().flatten() else { return Vec::new() };
+        frame::decode::<Vec<(String, Digest)>, RAN_BYTES>(&v).unwrap_or_default()
     }
 
-    pub fn set_prior(&self, app: &str, version: &str, digest: &Digest) -> Result<(), sled::Error> {
-        self.meta.insert(format!("prior\0{app}"), [&digest.0[..], version.as_bytes()].concat())?;
+    /// Records that `version` (with `digest`) ran: it moves to the end of [`Store::ran`].
+    pub fn add_ran(&self, app: &str, version: &str, digest: &Digest) -> Result<(), sled::Error> {
+        let mut ran = self.ran(app);
+        ran.retain(|(v, _)| v != version);
+        ran.push((version.to_string(), *digest));
+        let drop = ran.len().saturating_sub(RAN_LIMIT);
+        ran.drain(..drop);
+        self.meta.insert(format!("ran\0{app}"), frame::encode(&ran))?;
         Ok(())
     }
 }

@@ -315,10 +315,11 @@ pub struct ExportFile {
     /// applied in order before the message is checked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub key_changes: Vec<crate::keychain::HexKeyChange>,
-    /// The environment's newest release policy (SPEC §14), hex of its encoding: offered to
-    /// the agent (which takes it only as the policy in force allows) before the message.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
+    /// The environment's release policies (SPEC §14), the chain that took and then the
+    /// newest, hex of their encodings: offered to the agent in order (it takes each only as
+    /// the policy in force allows) before the message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
 }
 
 pub const EXPORT_FORMAT: &str = "stagehand-activate/1";
@@ -333,7 +334,7 @@ impl SignedActivate {
 
     /// The JSON text of an export file that also carries the release key changes.
     pub fn to_export_with(&self, describe: &Activate, key_changes: &[crate::keychain::SignedKeyChange]) -> String {
-        self.to_export_full(describe, key_changes, None)
+        self.to_export_full(describe, key_changes, &[])
     }
 
     /// The JSON text of an export file that carries key changes and the release policy.
@@ -341,10 +342,10 @@ impl SignedActivate {
         &self,
         describe: &Activate,
         key_changes: &[crate::keychain::SignedKeyChange],
-        policy: Option<&crate::policy::SignedPolicy>,
+        policies: &[crate::policy::SignedPolicy],
     ) -> String {
         let file = ExportFile {
-            policy: policy.map(|p| hex::encode(frame::encode(p))),
+            policies: policies.iter().map(|p| hex::encode(frame::encode(p))).collect(),
             key_changes: key_changes.iter().map(Into::into).collect(),
             format: EXPORT_FORMAT.into(),
             body: hex::encode(&self.body),
@@ -378,12 +379,16 @@ impl SignedActivate {
         Ok((message, changes))
     }
 
-    /// The release policy an export file carries, if any.
-    pub fn policy_of_export(text: &str) -> Result<Option<crate::policy::SignedPolicy>, String> {
+    /// The release policies an export file carries, in order.
+    pub fn policies_of_export(text: &str) -> Result<Vec<crate::policy::SignedPolicy>, String> {
         let file: ExportFile = serde_json::from_str(text).map_err(|e| format!("not an activate message file: {e}"))?;
-        let Some(hex_text) = file.policy else { return Ok(None) };
-        let bytes = hex::decode(hex_text.trim()).map_err(|e| format!("policy is not hex: {e}"))?;
-        frame::decode::<_, { frame::CONTROL_LIMIT }>(&bytes).map(Some).map_err(|e| format!("policy: {e}"))
+        file.policies
+            .iter()
+            .map(|h| {
+                let bytes = hex::decode(h.trim()).map_err(|e| format!("policy is not hex: {e}"))?;
+                frame::decode::<_, { frame::CONTROL_LIMIT }>(&bytes).map_err(|e| format!("policy: {e}"))
+            })
+            .collect()
     }
 }
 

@@ -262,6 +262,9 @@ pub enum PolicyRefusal {
     WrongEnvironment,
     /// Its serial is below the one in force.
     Stale,
+    /// Its serial is the one in force, with other terms: the controller's state went back
+    /// (restored from an older copy) and it signed that serial again.
+    Fork,
     /// It loosens the policy in force without that policy's approvals: `have` of `need`.
     NotApproved { have: u32, need: u32 },
 }
@@ -273,6 +276,7 @@ impl PolicyRefusal {
             PolicyRefusal::BadSignature => "bad-signature",
             PolicyRefusal::WrongEnvironment => "wrong-environment",
             PolicyRefusal::Stale => "stale",
+            PolicyRefusal::Fork => "conflicting-serial",
             PolicyRefusal::NotApproved { .. } => "loosened-without-approvals",
         }
     }
@@ -303,36 +307,45 @@ pub enum Update {
 /// Decides whether an agent of `env` that enforces `current` takes `new`.
 pub fn accept(current: &Policy, new: &SignedPolicy, keys: &[ReleaseKey], env: &str) -> Result<Update, PolicyRefusal> {
     let policy = decode_unverified(new).ok_or(PolicyRefusal::Malformed)?;
+    if policy.env != env {
+        return Err(PolicyRefusal::WrongEnvironment);
+    }
+    // Older than what is enforced: passed by before its signature is looked at (it may be
+    // signed by a release key retired since), as nothing it says can count.
+    if policy.serial == current.serial && current.serial > 0 {
+        return if policy == *current { Ok(Update::Same) } else { Err(PolicyRefusal::Fork) };
+    }
+    if policy.serial < current.serial {
+        return Err(PolicyRefusal::Stale);
+    }
     let key = keys.iter().find(|k| k.key_id == policy.key_id).ok_or(PolicyRefusal::BadSignature)?;
     if !verifies(&key.public, &[POLICY_DOMAIN, &new.body].concat(), &new.signature) {
         return Err(PolicyRefusal::BadSignature);
     }
-    if policy.env != env {
-        return Err(PolicyRefusal::WrongEnvironment);
-    }
     if !policy.well_formed() {
         return Err(PolicyRefusal::Malformed);
     }
-    if policy.serial == current.serial && current.serial > 0 {
-        return if policy == *current { Ok(Update::Same) } else { Err(PolicyRefusal::Stale) };
-    }
-    if policy.serial <= current.serial {
-        return Err(PolicyRefusal::Stale);
-    }
-    if current.loosened_by(&policy) {
-        let have = current.count(APPROVE_POLICY_DOMAIN, &new.body, &new.approvals, None);
-        if have < current.approvals {
-            return Err(PolicyRefusal::NotApproved { have, need: current.approvals });
-        }
+    let (have, need) = approved_over(current, &policy, new);
+    if have < need {
+        return Err(PolicyRefusal::NotApproved { have, need });
     }
     Ok(Update::Enforce(policy))
 }
 
+/// The approvals `new` (the policy `signed` carries) has and needs to replace `current`:
+/// none needed unless it asks less, else the approvals `current` requires, from its approvers.
+pub fn approved_over(current: &Policy, new: &Policy, signed: &SignedPolicy) -> (u32, u32) {
+    if !current.loosened_by(new) {
+        return (0, 0);
+    }
+    (current.count(APPROVE_POLICY_DOMAIN, &signed.body, &signed.approvals, None), current.approvals)
+}
+
 /// The approvals rule an agent adds to SPEC §4: under a policy that requires k approvals,
 /// a message is applied only with k valid signatures of distinct approvers other than the
-/// requester over its plan. `undo` (the message names the version this host ran before
-/// its current one, or its current one) is always allowed, as a rollback is: an approved
-/// change can be taken back without a quorum, and nothing new can go live without one.
+/// requester over its plan. `undo` (the message names, with its content, a version this host
+/// ran, or its current one) is always allowed, as a rollback is: a change can be taken back
+/// without a quorum, and nothing new can go live without one.
 pub fn approvals_hold(policy: &Policy, msg: &Activate, undo: bool) -> Result<(), (u32, u32)> {
     if policy.approvals == 0 || undo {
         return Ok(());
@@ -478,7 +491,7 @@ mod tests {
         staging.env = "staging".into();
         assert_eq!(accept(&p1, &sign(staging, &f.release), &f.keys, "prod"), Err(PolicyRefusal::WrongEnvironment));
         assert_eq!(accept(&p1, &sign(policy(&f, 4, 3), &f.release), &f.keys, "prod"), Err(PolicyRefusal::Stale));
-        assert_eq!(accept(&p1, &sign(policy(&f, 5, 3), &f.release), &f.keys, "prod"), Err(PolicyRefusal::Stale));
+        assert_eq!(accept(&p1, &sign(policy(&f, 5, 3), &f.release), &f.keys, "prod"), Err(PolicyRefusal::Fork));
     }
 
     #[test]

@@ -502,6 +502,11 @@ pub enum AdminRequest {
     SetApprovalKey {
         public: [u8; 32],
     },
+    /// Signs the environment's policy anew with nothing before it (owner only): taken only by
+    /// agents that enforce no policy (their `identity/policy` was removed on the host).
+    ResetPolicy {
+        env: String,
+    },
 }
 
 /// What an approval signs.
@@ -748,8 +753,8 @@ pub enum AdminResponse {
         seq: u64,
         targets: Vec<AgentId>,
         key_changes: Vec<crate::keychain::SignedKeyChange>,
-        /// The environment's newest release policy, carried in the file.
-        policy: Option<crate::policy::SignedPolicy>,
+        /// The environment's release policies (the chain, then the newest), carried in the file.
+        policies: Vec<crate::policy::SignedPolicy>,
     },
     CertificateRenewed {
         cert_pem: String,

@@ -59,7 +59,8 @@ impl Need {
             | AdminRequest::RemoveAgent { .. }
             | AdminRequest::AddAdmin { .. }
             | AdminRequest::ListAdmins
-            | AdminRequest::RevokeAdmin { .. } => Need::Own,
+            | AdminRequest::RevokeAdmin { .. }
+            | AdminRequest::ResetPolicy { .. } => Need::Own,
         }
     }
 }

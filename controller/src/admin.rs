@@ -289,6 +289,10 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
                 let spec = RolloutSpec { app, version: Some(version), env, ttl_secs, ..RolloutSpec::default() };
                 return Ok(started(crate::rollout::start(ctl, spec, admin)?));
             }
+            // A message carried by hand cannot wait for a window; a freeze stops it as any release.
+            if let Some(why) = crate::policy::holds_release(ctl, &env)? {
+                return Ok(error(format!("{why}; nothing was exported"), format!("stagehand policy show --env {env}")));
+            }
             match crate::release::export(ctl, &app, &version, &env, ttl_secs)? {
                 Ok((message, seq, targets)) => AdminResponse::Exported {
                     message,
@@ -296,7 +300,7 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
                     seq,
                     targets,
                     key_changes: ctl.key_chain.clone(),
-                    policy: ctl.store.policy(&env)?.map(|p| p.signed),
+                    policies: ctl.store.policy(&env)?.map(|p| crate::policy::chain(&p)).unwrap_or_default(),
                 },
                 Err(r) => r.into(),
             }
@@ -329,7 +333,7 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
                     seq,
                     targets,
                     key_changes: ctl.key_chain.clone(),
-                    policy: ctl.store.policy(&env)?.map(|p| p.signed),
+                    policies: ctl.store.policy(&env)?.map(|p| crate::policy::chain(&p)).unwrap_or_default(),
                 },
                 Err(r) => r.into(),
             }
@@ -489,6 +493,7 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
         }
         AdminRequest::Unfreeze { env } => crate::policy::unfreeze(ctl, &env, admin)?,
         AdminRequest::ShowPolicy { env } => crate::policy::show(ctl, env.as_deref())?,
+        AdminRequest::ResetPolicy { env } => crate::policy::reset(ctl, &env, admin)?,
         AdminRequest::SetApprovalKey { public } => {
             if ed25519_dalek::VerifyingKey::from_bytes(&public).is_err() {
                 return Ok(error("that is not an Ed25519 public key", "stagehand admin approval-key"));

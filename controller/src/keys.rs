@@ -194,8 +194,8 @@ pub fn load_approval_key(credentials: &Path) -> Result<SigningKey> {
     let path = approval_key_path(credentials);
     let text = fsx::read_limited(&path, 1024).with_context(|| {
         format!(
-            "reading {}: these credentials hold no approval key (identities issued before release policy have none; \
-             an owner issues a new one with `stagehand admin add NAME --role releaser --out DIR`)",
+            "reading {}: these credentials hold no approval key; make one with `stagehand admin approval-key` \
+             (`controller init`'s admin has none)",
             path.display()
         )
     })?;

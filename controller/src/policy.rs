@@ -76,8 +76,12 @@ fn same_terms(a: &Policy, b: &Policy) -> bool {
 
 /// Whether agents enforcing the record's base take its policy (a loosening carries the
 /// base's approvals).
-pub fn complete(ctl: &Controller, env: &str, r: &PolicyRecord) -> bool {
-    policy::accept(&r.base, &r.signed, &ctl.release_keys, env).is_ok()
+pub fn complete(r: &PolicyRecord) -> bool {
+    // Not its signature: one made with a release key retired since took all the same.
+    policy::decode_unverified(&r.signed).is_some_and(|p| {
+        let (have, need) = policy::approved_over(&r.base, &p, &r.signed);
+        have >= need
+    })
 }
 
 /// Every environment the controller knows: configured, or with agents.
@@ -106,7 +110,7 @@ pub fn sync(ctl: &Controller, env: &str) -> Result<Option<PolicyRecord>> {
         // The policy agents enforce, as far as is known: a loosening still short of its
         // approvals never took, so the next is measured against what came before it.
         let base = match (&current, &signed) {
-            (Some(r), Some(p)) if complete(ctl, env, r) => p.clone(),
+            (Some(r), Some(p)) if complete(r) => p.clone(),
             (Some(r), _) => r.base.clone(),
             (None, _) => Policy::none(env),
         };
@@ -120,7 +124,7 @@ pub fn sync(ctl: &Controller, env: &str) -> Result<Option<PolicyRecord>> {
         let new = Policy { serial, at: now_secs(), ..want.clone() };
         // The chain agents walk: every policy that took, the newest last.
         let mut chain = current.as_ref().map(|r| r.chain.clone()).unwrap_or_default();
-        if let Some(r) = current.as_ref().filter(|r| complete(ctl, env, r)) {
+        if let Some(r) = current.as_ref().filter(|r| complete(r)) {
             chain.push(r.signed.clone());
         }
         let drop = chain.len().saturating_sub(crate::store::POLICY_CHAIN);
@@ -162,16 +166,21 @@ fn unmeetable(env: &str, p: &Policy) -> String {
 }
 
 /// What agents enforce as far as is known: the newest policy if it took, else its base.
-pub fn enforced(ctl: &Controller, env: &str, r: &PolicyRecord) -> Policy {
+pub fn enforced(r: &PolicyRecord) -> Policy {
     match policy::decode_unverified(&r.signed) {
-        Some(p) if complete(ctl, env, r) => p,
+        Some(p) if complete(r) => p,
         _ => r.base.clone(),
     }
 }
 
-/// What an agent of `env` is sent: the chain of earlier policies, then the newest.
+/// The chain of earlier policies that took, then the newest: what agents walk.
+pub fn chain(r: &PolicyRecord) -> Vec<policy::SignedPolicy> {
+    r.chain.iter().chain(std::iter::once(&r.signed)).cloned().collect()
+}
+
+/// What an agent of `env` is sent: [`chain`], as messages.
 pub fn messages(r: &PolicyRecord) -> Vec<ReleaseDown> {
-    r.chain.iter().chain(std::iter::once(&r.signed)).map(|p| ReleaseDown::Policy(p.clone())).collect()
+    chain(r).into_iter().map(ReleaseDown::Policy).collect()
 }
 
 /// [`sync`] for every environment; an error in one does not stop the others.
@@ -302,8 +311,8 @@ pub fn approve(ctl: &Controller, id: &str, who: &str, approval: Approval) -> Res
     let _one_at_a_time = ctl.rollout_lock();
     let Some(key) = ctl.store.approval_key(who)? else {
         return Ok(refused(
-            format!("{who} has no approval key (identities issued before release policy have none)"),
-            "an owner issues a new identity: stagehand admin add NAME --role releaser --env ENV --out DIR",
+            format!("{who} has no approval key"),
+            "stagehand admin approval-key (with that identity's credentials); `controller init`'s admin has none",
         ));
     };
     loop {
@@ -317,7 +326,7 @@ pub fn approve(ctl: &Controller, id: &str, who: &str, approval: Approval) -> Res
             ));
         }
         // Only an approver of the policy agents enforce counts there.
-        let enforced = ctl.store.policy(&before.env)?.map(|r| enforced(ctl, &before.env, &r));
+        let enforced = ctl.store.policy(&before.env)?.map(|r| enforced(&r));
         if before.state == State::AwaitingApproval
             && !enforced.as_ref().is_some_and(|p| p.approvers.iter().any(|a| a.name == who && a.key == key))
         {
@@ -362,7 +371,7 @@ fn approve_policy(
             return Ok(refused(format!("{id} is not the newest policy of {env}"), "stagehand policy show --env ENV"));
         }
         let need = before.base.approvals;
-        if complete(ctl, env, &before) {
+        if complete(&before) {
             return Ok(AdminResponse::PolicyApproved { id: id.to_string(), have: need, need });
         }
         let Some(key) = before.base.approvers.iter().find(|a| a.name == who).map(|a| a.key) else {
@@ -595,7 +604,7 @@ pub fn show(ctl: &Controller, env: Option<&str>) -> Result<AdminResponse> {
         let record = ctl.store.policy(&env)?;
         let signed = record.as_ref().and_then(|r| policy::decode_unverified(&r.signed));
         let pending = match (&record, &signed) {
-            (Some(r), Some(p)) if !complete(ctl, &env, r) => {
+            (Some(r), Some(p)) if !complete(r) => {
                 Some((policy_id(&env, p.serial), r.signed.approvals.len() as u32, r.base.approvals))
             }
             _ => None,
@@ -613,7 +622,7 @@ pub fn show(ctl: &Controller, env: Option<&str>) -> Result<AdminResponse> {
             serial: signed.as_ref().map_or(0, |p| p.serial),
             approvers: record
                 .as_ref()
-                .map(|r| enforced(ctl, &env, r).approvers.into_iter().map(|a| a.name).collect())
+                .map(|r| enforced(r).approvers.into_iter().map(|a| a.name).collect())
                 .unwrap_or_default(),
             pending,
             agents: per_agent,
@@ -688,4 +697,42 @@ pub async fn preview(ctl: &Controller, app: &str, env: &str, version: Option<Str
         }
         let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
     }
+}
+
+/// Why a release to `env` may not start now (a freeze, outside every window), if so.
+pub fn holds_release(ctl: &Controller, env: &str) -> Result<Option<String>> {
+    let now = now_secs();
+    if let Some(f) = frozen(ctl, env, now)? {
+        return Ok(Some(frozen_why(env, &f)));
+    }
+    let windows = settings(ctl, env).windows.0;
+    Ok(window::wait_until(&windows, now as i64)
+        .map(|t| format!("{env} is outside its release windows; the next opens {}", window::describe(&windows, t))))
+}
+
+/// `policy reset`: the environment's policy signed anew, with no chain and nothing before it.
+/// Agents that enforce a policy refuse it as any loosening (it carries no approvals); one whose
+/// `identity/policy` was removed on the host (every approver's key lost) takes it.
+pub fn reset(ctl: &Controller, env: &str, who: &str) -> Result<AdminResponse> {
+    let want = wanted(ctl, env)?;
+    if !want.well_formed() {
+        return Ok(refused(unmeetable(env, &want), "stagehand policy show --env ENV"));
+    }
+    let current = ctl.store.policy(env)?;
+    let serial = current.as_ref().and_then(|r| policy::decode_unverified(&r.signed)).map_or(0, |p| p.serial) + 1;
+    let new = Policy { serial, at: now_secs(), ..want };
+    let record = PolicyRecord {
+        v: 1,
+        signed: policy::sign(new, &ctl.release_key),
+        base: Policy::none(env),
+        chain: vec![],
+        at: crate::rollout::now_ms(),
+    };
+    if !ctl.store.swap_policy(env, current.as_ref(), &record)? {
+        return Ok(refused("the policy changed meanwhile", format!("stagehand policy reset --env {env}")));
+    }
+    ctl.store.flush()?;
+    warn!(%env, serial, by = %who, "Release policy reset: only agents that enforce none take it.");
+    push(ctl, env, &record)?;
+    show(ctl, Some(env))
 }

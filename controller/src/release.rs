@@ -159,8 +159,13 @@ fn handle(ctl: &Controller, id: &AgentId, msg: ReleaseUp) -> Result<()> {
                 crate::rollout::truncate(why, crate::deploy::PEER_TEXT_LIMIT);
             }
             let record = crate::store::AgentPolicyRecord { v: 1, serial, approvals, refused };
-            ctl.store.put_agent_policy(id, &record)?;
-            ctl.fleet.bump();
+            let old = ctl.store.agent_policy(id)?;
+            if old.is_none_or(|o| {
+                (o.serial, o.approvals, &o.refused) != (record.serial, record.approvals, &record.refused)
+            }) {
+                ctl.store.put_agent_policy(id, &record)?;
+                ctl.fleet.bump();
+            }
         }
         ReleaseUp::Preview { app, version, port, mut detail } => {
             crate::deploy::check_names(&[("app", &app)])?;

@@ -131,14 +131,13 @@ pub fn start(ctl: &Controller, spec: RolloutSpec, who: &str) -> Result<std::resu
             window_opens = Some(t.max(0) as u64);
         }
     }
-    // Approvals: every release, and a rollback to anything but the version before the
-    // current one (the one agents take back without approvals).
-    let undo = spec.rollback && {
-        let current = desired.as_ref().map(|d| d.version.as_str());
-        let history = desired.as_ref().map(|d| d.history.as_slice()).unwrap_or_default();
-        rollback_target(app, env, current, history).is_ok_and(|v| v == version)
-    };
-    let approvals_needed = if undo { 0 } else { policy.approvals.0 };
+    // Approvals: every release, and a rollback to a version that was never live here (agents
+    // take back what they ran, with the content it ran with, without approvals).
+    let was_live_here = desired
+        .as_ref()
+        .is_some_and(|d| (d.version == version && d.digest == artifact.digest) || d.history.contains(&version))
+        || ctl.store.promoted(env, app, &artifact.digest)?.is_some();
+    let approvals_needed = if spec.rollback && was_live_here { 0 } else { policy.approvals.0 };
     let mut forced = false;
     // Promotion: a rollback to a version that was live here is always allowed.
     let was_live = ctl.store.promoted(env, app, &artifact.digest)?.is_some()

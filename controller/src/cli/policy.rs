@@ -51,6 +51,13 @@ pub enum PolicyCommand {
         #[arg(long, value_parser = super::env_name)]
         env: Option<String>,
     },
+    /// Owner only, for when every approver of the policy agents enforce lost their key: sign
+    /// the environment's policy anew with nothing before it. Agents that enforce a policy still
+    /// refuse it; on each host, remove DATA/identity/policy (agent stopped) and start it again.
+    Reset {
+        #[arg(long, value_parser = super::env_name)]
+        env: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -77,10 +84,14 @@ fn until(text: &str) -> Result<u64> {
 pub async fn approve(a: ApproveArgs, ctx: &Ctx) -> Result<i32> {
     let client = ctx.client().await?;
     let resp = client.call(&AdminRequest::ToApprove { id: a.id.clone() }).await?;
-    let AdminResponse::ToApprove { sign, you: me, .. } = resp else { bail!("{}", super::unexpected(&resp)) };
+    let AdminResponse::ToApprove { sign, you: me, describe: said, .. } = resp else {
+        bail!("{}", super::unexpected(&resp))
+    };
     // What is signed is read here, from the bytes signed, and must be what was asked for: a
-    // controller cannot turn the approval of one thing into the approval of another.
-    let describe = what_is_signed(&a.id, &sign)?;
+    // controller cannot turn the approval of one thing into the approval of another. What the
+    // controller says of it follows, marked as such.
+    let mut describe = what_is_signed(&a.id, &sign)?;
+    describe.extend(said.iter().skip(1).map(|l| format!("(the controller says) {l}")));
     if !a.yes && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         for line in &describe {
             eprintln!("{}", clean(line));
@@ -150,7 +161,8 @@ fn what_is_signed(id: &str, sign: &ToSign) -> Result<Vec<String>> {
             if p.env != env || p.serial != serial {
                 bail!("the controller sent policy {} of {} to sign for {id}; nothing was signed", p.serial, p.env);
             }
-            let names: Vec<&str> = p.approvers.iter().map(|a| a.name.as_str()).collect();
+            let names: Vec<String> =
+                p.approvers.iter().map(|a| format!("{} (key {})", a.name, &hex::encode(a.key)[..16])).collect();
             Ok(vec![format!(
                 "policy {serial} of {env}: {} approval(s) from [{}], verify {}",
                 p.approvals,
@@ -218,9 +230,12 @@ pub async fn unfreeze(a: UnfreezeArgs, ctx: &Ctx) -> Result<i32> {
 }
 
 pub async fn policy(c: PolicyCommand, ctx: &Ctx) -> Result<i32> {
-    let PolicyCommand::Show { env } = c;
     let client = ctx.client().await?;
-    let resp = client.call(&AdminRequest::ShowPolicy { env }).await?;
+    let req = match c {
+        PolicyCommand::Show { env } => AdminRequest::ShowPolicy { env },
+        PolicyCommand::Reset { env } => AdminRequest::ResetPolicy { env },
+    };
+    let resp = client.call(&req).await?;
     client.close().await;
     let AdminResponse::Policies { envs } = resp else { bail!("{}", super::unexpected(&resp)) };
     if ctx.json() {

@@ -213,16 +213,12 @@ async fn export(ctx: &Ctx, req: AdminRequest, app: &str, env: &str, path: &PathB
     let client = ctx.client().await?;
     let resp = client.call(&req).await?;
     client.close().await;
-    let AdminResponse::Exported { message, version, seq, targets, key_changes, policy } = resp else {
+    let AdminResponse::Exported { message, version, seq, targets, key_changes, policies } = resp else {
         bail!("{}", super::unexpected(&resp))
     };
     let body = Activate::decode_unverified(&message.body).context("the controller sent an undecodable message")?;
-    stagehand_common::fsx::write_atomic(
-        path,
-        message.to_export_full(&body, &key_changes, policy.as_ref()).as_bytes(),
-        0o644,
-    )
-    .with_context(|| format!("writing {}", path.display()))?;
+    stagehand_common::fsx::write_atomic(path, message.to_export_full(&body, &key_changes, &policies).as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", path.display()))?;
     if ctx.json() {
         super::print_json(
             &serde_json::json!({ "app": app, "version": version, "env": env, "seq": seq, "file": path, "targets": targets }),

@@ -233,7 +233,7 @@ fn approved_by(plan_for: (&str, Digest), requester: &str, by: &[(&str, &SigningK
 fn write(dir: &Path, name: &str, m: &SignedActivate, policy: Option<&pol::SignedPolicy>) -> PathBuf {
     let body = Activate::decode_unverified(&m.body).unwrap();
     let path = dir.join(name);
-    std::fs::write(&path, m.to_export_full(&body, &[], policy)).unwrap();
+    std::fs::write(&path, m.to_export_full(&body, &[], &policy.cloned().into_iter().collect::<Vec<_>>())).unwrap();
     path
 }
 
@@ -445,4 +445,35 @@ async fn a_preview_runs_the_staged_version_beside_the_live_one_without_traffic()
         .unwrap();
     assert_eq!(get(port, "/").await.unwrap(), "web 1.0.0");
     assert_eq!(current(&agent).as_deref(), Some("1.0.0"));
+}
+
+#[tokio::test]
+async fn rollbacks_to_versions_that_ran_need_no_approvals_however_many() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let base = std::fs::read_to_string(fleet.ctl_dir.join("controller.toml")).unwrap();
+    let alice = releaser(&fleet, "alice").await;
+    let bob = releaser(&fleet, "bob").await;
+    configure(&mut fleet, &base, "[environments.prod]\napprovals = 1\n").await;
+    let agent = fleet.agent("prod", "p1").await.unwrap();
+    stage(&fleet, &["v1", "v2", "v3"]).await;
+    agents_report(&fleet, "the agent enforcing one approval", |_, approvals, _| approvals == 1).await;
+    for v in ["v1", "v2", "v3"] {
+        let (code, out, err) = cli(&fleet, Some(&alice), &["release", "web", v, "--env", "prod", "-o", "json"]).await;
+        assert_eq!(code, 0, "{out}{err}");
+        let id = json(&out)["rollout"].as_str().unwrap().to_string();
+        let (code, out, err) = cli(&fleet, Some(&bob), &["approve", &id]).await;
+        assert_eq!(code, 0, "{out}{err}");
+        let (code, out, err) = cli(&fleet, None, &["rollout", "status", &id, "--watch"]).await;
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    // Back twice, then forward again to one that ran: no approvals, no waiting.
+    for (args, want) in [
+        (vec!["rollback", "web", "--env", "prod", "--wait"], "v2"),
+        (vec!["rollback", "web", "--env", "prod", "--wait"], "v1"),
+        (vec!["rollback", "web", "--env", "prod", "--to", "v3", "--wait"], "v3"),
+    ] {
+        let (code, out, err) = cli(&fleet, None, &args).await;
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        assert_eq!(current(&agent).as_deref(), Some(want));
+    }
 }
