@@ -71,10 +71,6 @@ pub fn prune(host: &Host, app: &str, just_staged: &str, keep: usize) -> Result<V
     let layout = &host.layout;
     let current = layout.current(app);
     let mut protected: HashSet<String> = host.scheduled_versions(app);
-    // The version that ran before the live one: going back to it needs no approvals (SPEC
-    // §14), and only while it is this very content.
-    let live = host.layout.active(app);
-    protected.extend(host.store.ran(app).into_iter().rev().map(|(v, _)| v).find(|v| Some(v) != live.as_ref()));
     // A version whose service runs (routed, draining) runs from its release directory.
     protected.extend(host.services.running(app));
     if let Some(route) = crate::switch::load_route(layout, app) {
