@@ -63,7 +63,7 @@ pub async fn run(c: RolloutCommand, ctx: &Ctx) -> Result<i32> {
                 outln!("No rollouts yet. Start one with: stagehand release APP VERSION --env ENV");
             } else {
                 outln!(
-                    "{:<8} {:<14} {:<14} {:<10} {:<9} {:<13} {:<7} REASON",
+                    "{:<8} {:<14} {:<14} {:<10} {:<9} {:<17} {:<7} REASON",
                     "ID",
                     "APP",
                     "VERSION",
@@ -74,7 +74,7 @@ pub async fn run(c: RolloutCommand, ctx: &Ctx) -> Result<i32> {
                 );
                 for r in &rollouts {
                     outln!(
-                        "{:<8} {:<14} {:<14} {:<10} {:<9} {:<13} {:<7} {}",
+                        "{:<8} {:<14} {:<14} {:<10} {:<9} {:<17} {:<7} {}",
                         r.id,
                         clean(&r.app),
                         clean(&r.version),
