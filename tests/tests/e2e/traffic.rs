@@ -439,6 +439,19 @@ async fn the_listener_survives_silent_clients_and_a_thousand_concurrent_connecti
     drop(silent);
 }
 
+/// Live (not zombie) children of a process.
+fn children(parent: i32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+            fields.first() != Some(&"Z") && fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(parent)
+        })
+        .count()
+}
+
 /// nginx in front: `[switch] command` points its upstream at the new version's port and
 /// reloads it (the example in deploy/nginx).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -484,9 +497,10 @@ async fn a_switch_command_moves_a_real_nginx_to_the_new_version() {
     // The host says where nginx's upstream file is and how to reload it.
     let mut text = std::fs::read_to_string(agent.dir.join("agent.toml")).unwrap();
     text.push_str(&format!(
-        "\n[apps.web.env]\nNGINX_UPSTREAM = \"{}\"\nNGINX_RELOAD = \"{nginx} -c {} -s reload\"\n",
+        "\n[apps.web.env]\nNGINX_UPSTREAM = \"{}\"\nNGINX_RELOAD = \"{nginx} -c {} -s reload\"\nNGINX_PID = \"{}\"\n",
         ngx.join("upstream.conf").display(),
-        conf.display()
+        conf.display(),
+        ngx.join("nginx.pid").display()
     ));
     std::fs::write(agent.dir.join("agent.toml"), text).unwrap();
     agent.start().await.unwrap();
@@ -514,7 +528,15 @@ async fn a_switch_command_moves_a_real_nginx_to_the_new_version() {
     };
     via_nginx("web 1").await.unwrap();
     // nginx's reload is asynchronous: its worker of the placeholder config (a port nothing
-    // listens on) may take a few more connections. Start once it is gone.
+    // listens on) takes connections until it handled its signal, which a loaded machine may
+    // delay past any number of good answers. Start once it is gone: one worker left.
+    let master: i32 = std::fs::read_to_string(ngx.join("nginx.pid")).unwrap().trim().parse().unwrap();
+    wait_for("nginx's old worker to exit", Duration::from_secs(30), || {
+        let workers = children(master);
+        async move { workers == 1 }
+    })
+    .await
+    .unwrap();
     via_nginx("web 1 x20").await.unwrap();
     let requests = Loop::start(port);
     requests.sees("web 1").await;
