@@ -245,7 +245,21 @@ async fn rollout_status(ctl: &Controller, id: &str, after: u64, timeout_secs: u6
     }
 }
 
-fn started(r: std::result::Result<crate::rollout::Started, Refused>) -> AdminResponse {
+/// An exported message with what the agent may lack: the release key changes and the
+/// environment's chain of policies.
+fn exported(
+    ctl: &Controller,
+    env: &str,
+    message: stagehand_common::activate::SignedActivate,
+    version: String,
+    seq: u64,
+    targets: Vec<AgentId>,
+) -> Result<AdminResponse> {
+    let policies = ctl.store.policy(env)?.map(|p| crate::policy::chain(&p)).unwrap_or_default();
+    Ok(AdminResponse::Exported { message, version, seq, targets, key_changes: ctl.key_chain.clone(), policies })
+}
+
+pub(crate) fn started(r: std::result::Result<crate::rollout::Started, Refused>) -> AdminResponse {
     match r {
         Ok((rollout, notes)) => AdminResponse::Rollout { rollout, notes },
         Err(r) => r.into(),
@@ -294,14 +308,7 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
                 return Ok(error(format!("{why}; nothing was exported"), format!("stagehand policy show --env {env}")));
             }
             match crate::release::export(ctl, &app, &version, &env, ttl_secs)? {
-                Ok((message, seq, targets)) => AdminResponse::Exported {
-                    message,
-                    version,
-                    seq,
-                    targets,
-                    key_changes: ctl.key_chain.clone(),
-                    policies: ctl.store.policy(&env)?.map(|p| crate::policy::chain(&p)).unwrap_or_default(),
-                },
+                Ok((message, seq, targets)) => exported(ctl, &env, message, version, seq, targets)?,
                 Err(r) => r.into(),
             }
         }
@@ -327,14 +334,7 @@ fn handle(ctl: &Controller, req: AdminRequest, admin: &str) -> Result<AdminRespo
                 },
             };
             match crate::release::export(ctl, &app, &version, &env, ttl_secs)? {
-                Ok((message, seq, targets)) => AdminResponse::Exported {
-                    message,
-                    version,
-                    seq,
-                    targets,
-                    key_changes: ctl.key_chain.clone(),
-                    policies: ctl.store.policy(&env)?.map(|p| crate::policy::chain(&p)).unwrap_or_default(),
-                },
+                Ok((message, seq, targets)) => exported(ctl, &env, message, version, seq, targets)?,
                 Err(r) => r.into(),
             }
         }

@@ -308,51 +308,40 @@ pub fn approve(ctl: &Controller, id: &str, who: &str, approval: Approval) -> Res
     if let Some((env, serial)) = parse_policy_id(id) {
         return approve_policy(ctl, &env, serial, id, who, approval);
     }
-    let _one_at_a_time = ctl.rollout_lock();
     let Some(key) = ctl.store.approval_key(who)? else {
         return Ok(refused(
             format!("{who} has no approval key"),
             "stagehand admin approval-key (with that identity's credentials); `controller init`'s admin has none",
         ));
     };
-    loop {
-        let Some(before) = ctl.store.rollout(id)? else {
-            return Ok(refused(format!("no rollout {id}"), "stagehand rollout list"));
-        };
-        if !policy::plan_approval_verifies(&plan_of(&before), &key, &approval) {
-            return Ok(refused(
+    // Only an approver of the policy agents enforce counts there.
+    let mut enforced = None;
+    if let Some(r) = ctl.store.rollout(id)? {
+        enforced = ctl.store.policy(&r.env)?.map(|p| self::enforced(&p));
+    }
+    let changed = crate::rollout::change(ctl, id, who, |r| {
+        let no = |why: String, hint: String| Refused { message: why, hint };
+        if !policy::plan_approval_verifies(&plan_of(r), &key, &approval) {
+            return Err(no(
                 format!("the approval does not verify under {who}'s approval key for the plan of {id}"),
                 format!("stagehand approve {id}   (with the credentials directory {who} was issued)"),
             ));
         }
-        // Only an approver of the policy agents enforce counts there.
-        let enforced = ctl.store.policy(&before.env)?.map(|r| enforced(&r));
-        if before.state == State::AwaitingApproval
+        if r.state == State::AwaitingApproval
             && !enforced.as_ref().is_some_and(|p| p.approvers.iter().any(|a| a.name == who && a.key == key))
         {
-            return Ok(refused(
+            return Err(no(
                 format!(
                     "{who} is not an approver in {}'s release policy (owners and the environment's releasers are)",
-                    before.env
+                    r.env
                 ),
-                "stagehand policy show --env ENV",
+                "stagehand policy show --env ENV".into(),
             ));
         }
-        let mut r = before.clone();
-        match r.approve(who, approval.signature.clone(), crate::rollout::now_ms()) {
-            Err(why) => return Ok(refused(why, format!("stagehand rollout status {id}"))),
-            Ok(said) => {
-                r.revision += 1;
-                if !ctl.store.replace_rollout(&before, &r, Default::default())? {
-                    continue;
-                }
-                ctl.store.flush()?;
-                info!(rollout = %id, by = %who, "{said}");
-                ctl.fleet.bump();
-                return Ok(AdminResponse::Rollout { rollout: crate::rollout::view(ctl, &r), notes: vec![said] });
-            }
-        }
-    }
+        r.approve(who, approval.signature.clone(), crate::rollout::now_ms())
+            .map_err(|why| no(why, format!("stagehand rollout status {id}")))
+    })?;
+    Ok(crate::admin::started(changed))
 }
 
 fn approve_policy(
@@ -413,26 +402,11 @@ pub fn reject(ctl: &Controller, id: &str, who: &str, reason: &str) -> Result<Adm
     if reason.len() > REASON_LIMIT {
         return Ok(refused(format!("the reason is longer than {REASON_LIMIT} bytes"), "say it shorter"));
     }
-    let _one_at_a_time = ctl.rollout_lock();
-    loop {
-        let Some(before) = ctl.store.rollout(id)? else {
-            return Ok(refused(format!("no rollout {id}"), "stagehand rollout list"));
-        };
-        let mut r = before.clone();
-        match r.reject(who, reason, crate::rollout::now_ms()) {
-            Err(why) => return Ok(refused(why, format!("stagehand rollout status {id}"))),
-            Ok(said) => {
-                r.revision += 1;
-                if !ctl.store.replace_rollout(&before, &r, Default::default())? {
-                    continue;
-                }
-                ctl.store.flush()?;
-                info!(rollout = %id, by = %who, "{said}");
-                ctl.fleet.bump();
-                return Ok(AdminResponse::Rollout { rollout: crate::rollout::view(ctl, &r), notes: vec![said] });
-            }
-        }
-    }
+    let changed = crate::rollout::change(ctl, id, who, |r| {
+        r.reject(who, reason, crate::rollout::now_ms())
+            .map_err(|why| Refused { message: why, hint: format!("stagehand rollout status {id}") })
+    })?;
+    Ok(crate::admin::started(changed))
 }
 
 /// The freeze of `env` in force at `now`, if any.

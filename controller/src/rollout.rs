@@ -373,37 +373,46 @@ pub fn control(
     action: RolloutAction,
     who: &str,
 ) -> Result<std::result::Result<Started, Refused>> {
-    let _one_at_a_time = ctl.rollout_lock();
     let action = match action {
         RolloutAction::Pause => Control::Pause,
         RolloutAction::Resume => Control::Resume,
         RolloutAction::Abort => Control::Abort,
     };
-    // The driver may step it on another controller meanwhile: changed only as it was read.
-    let mut tries = 0;
-    loop {
+    change(ctl, id, who, |r| {
+        r.control(action, who, now_ms())
+            .map(str::to_string)
+            .map_err(|why| refused(why, format!("stagehand rollout status {id}")))
+    })
+}
+
+/// Changes a rollout as an operator asks (control, approve, reject): `f` decides on the
+/// record as it is and says what it did. The driver may step it on another controller
+/// meanwhile: it is changed only as it was read, and `f` decides again on a newer record.
+pub fn change(
+    ctl: &Controller,
+    id: &str,
+    who: &str,
+    f: impl Fn(&mut Rollout) -> std::result::Result<String, Refused>,
+) -> Result<std::result::Result<Started, Refused>> {
+    let _one_at_a_time = ctl.rollout_lock();
+    for _ in 0..20 {
         let Some(before) = ctl.store.rollout(id)? else {
             return Ok(Err(refused(format!("no rollout {id}"), "stagehand rollout list")));
         };
         let mut r = before.clone();
-        match r.control(action, who, now_ms()) {
-            Ok(said) => {
-                r.revision += 1;
-                if !ctl.store.replace_rollout(&before, &r, Default::default())? {
-                    if tries > 20 {
-                        anyhow::bail!("rollout {id} kept changing while it was being changed; try again");
-                    }
-                    tries += 1;
-                    continue;
-                }
-                ctl.store.flush()?;
-                info!(rollout = %id, ?action, by = %who, "{said}");
-                ctl.fleet.bump();
-                return Ok(Ok((view(ctl, &r), vec![said.to_string()])));
-            }
-            Err(why) => return Ok(Err(refused(why, format!("stagehand rollout status {id}")))),
+        let said = match f(&mut r) {
+            Ok(said) => said,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        r.revision += 1;
+        if ctl.store.replace_rollout(&before, &r, Default::default())? {
+            ctl.store.flush()?;
+            info!(rollout = %id, by = %who, "{said}");
+            ctl.fleet.bump();
+            return Ok(Ok((view(ctl, &r), vec![said])));
         }
     }
+    anyhow::bail!("rollout {id} kept changing while it was being changed; try again")
 }
 
 /// What the CLI shows of a rollout.
