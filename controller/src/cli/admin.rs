@@ -70,6 +70,16 @@ pub async fn run(cmd: AdminCommand, ctx: &Ctx) -> Result<i32> {
         AdminCommand::Revoke(a) => client.call(&AdminRequest::RevokeAdmin { name: a.name.clone() }).await,
         AdminCommand::ApprovalKey => {
             let dir = ctx.credentials.clone().unwrap_or_default();
+            // A key kept beside the controller's own keys is one the controller host holds:
+            // approvals are what that host alone must not be able to give.
+            if dir.parent().is_some_and(|p| p.join("controller.toml").exists()) {
+                client.close().await;
+                return Err(crate::client::OpError::new(
+                    format!("{} is inside a controller's data directory; an approval key there is one the controller host holds", dir.display()),
+                    format!("copy the credentials to your own machine (cp -r {} ~/stagehand-creds), then run it there: stagehand --credentials ~/stagehand-creds admin approval-key", dir.display()),
+                )
+                .into());
+            }
             if crate::keys::approval_key_path(&dir).exists() {
                 client.close().await;
                 return Err(crate::client::OpError::new(

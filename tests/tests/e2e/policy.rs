@@ -359,12 +359,21 @@ async fn windows_and_freezes_hold_back_releases_and_never_rollbacks() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(current(&agent).as_deref(), Some("v3"));
 
-    // `admin`, made by `controller init`, has no approval key; it can make one, once.
+    // `admin`, made by `controller init`, has no approval key; it makes one away from the
+    // controller's data directory, once.
     assert!(!fleet.admin.join("approval.key").exists());
-    let (code, out, err) = cli(&fleet, None, &["admin", "approval-key"]).await;
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(fleet.admin.join("approval.key").exists());
     let (code, _, err) = cli(&fleet, None, &["admin", "approval-key"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("inside a controller's data directory"), "{err}");
+    let own = fleet.path().join("admin-elsewhere");
+    std::fs::create_dir_all(&own).unwrap();
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        std::fs::copy(fleet.admin.join(f), own.join(f)).unwrap();
+    }
+    let (code, out, err) = cli(&fleet, Some(&own), &["admin", "approval-key"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(own.join("approval.key").exists() && !fleet.admin.join("approval.key").exists());
+    let (code, _, err) = cli(&fleet, Some(&own), &["admin", "approval-key"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("holds an approval key already"), "{err}");
 
