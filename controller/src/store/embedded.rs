@@ -23,15 +23,31 @@ struct Flushes {
 
 impl Sled {
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).cache_capacity(64 << 20).open().map_err(|e| match &e {
-            // sled reports the lock it could not take as an error of its own making.
-            sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock") =>
-            {
-                StoreError::Locked(dir.display().to_string())
+        let open = || {
+            sled::Config::new().path(dir).cache_capacity(64 << 20).open().map_err(|e| match &e {
+                // sled reports the lock it could not take as an error of its own making.
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
+                    StoreError::Locked(dir.display().to_string())
+                }
+                _ => StoreError::Sled(e),
+            })
+        };
+        // A database this process just closed (`controller init`, then `serve` in one process:
+        // the tests, a restart) keeps its lock until sled's background threads let go of it,
+        // which may take a moment on a loaded machine: a lock is waited for up to 2 s.
+        let mut tries = 0;
+        let db = loop {
+            match open() {
+                Err(StoreError::Locked(_)) if tries < 40 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other?,
             }
-            _ => StoreError::Sled(e),
-        })?;
+        };
         let trees = Table::ALL.iter().map(|t| db.open_tree(t.name())).collect::<std::result::Result<_, _>>()?;
         Ok(Sled { db, trees, flushes: Flushes::default(), changes: tokio::sync::watch::channel(0).0 })
     }
