@@ -188,9 +188,15 @@ impl Services {
     }
 
     /// At start-up: each recorded service of `app` whose version is in `keep` is adopted if
-    /// it still runs, or started again on its port; every other is stopped. Returns the
-    /// instances of `keep` that are running.
-    pub async fn restore(self: &Arc<Self>, app: &str, keep: &[(String, Spec)], grace: Duration) -> Vec<Arc<Instance>> {
+    /// it still runs, or started again on its port (another when that one is taken); every
+    /// other is stopped. Returns the instances of `keep` that are running, each with the
+    /// port it had before when it has another now.
+    pub async fn restore(
+        self: &Arc<Self>,
+        app: &str,
+        keep: &[(String, Spec)],
+        grace: Duration,
+    ) -> Vec<(Arc<Instance>, Option<u16>)> {
         let mut out = Vec::new();
         let dir = self.dir.join(app);
         let records: Vec<(String, Option<Record>)> = std::fs::read_dir(&dir)
@@ -220,7 +226,7 @@ impl Services {
                     adopted.push(r.pid);
                     let i = self.supervise(app, version, spec.clone(), r.port, Some(proc));
                     watch_port(&i, spec);
-                    out.push(i);
+                    out.push((i, None));
                 }
                 (Some((_, spec)), None, Some(r)) => {
                     warn!(%app, %version, "The service was not running; starting it again.");
@@ -231,7 +237,7 @@ impl Services {
                     }
                     let i = self.supervise(app, version, spec.clone(), port, proc.ok());
                     watch_port(&i, spec);
-                    out.push(i);
+                    out.push((i, (port != r.port).then_some(r.port)));
                 }
                 (None, Some(mut proc), _) => {
                     info!(%app, %version, pid = proc.pid, "Stopping a service no route needs.");
@@ -259,7 +265,7 @@ impl Services {
                 continue;
             }
             match self.start(app, version, spec.clone()).await {
-                Ok(i) => out.push(i),
+                Ok(i) => out.push((i, None)),
                 Err(e) => error!(%app, %version, error = %e, "Cannot start the service."),
             }
         }

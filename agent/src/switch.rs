@@ -400,11 +400,28 @@ pub async fn restore(host: &Arc<Host>) {
         let running = host.services.restore(&app, &specs, grace).await;
         let route: Vec<_> = keep
             .iter()
-            .filter_map(|(v, _, w)| running.iter().find(|i| &i.version == v).map(|i| (i.clone(), *w)))
+            .filter_map(|(v, _, w)| running.iter().find(|(i, _)| &i.version == v).map(|(i, _)| (i.clone(), *w)))
             .collect();
         t.apply(route);
         if t.listener.is_some() || !t.route.is_empty() {
             host.set_traffic(&app, t);
+        }
+        // A proxy in front (`[switch] command`) still points at the port the live version had:
+        // tell it the new one before anything else happens.
+        let live = host.layout.active(&app);
+        for (i, moved_from) in &running {
+            let Some(old) = moved_from else { continue };
+            if live.as_deref() != Some(i.version.as_str()) {
+                continue;
+            }
+            let Some(sw) = ArtifactConfig::load(&host.layout.release_dir(&app, &i.version)).ok().and_then(|c| c.switch)
+            else {
+                continue;
+            };
+            warn!(%app, version = %i.version, from = old, to = i.port, "The live version's service has a new port; running [switch] command.");
+            if let Err(e) = run_switch(host, &app, &i.version, &sw.command, i.port, Some(*old)).await {
+                error!(%app, version = %i.version, error = %e, "[switch] command failed: the proxy in front may still point at the old port.");
+            }
         }
     }
 }

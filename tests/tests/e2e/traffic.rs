@@ -554,6 +554,57 @@ async fn a_switch_command_moves_a_real_nginx_to_the_new_version() {
     via_nginx("web 2").await.unwrap();
 }
 
+/// A restart that has to give the live version's service another port (the process died
+/// with the agent and something else took its port) runs `[switch] command` again: a proxy
+/// in front must not be left pointing at the old port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_that_moves_the_service_to_another_port_runs_the_switch_command_again() {
+    let fleet = Fleet::start().await.unwrap();
+    let agent = fleet.enrol("prod", "p").await.unwrap();
+    let _reaper = Reaper(agent.dir.clone());
+    let told = fleet.path().join("proxy-port");
+    let mut text = std::fs::read_to_string(agent.dir.join("agent.toml")).unwrap();
+    text.push_str(&format!("\n[apps.web.env]\nPROXY_FILE = \"{}\"\n", told.display()));
+    std::fs::write(agent.dir.join("agent.toml"), text).unwrap();
+    let dir = agent.dir.to_str().unwrap().to_string();
+    let env = [("STAGEHAND_LOG", "info"), ("NO_COLOR", "1")];
+    let mut first = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-1.log")).unwrap();
+    let switch = "\n[switch]\ncommand = \"echo $PORT $STAGEHAND_PREVIOUS_PORT > $PROXY_FILE\"\n";
+    push_and_stage(&fleet, "1", switch).await;
+    assert_eq!(release(&fleet, "1", 100).await.state, "succeeded", "{}", first.log_text());
+    let told_port =
+        || std::fs::read_to_string(&told).unwrap_or_default().split_whitespace().map(String::from).collect::<Vec<_>>();
+    let p1: u16 = told_port()[0].parse().unwrap();
+    assert_eq!(get(p1, "/").await.unwrap(), "web 1");
+
+    // The agent and its service die; another process takes the service's port.
+    first.kill9();
+    for pid in service_pids(&agent.dir) {
+        std::process::Command::new("kill").args(["-9", "--", &format!("-{pid}")]).status().unwrap();
+    }
+    wait_for("the service to be gone", Duration::from_secs(10), || async { web_processes(&agent.dir).is_empty() })
+        .await
+        .unwrap();
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", p1)).unwrap();
+    let second = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-2.log")).unwrap();
+    wait_for("the switch command to name a new port", Duration::from_secs(30), || {
+        let now = told_port();
+        async move { now.first().is_some_and(|p| p != &p1.to_string()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", told_port(), second.log_text()));
+    let now = told_port();
+    assert_eq!(now[1], p1.to_string(), "STAGEHAND_PREVIOUS_PORT is the old port: {now:?}");
+    let p2: u16 = now[0].parse().unwrap();
+    wait_for("the service to answer on its new port", Duration::from_secs(20), || async move {
+        get(p2, "/").await.is_ok_and(|b| b == "web 1")
+    })
+    .await
+    .unwrap();
+    assert!(second.log_text().contains("has a new port"), "{}", second.log_text());
+    drop(squatter);
+}
+
 /// kill -9 of the agent after `current` moved and before the outcome: at start-up the route
 /// it replaced comes back, `current` goes back, the new version is stopped, and the
 /// activation is reported interrupted; nothing commits without its health check.
