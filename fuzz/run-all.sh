@@ -11,7 +11,7 @@ RUNS=${RUNS:-10000000}
 MAX_SECS=${MAX_SECS:-1800}
 SANITIZER=${SANITIZER:-none}
 MAX_LEN=${MAX_LEN:-4096}
-for t in frames manifest activate journal export token; do
+for t in frames manifest activate journal export token policy; do
     log=$(mktemp)
     start=$(date +%s)
     cargo +nightly fuzz run -O -s "$SANITIZER" "$t" -- -runs="$RUNS" -max_total_time="$MAX_SECS" \

@@ -34,6 +34,9 @@ const WAIT: Duration = Duration::from_secs(8);
 /// Writes sent in one transaction (etcd allows 128 operations by default).
 const BATCH_OPS: usize = 100;
 const BATCH_BYTES: usize = 1 << 20;
+/// Bytes of writes waiting for etcd at most. While etcd is away writes wait (and this
+/// controller's reads show them); past this bound new ones are refused, as a flush is.
+const QUEUE_BYTES: usize = 256 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -145,15 +148,72 @@ enum Op {
     },
 }
 
+impl Op {
+    /// The bytes it holds, near enough.
+    fn size(&self) -> usize {
+        let len = |v: &Option<Arc<[u8]>>| v.as_ref().map_or(0, |v| v.len());
+        match self {
+            Op::Write { key, val } => key.len() + len(val),
+            Op::Swap { key, old, new, then, .. } => {
+                key.len()
+                    + old.as_ref().map_or(0, Vec::len)
+                    + len(new)
+                    + then.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Queue {
     ops: VecDeque<(u64, Op)>,
+    /// What `ops` holds, in bytes (`Op::size`).
+    bytes: usize,
     /// Generations: every queued op takes the next one.
     next: u64,
     /// Every op up to this generation has landed (or failed for good).
     done: u64,
     /// A batch etcd refused (for good), with why: the next flush reports it.
     refused: Option<String>,
+}
+
+impl Queue {
+    /// Queues an op and returns its generation; refuses it (saying how many bytes wait)
+    /// when `limit` bytes are waiting already. An op alone in the queue is always taken.
+    fn push(&mut self, op: Op, limit: usize) -> std::result::Result<u64, usize> {
+        let size = op.size();
+        if !self.ops.is_empty() && self.bytes + size > limit {
+            return Err(self.bytes);
+        }
+        self.next += 1;
+        self.bytes += size;
+        self.ops.push_back((self.next, op));
+        Ok(self.next)
+    }
+
+    /// The next transaction's ops: writes in order, up to `BATCH_OPS` or `BATCH_BYTES`
+    /// (at least one), or one compare-and-swap alone.
+    fn next_batch(&mut self) -> Vec<(u64, Op)> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some((_, op)) = self.ops.front() {
+            let swap = matches!(op, Op::Swap { .. });
+            if swap && !batch.is_empty() {
+                break;
+            }
+            let size = op.size();
+            if !batch.is_empty() && (batch.len() >= BATCH_OPS || bytes + size > BATCH_BYTES) {
+                break;
+            }
+            bytes += size;
+            self.bytes -= size;
+            batch.push(self.ops.pop_front().expect("a front op"));
+            if swap {
+                break;
+            }
+        }
+        batch
+    }
 }
 
 /// This controller's keys on its lease, and which of them etcd does not have yet.
@@ -260,24 +320,30 @@ impl Inner {
         StoreError::Unavailable(why)
     }
 
-    /// Queues an op and, for a write, shows it to this controller's reads at once.
-    fn enqueue(&self, op: Op) -> u64 {
+    /// Queues an op and, for a write, shows it to this controller's reads at once; refuses
+    /// it while `QUEUE_BYTES` wait for an etcd that does not take them.
+    fn enqueue(&self, op: Op) -> Result<u64> {
         let mut q = lock(&self.queue);
-        q.next += 1;
-        let gen = q.next;
-        if let Op::Write { key, val } = &op {
+        let write = match &op {
+            Op::Write { key, val } => Some((key.clone(), val.clone())),
+            Op::Swap { .. } => None,
+        };
+        let gen = q.push(op, QUEUE_BYTES).map_err(|waiting| {
+            let why = lock(&self.trouble).clone().unwrap_or_else(|| "etcd is slow to take writes".into());
+            StoreError::Unavailable(format!("{} MiB of writes wait for etcd ({why}); refusing more", waiting >> 20))
+        })?;
+        if let Some((key, val)) = write {
             let mut m = self.mirror.write().unwrap_or_else(|p| p.into_inner());
-            let e = m.map.entry(key.clone()).or_insert(Entry::new());
+            let e = m.map.entry(key).or_insert(Entry::new());
             let deleted = val.is_none() && e.val.is_some();
-            e.val = val.clone();
+            e.val = val;
             e.pending = gen;
             // Counted for pruning like a deletion another controller made.
             m.deleted += usize::from(deleted);
         }
-        q.ops.push_back((gen, op));
         drop(q);
         self.queue_moved.notify_all();
-        gen
+        Ok(gen)
     }
 }
 
@@ -292,26 +358,7 @@ fn write_loop(inner: &Inner) {
                 }
                 q = inner.queue_moved.wait_timeout(q, Duration::from_millis(500)).unwrap_or_else(|p| p.into_inner()).0;
             }
-            let mut batch = Vec::new();
-            let mut bytes = 0;
-            while let Some((_, op)) = q.ops.front() {
-                let size = match op {
-                    Op::Swap { .. } if !batch.is_empty() => break,
-                    Op::Swap { .. } => 0,
-                    Op::Write { key, val } => key.len() + val.as_ref().map_or(0, |v| v.len()),
-                };
-                if !batch.is_empty() && (batch.len() >= BATCH_OPS || bytes + size > BATCH_BYTES) {
-                    break;
-                }
-                bytes += size;
-                let op = q.ops.pop_front().expect("a front op");
-                let swap = matches!(op.1, Op::Swap { .. });
-                batch.push(op);
-                if swap {
-                    break;
-                }
-            }
-            batch
+            q.next_batch()
         };
         let last = batch.last().map_or(0, |(g, _)| *g);
         let refused = if matches!(batch.first(), Some((_, Op::Swap { .. }))) {
@@ -615,13 +662,11 @@ impl Backend for Etcd {
     }
 
     fn put(&self, t: Table, key: &[u8], value: Vec<u8>) -> Result<()> {
-        self.0.enqueue(Op::Write { key: full_key(t, key), val: Some(value.into()) });
-        Ok(())
+        self.0.enqueue(Op::Write { key: full_key(t, key), val: Some(value.into()) }).map(drop)
     }
 
     fn remove(&self, t: Table, key: &[u8]) -> Result<()> {
-        self.0.enqueue(Op::Write { key: full_key(t, key), val: None });
-        Ok(())
+        self.0.enqueue(Op::Write { key: full_key(t, key), val: None }).map(drop)
     }
 
     fn swap_and_put(
@@ -641,7 +686,7 @@ impl Backend for Etcd {
             then: then.into_iter().map(|(t, k, v)| (full_key(t, &k), Arc::from(v))).collect(),
             reply,
             cancelled: cancelled.clone(),
-        });
+        })?;
         match answer.recv_timeout(WAIT) {
             Ok(Ok(swapped)) => Ok(swapped),
             Ok(Err(why)) => Err(StoreError::Unavailable(format!("etcd refused a write: {why}"))),
@@ -715,5 +760,75 @@ impl Backend for Etcd {
             let _ = self.0.api.lease_revoke(id);
         }
         self.0.queue_moved.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(key: &str, len: usize) -> Op {
+        Op::Write { key: key.as_bytes().to_vec(), val: Some(Arc::from(vec![7u8; len])) }
+    }
+
+    fn swap(key: &str) -> Op {
+        let (reply, _) = std::sync::mpsc::sync_channel(1);
+        Op::Swap {
+            key: key.as_bytes().to_vec(),
+            old: None,
+            new: Some(Arc::from(&b"v"[..])),
+            then: Vec::new(),
+            reply,
+            cancelled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn gens(batch: &[(u64, Op)]) -> Vec<u64> {
+        batch.iter().map(|(g, _)| *g).collect()
+    }
+
+    #[test]
+    fn writes_past_the_bound_are_refused_until_etcd_takes_what_waits() {
+        let mut q = Queue::default();
+        // Alone in the queue an op is taken whatever its size: it would never fit otherwise.
+        assert_eq!(q.push(write("big", 5000), 1000), Ok(1));
+        assert_eq!(q.push(write("a", 10), 1000), Err(5003));
+        assert_eq!(gens(&q.next_batch()), vec![1]);
+        assert_eq!(q.bytes, 0);
+        for i in 0..9 {
+            assert!(q.push(write(&format!("k{i}"), 98), 1000).is_ok());
+        }
+        assert_eq!(q.bytes, 900);
+        assert_eq!(q.push(write("k9", 99), 1000), Err(900), "1001 bytes would wait");
+        assert_eq!(q.push(write("k9", 98), 1000), Ok(11), "a refused op takes no generation");
+        assert_eq!(q.push(swap("s"), 1000), Err(1000));
+        assert_eq!(gens(&q.next_batch()), (2..=11).collect::<Vec<_>>());
+        assert_eq!(q.bytes, 0);
+        assert_eq!(q.push(swap("s"), 1000), Ok(12));
+    }
+
+    #[test]
+    fn batches_keep_order_and_a_swap_goes_alone() {
+        let mut q = Queue::default();
+        for i in 0..BATCH_OPS + 5 {
+            q.push(write(&format!("k{i}"), 1), QUEUE_BYTES).unwrap();
+        }
+        q.push(swap("s"), QUEUE_BYTES).unwrap();
+        q.push(write("after", 1), QUEUE_BYTES).unwrap();
+        let first = q.next_batch();
+        assert_eq!(gens(&first), (1..=BATCH_OPS as u64).collect::<Vec<_>>());
+        assert_eq!(gens(&q.next_batch()), (BATCH_OPS as u64 + 1..=BATCH_OPS as u64 + 5).collect::<Vec<_>>());
+        let s = q.next_batch();
+        assert!(matches!(s.as_slice(), [(_, Op::Swap { .. })]), "a swap alone");
+        assert_eq!(gens(&q.next_batch()), vec![BATCH_OPS as u64 + 7]);
+        assert!(q.next_batch().is_empty());
+        assert_eq!(q.bytes, 0);
+        // Large writes: a batch stops before BATCH_BYTES, and still takes one that is larger.
+        q.push(write("a", BATCH_BYTES / 2), QUEUE_BYTES).unwrap();
+        q.push(write("b", BATCH_BYTES / 2), QUEUE_BYTES).unwrap();
+        q.push(write("c", BATCH_BYTES * 2), QUEUE_BYTES).unwrap();
+        assert_eq!(q.next_batch().len(), 1);
+        assert_eq!(q.next_batch().len(), 1);
+        assert_eq!(q.next_batch().len(), 1);
     }
 }
