@@ -218,8 +218,10 @@ impl Activate {
             full.extend_from_slice(tail);
             frame::decode::<Activate, { frame::CONTROL_LIMIT }>(&full).ok()
         };
+        // The byte put back is `approved`'s `None`; it may also complete a message that has
+        // approvals and lacks its last byte (a zero), which is not an encoding of it.
         if let Some(a) = with(&[0]) {
-            return (a.traffic > 0 && a.traffic < FULL_TRAFFIC).then_some(a);
+            return (a.approved.is_none() && a.traffic > 0 && a.traffic < FULL_TRAFFIC).then_some(a);
         }
         with(&[FULL_TRAFFIC, 0]).filter(|a| a.traffic == FULL_TRAFFIC && a.approved.is_none())
     }
@@ -454,6 +456,29 @@ mod tests {
         spelled.pop();
         spelled.push(101);
         assert_eq!(Activate::decode(&spelled), None);
+    }
+
+    /// Found by the `policy` fuzz target: an approved body whose last byte (a zero: here the
+    /// length of an empty signature) was cut off decoded, with the cut byte read back as
+    /// `approved`'s absent `None`, to the same message: two encodings of one message.
+    #[test]
+    fn an_approved_body_cut_short_by_a_zero_byte_is_not_an_encoding_of_it() {
+        use crate::policy::{Approval, Approved};
+        let f = fixture();
+        for traffic in [54, FULL_TRAFFIC] {
+            let approved = Approved {
+                rollout_id: "r-1".into(),
+                requester: "bob".into(),
+                targets: 1,
+                hosts: f.body.digest,
+                approvals: vec![Approval { approver: "alice".into(), signature: Vec::new() }],
+            };
+            let body = Activate { traffic, approved: Some(approved), ..f.body.clone() };
+            let bytes = body.encode();
+            assert_eq!(bytes.last(), Some(&0));
+            assert_eq!(Activate::decode(&bytes), Some(body.clone()));
+            assert_eq!(Activate::decode(&bytes[..bytes.len() - 1]), None, "traffic {traffic}");
+        }
     }
 
     #[test]
