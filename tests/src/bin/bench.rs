@@ -1129,11 +1129,17 @@ async fn traffic_bench(secs: Duration, conns: usize) -> Result<()> {
     // (throughput, p50 ms, p99 ms) of each run, per (workload, path).
     type Runs = Vec<(f64, f64, f64)>;
     let mut results: HashMap<(&str, &str), Runs> = HashMap::new();
+    // (name, path, connections, whether it counts requests rather than bytes)
+    let workloads = [
+        ("small", "/", conns, true),
+        ("small, 50 µs of work each", "/work/50", conns, true),
+        ("bulk 16 MiB", "/bytes/16777216", 4, false),
+    ];
     for _ in 0..RUNS {
-        for (workload, path, c) in [("small", "/", conns), ("bulk 16 MiB", "/bytes/16777216", 4)] {
+        for (workload, path, c, requests) in workloads {
             for (via, port) in &paths {
                 let l = load(*port, path, c, secs).await?;
-                let tput = if workload == "small" { rps(&l) } else { mib(&l) };
+                let tput = if requests { rps(&l) } else { mib(&l) };
                 let p50 = ms(pct(&l.latencies_us, 50));
                 let p99 = ms(pct(&l.latencies_us, 99));
                 results.entry((workload, via)).or_default().push((tput, p50, p99));
@@ -1147,8 +1153,8 @@ async fn traffic_bench(secs: Duration, conns: usize) -> Result<()> {
     };
     println!("| workload | path | throughput | p50 | p99 |");
     println!("|---|---|---|---|---|");
-    for (workload, c) in [("small", conns), ("bulk 16 MiB", 4)] {
-        let unit = if workload == "small" { "req/s" } else { "MiB/s" };
+    for (workload, _, c, requests) in workloads {
+        let unit = if requests { "req/s" } else { "MiB/s" };
         for (via, _) in &paths {
             let r = &results[&(workload, *via)];
             println!(
@@ -1160,7 +1166,7 @@ async fn traffic_bench(secs: Duration, conns: usize) -> Result<()> {
         }
     }
     println!();
-    for workload in ["small", "bulk 16 MiB"] {
+    for (workload, ..) in workloads {
         let m = |via: &str, f: fn(&(f64, f64, f64)) -> f64| median(&results[&(workload, via)], f);
         let t = m("listener", |x| x.0) / m("direct", |x| x.0);
         let p = m("listener", |x| x.2) / m("direct", |x| x.2);

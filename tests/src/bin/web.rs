@@ -3,6 +3,8 @@
 //!
 //! - `GET /health`: 200 `ok`, or 503 when the file `unhealthy` exists in its directory;
 //! - `GET /bytes/N`: N bytes;
+//! - `GET /work/N`: the `content` answer after N µs of CPU work (a service computing its
+//!   answer; this server runs one thread);
 //! - anything else: 200 with the text of `./content` (or `$STAGEHAND_VERSION`).
 //!
 //! On SIGTERM it stops accepting, answers the requests in flight with `Connection: close`,
@@ -95,6 +97,12 @@ async fn serve(s: TcpStream, body: &str) -> std::io::Result<()> {
             }
         } else if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
             ("200 OK", vec![b'x'; n].into())
+        } else if let Some(us) = path.strip_prefix("/work/").and_then(|n| n.parse::<u64>().ok()) {
+            let until = std::time::Instant::now() + Duration::from_micros(us.min(1_000_000));
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            ("200 OK", body.as_bytes().into())
         } else {
             ("200 OK", body.as_bytes().into())
         };
