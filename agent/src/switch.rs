@@ -209,6 +209,7 @@ pub(crate) async fn activate(mut a: Activation, config: ArtifactConfig, weight: 
             return undo(a, &config, &before, &instance, was_running, Refusal::Unhealthy).await;
         }
         a.note("switch", "ran");
+        crate::failpoint::hit("activate-after-switch-command");
     }
     // 5. What lost its share drains, then stops, in the background.
     retire_dropped(&host, &before, &route, &svc, listen);
@@ -371,12 +372,14 @@ pub async fn restore(host: &Arc<Host>) {
         let pending = fsx::read_limited(&pending_path(&host.layout, &app), 64 << 10)
             .ok()
             .and_then(|b| serde_json::from_slice::<Pending>(&b).ok());
+        let mut interrupted = false;
         let versions = match (pending, in_flight) {
             (Some(p), Some(i)) if p.seq == i.seq => {
                 warn!(%app, seq = p.seq, "An activation was interrupted; its route is put back.");
                 if let Err(e) = save_route(&host.layout, &app, &RouteFile { versions: p.before.clone() }) {
                     error!(%app, error = %e, "Cannot record the route.");
                 }
+                interrupted = true;
                 p.before
             }
             _ => match load_route(&host.layout, &app) {
@@ -406,21 +409,22 @@ pub async fn restore(host: &Arc<Host>) {
         if t.listener.is_some() || !t.route.is_empty() {
             host.set_traffic(&app, t);
         }
-        // A proxy in front (`[switch] command`) still points at the port the live version had:
-        // tell it the new one before anything else happens.
-        let live = host.layout.active(&app);
-        for (i, moved_from) in &running {
-            let Some(old) = moved_from else { continue };
-            if live.as_deref() != Some(i.version.as_str()) {
-                continue;
-            }
-            let Some(sw) = ArtifactConfig::load(&host.layout.release_dir(&app, &i.version)).ok().and_then(|c| c.switch)
-            else {
-                continue;
-            };
-            warn!(%app, version = %i.version, from = old, to = i.port, "The live version's service has a new port; running [switch] command.");
-            if let Err(e) = run_switch(host, &app, &i.version, &sw.command, i.port, Some(*old)).await {
-                error!(%app, version = %i.version, error = %e, "[switch] command failed: the proxy in front may still point at the old port.");
+        // A proxy in front (`[switch] command`) must point at the version that is live once
+        // start-up is done: the one an interrupted activation replaced (the proxy may have been
+        // told of the new one already), or the live one when its service has another port now.
+        let live = if interrupted {
+            versions.iter().max_by_key(|(_, w)| *w).map(|(v, _)| v.clone())
+        } else {
+            host.layout.active(&app)
+        };
+        let target = running.iter().find(|(i, _)| live.as_deref() == Some(i.version.as_str()));
+        if let Some((i, moved_from)) = target.filter(|(_, moved)| interrupted || moved.is_some()) {
+            let switch = ArtifactConfig::load(&host.layout.release_dir(&app, &i.version)).ok().and_then(|c| c.switch);
+            if let Some(sw) = switch {
+                warn!(%app, version = %i.version, port = i.port, "Telling the proxy in front where the live version is ([switch] command).");
+                if let Err(e) = run_switch(host, &app, &i.version, &sw.command, i.port, *moved_from).await {
+                    error!(%app, version = %i.version, error = %e, "[switch] command failed: the proxy in front may point elsewhere.");
+                }
             }
         }
     }

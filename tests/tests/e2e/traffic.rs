@@ -554,6 +554,64 @@ async fn a_switch_command_moves_a_real_nginx_to_the_new_version() {
     via_nginx("web 2").await.unwrap();
 }
 
+/// A `[switch] command` that writes where it was told to point (`PORT`, then
+/// `STAGEHAND_PREVIOUS_PORT`) to the file `PROXY_FILE` names: a proxy in front, as a file.
+const TELL_PROXY: &str = "\n[switch]\ncommand = \"echo $PORT $STAGEHAND_PREVIOUS_PORT > $PROXY_FILE\"\n";
+
+/// Sets `PROXY_FILE` for the agent's `web` and returns it.
+fn proxy_file(fleet: &Fleet, agent: &TestAgent) -> PathBuf {
+    let told = fleet.path().join("proxy-port");
+    let mut text = std::fs::read_to_string(agent.dir.join("agent.toml")).unwrap();
+    text.push_str(&format!("\n[apps.web.env]\nPROXY_FILE = \"{}\"\n", told.display()));
+    std::fs::write(agent.dir.join("agent.toml"), text).unwrap();
+    told
+}
+
+/// What the last `[switch] command` wrote to the proxy file.
+fn told_ports(told: &Path) -> Vec<String> {
+    std::fs::read_to_string(told).unwrap_or_default().split_whitespace().map(String::from).collect()
+}
+
+/// kill -9 after `[switch] command` told the proxy of the new version, before the outcome: at
+/// start-up the activation is undone and the proxy is told of the version it replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_killed_after_its_switch_command_points_the_proxy_back_at_start_up() {
+    let fleet = Fleet::start().await.unwrap();
+    let agent = fleet.enrol("prod", "p").await.unwrap();
+    let _reaper = Reaper(agent.dir.clone());
+    let told = proxy_file(&fleet, &agent);
+    let dir = agent.dir.to_str().unwrap().to_string();
+    let env = [("STAGEHAND_LOG", "info"), ("NO_COLOR", "1")];
+    let first = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-1.log")).unwrap();
+    for v in ["1", "2"] {
+        push_and_stage(&fleet, v, TELL_PROXY).await;
+    }
+    assert_eq!(release(&fleet, "1", 100).await.state, "succeeded", "{}", first.log_text());
+    let p1 = told_ports(&told)[0].clone();
+    drop(first);
+    let fail = [("STAGEHAND_LOG", "info"), ("NO_COLOR", "1"), ("STAGEHAND_FAILPOINT", "activate-after-switch-command")];
+    let mut dying = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &fail, fleet.path().join("agent-2.log")).unwrap();
+    let spec = RolloutSpec {
+        app: "web".into(),
+        version: Some("2".into()),
+        env: "prod".into(),
+        force: true,
+        ..RolloutSpec::default()
+    };
+    let r = fleet.rollout(spec).await.unwrap();
+    let status = dying.wait_exit(Duration::from_secs(60)).await.unwrap();
+    assert!(!status.success(), "the failpoint should have killed the agent");
+    let p2 = told_ports(&told)[0].clone();
+    assert_ne!(p2, p1, "the proxy was told of version 2 before the agent died");
+    let third = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-3.log")).unwrap();
+    let r = fleet.wait_rollout(&r.id).await.unwrap();
+    let receipt = r.waves[0].hosts[0].receipt.clone().unwrap();
+    assert_eq!(receipt.outcome, ReceiptOutcome::Refused(stagehand_common::activate::Refusal::Interrupted), "{r:?}");
+    assert_eq!(told_ports(&told)[0], p1, "the proxy points at version 1 again:\n{}", third.log_text());
+    assert_eq!(agent.current("web").unwrap(), Path::new("releases/1"));
+    assert_eq!(get(p1.parse().unwrap(), "/").await.unwrap(), "web 1");
+}
+
 /// A restart that has to give the live version's service another port (the process died
 /// with the agent and something else took its port) runs `[switch] command` again: a proxy
 /// in front must not be left pointing at the old port.
@@ -562,18 +620,13 @@ async fn a_restart_that_moves_the_service_to_another_port_runs_the_switch_comman
     let fleet = Fleet::start().await.unwrap();
     let agent = fleet.enrol("prod", "p").await.unwrap();
     let _reaper = Reaper(agent.dir.clone());
-    let told = fleet.path().join("proxy-port");
-    let mut text = std::fs::read_to_string(agent.dir.join("agent.toml")).unwrap();
-    text.push_str(&format!("\n[apps.web.env]\nPROXY_FILE = \"{}\"\n", told.display()));
-    std::fs::write(agent.dir.join("agent.toml"), text).unwrap();
+    let told = proxy_file(&fleet, &agent);
     let dir = agent.dir.to_str().unwrap().to_string();
     let env = [("STAGEHAND_LOG", "info"), ("NO_COLOR", "1")];
     let mut first = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-1.log")).unwrap();
-    let switch = "\n[switch]\ncommand = \"echo $PORT $STAGEHAND_PREVIOUS_PORT > $PROXY_FILE\"\n";
-    push_and_stage(&fleet, "1", switch).await;
+    push_and_stage(&fleet, "1", TELL_PROXY).await;
     assert_eq!(release(&fleet, "1", 100).await.state, "succeeded", "{}", first.log_text());
-    let told_port =
-        || std::fs::read_to_string(&told).unwrap_or_default().split_whitespace().map(String::from).collect::<Vec<_>>();
+    let told_port = || told_ports(&told);
     let p1: u16 = told_port()[0].parse().unwrap();
     assert_eq!(get(p1, "/").await.unwrap(), "web 1");
 
@@ -601,7 +654,7 @@ async fn a_restart_that_moves_the_service_to_another_port_runs_the_switch_comman
     })
     .await
     .unwrap();
-    assert!(second.log_text().contains("has a new port"), "{}", second.log_text());
+    assert!(second.log_text().contains("Telling the proxy in front"), "{}", second.log_text());
     drop(squatter);
 }
 
