@@ -589,18 +589,7 @@ async fn an_activation_killed_after_its_switch_command_points_the_proxy_back_at_
     assert_eq!(release(&fleet, "1", 100).await.state, "succeeded", "{}", first.log_text());
     let p1 = told_ports(&told)[0].clone();
     drop(first);
-    let fail = [("STAGEHAND_LOG", "info"), ("NO_COLOR", "1"), ("STAGEHAND_FAILPOINT", "activate-after-switch-command")];
-    let mut dying = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &fail, fleet.path().join("agent-2.log")).unwrap();
-    let spec = RolloutSpec {
-        app: "web".into(),
-        version: Some("2".into()),
-        env: "prod".into(),
-        force: true,
-        ..RolloutSpec::default()
-    };
-    let r = fleet.rollout(spec).await.unwrap();
-    let status = dying.wait_exit(Duration::from_secs(60)).await.unwrap();
-    assert!(!status.success(), "the failpoint should have killed the agent");
+    let r = release_2_dying_at(&fleet, &dir, "activate-after-switch-command").await;
     let p2 = told_ports(&told)[0].clone();
     assert_ne!(p2, p1, "the proxy was told of version 2 before the agent died");
     let third = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-3.log")).unwrap();
@@ -610,6 +599,24 @@ async fn an_activation_killed_after_its_switch_command_points_the_proxy_back_at_
     assert_eq!(told_ports(&told)[0], p1, "the proxy points at version 1 again:\n{}", third.log_text());
     assert_eq!(agent.current("web").unwrap(), Path::new("releases/1"));
     assert_eq!(get(p1.parse().unwrap(), "/").await.unwrap(), "web 1");
+}
+
+/// Starts an agent on `dir` armed to die at `failpoint`, releases web 2 to it, and returns
+/// the rollout once the agent has died there.
+async fn release_2_dying_at(fleet: &Fleet, dir: &str, failpoint: &str) -> stagehand_common::protocol::RolloutView {
+    let fail = [("STAGEHAND_LOG", "info"), ("NO_COLOR", "1"), ("STAGEHAND_FAILPOINT", failpoint)];
+    let mut dying = Proc::spawn(AGENT, &["run", "--data-dir", dir], &fail, fleet.path().join("agent-2.log")).unwrap();
+    let spec = RolloutSpec {
+        app: "web".into(),
+        version: Some("2".into()),
+        env: "prod".into(),
+        force: true,
+        ..RolloutSpec::default()
+    };
+    let r = fleet.rollout(spec).await.unwrap();
+    let status = dying.wait_exit(Duration::from_secs(60)).await.unwrap();
+    assert!(!status.success(), "the failpoint {failpoint} should have killed the agent");
+    r
 }
 
 /// A restart that has to give the live version's service another port (the process died
@@ -677,18 +684,7 @@ async fn an_activation_killed_after_the_switch_is_undone_at_start_up() {
     assert_eq!(release(&fleet, "1", 100).await.state, "succeeded");
     drop(first);
     // The next agent dies right after switching `current` to 2.
-    let fail = [("STAGEHAND_LOG", "info"), ("NO_COLOR", "1"), ("STAGEHAND_FAILPOINT", "activate-after-switch")];
-    let mut dying = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &fail, fleet.path().join("agent-2.log")).unwrap();
-    let spec = RolloutSpec {
-        app: "web".into(),
-        version: Some("2".into()),
-        env: "prod".into(),
-        force: true,
-        ..RolloutSpec::default()
-    };
-    let r = fleet.rollout(spec).await.unwrap();
-    let status = dying.wait_exit(Duration::from_secs(60)).await.unwrap();
-    assert!(!status.success(), "the failpoint should have killed the agent");
+    let r = release_2_dying_at(&fleet, &dir, "activate-after-switch").await;
     assert_eq!(agent.current("web").unwrap(), Path::new("releases/2"));
     let third = Proc::spawn(AGENT, &["run", "--data-dir", &dir], &env, fleet.path().join("agent-3.log")).unwrap();
     let r = fleet.wait_rollout(&r.id).await.unwrap();
