@@ -3,7 +3,7 @@
 //!
 //! - `GET /health`: 200 `ok`, or 503 when the file `unhealthy` exists in its directory;
 //! - `GET /bytes/N`: N bytes;
-//! - `GET /work/N`: the `content` answer after N µs of CPU work (a service computing its
+//! - `GET /work/N`: the `content` answer after spinning N µs of wall-clock time (a service computing its
 //!   answer; this server runs one thread);
 //! - anything else: 200 with the text of `./content` (or `$STAGEHAND_VERSION`).
 //!
